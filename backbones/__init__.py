@@ -1,0 +1,10 @@
+"""Backbone registry: image-to-image networks with named PEFT sites.
+
+>>> from backbones import build_backbone
+>>> model = build_backbone("unetr", "tiny")
+>>> [s.name for s in model.sites()][:2]  # doctest: +SKIP
+"""
+
+from backbones.base import Backbone, Preset, Site, build_backbone, register_backbone, registered_backbones
+
+__all__ = ["Backbone", "Preset", "Site", "build_backbone", "register_backbone", "registered_backbones"]

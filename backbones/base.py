@@ -1,0 +1,163 @@
+"""What every backbone provides: an image-to-image network with named PEFT sites.
+
+A *site* is a block where a PEFT method can go. It has a dotted name (``encoder.vit.3``), a role
+in the encoder-decoder (``encoder``/``bottleneck``/``decoder``), a kind (``vit`` for a block with
+attention, ``cnn`` for a convolutional block) and the ``nn.Module`` that implements it. Sites never
+nest: a module belongs to at most one site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from autopeft.errors import ConfigError
+
+__all__ = ["Site", "Preset", "Backbone", "register_backbone", "build_backbone", "registered_backbones"]
+
+Role = Literal["encoder", "bottleneck", "decoder"]
+Kind = Literal["vit", "cnn"]
+ROLES: tuple[str, ...] = ("encoder", "bottleneck", "decoder")
+KINDS: tuple[str, ...] = ("vit", "cnn")
+
+
+@dataclass(frozen=True, eq=False)
+class Site:
+    """A named place in a backbone where PEFT can be applied.
+
+    Args:
+        name: dotted, unique within the backbone, e.g. ``encoder.vit.3``. Plans address sites by
+            this name or by glob patterns over it (``encoder.*``).
+        role: ``encoder``, ``bottleneck`` or ``decoder``.
+        kind: ``vit`` (a block with attention) or ``cnn`` (a convolutional block).
+        module: the module implementing the block.
+        stage: index of the resolution stage the block belongs to, counted from the input
+            (0 = full resolution); used by methods that act "from stage k on" (VPT-shallow).
+    """
+
+    name: str
+    role: Role
+    kind: Kind
+    module: nn.Module = field(repr=False)
+    stage: int = 0
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"`role` must be one of {ROLES}, but got {self.role!r}.")
+        if self.kind not in KINDS:
+            raise ValueError(f"`kind` must be one of {KINDS}, but got {self.kind!r}.")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one backbone configuration.
+
+    Args:
+        name: ``tiny`` (CPU, seconds per epoch) or ``paper`` (PETITE's sizes, GPU).
+        crop_size: training crop, D x H x W voxels.
+        batch_size: training batch size.
+        options: constructor arguments of the network for this preset.
+    """
+
+    name: str
+    crop_size: tuple[int, int, int]
+    batch_size: int
+    options: dict = field(default_factory=dict)
+
+
+class Backbone(nn.Module):
+    """An image-to-image network (``B x 1 x D x H x W -> B x 1 x D x H x W``) with named sites.
+
+    Subclasses set ``self.net`` (the network that is fine-tuned; its parameters are what trainable
+    fractions are counted against) and, for adversarial backbones, ``self.discriminator``
+    (``B x 2 x D x H x W -> B x 1 x d x h x w`` patch probabilities; pre-trained, then frozen).
+    """
+
+    name: str = ""
+    loss: Literal["l1", "mse", "gan"] = "l1"
+
+    def __init__(self, preset: Preset) -> None:
+        super().__init__()
+        self.preset = preset
+        self.discriminator: nn.Module | None = None
+
+    @property
+    def net(self) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map a short scan ``B x 1 x D x H x W`` to a long-scan estimate of the same shape."""
+        return self.net(x)
+
+    def sites(self) -> list[Site]:
+        """The PEFT sites of ``self.net``, encoder first, in forward order."""
+        raise NotImplementedError
+
+    def site(self, name: str) -> Site:
+        for candidate in self.sites():
+            if candidate.name == name:
+                return candidate
+        names = ", ".join(s.name for s in self.sites())
+        raise KeyError(f"No site named {name!r} in backbone {self.name!r}; sites: {names}.")
+
+
+_REGISTRY: dict[str, tuple[Callable[[Preset], Backbone], dict[str, Preset]]] = {}
+
+
+def register_backbone(name: str, presets: dict[str, Preset]) -> Callable:
+    """Class or factory decorator that registers a backbone under ``name`` with its presets.
+
+    A third-party backbone registers itself the same way, without touching autopeft::
+
+        @register_backbone("mynet", {"tiny": Preset("tiny", (32, 32, 32), 2, {...})})
+        class MyNet(Backbone): ...
+    """
+
+    def decorator(factory: Callable[[Preset], Backbone]) -> Callable[[Preset], Backbone]:
+        if name in _REGISTRY:
+            raise ValueError(f"A backbone named {name!r} is already registered.")
+        for key, preset in presets.items():
+            if key != preset.name:
+                raise ValueError(f"Preset key {key!r} differs from its name {preset.name!r}.")
+        _REGISTRY[name] = (factory, dict(presets))
+        return factory
+
+    return decorator
+
+
+def registered_backbones() -> dict[str, dict[str, Preset]]:
+    """Name -> presets of every registered backbone."""
+    _load_builtin()
+    return {name: dict(presets) for name, (_, presets) in _REGISTRY.items()}
+
+
+def build_backbone(name: str, preset: str | Preset = "tiny") -> Backbone:
+    """Build a registered backbone with freshly initialised weights.
+
+    Args:
+        name: a registered backbone (``unetr``, ``cvtgan``, or one registered by a plug-in).
+        preset: a preset name of that backbone, or a ``Preset``. Defaults to ``tiny``.
+    """
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ConfigError(f"Unknown backbone {name!r}; registered: {', '.join(sorted(_REGISTRY))}.")
+    factory, presets = _REGISTRY[name]
+    if isinstance(preset, str):
+        if preset not in presets:
+            raise ConfigError(
+                f"Backbone {name!r} has no preset {preset!r}; presets: {', '.join(presets)}."
+            )
+        preset = presets[preset]
+    model = factory(preset)
+    model.name = name
+    return model
+
+
+def _load_builtin() -> None:
+    # Importing the modules runs their @register_backbone decorators.
+    import backbones.cvtgan  # noqa: F401
+    import backbones.unetr  # noqa: F401
