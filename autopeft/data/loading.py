@@ -1,0 +1,198 @@
+"""MONAI pipelines that turn split records into training crops and whole evaluation volumes.
+
+Both pipelines read NIfTI with nibabel (``LoadImaged``), put the channel first (a single-frame 4D
+image becomes ``1 x D x H x W`` like a 3D one) and scale every volume on its own to [0, 1]
+(``ScaleIntensityd``: (x - min) / (max - min) per volume and per key), as PETITE normalises each
+reconstructed image to 0-1. Short and long scans are therefore compared in shape, not in absolute
+counts: a long scan with 6x the counts of its short scan scales to the same range.
+
+Training (:func:`train_loader`) adds zero padding up to the crop size on any axis shorter than it
+(``SpatialPadd``) and one random crop shared by the short and long scan of a record
+(``RandSpatialCropd`` on both keys). Files are read and scaled once (``CacheDataset`` caches every
+step before the random crop). Crops are reproducible: the data loader draws the transforms' seed
+from a ``torch.Generator`` seeded with ``seed``, which also drives the shuffling, so no global
+random state is touched.
+
+Evaluation (:func:`eval_volumes`) returns whole scaled volumes for
+``monai.inferers.sliding_window_inference`` with the training crop size as ``roi_size``; that
+function pads volumes smaller than the window itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from autopeft.errors import DataError
+
+__all__ = ["train_loader", "eval_volumes", "load_volume"]
+
+_IMAGE_KEYS: list[str] = ["short", "long"]
+
+
+def _check_records(records: Sequence[Mapping[str, Any]]) -> None:
+    if len(records) == 0:
+        raise ValueError("`records` must hold at least one record, but got an empty sequence.")
+    for index, record in enumerate(records):
+        missing = [key for key in _IMAGE_KEYS if key not in record]
+        if missing:
+            raise ValueError(
+                f"`records[{index}]` must have the keys 'short' and 'long' (scan paths), but lacks "
+                f"{', '.join(missing)}."
+            )
+
+
+def _check_crop_size(crop_size: Sequence[int]) -> tuple[int, int, int]:
+    values = tuple(crop_size)
+    if len(values) != 3 or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in values
+    ):
+        raise ValueError(f"`crop_size` must be three positive integers (D, H, W), but got {crop_size!r}.")
+    return tuple(int(v) for v in values)  # type: ignore[return-value]
+
+
+def _load_and_scale() -> list[Any]:
+    """The deterministic head shared by training and evaluation: read, channel first, scale to [0, 1]."""
+    from monai import transforms
+
+    return [
+        transforms.LoadImaged(keys=_IMAGE_KEYS, reader="NibabelReader", image_only=True, dtype=np.float32),
+        transforms.EnsureChannelFirstd(keys=_IMAGE_KEYS),
+        transforms.ScaleIntensityd(keys=_IMAGE_KEYS, minv=0.0, maxv=1.0),
+    ]
+
+
+def train_loader(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    crop_size: Sequence[int],
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    shuffle: bool = True,
+) -> torch.utils.data.DataLoader:
+    """A loader of random paired crops for training.
+
+    Each epoch visits every record once (shuffled) and yields dicts with ``"short"`` and ``"long"``
+    float32 tensors ``B x 1 x D x H x W`` (D, H, W = ``crop_size``) in [0, 1], cropped at the same
+    place, plus the records' other keys as lists (e.g. ``"subject"``). Two loaders built with the
+    same records and seed yield the same batches, epoch after epoch.
+
+    Args:
+        records: dicts with at least ``"short"`` and ``"long"`` NIfTI paths, e.g. a split from
+            :func:`~autopeft.data.splits.split_scanner`.
+        crop_size: crop ``D x H x W`` in voxels; volumes smaller along an axis are zero-padded.
+        batch_size: crops per batch.
+        seed: seeds the crops and the shuffling.
+        num_workers: worker processes; 0 loads in the calling process. Defaults to 0.
+        shuffle: visit records in a seeded random order each epoch. Defaults to True.
+
+    Returns:
+        A ``monai.data.DataLoader``.
+
+    Example:
+        >>> loader = train_loader(splits["train"], crop_size=(32, 32, 32), batch_size=2, seed=0)  # doctest: +SKIP
+        >>> next(iter(loader))["short"].shape  # doctest: +SKIP
+        torch.Size([2, 1, 32, 32, 32])
+    """
+    _check_records(records)
+    crop = _check_crop_size(crop_size)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, but got {batch_size!r}.")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"`num_workers` must be a non-negative integer, but got {num_workers!r}.")
+
+    from monai import data, transforms
+
+    pipeline = transforms.Compose(
+        [
+            *_load_and_scale(),
+            transforms.SpatialPadd(keys=_IMAGE_KEYS, spatial_size=crop, mode="constant"),
+            # Dict transforms draw one crop position per call and apply it to every key.
+            transforms.RandSpatialCropd(keys=_IMAGE_KEYS, roi_size=crop, random_size=False),
+            # Plain tensors: metadata tracking costs time and nothing downstream reads it.
+            transforms.EnsureTyped(keys=_IMAGE_KEYS, data_type="tensor", dtype=torch.float32, track_meta=False),
+        ]
+    )
+    pipeline.set_random_state(seed=seed)
+    dataset = data.CacheDataset(
+        data=[dict(record) for record in records], transform=pipeline, progress=False, num_workers=1
+    )
+    # monai's DataLoader reseeds the dataset's transforms from this generator (in the main process
+    # when num_workers == 0, per worker and epoch otherwise), so crops follow `seed` alone.
+    generator = torch.Generator().manual_seed(int(seed))
+    return data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=generator,
+    )
+
+
+def eval_volumes(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Whole volumes for evaluation, scaled like the training crops.
+
+    Args:
+        records: dicts with at least ``"short"`` and ``"long"`` NIfTI paths.
+
+    Returns:
+        One dict per record, in order: its other keys unchanged, ``"short"`` and ``"long"`` as float32
+        tensors ``1 x D x H x W`` in [0, 1], ``"short_path"``/``"long_path"`` (the input paths) and
+        ``"affine"`` (4 x 4 numpy voxel-to-world matrix of the short scan, for saving predictions).
+
+    Example:
+        >>> from monai.inferers import sliding_window_inference
+        >>> volume = eval_volumes(splits["test"])[0]  # doctest: +SKIP
+        >>> pred = sliding_window_inference(volume["short"][None], (32, 32, 32), 4, model)  # doctest: +SKIP
+    """
+    _check_records(records)
+    from monai import transforms
+
+    pipeline = transforms.Compose(_load_and_scale())
+    volumes: list[dict[str, Any]] = []
+    for record in records:
+        loaded = pipeline(dict(record))
+        affine = np.asarray(loaded["short"].affine, dtype=np.float64)
+        volume = {key: value for key, value in record.items() if key not in _IMAGE_KEYS}
+        volume.update(
+            short=loaded["short"].as_tensor().float(),
+            long=loaded["long"].as_tensor().float(),
+            short_path=str(record["short"]),
+            long_path=str(record["long"]),
+            affine=affine,
+        )
+        volumes.append(volume)
+    return volumes
+
+
+def load_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Reads one NIfTI volume as it is stored (no scaling).
+
+    Args:
+        path: a NIfTI file; a 4D image with a single frame is squeezed to 3D.
+
+    Returns:
+        The voxels as a float32 array ``D x H x W`` and the 4 x 4 affine.
+
+    Raises:
+        DataError: the file is missing, unreadable or not 3D.
+    """
+    import nibabel as nib
+
+    if not os.path.isfile(path):
+        raise DataError(f"scan {path} does not exist. Check the path (relative paths are read from {os.getcwd()}).")
+    try:
+        image = nib.load(os.fspath(path))
+        voxels = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as err:  # noqa: BLE001 - report any reader failure with its cause
+        raise DataError(f"scan {path} cannot be read as NIfTI ({type(err).__name__}: {err}).") from err
+    if voxels.ndim == 4 and voxels.shape[3] == 1:
+        voxels = voxels[..., 0]
+    if voxels.ndim != 3:
+        raise DataError(f"scan {path} has shape {voxels.shape}; a 3D volume (D x H x W) is needed.")
+    return voxels, np.asarray(image.affine, dtype=np.float64)
