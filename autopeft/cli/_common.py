@@ -1,0 +1,63 @@
+"""Arguments and helpers shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from autopeft.errors import DataError
+
+
+def add_data_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data",
+        metavar="DIR_OR_CSV",
+        default=None,
+        help="a directory holding manifest.csv, or the manifest itself (columns subject,scanner,"
+        "short,long). Default: the built-in simulated five-scanner data, made on first use.",
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", required=True, help="registered backbone (see 'autopeft backbones')")
+    parser.add_argument("--preset", default="tiny", help="backbone preset: tiny (CPU) or paper (GPU)")
+    parser.add_argument("--fold", type=int, default=0, help="cross-validation fold of the subject splits")
+    parser.add_argument("--seed", type=int, default=0, help="seeds initialisation, splits and crops")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+
+
+def resolve_manifest(data: str | None, *, progress: bool = True) -> Path:
+    """The manifest path for ``--data`` (a directory or a CSV), or the built-in data set."""
+    if data is None:
+        from autopeft.data.simulator import builtin_data
+
+        return builtin_data(progress=progress)
+    path = Path(data).expanduser()
+    if path.is_dir():
+        path = path / "manifest.csv"
+    if not path.is_file():
+        raise DataError(
+            f"--data {data}: no manifest found at {path}. Pass a directory holding manifest.csv or "
+            "the CSV itself, or leave --data out to use the built-in simulated data."
+        )
+    return path
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from autopeft.errors import ConfigError
+
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu.")
+    return device
+
+
+def print_table(rows: list[dict], columns: dict[str, str]) -> None:
+    """Print ``rows`` as a plain-text table with pandas; ``columns`` maps key -> header."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=list(columns)).rename(columns=columns)
+    print(frame.to_string(index=False))

@@ -1,0 +1,214 @@
+"""Training loops: source pre-training and target fine-tuning.
+
+Losses (fixed per backbone through ``Backbone.loss``):
+
+- ``l1`` / ``mse`` (UNETR): voxel loss between the prediction and the long scan.
+- ``gan`` (CVT-GAN, as PETITE): generator loss ``BCE(D(x, G(x)), 1) + 100 * L1(G(x), y)``;
+  discriminator loss ``0.5 * (BCE(D(x, y), 1) + BCE(D(x, G(x)), 0))``, where D sees the two-channel
+  concatenation of the short scan and the long scan (or the fake) and returns logits. The
+  discriminator trains during pre-training only; in fine-tuning it stays frozen and only supplies the
+  adversarial term.
+
+Only parameters with ``requires_grad`` are optimised, so the same loop serves Full-FT and every
+PEFT plan (``apply_plan`` decides what trains).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autopeft.evaluation import evaluate
+
+__all__ = ["TrainSettings", "EpochResult", "Trainer", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run cannot continue."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation settings of one training run.
+
+    Args:
+        epochs: passes over the training volumes (one random crop per volume and pass).
+        lr: AdamW learning rate. PETITE: 1e-3 for PEFT, 1e-4 for full training.
+        weight_decay: AdamW weight decay. Defaults to 1e-4.
+        l1_weight: weight of the L1 term in the GAN generator loss. Defaults to 100 (PETITE).
+        train_discriminator: update the discriminator (pre-training only). Defaults to False.
+        grad_clip: max gradient norm, 0 for none. Defaults to 1.0.
+    """
+
+    epochs: int
+    lr: float
+    weight_decay: float = 1e-4
+    l1_weight: float = 100.0
+    train_discriminator: bool = False
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"`epochs` must be >= 0, but got {self.epochs}.")
+        if not self.lr > 0:
+            raise ValueError(f"`lr` must be > 0, but got {self.lr}.")
+
+
+@dataclass
+class EpochResult:
+    """What one epoch produced: mean training loss, validation metrics (if evaluated), seconds."""
+
+    epoch: int
+    loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _trainable(module: nn.Module | None) -> list[nn.Parameter]:
+    if module is None:
+        return []
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+class Trainer:
+    """Trains a ``Backbone`` with the loss its ``loss`` attribute names.
+
+    Args:
+        model: a ``backbones.Backbone``; what trains is what has ``requires_grad``.
+        settings: optimisation settings.
+        device: where to train. Defaults to ``cpu``.
+    """
+
+    def __init__(self, model: nn.Module, settings: TrainSettings, *, device: torch.device | str = "cpu") -> None:
+        self.model = model.to(device)
+        self.settings = settings
+        self.device = torch.device(device)
+        disc = getattr(model, "discriminator", None)
+        self.discriminator: nn.Module | None = disc
+        if settings.train_discriminator and disc is None:
+            raise ValueError("`train_discriminator` needs a backbone with a discriminator.")
+        if disc is not None:
+            disc.requires_grad_(settings.train_discriminator)
+        params = _trainable(model.net)
+        if not params:
+            raise ValueError("Nothing to train: no parameter of the network has requires_grad.")
+        self.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.disc_optimizer = (
+            torch.optim.AdamW(_trainable(disc), lr=settings.lr, betas=(0.5, 0.999))
+            if settings.train_discriminator
+            else None
+        )
+        self.epoch = 0
+
+    # One optimisation step ------------------------------------------------------------------
+    def _generator_loss(self, short: torch.Tensor, long: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        kind = getattr(self.model, "loss", "l1")
+        if kind == "l1":
+            return F.l1_loss(fake, long)
+        if kind == "mse":
+            return F.mse_loss(fake, long)
+        if kind == "gan":
+            assert self.discriminator is not None, "a 'gan' backbone must have a discriminator"
+            logits = self.discriminator(torch.cat([short, fake], dim=1))
+            adversarial = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+            return adversarial + self.settings.l1_weight * F.l1_loss(fake, long)
+        raise ValueError(f"Unknown loss {kind!r}; expected 'l1', 'mse' or 'gan'.")
+
+    def _discriminator_step(self, short: torch.Tensor, long: torch.Tensor, fake: torch.Tensor) -> None:
+        assert self.discriminator is not None and self.disc_optimizer is not None
+        real_logits = self.discriminator(torch.cat([short, long], dim=1))
+        fake_logits = self.discriminator(torch.cat([short, fake.detach()], dim=1))
+        loss = 0.5 * (
+            F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+        )
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.disc_optimizer.step()
+
+    def step(self, batch: dict) -> float:
+        """One optimisation step on a batch of ``short``/``long`` crops ``B x 1 x D x H x W``."""
+        self.model.train()
+        short = batch["short"].to(self.device, non_blocking=True)
+        long = batch["long"].to(self.device, non_blocking=True)
+        fake = self.model(short)
+        loss = self._generator_loss(short, long, fake)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"Loss became {loss.item()} at epoch {self.epoch + 1}.")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.settings.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.settings.grad_clip)
+        self.optimizer.step()
+        if self.disc_optimizer is not None:
+            self._discriminator_step(short, long, fake)
+        return float(loss.detach())
+
+    # Epochs ---------------------------------------------------------------------------------
+    def run_epoch(self, loader: Iterable[dict]) -> float:
+        """One pass over ``loader``; returns the mean training loss."""
+        losses = [self.step(batch) for batch in loader]
+        self.epoch += 1
+        return sum(losses) / max(len(losses), 1)
+
+    def fit(
+        self,
+        loader: Iterable[dict],
+        *,
+        val_volumes: Sequence[dict] = (),
+        roi_size: Sequence[int] | None = None,
+        eval_every: int = 1,
+        on_epoch: Callable[[EpochResult], None] | None = None,
+    ) -> list[EpochResult]:
+        """Train from ``self.epoch`` up to ``settings.epochs``.
+
+        Args:
+            loader: yields training batches (a fresh random crop per volume each pass).
+            val_volumes: whole volumes scored every ``eval_every`` epochs and at the last.
+            roi_size: sliding-window size for evaluation (the crop size).
+            eval_every: evaluate every this many epochs. Defaults to 1.
+            on_epoch: called after each epoch (checkpointing, reporting, progress).
+        """
+        if val_volumes and roi_size is None:
+            raise ValueError("`roi_size` is required when `val_volumes` are given.")
+        history: list[EpochResult] = []
+        while self.epoch < self.settings.epochs:
+            started = time.perf_counter()
+            loss = self.run_epoch(loader)
+            result = EpochResult(epoch=self.epoch, loss=loss)
+            last = self.epoch == self.settings.epochs
+            if val_volumes and (self.epoch % eval_every == 0 or last):
+                result.metrics = evaluate(self.model, val_volumes, roi_size=roi_size, device=self.device)
+            result.seconds = time.perf_counter() - started
+            history.append(result)
+            if on_epoch is not None:
+                on_epoch(result)
+        return history
+
+    # Resume state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Optimizer state and epoch, for resuming (model weights are saved separately)."""
+        state = {"epoch": self.epoch, "optimizer": self.optimizer.state_dict()}
+        if self.disc_optimizer is not None:
+            state["disc_optimizer"] = self.disc_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.disc_optimizer is not None and "disc_optimizer" in state:
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+
+
+def is_better(candidate: dict[str, float], best: dict[str, float] | None, key: str = "psnr") -> bool:
+    """Whether ``candidate`` beats ``best`` on ``key`` (higher is better; NaN never wins)."""
+    value = candidate.get(key, float("nan"))
+    if math.isnan(value):
+        return False
+    return best is None or value > best.get(key, -math.inf)

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from _fakes import make_dataset
+from autopeft.data import Protocol, read_manifest
+from autopeft.errors import ConfigError
+from autopeft.pretraining import cache_root, manifest_digest, pretrained_model
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain-data")
+    return make_dataset(root, {"1": 3, "2": 3}, shape=(20, 18, 16), long_factor=1.5)
+
+
+# Two training subjects and one validation subject keep these tests to seconds.
+SMALL = Protocol(pretrain_train=2, pretrain_val=1, finetune_train=1, finetune_test=2)
+
+
+def test_trains_once_then_comes_from_the_cache(manifest, tmp_path):
+    model, meta = pretrained_model("unetr", "1", manifest_path=manifest, epochs=2, cache_dir=tmp_path, progress=False, protocol=SMALL)
+    assert meta["epochs"] == 2 and meta["source"] == "1" and meta["best"]["epoch"] in (1, 2)
+    assert set(meta["best"]) >= {"psnr", "ssim", "nrmse"}
+    entry = next((tmp_path / "pretrained").iterdir())
+    assert sorted(p.name for p in entry.iterdir() if not p.name.startswith(".")) == ["history.json", "model.safetensors"]
+    started = time.perf_counter()
+    again, meta2 = pretrained_model("unetr", "1", manifest_path=manifest, epochs=2, cache_dir=tmp_path, progress=False, protocol=SMALL)
+    assert time.perf_counter() - started < 5
+    assert meta2 == meta
+    x = torch.rand(1, 1, *model.preset.crop_size)
+    assert torch.equal(model(x), again(x))
+
+
+def test_interrupted_pretraining_resumes_from_last_epoch(manifest, tmp_path):
+    seen = []
+
+    def interrupt_after_first(result):
+        seen.append(result.epoch)
+        if result.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrained_model("unetr", "2", manifest_path=manifest, epochs=3, cache_dir=tmp_path, progress=False, protocol=SMALL,
+                         on_epoch=interrupt_after_first)
+    entry = next((tmp_path / "pretrained").iterdir())
+    assert (entry / "last.safetensors").exists() and not (entry / "model.safetensors").exists()
+    _, meta = pretrained_model("unetr", "2", manifest_path=manifest, epochs=3, cache_dir=tmp_path, progress=False, protocol=SMALL,
+                               on_epoch=lambda r: seen.append(r.epoch))
+    assert seen == [1, 2, 3]  # epoch 1 was not trained twice
+    assert not (entry / "last.safetensors").exists()
+    history = (entry / "history.json").read_text()
+    assert history.count('"epoch"') == 3
+
+
+def test_key_changes_with_the_data(manifest, tmp_path):
+    frame = read_manifest(manifest)
+    other = make_dataset(tmp_path / "other", {"1": 3}, shape=(20, 18, 16), seed=5)
+    assert manifest_digest(frame) != manifest_digest(read_manifest(other))
+
+
+def test_unknown_backbone_and_preset(manifest):
+    with pytest.raises(ConfigError, match="registered"):
+        pretrained_model("resnet", "1", manifest_path=manifest)
+    with pytest.raises(ConfigError, match="presets: .*tiny"):
+        pretrained_model("unetr", "1", manifest_path=manifest, preset="huge")
+
+
+def test_default_cache_is_isolated_in_tests():
+    assert "autopeft-cache" in str(cache_root())
