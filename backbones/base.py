@@ -74,7 +74,8 @@ class Backbone(nn.Module):
 
     Subclasses set ``self.net`` (the network that is fine-tuned; its parameters are what trainable
     fractions are counted against) and, for adversarial backbones, ``self.discriminator``
-    (``B x 2 x D x H x W -> B x 1 x d x h x w`` patch probabilities; pre-trained, then frozen).
+    (``B x 2 x D x H x W -> B x 1 x d x h x w`` patch logits, no sigmoid: losses apply
+    ``BCEWithLogitsLoss``; pre-trained, then frozen).
     """
 
     name: str = ""
