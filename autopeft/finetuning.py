@@ -27,8 +27,8 @@ __all__ = ["FinetuneResult", "finetune", "FINETUNE_DEFAULTS", "count_parameters"
 # Fine-tuning length and learning rates per preset. PETITE: 150 (CVT-GAN) / 200 (UNETR) epochs,
 # lr 1e-3 for PEFT and 1e-4 for full fine-tuning; the tiny preset is scaled to CPU minutes.
 FINETUNE_DEFAULTS: dict[str, dict[str, float]] = {
-    "tiny": {"epochs": 20, "lr_peft": 2e-3, "lr_full": 5e-4},
-    "paper": {"epochs": 150, "lr_peft": 1e-3, "lr_full": 1e-4},
+    "tiny": {"epochs": 20, "lr_peft": 2e-3, "lr_full": 5e-4, "crops": 2},
+    "paper": {"epochs": 150, "lr_peft": 1e-3, "lr_full": 1e-4, "crops": 1},
 }
 
 
@@ -81,6 +81,7 @@ def finetune(
     device: str | torch.device = "cpu",
     progress: bool = True,
     on_epoch: Callable[[EpochResult], None] | None = None,
+    crops_per_volume: int = 1,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``target`` and score it on the target's held-out subjects.
 
@@ -98,6 +99,7 @@ def finetune(
         device: where to train.
         progress: show a progress bar.
         on_epoch: called after each epoch.
+        crops_per_volume: random crops per training volume and epoch. Defaults to 1.
     """
     from autopeft.data import Protocol, eval_volumes, split_scanner, train_loader
 
@@ -113,7 +115,10 @@ def finetune(
         torch.cuda.reset_peak_memory_stats(device)
     if epochs > 0 and trainable > 0:
         torch.manual_seed(seed)
-        loader = train_loader(splits["train"], crop_size=crop, batch_size=model.preset.batch_size, seed=seed)
+        loader = train_loader(
+            splits["train"], crop_size=crop, batch_size=model.preset.batch_size, seed=seed,
+            crops_per_volume=crops_per_volume,
+        )
         trainer = Trainer(model, TrainSettings(epochs=epochs, lr=lr), device=device)
         bar = tqdm(total=epochs, desc=f"fine-tune {method} on scanner {target}", disable=not progress, unit="epoch")
 

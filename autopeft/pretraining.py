@@ -38,8 +38,8 @@ __all__ = ["SourceSpec", "pretrained_model", "cache_root", "manifest_digest", "P
 # Pre-training length and learning rate per preset. PETITE pre-trained for 1000 epochs of 30
 # subjects; the tiny preset is sized so that a source model trains in a few minutes on 2 CPU cores.
 PRETRAIN_DEFAULTS: dict[str, dict[str, float]] = {
-    "tiny": {"epochs": 60, "lr": 2e-3},
-    "paper": {"epochs": 1000, "lr": 1e-4},
+    "tiny": {"epochs": 40, "lr": 2e-3, "crops": 4},
+    "paper": {"epochs": 1000, "lr": 1e-4, "crops": 1},
 }
 
 
@@ -76,11 +76,12 @@ class SourceSpec:
     seed: int
     data: str  # manifest digest
     protocol: str  # subject counts of the pre-training split, e.g. "8+4"
+    crops: int  # random crops per training volume and epoch
 
     def key(self) -> str:
         return (
             f"{self.backbone}-{self.preset}-src{self.source}-fold{self.fold}-e{self.epochs}"
-            f"-lr{self.lr:g}-seed{self.seed}-p{self.protocol}-{self.data}"
+            f"-c{self.crops}-lr{self.lr:g}-seed{self.seed}-p{self.protocol}-{self.data}"
         )
 
 
@@ -154,6 +155,7 @@ def pretrained_model(
         seed=seed,
         data=manifest_digest(manifest),
         protocol=f"{protocol.pretrain_train}+{protocol.pretrain_val}",
+        crops=int(defaults.get("crops", 1)),
     )
     entry = Path(cache_dir or cache_root()) / "pretrained" / spec.key()
     final = entry / "model.safetensors"
@@ -166,7 +168,9 @@ def pretrained_model(
 
         splits = split_scanner(manifest, spec.source, purpose="pretrain", protocol=protocol, fold=fold, seed=seed)
         crop = model.preset.crop_size
-        loader = train_loader(splits["train"], crop_size=crop, batch_size=model.preset.batch_size, seed=seed)
+        loader = train_loader(
+            splits["train"], crop_size=crop, batch_size=model.preset.batch_size, seed=seed, crops_per_volume=spec.crops
+        )
         val = eval_volumes(splits["val"])
         model.requires_grad_(True)
         settings = TrainSettings(
@@ -200,7 +204,9 @@ def pretrained_model(
                 on_epoch(result)
 
         started = time.perf_counter()
-        trainer.fit(loader, val_volumes=val, roi_size=crop, on_epoch=checkpoint)
+        # Whole-volume validation costs several epochs of training on a CPU: about ten per run.
+        eval_every = max(1, spec.epochs // 10)
+        trainer.fit(loader, val_volumes=val, roi_size=crop, eval_every=eval_every, on_epoch=checkpoint)
         bar.close()
         if best is None:
             raise ConfigError(f"Pre-training of {spec.key()} ran no epoch; `epochs` must be at least 1.")

@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             model, args.target, manifest=manifest, method=method,
             prepare=_prepare_none if method == "none" else _prepare_full,
             epochs=epochs, lr=lr, fold=args.fold, seed=args.seed, device=device, progress=not args.quiet,
+            crops_per_volume=int(defaults.get("crops", 1)),
         )
         identity = result.identity
         rows.append(_row({"none": "No-FT", "full": "Full-FT"}[method], result.fraction, result.metrics,

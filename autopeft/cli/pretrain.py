@@ -1,7 +1,8 @@
 """Pre-train a backbone on one source scanner, or fetch it from the cache.
 
 The model trains on the source scanner's pre-training subjects (random crops of the preset's size)
-and is validated every epoch on held-out subjects by sliding-window inference over whole volumes;
+and is validated about ten times per run (and at the last epoch) on held-out subjects by
+sliding-window inference over whole volumes;
 the epoch with the best validation PSNR is kept. UNETR trains with an L1 loss; CVT-GAN trains
 adversarially (G: BCE + 100 x L1; D sees short scan + target or fake as two channels).
 

@@ -74,6 +74,7 @@ def train_loader(
     seed: int,
     num_workers: int = 0,
     shuffle: bool = True,
+    crops_per_volume: int = 1,
 ) -> torch.utils.data.DataLoader:
     """A loader of random paired crops for training.
 
@@ -90,6 +91,8 @@ def train_loader(
         seed: seeds the crops and the shuffling.
         num_workers: worker processes; 0 loads in the calling process. Defaults to 0.
         shuffle: visit records in a seeded random order each epoch. Defaults to True.
+        crops_per_volume: random crops drawn from each volume per epoch (each at its own place).
+            Defaults to 1.
 
     Returns:
         A ``monai.data.DataLoader``.
@@ -105,6 +108,8 @@ def train_loader(
         raise ValueError(f"`batch_size` must be a positive integer, but got {batch_size!r}.")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"`num_workers` must be a non-negative integer, but got {num_workers!r}.")
+    if isinstance(crops_per_volume, bool) or not isinstance(crops_per_volume, int) or crops_per_volume < 1:
+        raise ValueError(f"`crops_per_volume` must be a positive integer, but got {crops_per_volume!r}.")
 
     from monai import data, transforms
 
@@ -120,7 +125,11 @@ def train_loader(
     )
     pipeline.set_random_state(seed=seed)
     dataset = data.CacheDataset(
-        data=[dict(record) for record in records], transform=pipeline, progress=False, num_workers=1
+        # A record listed k times gives k independent random crops per epoch.
+        data=[dict(record) for record in records for _ in range(crops_per_volume)],
+        transform=pipeline,
+        progress=False,
+        num_workers=1,
     )
     # monai's DataLoader reseeds the dataset's transforms from this generator (in the main process
     # when num_workers == 0, per worker and epoch otherwise), so crops follow `seed` alone.

@@ -58,6 +58,14 @@ def test_crops_come_from_scaled_volumes_at_varying_places(records: list[dict[str
     assert len(offsets) > 1  # random, not always the same corner
 
 
+def test_several_crops_per_volume_each_epoch(records: list[dict[str, str]]) -> None:
+    batches = _batches(train_loader(records, crop_size=(6, 5, 4), batch_size=1, seed=3, crops_per_volume=3))
+    subjects = [batch["subject"][0] for batch in batches]
+    assert sorted(subjects) == sorted(r["subject"] for r in records for _ in range(3))
+    first = [batch["short"] for batch in batches if batch["subject"][0] == records[0]["subject"]]
+    assert len({tuple(c.flatten()[:20].tolist()) for c in first}) > 1  # independent places
+
+
 def test_same_seed_same_batches_other_seed_other_crops(records: list[dict[str, str]]) -> None:
     def run(seed: int) -> list[dict]:
         return _batches(train_loader(records, crop_size=(6, 5, 4), batch_size=2, seed=seed), epochs=2)
@@ -140,6 +148,7 @@ def test_load_volume_errors(tmp_path: Path, kind: str, message: str) -> None:
         ({"crop_size": (4, 0, 4)}, "`crop_size` must be three positive integers"),
         ({"batch_size": 0}, "`batch_size` must be a positive integer"),
         ({"num_workers": -1}, "`num_workers` must be a non-negative integer"),
+        ({"crops_per_volume": 0}, "`crops_per_volume` must be a positive integer"),
     ],
 )
 def test_train_loader_rejects_bad_arguments(records: list[dict[str, str]], kwargs: dict, message: str) -> None:
