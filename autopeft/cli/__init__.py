@@ -25,7 +25,10 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("autopeft.cli.data", "check a manifest of your own scans and summarise it"),
     "backbones": ("autopeft.cli.backbones", "list registered backbones, their presets, sizes and sites"),
     "pretrain": ("autopeft.cli.pretrain", "pre-train a backbone on a source scanner (cached)"),
-    "finetune": ("autopeft.cli.finetune", "fine-tune a pre-trained backbone on a target scanner"),
+    "finetune": ("autopeft.cli.finetune", "fine-tune a pre-trained backbone on a target scanner with PEFT plans"),
+    "importance": ("autopeft.cli.importance", "SH-PEFT importance of a source model's weights on a target, per site"),
+    "space": ("autopeft.cli.space", "show a search space: size, trainable-%% range, sampled plans"),
+    "search": ("autopeft.cli.search", "search PEFT plans under a budget with Ray Tune + Optuna"),
 }
 
 _EPILOG = """\

@@ -1,0 +1,469 @@
+"""The search engine: Ray Tune runs trials, Optuna samples plans, ASHA stops weak trials early.
+
+Flow of :func:`run_search`:
+
+1. settle the configuration (defaults for this machine: tiny preset on a CPU, paper on a GPU)
+   and write it to ``<run>/run.json``;
+2. pre-train every source model once, in the driver, before any trial (cached, shared);
+3. open the Optuna study in ``<run>/study.db`` (SQLite, unique name); on a first session, enqueue
+   the plans with the best SH-PEFT prior (warm start, unless ``priors`` is off);
+4. fine-tune the reference plans (No-FT, Full-FT, PETITE's) for the results table;
+5. run the trials through ``ray.tune.Tuner`` with ``OptunaSearch`` (define-by-run over the space;
+   plans over the budget are marked infeasible with ``trial.set_constraint`` and never train),
+   ``ASHAScheduler`` on the pairs done, a concurrency limit and a deadline that stops launching
+   new trials;
+6. write ``results.csv``, ``best_plan.yaml``, the Pareto plans and the best plan's weights.
+
+Resuming (``resume_dir``) reads ``run.json``, marks trials an interruption left running as
+INTERRUPTED and enqueues their plans again, and runs only the trials still missing: finished
+trials are neither lost nor repeated (their records are the ground truth).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from autopeft.errors import ConfigError
+from autopeft.search.budget import Budget, PlanCounter
+from autopeft.search.trial import (
+    FAILED,
+    FINISHED,
+    INFEASIBLE,
+    INTERRUPTED,
+    STOPPED,
+    TERMINAL,
+    TrialSetup,
+    read_record,
+    records,
+    run_plan,
+    write_record,
+)
+
+__all__ = ["SearchConfig", "run_search", "resolve_defaults"]
+
+CPU_DEFAULTS = {"scanners": ["1", "5"], "trials": 16, "time_budget_s": 10 * 60.0}
+GPU_DEFAULTS = {"scanners": ["1", "2", "3", "4", "5"], "trials": 64, "time_budget_s": None}
+
+
+@dataclass
+class SearchConfig:
+    """Settings of one search (every field is a command-line flag of ``autopeft search``).
+
+    ``None`` fields take the machine's defaults (:func:`resolve_defaults`).
+    """
+
+    backbone: str
+    budget: str
+    preset: str | None = None
+    space: str | None = None
+    scanners: list[str] | None = None
+    trials: int | None = None
+    time_budget_s: float | None = None
+    epochs: int | None = None
+    folds: int = 1
+    seed: int = 0
+    out: str | None = None
+    objective: str = "single"
+    sampler: str = "tpe"
+    priors: bool = True
+    warm_start: int | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    concurrency: int | None = None
+    address: str | None = None
+    data: str | None = None
+    pretrain_epochs: int | None = None
+    protocol: dict[str, int] = field(default_factory=dict)
+    references: bool = True
+    asha: bool = True
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("single", "multi"):
+            raise ConfigError(f"--objective must be 'single' or 'multi', but got {self.objective!r}.")
+        if self.sampler not in ("tpe", "random"):
+            raise ConfigError(f"--sampler must be 'tpe' or 'random', but got {self.sampler!r}.")
+        if self.trials is not None and self.trials < 1:
+            raise ConfigError(f"--trials must be at least 1, but got {self.trials}.")
+        if self.folds < 1:
+            raise ConfigError(f"--folds must be at least 1, but got {self.folds}.")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0.")
+
+
+def resolve_defaults(config: SearchConfig) -> SearchConfig:
+    """Fill the ``None`` fields for this machine: a GPU gets the paper preset, all five
+    scanners and 64 trials; a CPU the tiny preset, two scanners, 16 trials and a 10-minute
+    trial phase (sized so the default run ends within 20 minutes on 2 cores)."""
+    import torch
+
+    from autopeft.finetuning import FINETUNE_DEFAULTS
+
+    cuda = torch.cuda.is_available() if config.device is None else config.device.startswith("cuda")
+    defaults = GPU_DEFAULTS if cuda else CPU_DEFAULTS
+    preset = config.preset or ("paper" if cuda else "tiny")
+    values: dict[str, Any] = {
+        "preset": preset,
+        "device": config.device or ("cuda" if cuda else "cpu"),
+        "space": config.space or config.backbone,
+        "scanners": config.scanners or list(defaults["scanners"]),
+        "trials": config.trials or defaults["trials"],
+        "epochs": config.epochs or int(FINETUNE_DEFAULTS.get(preset, FINETUNE_DEFAULTS["paper"])["epochs"]),
+    }
+    if config.time_budget_s is None and config.trials is None:
+        values["time_budget_s"] = defaults["time_budget_s"]
+    if config.gpus_per_trial == 0 and cuda and config.device is None:
+        values["gpus_per_trial"] = 1.0
+    if len(values["scanners"]) < 2:
+        raise ConfigError(f"--scanners needs at least two scanners (a source and a target), but got {values['scanners']}.")
+    return replace(config, **values)
+
+
+def _budget_seconds(text: str | float | None) -> float | None:
+    """``30m``, ``2h``, ``90s`` or seconds."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    units = {"s": 1, "m": 60, "h": 3600}
+    raw = str(text).strip().lower()
+    try:
+        return float(raw[:-1]) * units[raw[-1]] if raw[-1] in units else float(raw)
+    except (ValueError, IndexError):
+        raise ConfigError(f"--time-budget {text!r} must be like 30m, 2h, 90s or a number of seconds.") from None
+
+
+# Ray side ----------------------------------------------------------------------------------------
+def _trainable(config: dict[str, Any], setup: TrialSetup) -> None:
+    """Ray Tune function trainable: one trial (runs in a Ray worker)."""
+    import torch
+    from ray import tune
+
+    from autopeft.peft import Plan
+
+    torch.set_num_threads(max(1, setup.threads))  # oversubscribing 2 cores makes tiny steps 5-10x slower
+    number = int(config["number"])
+    existing = read_record(setup.run_dir, number)
+    if existing is not None and existing.get("state") == FINISHED:
+        # Ray restarted a trial that had already finished: report its result, train nothing.
+        tune.report({k: existing[k] for k in ("psnr", "ssim", "nrmse", "fraction", "fidelity", "pairs_done")} | {"infeasible": 0})
+        return
+    record = {
+        "number": number, "state": "RUNNING", "plan": config["plan"], "params": config["params"],
+        "trainable": config["trainable"], "fraction": config["fraction"], "prior": config.get("prior"),
+        "warm_start": config.get("warm_start", False), "pairs_total": len(setup.units), "pairs_done": 0,
+        "fidelity": 0.0, "psnr": None, "ssim": None, "nrmse": None, "pairs": [], "reason": "",
+        "started": time.time(), "seconds": 0.0,
+    }
+    if not config["feasible"]:
+        record.update(state=INFEASIBLE, reason=f"trains {100 * config['fraction']:.3f}% of the parameters, over the budget")
+        write_record(setup.run_dir, number, record)
+        tune.report({"psnr": 0.0, "ssim": 0.0, "nrmse": 1.0, "fraction": config["fraction"], "fidelity": 0.0, "pairs_done": 0, "infeasible": 1})
+        return
+    write_record(setup.run_dir, number, record)
+    plan = Plan.from_dict(config["plan"])
+
+    def report(metrics: dict[str, Any]) -> None:
+        record.update(metrics, seconds=time.time() - record["started"])
+        metrics = {k: v for k, v in metrics.items() if k != "pairs"}
+        write_record(setup.run_dir, number, record)
+        tune.report({**metrics, "fraction": config["fraction"], "infeasible": 0})
+
+    try:
+        save_dir = Path(setup.run_dir) / "weights" / f"{number:04d}"
+        run_plan(setup, plan, report=report, save_dir=save_dir)
+    except Exception as err:  # recorded with its reason, then re-raised so Ray and Optuna mark it FAILED
+        record.update(state=FAILED, reason=f"{type(err).__name__}: {err}"[:500], seconds=time.time() - record["started"])
+        write_record(setup.run_dir, number, record)
+        raise
+    record.update(state=FINISHED, seconds=time.time() - record["started"])
+    write_record(setup.run_dir, number, record)
+
+
+def _ray_helpers(run_dir: Path, study, total: int, deadline: float | None, started: float, progress: bool):
+    """The Tune callback (records, study attributes, console lines) and the deadline limiter,
+    built on first use so that importing this module does not import Ray."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter, Searcher
+    from ray.tune.search.optuna import OptunaSearch
+
+    class Progress(tune.Callback):
+        """Finishes each trial's record (FINISHED or STOPPED early, FAILED), mirrors it into the
+        Optuna study as user attributes, and prints one line per event."""
+
+        def _close(self, trial, failed: bool) -> None:
+            number = int(trial.config["number"])
+            record = read_record(run_dir, number) or {"number": number, "pairs_done": 0, "pairs_total": 0, "fidelity": 0.0}
+            if failed:
+                if record.get("state") != FAILED:
+                    record.update(state=FAILED, reason=record.get("reason") or f"the trial process failed ({trial.error_file or 'no error file'})")
+            elif record.get("state") == "RUNNING":
+                record["state"] = FINISHED if record["pairs_done"] >= record["pairs_total"] else STOPPED
+            write_record(run_dir, number, record)
+            if progress:
+                self._line(record)
+
+        def _line(self, record: dict[str, Any]) -> None:
+            done = records(run_dir)
+            counts = {state: sum(r.get("state") == state for r in done) for state in (FINISHED, STOPPED, FAILED, INFEASIBLE, "RUNNING")}
+            best = max((r for r in done if r.get("state") == FINISHED), key=lambda r: r["psnr"], default=None)
+            left = f", {max(deadline - time.time(), 0) / 60:.1f} min left to launch" if deadline else ""
+            best_text = f"best {best['psnr']:.3f} dB at {100 * best['fraction']:.3f}% (#{best['number']})" if best else "no finished trial yet"
+            print(
+                f"[{(time.time() - started) / 60:5.1f} min] trial #{record['number']} {record['state'].lower()}"
+                + (f" ({record.get('reason')})" if record.get("state") in (FAILED,) else "")
+                + f" | finished {counts[FINISHED]}, stopped early {counts[STOPPED]}, failed {counts[FAILED]}, "
+                f"over budget {counts[INFEASIBLE]}, running {counts['RUNNING']} of {total} | {best_text}{left}",
+                flush=True,
+            )
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self._close(trial, failed=False)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._close(trial, failed=True)
+
+    class DeadlineLimiter(ConcurrencyLimiter):
+        """A concurrency limit that also stops *launching* trials after ``deadline`` (running
+        trials finish)."""
+
+        def __init__(self, searcher, max_concurrent: int, deadline_at: float | None) -> None:
+            super().__init__(searcher, max_concurrent=max_concurrent)
+            self.deadline_at = deadline_at
+
+        def suggest(self, trial_id: str):
+            if self.deadline_at is not None and time.time() >= self.deadline_at:
+                return Searcher.FINISHED
+            return super().suggest(trial_id)
+
+    class StudySearch(OptunaSearch):
+        """OptunaSearch without Ray's searcher checkpoints: the search state lives in the Optuna
+        study (SQLite) and the trial records, which resuming reads; pickling the define-by-run
+        closure (and the model it counts plans on) would fail and is not needed."""
+
+        def save(self, checkpoint_path: str) -> None:
+            return None
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            # Before Optuna closes the trial (it is read-only after): the fidelity reached, so an
+            # early-stopped trial (COMPLETE in Optuna, with a partial value) is never read as finished.
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None and trial_id not in self._completed_trials:
+                record = read_record(run_dir, ot_trial.number) or {}
+                state = record.get("state", "RUNNING")
+                if error:
+                    state = FAILED
+                elif state == "RUNNING":
+                    state = FINISHED if record.get("pairs_done", 0) >= record.get("pairs_total", 1) else STOPPED
+                ot_trial.set_user_attr("state", state)
+                ot_trial.set_user_attr("fidelity", float(record.get("fidelity") or 0.0))
+                ot_trial.set_user_attr("pairs_done", int(record.get("pairs_done") or 0))
+                if record.get("reason"):
+                    ot_trial.set_user_attr("reason", str(record["reason"])[:500])
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+    return Progress(), DeadlineLimiter, StudySearch
+
+
+def _open_study(run_dir: Path, meta: dict[str, Any], config: SearchConfig, session: int):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'study.db'}")
+    if config.sampler == "random":
+        sampler = optuna.samplers.RandomSampler(seed=config.seed + session)
+    else:
+        startup = min(10, max(2, (config.trials or 16) // 4))
+        # A new seed per session: the same seed would replay the first session's random draws.
+        sampler = optuna.samplers.TPESampler(seed=config.seed + session, n_startup_trials=startup, constant_liar=True)
+    directions = ["maximize", "minimize"] if config.objective == "multi" else ["maximize"]
+    study = optuna.create_study(storage=storage, study_name=meta["study_name"], sampler=sampler,
+                                directions=directions, load_if_exists=True)
+    return storage, sampler, study
+
+
+def _mark_interrupted(run_dir: Path, study) -> list[dict[str, Any]]:
+    """Study trials a killed or interrupted session left RUNNING: mark them (study FAIL, record
+    INTERRUPTED) and return their params, to be enqueued again."""
+    from optuna.trial import TrialState
+
+    again = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        if trial.state == TrialState.WAITING:
+            continue  # still queued (a warm-start plan not yet run): it runs in this session
+        record = read_record(run_dir, trial.number)
+        if record is not None and record.get("state") in TERMINAL:
+            # Ray finished it but the study never heard: tell the study what the record says.
+            values = [record["psnr"] or 0.0] + ([record["fraction"]] if len(study.directions) > 1 else [])
+            state = TrialState.FAIL if record["state"] == FAILED else TrialState.COMPLETE
+            study._storage.set_trial_state_values(trial._trial_id, state, None if state == TrialState.FAIL else values)
+            continue
+        study._storage.set_trial_user_attr(trial._trial_id, "state", INTERRUPTED)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        if record is not None:
+            record.update(state=INTERRUPTED, reason="the search was interrupted while it ran; its plan runs again")
+            write_record(run_dir, trial.number, record)
+        again.append({k: v for k, v in trial.params.items()})
+    return again
+
+
+def _new_run_dir(config: SearchConfig) -> Path:
+    if config.out:
+        return Path(config.out).expanduser().resolve()
+    return Path("runs").resolve() / f"{config.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, total: int, run_dir: Path, resumed: bool) -> None:
+    print(("resuming" if resumed else "search") + f" in {run_dir}")
+    print(f"  backbone {config.backbone}/{config.preset} on {config.device}; space {config.space}; budget {budget.describe(total)}")
+    print(f"  scanners {', '.join(config.scanners)}: {len(setup.pairs)} source->target pairs x {config.folds} fold(s), "
+          f"{config.epochs} fine-tuning epochs each; protocol {setup.make_protocol()}")
+    limit = f"{config.time_budget_s / 60:.1f} min to launch trials" if config.time_budget_s else "no time limit"
+    print(f"  {config.trials} trials, {config.objective}-objective, sampler {config.sampler}, priors {'on' if config.priors else 'off'}, "
+          f"ASHA {'on' if config.asha and config.objective == 'single' and len(setup.units) > 1 else 'off'}, {limit}")
+    print(f"  Ray: {config.cpus_per_trial:g} CPU and {config.gpus_per_trial:g} GPU per trial, at most {config.concurrency} at once"
+          + (f", cluster {config.address}" if config.address else ", local"))
+
+
+def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathLike | None = None,
+               trials: int | None = None, time_budget_s: float | None = None) -> Path:
+    """Run (or resume) a search; returns the run directory.
+
+    Args:
+        config: the settings of a new search (ignored when resuming).
+        resume_dir: a run directory to continue; its ``run.json`` gives the settings.
+        trials: when resuming, a new total number of trials. Defaults to the recorded one.
+        time_budget_s: when resuming, a new limit on launching trials. Defaults to the recorded one.
+    """
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from autopeft.cli._common import resolve_manifest
+    from autopeft.search.priors import prior_score, site_weights, top_plans
+    from autopeft.search.results import finish_run, run_references
+    from autopeft.search.space import load_space
+    from backbones import build_backbone
+
+    started = time.time()
+    if resume_dir is not None:
+        run_dir = Path(resume_dir).expanduser().resolve()
+        meta_path = run_dir / "run.json"
+        if not meta_path.is_file():
+            raise ConfigError(f"--resume {resume_dir}: no run.json there; give the folder a search wrote (its --out).")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        config = SearchConfig(**meta["config"])
+        if trials is not None:
+            config.trials = trials
+        if time_budget_s is not None:
+            config.time_budget_s = time_budget_s
+        meta["sessions"] += 1
+    else:
+        if config is None:
+            raise ValueError("`config` must be given for a new search.")
+        config = resolve_defaults(config)
+        run_dir = _new_run_dir(config)
+        if (run_dir / "run.json").exists():
+            raise ConfigError(f"--out {run_dir} already holds a search; continue it with --resume {run_dir} or choose another --out.")
+        meta = {"study_name": f"autopeft-{config.backbone}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}", "sessions": 1}
+    budget = Budget.parse(config.budget)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = str(resolve_manifest(config.data, progress=config.progress))
+    config.data = config.data or None
+    if config.concurrency is None:
+        cpus = os.cpu_count() or 1
+        config.concurrency = max(1, int(cpus // config.cpus_per_trial))
+        if config.gpus_per_trial > 0:
+            import torch
+
+            config.concurrency = max(1, min(config.concurrency, int(torch.cuda.device_count() / config.gpus_per_trial)))
+    meta["config"] = asdict(config)
+    (run_dir / "run.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+    scanners = [str(s) for s in config.scanners]
+    setup = TrialSetup(
+        backbone=config.backbone, preset=config.preset, manifest_path=manifest_path,
+        pairs=tuple((s, t) for s in scanners for t in scanners if s != t), folds=tuple(range(config.folds)),
+        epochs=int(config.epochs), seed=config.seed, protocol=dict(config.protocol), pretrain_epochs=config.pretrain_epochs,
+        device=config.device, threads=max(1, int(config.cpus_per_trial)), run_dir=str(run_dir),
+    )
+    template = build_backbone(config.backbone, config.preset)
+    space = load_space(config.space, template.sites())
+    if space.backbone != config.backbone:
+        raise ConfigError(f"--space {config.space} is written for {space.backbone!r}, but --backbone is {config.backbone!r}.")
+    counter = PlanCounter(template)
+    _print_settings(config, setup, budget, counter.total, run_dir, resume_dir is not None)
+
+    # Source models: pre-trained once, here, before any trial (trials then read the cache).
+    for fold in setup.folds:
+        for source in sorted({s for s, _ in setup.pairs}):
+            from autopeft.search.trial import source_model
+
+            source_model(setup, source, fold, progress=config.progress)
+
+    storage, sampler, study = _open_study(run_dir, meta, config, meta["sessions"])
+    train_extra = {"epochs": int(config.epochs)}
+    weights = site_weights(setup, template) if config.priors else None
+    if resume_dir is None and config.priors:
+        k = config.warm_start if config.warm_start is not None else max(2, min(8, config.trials // 4))
+        for score, params, _plan in top_plans(space, counter, weights, budget, k=k, seed=config.seed, train=train_extra):
+            study.enqueue_trial(params, user_attrs={"warm_start": True, "prior": score})
+    if resume_dir is not None:
+        for params in _mark_interrupted(run_dir, study):
+            study.enqueue_trial(params, user_attrs={"requeued": True})
+
+    if config.references and not (run_dir / "references.json").is_file():
+        run_references(setup, config, run_dir)
+
+    done = sum(r.get("state") in TERMINAL for r in records(run_dir))
+    remaining = max(config.trials - done, 0)
+    # The time budget covers the trial phase: pre-training and references are one-off costs.
+    deadline = time.time() + config.time_budget_s if config.time_budget_s else None
+
+    def define_space(trial) -> dict[str, Any]:
+        plan = space.suggest(trial, train=train_extra)
+        count = counter.count(plan)
+        limit = budget.limit(count.total)
+        trial.set_constraint("budget", float(count.trainable - limit))
+        prior = prior_score(count, weights, counter.site_sizes, counter.total) if weights is not None else None
+        trial.set_user_attr("fraction", count.fraction)
+        trial.set_user_attr("trainable", count.trainable)
+        if prior is not None:
+            trial.set_user_attr("prior", prior)
+        return {"number": trial.number, "plan": plan.to_dict(), "params": dict(trial.params),
+                "trainable": count.trainable, "fraction": count.fraction, "feasible": count.trainable <= limit,
+                "prior": prior, "warm_start": bool(trial.user_attrs.get("warm_start", False))}
+
+    if remaining > 0:
+        if not ray.is_initialized():
+            ray.init(address=config.address, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, **({} if config.address else {"num_cpus": os.cpu_count()}))
+        progress_cb, limiter_cls, search_cls = _ray_helpers(run_dir, study, config.trials, deadline, started, config.progress)
+        multi = config.objective == "multi"
+        metric, mode = (["psnr", "fraction"], ["max", "min"]) if multi else ("psnr", "max")
+        searcher = search_cls(define_space, metric=metric, mode=mode, sampler=sampler,
+                                study_name=meta["study_name"], storage=storage)
+        search_alg = limiter_cls(searcher, max_concurrent=config.concurrency, deadline_at=deadline)
+        units = len(setup.units)
+        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=units, grace_period=1, reduction_factor=2)
+                     if config.asha and not multi and units > 1 else FIFOScheduler())
+        resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(_trainable, setup=setup), resources),
+            tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=remaining,
+                                        **({} if multi else {"metric": metric, "mode": mode})),
+            run_config=tune.RunConfig(
+                name=f"tune-{meta['sessions']}", storage_path=str(run_dir / "ray"), verbose=0,
+                callbacks=[progress_cb], failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+        tuner.fit()
+    finish_run(run_dir, setup, config, space, weights is not None)
+    return run_dir

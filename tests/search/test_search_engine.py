@@ -1,0 +1,114 @@
+"""End to end through real Ray Tune and Optuna on a micro setting: 2 scanners of a tiny fake data
+set, 1-epoch source models, 1-2 fine-tuning epochs, 2 CPUs. One Ray session for the module."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import optuna
+import pytest
+
+from _fakes import make_dataset
+from autopeft.search.engine import SearchConfig, run_search
+from autopeft.search.trial import FAILED, FINISHED, INFEASIBLE, INTERRUPTED, STOPPED, TERMINAL, records, write_record
+
+PROTOCOL = {"pretrain_train": 2, "pretrain_val": 1, "finetune_train": 1, "finetune_test": 2, "folds": 1}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only: no token file for a throwaway local cluster
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search-data")
+    return make_dataset(root, {"1": 3, "2": 3}, shape=(20, 18, 16), long_factor=1.5)
+
+
+def _config(data, out, **overrides) -> SearchConfig:
+    values = dict(backbone="cvtgan", budget="5%", preset="tiny", scanners=["1", "2"], trials=4, epochs=1, data=str(data),
+                  out=str(out), pretrain_epochs=1, protocol=PROTOCOL, cpus_per_trial=1, concurrency=2, device="cpu",
+                  references=False, progress=False)
+    values.update(overrides)
+    return SearchConfig(**values)
+
+
+def _study(run_dir):
+    meta = json.loads((run_dir / "run.json").read_text())
+    return optuna.load_study(study_name=meta["study_name"], storage=f"sqlite:///{run_dir / 'study.db'}")
+
+
+def test_search_warm_starts_with_top_prior_plans_and_writes_outputs(ray_session, data, tmp_path):
+    run_dir = run_search(_config(data, tmp_path / "run", warm_start=2, budget="3%"))
+    rows = {r["number"]: r for r in records(run_dir)}
+    assert len(rows) == 4 and all(r["state"] in TERMINAL for r in rows.values())
+    # The first trials are the enqueued warm-start plans, best prior first.
+    assert rows[0]["warm_start"] and rows[1]["warm_start"] and not rows[2]["warm_start"]
+    assert rows[0]["prior"] >= rows[1]["prior"]
+    study = _study(run_dir)
+    for trial in study.trials:
+        record = rows[trial.number]
+        assert trial.user_attrs["state"] == record["state"]
+        assert trial.user_attrs["fidelity"] == pytest.approx(record["fidelity"])
+        if record["state"] == INFEASIBLE:
+            constraints = trial.constraints
+            values = list(constraints.values()) if isinstance(constraints, dict) else list(constraints)
+            assert values[0] > 0 and record["pairs_done"] == 0
+        if record["state"] == FINISHED:
+            assert record["pairs_done"] == record["pairs_total"] == 2 and record["fraction"] <= 0.03
+        if record["state"] == STOPPED:
+            assert record["pairs_done"] < record["pairs_total"]
+    text = (run_dir / "results.csv").read_text()
+    assert text.count("\n") == 5 and "fidelity" in text.splitlines()[0]
+    if any(r["state"] == FINISHED for r in rows.values()):
+        assert (run_dir / "best_plan.yaml").is_file() and list((run_dir / "pareto").glob("*.yaml"))
+
+
+def test_failing_trials_are_recorded_and_the_search_goes_on(ray_session, data, tmp_path):
+    # A learning rate of 1e6 blows the weights up: the loss turns non-finite in the 2nd step.
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "backbone: cvtgan\ngroups:\n  dec:\n    sites: 'decoder.*.block*'\n    methods: {ssf: {}, lora: {rank: [1, 2]}}\n"
+        "bitfit: [true]\nlr: [2.0e-3, 1.0e+6]\n"
+    )
+    run_dir = run_search(_config(data, tmp_path / "run", space=str(space), priors=False, sampler="random", epochs=2, seed=1))
+    rows = records(run_dir)
+    failed = [r for r in rows if r["state"] == FAILED]
+    others = [r for r in rows if r["state"] in (FINISHED, STOPPED)]
+    assert len(rows) == 4 and failed and others
+    assert all(r["plan"]["train"]["lr"] == 1e6 and ("finite" in r["reason"] or "NaN" in r["reason"]) for r in failed)
+    assert all(r["plan"]["train"]["lr"] == 2e-3 for r in others)
+    states = {t.number: t.state for t in _study(run_dir).trials}
+    assert all(states[r["number"]] == optuna.trial.TrialState.FAIL for r in failed)
+
+
+def test_resume_repeats_no_finished_trial_and_reruns_the_interrupted_one(ray_session, data, tmp_path):
+    run_dir = run_search(_config(data, tmp_path / "run", trials=2, priors=False, budget="3%"))
+    before = {r["number"]: r for r in records(run_dir)}
+    assert len(before) == 2
+    # A session killed mid-trial leaves a RUNNING study trial and a RUNNING record behind.
+    study = _study(run_dir)
+    killed = study.ask()
+    from autopeft.search.space import load_space
+    from backbones import build_backbone
+
+    space = load_space("cvtgan", build_backbone("cvtgan", "tiny").sites())
+    plan = space.suggest(killed, train={"epochs": 1})
+    write_record(run_dir, killed.number, {"number": killed.number, "state": "RUNNING", "plan": plan.to_dict(), "params": killed.params,
+                                          "pairs_done": 1, "pairs_total": 2, "fidelity": 0.5, "fraction": 0.0})
+    run_search(resume_dir=run_dir, trials=4)
+    after = {r["number"]: r for r in records(run_dir)}
+    for number, record in before.items():
+        assert after[number]["started"] == record["started"] and after[number]["state"] == record["state"]
+    assert after[killed.number]["state"] == INTERRUPTED
+    terminal = [r for r in after.values() if r["state"] in TERMINAL]
+    assert len(terminal) == 4
+    rerun = [r for r in terminal if r["number"] > killed.number and r["params"] == killed.params]
+    assert rerun, "the interrupted plan runs again"

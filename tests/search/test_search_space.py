@@ -1,0 +1,134 @@
+"""The space, the budget and the prior, driven directly with Optuna trials (no Ray, no training)."""
+
+from __future__ import annotations
+
+import copy
+
+import optuna
+import pytest
+import torch
+
+from autopeft.errors import ConfigError
+from autopeft.peft import apply_plan, count_trainable, load_plan
+from autopeft.search import Budget, PlanCounter, load_space
+from autopeft.search.priors import OUTSIDE, prior_score
+from backbones import build_backbone
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def cvtgan():
+    template = build_backbone("cvtgan", "tiny")
+    return template, load_space("cvtgan", template.sites()), PlanCounter(template)
+
+
+@pytest.mark.parametrize(
+    ("text", "fraction", "count"),
+    [("1%", 0.01, None), ("0.005", 0.005, None), ("250k", None, 250_000), ("1.5M", None, 1_500_000), ("12000", None, 12000)],
+)
+def test_budget_parses_percent_fraction_and_count(text, fraction, count):
+    budget = Budget.parse(text)
+    assert budget.fraction == fraction and budget.count == count
+
+
+@pytest.mark.parametrize("text", ["", "1%%", "-3", "0", "150%", "2.5", "abc"])
+def test_budget_rejects_bad_text(text):
+    with pytest.raises(ConfigError):
+        Budget.parse(text)
+
+
+def test_budget_limit_is_inclusive():
+    budget = Budget.parse("1%")
+    assert budget.allows(10, 1000) and not budget.allows(11, 1000)
+
+
+def test_sampling_honours_conditionals_and_counts_exactly(cvtgan):
+    template, space, counter = cvtgan
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    budget = Budget.parse("2%")
+    methods_seen: set[str] = set()
+    feasible = 0
+    for index in range(25):
+        trial = study.ask()
+        plan = space.suggest(trial, train={"epochs": 3})
+        for group in space.groups:
+            chosen = trial.params[f"{group.name}.method"]
+            methods_seen.add(chosen)
+            # A hyperparameter exists only under the method that was chosen for its group.
+            for name in trial.params:
+                if name.startswith(f"{group.name}.") and name != f"{group.name}.method":
+                    assert name.startswith(f"{group.name}.{chosen}.")
+            entries = [plan.sites[p] for p in group.patterns if p in plan.sites]
+            assert (not entries) == (chosen == "none")
+            assert all(e.method == chosen for e in entries)
+        assert ("shpeft_lambda" in trial.params) == any(s.method == "shpeft" for s in plan.sites.values())
+        assert plan.train["epochs"] == 3 and 1e-4 <= plan.train["lr"] <= 1e-2
+        assert space.plan_from_params(trial.params, train={"epochs": 3}) == plan
+        count = counter.count(plan)
+        feasible += budget.allows(count.trainable, count.total)
+        if index < 6:  # the fast counter must agree with applying the plan for real
+            model = copy.deepcopy(template)
+            uses_shpeft = any(s.method == "shpeft" for s in plan.sites.values())
+            importance = {n: torch.zeros_like(p) for n, p in model.named_parameters()} if uses_shpeft else None
+            apply_plan(model, plan, importance=importance)
+            assert count_trainable(model) == count.trainable
+        study.tell(trial, 0.0)
+    assert len(methods_seen) >= 4 and 0 < feasible < 25
+
+
+def test_vpt_first_stage_becomes_tokens_per_stage(cvtgan):
+    _, space, _ = cvtgan
+    params = space.params_for({"encoder.vit": ("vpt", {"tokens": 8, "first_stage": 1})})
+    plan = space.plan_from_params(params)
+    spec = plan.sites["encoder.*.block*"]
+    assert spec.config.tokens == (0, 8, 8) and spec.config.skip_first == 0
+
+
+def test_space_size_and_counts_of_known_plans(cvtgan):
+    _, space, counter = cvtgan
+    size, note = space.size()
+    assert size == float("inf") and "continuous learning rate" in note
+    noft = counter.count(load_plan("cvtgan-noft"))
+    full = counter.count(load_plan("cvtgan-fullft"))
+    assert noft.trainable == 0 and full.fraction == pytest.approx(1.0)
+
+
+def test_space_errors_name_the_fault(tmp_path):
+    sites = build_backbone("unetr", "tiny").sites()
+    cases = {
+        "unknown method": ("groups: {g: {sites: 'decoder.*', methods: {lorra: {}}}}", "lorra"),
+        "no site": ("groups: {g: {sites: 'nowhere.*', methods: {ssf: {}}}}", "matches no site"),
+        "wrong kind": ("groups: {g: {sites: 'decoder.*', methods: {vpt: {tokens: [4]}}}}", "fits"),
+        "bad value": ("groups: {g: {sites: 'decoder.*', methods: {lora: {rank: [0, 2]}}}}", "rank"),
+        "overlap": ("groups: {a: {sites: 'decoder.*', methods: {ssf: {}}}, b: {sites: 'decoder.cnn.2', methods: {ssf: {}}}}", "overlap"),
+    }
+    for label, (body, expected) in cases.items():
+        path = tmp_path / f"{label.replace(' ', '_')}.yaml"
+        path.write_text("backbone: unetr\n" + body + "\n")
+        with pytest.raises(ConfigError, match=expected):
+            load_space(path, sites)
+
+
+def test_prior_is_zero_for_noft_one_for_fullft_and_grows_with_capacity(cvtgan):
+    template, space, counter = cvtgan
+    sizes = counter.site_sizes
+    weights = {name: 1.0 / (len(sizes) + 1) for name in sizes} | {OUTSIDE: 1.0 / (len(sizes) + 1)}
+    score = lambda plan: prior_score(counter.count(plan), weights, sizes, counter.total)  # noqa: E731
+    assert score(load_plan("cvtgan-noft")) == 0.0
+    assert score(load_plan("cvtgan-fullft")) == pytest.approx(1.0)
+    small = space.plan_from_params(space.params_for({"decoder.vit.stage3": ("lora", {"rank": 1, "targets": ["q", "k"]})}))
+    large = space.plan_from_params(space.params_for({"decoder.vit.stage3": ("lora", {"rank": 16, "targets": ["q", "k"]})}))
+    assert 0 < score(small) < score(large) < 1
+
+
+@pytest.mark.parametrize("backbone", ["unetr", "cvtgan"])
+def test_petite_grid_has_21_distinct_plans_that_apply(backbone):
+    from autopeft.search.grid import grid_plans
+
+    plans = grid_plans(backbone)
+    assert len(plans) == 21 and len({p.to_yaml() for p in plans}) == 21
+    counter = PlanCounter(build_backbone(backbone, "tiny"))
+    assert all(counter.count(plan).trainable > 0 for plan in plans)
+    winner = {"unetr": "lora-ssf+bitfit", "cvtgan": "vpt-lora+bitfit"}[backbone]
+    assert winner in {p.name for p in plans}
