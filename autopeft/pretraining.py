@@ -77,11 +77,12 @@ class SourceSpec:
     data: str  # manifest digest
     protocol: str  # subject counts of the pre-training split, e.g. "8+4"
     crops: int  # random crops per training volume and epoch
+    pipeline: int = 0  # autopeft.data.loading.PIPELINE_VERSION the model was trained with
 
     def key(self) -> str:
         return (
             f"{self.backbone}-{self.preset}-src{self.source}-fold{self.fold}-e{self.epochs}"
-            f"-c{self.crops}-lr{self.lr:g}-seed{self.seed}-p{self.protocol}-{self.data}"
+            f"-c{self.crops}-lr{self.lr:g}-seed{self.seed}-p{self.protocol}-v{self.pipeline}-{self.data}"
         )
 
 
@@ -136,6 +137,7 @@ def pretrained_model(
     """
     from backbones import build_backbone, registered_backbones
     from autopeft.data import Protocol, eval_volumes, read_manifest, split_scanner, train_loader
+    from autopeft.data.loading import PIPELINE_VERSION
 
     presets = registered_backbones().get(backbone)
     if presets is None:
@@ -156,6 +158,7 @@ def pretrained_model(
         data=manifest_digest(manifest),
         protocol=f"{protocol.pretrain_train}+{protocol.pretrain_val}",
         crops=int(defaults.get("crops", 1)),
+        pipeline=PIPELINE_VERSION,
     )
     entry = Path(cache_dir or cache_root()) / "pretrained" / spec.key()
     final = entry / "model.safetensors"

@@ -1,10 +1,17 @@
 """MONAI pipelines that turn split records into training crops and whole evaluation volumes.
 
 Both pipelines read NIfTI with nibabel (``LoadImaged``), put the channel first (a single-frame 4D
-image becomes ``1 x D x H x W`` like a 3D one) and scale every volume on its own to [0, 1]
-(``ScaleIntensityd``: (x - min) / (max - min) per volume and per key), as PETITE normalises each
-reconstructed image to 0-1. Short and long scans are therefore compared in shape, not in absolute
-counts: a long scan with 6x the counts of its short scan scales to the same range.
+image becomes ``1 x D x H x W`` like a 3D one) and scale every volume on its own to [0, 1], as
+PETITE normalises each reconstructed image to 0-1. Short and long scans are therefore compared in
+shape, not in absolute counts: a long scan with 6x the counts of its short scan scales to the same
+range.
+
+The scale is robust: ``ScaleIntensityRangePercentilesd`` maps the volume's minimum (0th percentile)
+to 0 and its 99.9th percentile to 1, clipping the few voxels above. A plain min-max scale (PETITE's)
+lets the single hottest voxel set the scale; in a noisy 5-minute frame that voxel is noise, so the
+short scan's tissue lands lower than the long scan's by a factor that depends on the scanner's
+noise level, and a model learns that scanner-specific factor instead of the anatomy. The
+percentile scale removes that artefact of normalisation from the cross-scanner comparison.
 
 Training (:func:`train_loader`) adds zero padding up to the crop size on any axis shorter than it
 (``SpatialPadd``) and one random crop shared by the short and long scan of a record
@@ -55,6 +62,12 @@ def _check_crop_size(crop_size: Sequence[int]) -> tuple[int, int, int]:
     return tuple(int(v) for v in values)  # type: ignore[return-value]
 
 
+# Upper percentile mapped to 1 (module docstring). Part of PIPELINE_VERSION: change both together.
+SCALE_PERCENTILE = 99.9
+# Bumped whenever what a model sees for a given file changes, so cached models are not reused.
+PIPELINE_VERSION = 2
+
+
 def _load_and_scale() -> list[Any]:
     """The deterministic head shared by training and evaluation: read, channel first, scale to [0, 1]."""
     from monai import transforms
@@ -62,7 +75,9 @@ def _load_and_scale() -> list[Any]:
     return [
         transforms.LoadImaged(keys=_IMAGE_KEYS, reader="NibabelReader", image_only=True, dtype=np.float32),
         transforms.EnsureChannelFirstd(keys=_IMAGE_KEYS),
-        transforms.ScaleIntensityd(keys=_IMAGE_KEYS, minv=0.0, maxv=1.0),
+        transforms.ScaleIntensityRangePercentilesd(
+            keys=_IMAGE_KEYS, lower=0.0, upper=SCALE_PERCENTILE, b_min=0.0, b_max=1.0, clip=True
+        ),
     ]
 
 

@@ -107,9 +107,12 @@ def test_eval_volumes_are_whole_scaled_and_keep_metadata(records: list[dict[str,
     assert [v["subject"] for v in volumes] == [r["subject"] for r in records[:2]]
     for volume, record in zip(volumes, records):
         raw, _ = load_volume(record["short"])
-        expected = (raw - raw.min()) / (raw.max() - raw.min())
+        # Robust min-max: the 99.9th percentile maps to 1, the few voxels above are clipped.
+        top = np.percentile(raw, 99.9)
+        expected = np.clip((raw - raw.min()) / (top - raw.min()), 0.0, 1.0)
+        assert (expected == 1.0).sum() >= 1 and top < raw.max()
         assert volume["short"].shape == (1, *SHAPE)
-        np.testing.assert_allclose(volume["short"][0].numpy(), expected, atol=1e-6)
+        np.testing.assert_allclose(volume["short"][0].numpy(), expected, atol=1e-5)
         torch.testing.assert_close(volume["short"], volume["long"])
         assert volume["short_path"] == record["short"] and volume["scanner"] == "1"
         np.testing.assert_allclose(volume["affine"], nib.load(record["short"]).affine)
