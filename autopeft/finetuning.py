@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from autopeft.evaluation import evaluate, evaluate_identity
 from autopeft.train import EpochResult, Trainer, TrainSettings
 
-__all__ = ["FinetuneResult", "finetune", "FINETUNE_DEFAULTS", "count_parameters"]
+__all__ = ["FinetuneResult", "finetune", "FINETUNE_DEFAULTS", "count_parameters", "plan_preparer", "plan_schedule"]
 
 # Fine-tuning length and learning rates per preset. PETITE: 150 (CVT-GAN) / 200 (UNETR) epochs,
 # lr 1e-3 for PEFT and 1e-4 for full fine-tuning; the tiny preset is scaled to CPU minutes.
@@ -56,6 +56,41 @@ def count_parameters(net: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in net.parameters())
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     return trainable, total
+
+
+def plan_preparer(plan, *, importance=None) -> Callable[[nn.Module], tuple[int, int]]:
+    """A ``prepare`` for :func:`finetune` that applies ``plan`` (``autopeft.peft.apply_plan``).
+
+    Counts are autopeft's one way of counting (``count_trainable``) over the parameters of the
+    pre-trained network before injection.
+    """
+
+    def prepare(model: nn.Module) -> tuple[int, int]:
+        from autopeft.peft import apply_plan, count_trainable
+
+        total = sum(p.numel() for p in model.net.parameters())
+        apply_plan(model, plan, importance=importance)
+        return count_trainable(model), total
+
+    return prepare
+
+
+def plan_schedule(plan, preset: str, *, epochs: int | None = None, lr: float | None = None) -> tuple[int, float]:
+    """Epochs and learning rate for fine-tuning ``plan`` on ``preset``.
+
+    Explicit values win. Otherwise the ``paper`` preset follows the plan's ``train`` section
+    (PETITE's settings); smaller presets use ``FINETUNE_DEFAULTS`` (CPU-scaled), with the full
+    fine-tuning rate for Full-FT plans and the PEFT rate for the rest. No-FT plans train 0 epochs.
+    """
+    if not plan.sites and not plan.full_ft and not plan.bitfit:
+        return 0, 0.0
+    defaults = FINETUNE_DEFAULTS.get(preset, FINETUNE_DEFAULTS["paper"])
+    if preset == "paper":
+        epochs = epochs if epochs is not None else int(plan.train.get("epochs", defaults["epochs"]))
+        lr = lr if lr is not None else float(plan.train.get("lr", defaults["lr_peft"]))
+    epochs = epochs if epochs is not None else int(defaults["epochs"])
+    lr = lr if lr is not None else float(defaults["lr_full" if plan.full_ft else "lr_peft"])
+    return epochs, lr
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["compute_importance", "site_importance", "top_k_masks"]
+__all__ = ["compute_importance", "importance_on_scans", "site_importance", "top_k_masks"]
 
 _VARIANTS = ("l1", "l2")
 _REDUCTIONS = ("mean", "sum")
@@ -183,3 +183,40 @@ def site_importance(model: nn.Module, scores: Mapping[str, torch.Tensor], *, red
                 count += scores[name].numel()
         result[site.name] = (total / count if count else 0.0) if reduce == "mean" else total
     return result
+
+
+def importance_on_scans(
+    model: nn.Module,
+    records: list[Mapping[str, Any]],
+    *,
+    variant: str = "l2",
+    lam: float = 1.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Hybrid importance of a backbone's weights on one epoch of crops from ``records``.
+
+    The loss is L1 between ``model(short)`` and ``long`` for every backbone: it scores a weight by
+    its effect on reconstructing the target scans (an adversarial term would score the frozen
+    discriminator's opinion instead). One epoch of the preset's crops, as the paper uses.
+
+    Args:
+        model: a ``Backbone`` (pre-trained source model).
+        records: scan pairs (e.g. the target's fine-tuning ``train`` split).
+        variant: ``"l1"`` or ``"l2"``. Defaults to ``"l2"``.
+        lam: lambda of the task-agnostic term. Defaults to 1.0.
+        seed: seeds the crops. Defaults to 0.
+        device: where gradients are taken. Defaults to ``cpu``.
+    """
+    import torch.nn.functional as F
+
+    from autopeft.data import train_loader
+
+    loader = train_loader(records, crop_size=model.preset.crop_size, batch_size=model.preset.batch_size, seed=seed)
+    device = torch.device(device)
+    model.to(device)
+
+    def l1(m: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return F.l1_loss(m(batch["short"].to(device)), batch["long"].to(device))
+
+    return compute_importance(model, loader, l1, variant=variant, lam=lam)

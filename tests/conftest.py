@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Never read or write the user's ~/.cache/autopeft from a test.
-    monkeypatch.setenv("AUTOPEFT_CACHE", str(tmp_path_factory.getbasetemp() / "autopeft-cache"))
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
+    # Never read or write the user's ~/.cache/autopeft from a test. Session-wide and in os.environ,
+    # so that processes started by tests (Ray workers) inherit it too.
+    previous = os.environ.get("AUTOPEFT_CACHE")
+    os.environ["AUTOPEFT_CACHE"] = str(tmp_path_factory.getbasetemp() / "autopeft-cache")
+    yield
+    if previous is None:
+        os.environ.pop("AUTOPEFT_CACHE", None)
+    else:
+        os.environ["AUTOPEFT_CACHE"] = previous
