@@ -58,6 +58,29 @@ def test_crops_come_from_scaled_volumes_at_varying_places(records: list[dict[str
     assert len(offsets) > 1  # random, not always the same corner
 
 
+def test_tissue_scale_ignores_zero_mean_noise() -> None:
+    from autopeft.data.loading import scale_by_tissue_mean
+
+    rng = np.random.default_rng(0)
+    clean = np.zeros((40, 40, 40), np.float32)
+    clean[10:30, 10:30, 10:30] = 1.0
+    clean[15:25, 15:25, 15:25] = 3.0
+    short = torch.from_numpy(rng.poisson(clean * 20).astype(np.float32))  # noisy, 20 counts per unit
+    long = torch.from_numpy(rng.poisson(clean * 120).astype(np.float32))  # six times the counts
+    mean_short = scale_by_tissue_mean(short)[clean > 0].mean()
+    mean_long = scale_by_tissue_mean(long)[clean > 0].mean()
+    assert abs(float(mean_short / mean_long) - 1) < 0.02  # same brightness whatever the noise
+    top_scaled = [float(v.max() / np.quantile(v.numpy(), 0.999)) for v in (short, long)]
+    assert top_scaled[0] != top_scaled[1]  # a max-based scale would have differed
+
+
+def test_empty_volume_cannot_be_scaled() -> None:
+    from autopeft.data.loading import scale_by_tissue_mean
+
+    with pytest.raises(DataError, match="no positive tissue"):
+        scale_by_tissue_mean(torch.zeros(8, 8, 8))
+
+
 def test_several_crops_per_volume_each_epoch(records: list[dict[str, str]]) -> None:
     batches = _batches(train_loader(records, crop_size=(6, 5, 4), batch_size=1, seed=3, crops_per_volume=3))
     subjects = [batch["subject"][0] for batch in batches]
@@ -107,10 +130,13 @@ def test_eval_volumes_are_whole_scaled_and_keep_metadata(records: list[dict[str,
     assert [v["subject"] for v in volumes] == [r["subject"] for r in records[:2]]
     for volume, record in zip(volumes, records):
         raw, _ = load_volume(record["short"])
-        # Robust min-max: the 99.9th percentile maps to 1, the few voxels above are clipped.
-        top = np.percentile(raw, 99.9)
-        expected = np.clip((raw - raw.min()) / (top - raw.min()), 0.0, 1.0)
-        assert (expected == 1.0).sum() >= 1 and top < raw.max()
+        # Tissue (box-smoothed 5^3 above 20% of its max) scaled to a mean of 0.3, clipped to [0, 1].
+        from scipy.ndimage import uniform_filter
+
+        counts = uniform_filter(np.ones_like(raw), 5, mode="constant")
+        smooth = uniform_filter(raw, 5, mode="constant") / counts
+        tissue = raw[smooth > 0.2 * smooth.max()]
+        expected = np.clip(raw * (0.3 / tissue.mean()), 0.0, 1.0)
         assert volume["short"].shape == (1, *SHAPE)
         np.testing.assert_allclose(volume["short"][0].numpy(), expected, atol=1e-5)
         torch.testing.assert_close(volume["short"], volume["long"])
