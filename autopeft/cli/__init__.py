@@ -29,6 +29,8 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "importance": ("autopeft.cli.importance", "SH-PEFT importance of a source model's weights on a target, per site"),
     "space": ("autopeft.cli.space", "show a search space: size, trainable-%% range, sampled plans"),
     "search": ("autopeft.cli.search", "search PEFT plans under a budget with Ray Tune + Optuna"),
+    "report": ("autopeft.cli.report", "write a search run's self-contained HTML report"),
+    "dashboard": ("autopeft.cli.dashboard", "serve a search run's Optuna study in optuna-dashboard"),
 }
 
 _EPILOG = """\

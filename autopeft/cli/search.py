@@ -9,7 +9,8 @@ simulated data and, on a CPU, the tiny preset with a run sized to end within abo
 2 cores; on a GPU the paper preset. It prints what it chose.
 
 outputs (in --out, default runs/<backbone>-<time>):
-  study.db          the Optuna study (SQLite; 'optuna-dashboard sqlite:///study.db')
+  report.html       the study report (written at the end and on Ctrl-C; 'autopeft report' rewrites it)
+  study.db          the Optuna study (SQLite; 'autopeft dashboard RUN_DIR' serves it)
   results.csv       one row per trial: state, fidelity reached, plan, % params, PSNR/SSIM/NRMSE
   best_plan.yaml    the best finished plan ('autopeft finetune' and apply_plan read it)
   pareto/           plans on the PSNR vs % params front; best_weights/: its trained parts per pair
@@ -19,6 +20,7 @@ examples:
   autopeft search --backbone unetr --budget 1%
   autopeft search --backbone cvtgan --budget 0.5% --trials 40 --time-budget 30m --objective multi
   autopeft search --resume runs/unetr-20250101-120000        # after Ctrl-C or a killed process
+  autopeft search --backbone unetr --budget 1% --dashboard   # Ray's dashboard on 127.0.0.1:8265
   autopeft search --backbone unetr --budget 1% --address auto --gpus-per-trial 0.5   # on a Ray cluster
 """
 
@@ -54,6 +56,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-asha", action="store_true", help="let every trial run all its pairs")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--dashboard", action="store_true",
+                        help="start Ray's dashboard on 127.0.0.1 and print its URL (sign in with the token in ~/.ray/auth_token)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         warm_start=args.warm_start, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         concurrency=args.concurrency, address=args.address, data=args.data, pretrain_epochs=args.pretrain_epochs,
         references=not args.no_references, asha=not args.no_asha, device=args.device, progress=not args.quiet,
+        dashboard=args.dashboard,
     )
     run_search(config)
     return 0

@@ -55,9 +55,13 @@ GPU_DEFAULTS = {"scanners": ["1", "2", "3", "4", "5"], "trials": 64, "time_budge
 
 @dataclass
 class SearchConfig:
-    """Settings of one search (every field is a command-line flag of ``autopeft search``).
+    """Settings of one search (every field is a command-line flag of ``autopeft search``, except
+    ``sampler_seed``).
 
-    ``None`` fields take the machine's defaults (:func:`resolve_defaults`).
+    ``None`` fields take the machine's defaults (:func:`resolve_defaults`). ``seed`` seeds the
+    evaluation (splits, crops, initialisation) and, unless ``sampler_seed`` is given, the search
+    (Optuna sampler, warm-start candidates): repeating a search with other ``sampler_seed`` values
+    varies only the search, so every repeat scores plans on the same evaluation.
     """
 
     backbone: str
@@ -70,6 +74,7 @@ class SearchConfig:
     epochs: int | None = None
     folds: int = 1
     seed: int = 0
+    sampler_seed: int | None = None
     out: str | None = None
     objective: str = "single"
     sampler: str = "tpe"
@@ -86,6 +91,7 @@ class SearchConfig:
     asha: bool = True
     device: str | None = None
     progress: bool = True
+    dashboard: bool = False
 
     def __post_init__(self) -> None:
         if self.objective not in ("single", "multi"):
@@ -272,17 +278,22 @@ def _ray_helpers(run_dir: Path, study, total: int, deadline: float | None, start
     return Progress(), DeadlineLimiter, StudySearch
 
 
+def _search_seed(config: SearchConfig) -> int:
+    return config.seed if config.sampler_seed is None else config.sampler_seed
+
+
 def _open_study(run_dir: Path, meta: dict[str, Any], config: SearchConfig, session: int):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'study.db'}")
+    seed = _search_seed(config)
     if config.sampler == "random":
-        sampler = optuna.samplers.RandomSampler(seed=config.seed + session)
+        sampler = optuna.samplers.RandomSampler(seed=seed + session)
     else:
         startup = min(10, max(2, (config.trials or 16) // 4))
         # A new seed per session: the same seed would replay the first session's random draws.
-        sampler = optuna.samplers.TPESampler(seed=config.seed + session, n_startup_trials=startup, constant_liar=True)
+        sampler = optuna.samplers.TPESampler(seed=seed + session, n_startup_trials=startup, constant_liar=True)
     directions = ["maximize", "minimize"] if config.objective == "multi" else ["maximize"]
     study = optuna.create_study(storage=storage, study_name=meta["study_name"], sampler=sampler,
                                 directions=directions, load_if_exists=True)
@@ -342,10 +353,6 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
         trials: when resuming, a new total number of trials. Defaults to the recorded one.
         time_budget_s: when resuming, a new limit on launching trials. Defaults to the recorded one.
     """
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     from autopeft.cli._common import resolve_manifest
     from autopeft.search.priors import prior_score, site_weights, top_plans
     from autopeft.search.results import finish_run, run_references
@@ -385,6 +392,9 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
 
             config.concurrency = max(1, min(config.concurrency, int(torch.cuda.device_count() / config.gpus_per_trial)))
     meta["config"] = asdict(config)
+    from autopeft.report import versions
+
+    meta["versions"] = versions()  # of the latest session; the report shows them beside the report's own
     (run_dir / "run.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
     scanners = [str(s) for s in config.scanners]
@@ -413,7 +423,7 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
     weights = site_weights(setup, template) if config.priors else None
     if resume_dir is None and config.priors:
         k = config.warm_start if config.warm_start is not None else max(2, min(8, config.trials // 4))
-        for score, params, _plan in top_plans(space, counter, weights, budget, k=k, seed=config.seed, train=train_extra):
+        for score, params, _plan in top_plans(space, counter, weights, budget, k=k, seed=_search_seed(config), train=train_extra):
             study.enqueue_trial(params, user_attrs={"warm_start": True, "prior": score})
     if resume_dir is not None:
         for params in _mark_interrupted(run_dir, study):
@@ -441,10 +451,66 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
                 "trainable": count.trainable, "fraction": count.fraction, "feasible": count.trainable <= limit,
                 "prior": prior, "warm_start": bool(trial.user_attrs.get("warm_start", False))}
 
+    try:
+        _run_trials(config, meta, run_dir, setup, study, storage, sampler, define_space, remaining, deadline, started)
+    except KeyboardInterrupt:
+        # Ctrl-C that Ray Tune did not absorb: keep what finished (results, best plan, report), then stop.
+        finish_run(run_dir, setup, config, space, weights is not None)
+        _write_report(run_dir, config.progress, interrupted=True)
+        raise
+    finish_run(run_dir, setup, config, space, weights is not None)
+    _write_report(run_dir, config.progress)
+    return run_dir
+
+
+def _write_report(run_dir: Path, progress: bool, *, interrupted: bool = False) -> None:
+    """``report.html``; a report that cannot be drawn must not lose the search's results, which
+    are on disk already, so its error is printed with the command that retries it."""
+    from autopeft.report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except Exception as err:  # noqa: BLE001 - reported to the user, with the retry command
+        print(f"report not written ({type(err).__name__}: {err}); retry with: autopeft report {run_dir}", flush=True)
+        return
+    if progress or interrupted:
+        print(f"report: {path}" + (" (search interrupted; continue it with --resume)" if interrupted else ""), flush=True)
+
+
+def _start_ray(config: SearchConfig) -> None:
+    """A local Ray (or the cluster at ``config.address``); with ``config.dashboard`` Ray's
+    dashboard on loopback, its URL and how to sign in printed (token auth stays on)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    options: dict[str, Any] = {"include_dashboard": config.dashboard}
+    if config.dashboard:
+        options["dashboard_host"] = "127.0.0.1"  # this machine only; forward the port with ssh -L
+    context = ray.init(address=config.address, log_to_driver=False, configure_logging=False,
+                       **options, **({} if config.address else {"num_cpus": os.cpu_count()}))
+    if config.dashboard:
+        url = getattr(context, "dashboard_url", None)
+        if not url:
+            print("Ray dashboard: not available (install ray[default] for it).", flush=True)
+            return
+        url = url if url.startswith("http") else f"http://{url}"
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+            auth = "token authentication is disabled (RAY_AUTH_MODE=disabled)"
+        else:
+            auth = ("it asks for a token: paste the contents of ~/.ray/auth_token (the cluster's token; "
+                    "scripts send 'Authorization: Bearer <token>')")
+        print(f"Ray dashboard: {url}/ ; {auth}", flush=True)
+
+
+def _run_trials(config: SearchConfig, meta: dict[str, Any], run_dir: Path, setup: TrialSetup, study, storage, sampler,
+                define_space, remaining: int, deadline: float | None, started: float) -> None:
+    """Ray Tune over the remaining trials (nothing when none remain)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
     if remaining > 0:
-        if not ray.is_initialized():
-            ray.init(address=config.address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False, **({} if config.address else {"num_cpus": os.cpu_count()}))
+        _start_ray(config)
         progress_cb, limiter_cls, search_cls = _ray_helpers(run_dir, study, config.trials, deadline, started, config.progress)
         multi = config.objective == "multi"
         metric, mode = (["psnr", "fraction"], ["max", "min"]) if multi else ("psnr", "max")
@@ -465,5 +531,3 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
             ),
         )
         tuner.fit()
-    finish_run(run_dir, setup, config, space, weights is not None)
-    return run_dir

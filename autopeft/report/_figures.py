@@ -1,0 +1,165 @@
+"""The report's plotly figures: optimisation history, Pareto front, importances, pair heatmap.
+
+Each function returns a ``plotly.graph_objects.Figure``, or a plain-text note when the run holds
+too little to draw it (the report prints the note in the figure's place).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autopeft.report._run import STATE_STYLE, RunData
+
+# Legend under the plot: above it, it collides with the title.
+_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=40), height=440,
+               legend=dict(orientation="h", yanchor="top", y=-0.16, x=0))
+
+
+def _state_traces(rows: list[dict[str, Any]], x_of, y_of, floor: float | None):
+    """One scatter trace per trial state (so the legend names each state); trials without a
+    score (failed, over budget) are drawn at ``floor`` so they stay visible."""
+    import plotly.graph_objects as go
+
+    from autopeft.search.results import plan_summary
+
+    traces = []
+    for state, (label, colour, symbol) in STATE_STYLE.items():
+        group = [r for r in rows if r.get("state") == state]
+        if not group:
+            continue
+        scored = [r for r in group if r.get("psnr") is not None]
+        unscored = [r for r in group if r.get("psnr") is None]
+        shown = scored + (unscored if floor is not None else [])
+        if not shown:
+            continue
+        hover = [
+            f"#{r['number']} {state.lower()}<br>{plan_summary(r.get('plan') or {})}<br>"
+            f"{100 * float(r.get('fraction') or 0):.3f}% params, pairs {r.get('pairs_done', 0)}/{r.get('pairs_total', 0)}"
+            + (f"<br>PSNR {r['psnr']:.3f} dB" if r.get("psnr") is not None else "<br>no score (drawn at the floor)")
+            + (f"<br>{str(r.get('reason'))[:120]}" if r.get("reason") else "")
+            for r in shown
+        ]
+        traces.append(go.Scatter(
+            x=[x_of(r) for r in shown], y=[y_of(r) if r.get("psnr") is not None else floor for r in shown],
+            mode="markers", name=label, hovertext=hover, hoverinfo="text",
+            marker=dict(color=colour, symbol=symbol, size=10, line=dict(width=2, color=colour)),
+        ))
+    return traces
+
+
+def _floor(run: RunData) -> float | None:
+    scores = [r["psnr"] for r in run.records if r.get("psnr") is not None]
+    scores += [ref["psnr"] for ref in run.references]
+    return (min(scores) - 0.3) if scores else None
+
+
+def history_figure(run: RunData):
+    """PSNR of every trial by trial number, by state, with the best finished PSNR so far."""
+    import plotly.graph_objects as go
+
+    if not run.records:
+        return "No trial has run yet."
+    fig = go.Figure(_state_traces(run.records, lambda r: r["number"], lambda r: r["psnr"], _floor(run)))
+    best_x, best_y, best = [], [], None
+    for record in sorted(run.records, key=lambda r: r["number"]):
+        if record.get("state") == "FINISHED" and record.get("psnr") is not None:
+            best = record["psnr"] if best is None else max(best, record["psnr"])
+        if best is not None:
+            best_x.append(record["number"])
+            best_y.append(best)
+    if best_x:
+        fig.add_trace(go.Scatter(x=best_x, y=best_y, mode="lines", line=dict(shape="hv", color="#1f77b4", width=2),
+                                 name="best finished so far", hoverinfo="skip"))
+    fig.update_layout(title="Optimisation history", xaxis_title="trial number", yaxis_title="PSNR (dB), mean over pairs done",
+                      **_LAYOUT)
+    return fig
+
+
+def pareto_figure(run: RunData):
+    """PSNR against % trainable parameters (log axis): every trial by state, the front of the
+    finished trials, PETITE's plan as a star, No-FT and Full-FT as horizontal lines (No-FT trains
+    nothing, so it has no place on a log axis)."""
+    import plotly.graph_objects as go
+
+    from autopeft.search.results import pareto_front
+
+    pct = lambda r: max(100 * float(r.get("fraction") or 0.0), 1e-6)  # noqa: E731  (log axis: no zeros)
+    scored = [r for r in run.records if r.get("psnr") is not None and r.get("fraction")]
+    if not scored and not run.references:
+        return "No scored trial or reference yet."
+    fig = go.Figure(_state_traces(scored, pct, lambda r: r["psnr"], None))
+    front = pareto_front(run.finished)
+    if front:
+        fig.add_trace(go.Scatter(x=[pct(r) for r in front], y=[r["psnr"] for r in front], mode="lines",
+                                 line=dict(shape="hv", color="#1f77b4", dash="dot"), name="Pareto front (finished)",
+                                 hoverinfo="skip"))
+    for ref in run.references:
+        if ref["label"] in ("No-FT", "Full-FT"):
+            colour = "#555555" if ref["label"] == "No-FT" else "#2ca02c"
+            fig.add_hline(y=ref["psnr"], line=dict(color=colour, dash="dash", width=1.5),
+                          annotation_text=f"{ref['label']} {ref['psnr']:.3f} dB" + (" (100% params)" if ref["label"] == "Full-FT" else " (0%)"),
+                          annotation_position="bottom right" if ref["label"] == "No-FT" else "top left")
+        else:
+            fig.add_trace(go.Scatter(x=[pct(ref)], y=[ref["psnr"]], mode="markers+text", text=[ref["label"]],
+                                     textposition="top center", name=f"{ref['label']} plan",
+                                     marker=dict(symbol="star", size=16, color="#e377c2", line=dict(width=1, color="#333"))))
+    fig.update_layout(title="PSNR against trainable parameters", xaxis_title="% trainable parameters (log)",
+                      yaxis_title="PSNR (dB)", **_LAYOUT)
+    fig.update_xaxes(type="log")
+    return fig
+
+
+def importance_figure(run: RunData, *, min_trials: int = 4):
+    """Optuna's parameter importances over the *finished* trials (an early-stopped trial's value is
+    a mean over fewer pairs, so it would blur what a parameter does)."""
+    import optuna
+    import plotly.graph_objects as go
+
+    study = run.study()
+    if study is None:
+        return "No Optuna study (study.db) in the run directory."
+    finished_numbers = {r["number"] for r in run.finished}
+    trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+              if t.number in finished_numbers and t.params]
+    if len(trials) < min_trials:
+        return (f"Parameter importances need at least {min_trials} finished trials; this run has {len(trials)}. "
+                "Run more trials (--trials, or --resume with a larger --trials) to see which choices matter.")
+    # A copy of the study holding only the finished trials, single objective (PSNR).
+    view = optuna.create_study(direction="maximize")
+    view.add_trials([optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=t.values[0])
+                     for t in trials])
+    try:
+        importances = optuna.importance.get_param_importances(view)
+    except (ValueError, RuntimeError) as err:  # e.g. every trial took the same values: nothing to rank
+        return f"Parameter importances could not be computed over {len(trials)} finished trials: {err}"
+    if not importances:
+        return "Parameter importances are empty: no parameter varied across the finished trials."
+    names = list(importances)[::-1]
+    fig = go.Figure(go.Bar(x=[importances[n] for n in names], y=names, orientation="h", marker_color="#1f77b4",
+                           hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
+    fig.update_layout(title=f"Parameter importances for PSNR ({len(trials)} finished trials, Optuna default evaluator)",
+                      xaxis_title="importance (sums to 1)", **{**_LAYOUT, "height": max(260, 60 + 28 * len(names))})
+    return fig
+
+
+def pair_heatmap(run: RunData, *, top: int = 5):
+    """PSNR per (source -> target, fold) for the references and the best finished plans."""
+    import plotly.graph_objects as go
+
+    rows: list[tuple[str, list[dict[str, Any]]]] = [(ref["label"], ref.get("pairs") or []) for ref in run.references]
+    for record in sorted(run.finished, key=lambda r: -r["psnr"])[:top]:
+        rows.append((f"trial #{record['number']}", record.get("pairs") or []))
+    rows = [(label, pairs) for label, pairs in rows if pairs]
+    if not rows:
+        return "No per-pair scores yet (no finished trial or reference)."
+    key = lambda p: f"{p['source']}→{p['target']}" + (f" f{p['fold']}" if p.get("fold") else "")  # noqa: E731
+    columns = sorted({key(p) for _, pairs in rows for p in pairs})
+    z = [[next((p["psnr"] for p in pairs if key(p) == c), None) for c in columns] for _, pairs in rows]
+    text = [[f"{v:.2f}" if v is not None else "" for v in line] for line in z]
+    fig = go.Figure(go.Heatmap(z=z, x=columns, y=[label for label, _ in rows], text=text, texttemplate="%{text}",
+                               colorscale="Viridis", colorbar=dict(title="PSNR dB"),
+                               hovertemplate="%{y}<br>%{x}: %{z:.3f} dB<extra></extra>"))
+    fig.update_layout(title="PSNR per scanner pair (source→target; held-out subjects of the target)",
+                      xaxis_title="scanner pair", **{**_LAYOUT, "height": max(260, 120 + 40 * len(rows))})
+    fig.update_yaxes(autorange="reversed")
+    return fig

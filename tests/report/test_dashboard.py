@@ -1,0 +1,84 @@
+"""`autopeft dashboard` serves a run's Optuna study on loopback (a real optuna-dashboard server in a
+subprocess, asked over HTTP), and refuses folders that are not runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autopeft.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def study_run(tmp_path) -> Path:
+    """A run directory holding only what the dashboard reads: run.json and study.db."""
+    (tmp_path / "run.json").write_text(json.dumps({"study_name": "dash", "sessions": 1, "config": {}}))
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="dash", direction="maximize")
+    study.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-2, log=True), n_trials=3)
+    return tmp_path
+
+
+def test_dashboard_serves_the_study_on_loopback(study_run):
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from autopeft.cli import main; sys.exit(main())", "dashboard", str(study_run), "--port", str(port)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
+    )
+    try:
+        deadline, body, status = time.time() + 60, "", None
+        while time.time() < deadline and status is None:
+            if process.poll() is not None:
+                pytest.fail(f"the dashboard exited with {process.returncode}: {process.stdout.read()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                    status, body = response.status, response.read().decode("utf-8", "replace")
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.3)
+        assert status == 200, "no answer from the dashboard within 60 s"
+        assert "<html" in body.lower()
+        # The study itself is served: its API lists the study by name.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
+            assert "dash" in response.read().decode()
+    finally:
+        process.terminate()
+        try:
+            output, _ = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+    assert f"http://127.0.0.1:{port}/" in output
+
+
+def test_dashboard_refuses_a_folder_without_a_study(tmp_path):
+    from autopeft.cli import main
+
+    (tmp_path / "run.json").write_text(json.dumps({"study_name": "x", "sessions": 1, "config": {}}))
+    assert main(["dashboard", str(tmp_path)]) == 2  # a ConfigError, reported as a usage error
+    with pytest.raises(ConfigError, match="run.json"):
+        from autopeft.report import load_run
+
+        load_run(tmp_path / "missing")
+
+
+def test_dashboard_rejects_a_bad_port(study_run):
+    from autopeft.cli import main
+
+    assert main(["dashboard", str(study_run), "--port", "70000"]) == 2
