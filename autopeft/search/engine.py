@@ -10,8 +10,9 @@ Flow of :func:`run_search`:
 4. fine-tune the reference plans (No-FT, Full-FT, PETITE's) for the results table;
 5. run the trials through ``ray.tune.Tuner`` with ``OptunaSearch`` (define-by-run over the space;
    plans over the budget are marked infeasible with ``trial.set_constraint`` and never train),
-   ``ASHAScheduler`` on the pairs done, a concurrency limit and a deadline that stops launching
-   new trials;
+   ``ASHAScheduler`` on the pairs done, and a limiter that caps concurrency, stops launching at
+   the deadline and after ``trials`` plans within the budget (an over-budget draw costs nothing,
+   so it does not count; TPE learns from its constraint to avoid such plans);
 6. write ``results.csv``, ``best_plan.yaml``, the Pareto plans and the best plan's weights.
 
 Resuming (``resume_dir``) reads ``run.json``, marks trials an interruption left running as
@@ -48,6 +49,10 @@ from autopeft.search.trial import (
 )
 
 __all__ = ["SearchConfig", "run_search", "resolve_defaults"]
+
+# Over-budget draws allowed per trial asked for before the search gives up on the space: a space
+# whose plans almost never fit the budget would otherwise draw forever.
+MAX_INFEASIBLE_DRAWS_PER_TRIAL = 25
 
 CPU_DEFAULTS = {"scanners": ["1", "5"], "trials": 16, "time_budget_s": 10 * 60.0}
 GPU_DEFAULTS = {"scanners": ["1", "2", "3", "4", "5"], "trials": 64, "time_budget_s": None}
@@ -226,7 +231,7 @@ def _ray_helpers(run_dir: Path, study, total: int, deadline: float | None, start
                 f"[{(time.time() - started) / 60:5.1f} min] trial #{record['number']} {record['state'].lower()}"
                 + (f" ({record.get('reason')})" if record.get("state") in (FAILED,) else "")
                 + f" | finished {counts[FINISHED]}, stopped early {counts[STOPPED]}, failed {counts[FAILED]}, "
-                f"over budget {counts[INFEASIBLE]}, running {counts['RUNNING']} of {total} | {best_text}{left}",
+                f"running {counts['RUNNING']} of {total} plans; {counts[INFEASIBLE]} over budget skipped | {best_text}{left}",
                 flush=True,
             )
 
@@ -236,18 +241,33 @@ def _ray_helpers(run_dir: Path, study, total: int, deadline: float | None, start
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
             self._close(trial, failed=True)
 
-    class DeadlineLimiter(ConcurrencyLimiter):
-        """A concurrency limit that also stops *launching* trials after ``deadline`` (running
-        trials finish)."""
+    class TrialLimiter(ConcurrencyLimiter):
+        """A concurrency limit that also stops *launching* trials (running ones finish) after
+        ``deadline_at``, once ``wanted`` plans within the budget have been launched, or when the
+        space keeps drawing plans over the budget (``max_infeasible`` draws)."""
 
-        def __init__(self, searcher, max_concurrent: int, deadline_at: float | None) -> None:
+        def __init__(self, searcher, max_concurrent: int, deadline_at: float | None, wanted: int, max_infeasible: int) -> None:
             super().__init__(searcher, max_concurrent=max_concurrent)
             self.deadline_at = deadline_at
+            self.wanted, self.max_infeasible = wanted, max_infeasible
+            self.launched = self.infeasible = 0
 
         def suggest(self, trial_id: str):
             if self.deadline_at is not None and time.time() >= self.deadline_at:
                 return Searcher.FINISHED
-            return super().suggest(trial_id)
+            if self.launched >= self.wanted:
+                return Searcher.FINISHED
+            if self.infeasible >= self.max_infeasible:
+                print(f"stopping: {self.infeasible} plans drawn over the budget; raise --budget or narrow --space "
+                      "(see 'autopeft space --budget ... --sample N')", flush=True)
+                return Searcher.FINISHED
+            config = super().suggest(trial_id)
+            if isinstance(config, dict):
+                if config.get("feasible", True):
+                    self.launched += 1
+                else:
+                    self.infeasible += 1
+            return config
 
     class StudySearch(OptunaSearch):
         """OptunaSearch without Ray's searcher checkpoints: the search state lives in the Optuna
@@ -275,7 +295,7 @@ def _ray_helpers(run_dir: Path, study, total: int, deadline: float | None, start
                     ot_trial.set_user_attr("reason", str(record["reason"])[:500])
             super().on_trial_complete(trial_id, result=result, error=error)
 
-    return Progress(), DeadlineLimiter, StudySearch
+    return Progress(), TrialLimiter, StudySearch
 
 
 def _search_seed(config: SearchConfig) -> int:
@@ -432,7 +452,8 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
     if config.references and not (run_dir / "references.json").is_file():
         run_references(setup, config, run_dir)
 
-    done = sum(r.get("state") in TERMINAL for r in records(run_dir))
+    # --trials counts plans that train: over-budget draws are recorded but cost nothing.
+    done = sum(r.get("state") in TERMINAL and r.get("state") != INFEASIBLE for r in records(run_dir))
     remaining = max(config.trials - done, 0)
     # The time budget covers the trial phase: pre-training and references are one-off costs.
     deadline = time.time() + config.time_budget_s if config.time_budget_s else None
@@ -516,14 +537,16 @@ def _run_trials(config: SearchConfig, meta: dict[str, Any], run_dir: Path, setup
         metric, mode = (["psnr", "fraction"], ["max", "min"]) if multi else ("psnr", "max")
         searcher = search_cls(define_space, metric=metric, mode=mode, sampler=sampler,
                                 study_name=meta["study_name"], storage=storage)
-        search_alg = limiter_cls(searcher, max_concurrent=config.concurrency, deadline_at=deadline)
+        search_alg = limiter_cls(searcher, max_concurrent=config.concurrency, deadline_at=deadline, wanted=remaining,
+                                 max_infeasible=MAX_INFEASIBLE_DRAWS_PER_TRIAL * remaining)
         units = len(setup.units)
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=units, grace_period=1, reduction_factor=2)
                      if config.asha and not multi and units > 1 else FIFOScheduler())
         resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(_trainable, setup=setup), resources),
-            tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=remaining,
+            # The limiter ends the run (plans within the budget, deadline); -1: no fixed count of draws.
+            tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=-1,
                                         **({} if multi else {"metric": metric, "mode": mode})),
             run_config=tune.RunConfig(
                 name=f"tune-{meta['sessions']}", storage_path=str(run_dir / "ray"), verbose=0,

@@ -48,7 +48,9 @@ def _study(run_dir):
 def test_search_warm_starts_with_top_prior_plans_and_writes_outputs(ray_session, data, tmp_path):
     run_dir = run_search(_config(data, tmp_path / "run", warm_start=2, budget="3%"))
     rows = {r["number"]: r for r in records(run_dir)}
-    assert len(rows) == 4 and all(r["state"] in TERMINAL for r in rows.values())
+    # --trials counts plans that train; plans drawn over the budget are recorded besides.
+    assert all(r["state"] in TERMINAL for r in rows.values())
+    assert sum(r["state"] != INFEASIBLE for r in rows.values()) == 4
     # The first trials are the enqueued warm-start plans, best prior first.
     assert rows[0]["warm_start"] and rows[1]["warm_start"] and not rows[2]["warm_start"]
     assert rows[0]["prior"] >= rows[1]["prior"]
@@ -66,7 +68,7 @@ def test_search_warm_starts_with_top_prior_plans_and_writes_outputs(ray_session,
         if record["state"] == STOPPED:
             assert record["pairs_done"] < record["pairs_total"]
     text = (run_dir / "results.csv").read_text()
-    assert text.count("\n") == 5 and "fidelity" in text.splitlines()[0]
+    assert text.count("\n") == len(rows) + 1 and "fidelity" in text.splitlines()[0]
     if any(r["state"] == FINISHED for r in rows.values()):
         assert (run_dir / "best_plan.yaml").is_file() and list((run_dir / "pareto").glob("*.yaml"))
 
@@ -82,7 +84,7 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(ray_session, data, t
     rows = records(run_dir)
     failed = [r for r in rows if r["state"] == FAILED]
     others = [r for r in rows if r["state"] in (FINISHED, STOPPED)]
-    assert len(rows) == 4 and failed and others
+    assert len(rows) == 4 and failed and others  # the space has no plan over 5%: no draw is skipped
     assert all(r["plan"]["train"]["lr"] == 1e6 and ("finite" in r["reason"] or "NaN" in r["reason"]) for r in failed)
     assert all(r["plan"]["train"]["lr"] == 2e-3 for r in others)
     states = {t.number: t.state for t in _study(run_dir).trials}
@@ -92,7 +94,7 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(ray_session, data, t
 def test_resume_repeats_no_finished_trial_and_reruns_the_interrupted_one(ray_session, data, tmp_path):
     run_dir = run_search(_config(data, tmp_path / "run", trials=2, priors=False, budget="3%"))
     before = {r["number"]: r for r in records(run_dir)}
-    assert len(before) == 2
+    assert sum(r["state"] != INFEASIBLE for r in before.values()) == 2
     # A session killed mid-trial leaves a RUNNING study trial and a RUNNING record behind.
     study = _study(run_dir)
     killed = study.ask()
@@ -109,6 +111,20 @@ def test_resume_repeats_no_finished_trial_and_reruns_the_interrupted_one(ray_ses
         assert after[number]["started"] == record["started"] and after[number]["state"] == record["state"]
     assert after[killed.number]["state"] == INTERRUPTED
     terminal = [r for r in after.values() if r["state"] in TERMINAL]
-    assert len(terminal) == 4
+    assert sum(r["state"] != INFEASIBLE for r in terminal) == 4
     rerun = [r for r in terminal if r["number"] > killed.number and r["params"] == killed.params]
     assert rerun, "the interrupted plan runs again"
+
+
+def test_plans_over_the_budget_do_not_count_as_trials_and_the_draws_are_capped(ray_session, data, tmp_path, monkeypatch):
+    from autopeft.search import engine
+
+    monkeypatch.setattr(engine, "MAX_INFEASIBLE_DRAWS_PER_TRIAL", 3)
+    space = tmp_path / "space.yaml"
+    space.write_text("backbone: cvtgan\ngroups:\n  dec:\n    sites: 'decoder.*.block*'\n    methods: {ssf: {}}\nbitfit: [true]\nlr: [2.0e-3]\n")
+    # Every plan of this space trains more than 10 parameters: each draw is skipped, none trains,
+    # and the search stops after 3 draws per trial asked for instead of drawing forever.
+    run_dir = run_search(_config(data, tmp_path / "run", space=str(space), priors=False, sampler="random", trials=1, budget="10"))
+    rows = records(run_dir)
+    assert len(rows) == 3 and all(r["state"] == INFEASIBLE and r["pairs_done"] == 0 for r in rows)
+    assert not (run_dir / "best_plan.yaml").exists()
