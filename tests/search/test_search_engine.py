@@ -128,3 +128,26 @@ def test_plans_over_the_budget_do_not_count_as_trials_and_the_draws_are_capped(r
     rows = records(run_dir)
     assert len(rows) == 3 and all(r["state"] == INFEASIBLE and r["pairs_done"] == 0 for r in rows)
     assert not (run_dir / "best_plan.yaml").exists()
+
+
+def test_missing_source_models_pretrain_side_by_side_before_the_trials(ray_session, data, tmp_path, capsys):
+    from autopeft.data import Protocol, read_manifest
+    from autopeft.pretraining import is_pretrained, source_spec
+
+    # seed 5: no other test asks for these source models, so both are missing at the start.
+    manifest = read_manifest(str(data))
+    specs = [source_spec("cvtgan", s, manifest=manifest, preset="tiny", epochs=1, seed=5, protocol=Protocol(**PROTOCOL)) for s in "12"]
+    assert not any(is_pretrained(spec) for spec in specs)
+    run_search(_config(data, tmp_path / "run", trials=1, priors=False, seed=5))
+    out = capsys.readouterr().out
+    assert "pre-training 2 source models side by side" in out
+    assert "source model of scanner 1" in out and "source model of scanner 2" in out
+    assert all(is_pretrained(spec) for spec in specs)
+
+
+def test_time_budget_counts_from_the_start_and_still_launches_one_wave(ray_session, data, tmp_path):
+    # One second is spent before the first trial (Ray, the study, source models): only the first
+    # wave of `concurrency` plans launches, instead of the 4 asked for.
+    run_dir = run_search(_config(data, tmp_path / "run", trials=4, time_budget_s=1.0, priors=False, budget="50%"))
+    rows = records(run_dir)
+    assert sum(r["state"] != INFEASIBLE for r in rows) == 2
