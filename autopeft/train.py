@@ -10,7 +10,10 @@ Losses (fixed per backbone through ``Backbone.loss``):
   adversarial term.
 
 Only parameters with ``requires_grad`` are optimised, so the same loop serves Full-FT and every
-PEFT plan (``apply_plan`` decides what trains).
+PEFT plan (``apply_plan`` decides what trains). BatchNorm layers whose scale does not train (frozen
+layers, the frozen discriminator, BitFit's bias-only layers) stay in eval mode while training: their
+running statistics are part of the pre-trained network, not of the plan, and letting them drift to
+the target's crops cost CVT-GAN 2.2 dB on scanner 1 -> 5 before any weight moved (measured at lr ~0).
 """
 
 from __future__ import annotations
@@ -76,6 +79,13 @@ def _trainable(module: nn.Module | None) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def _keep_frozen_norm_statistics(model: nn.Module) -> None:
+    """Put every affine BatchNorm layer whose scale does not train in eval mode (module docstring)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and not module.weight.requires_grad:
+            module.eval()
+
+
 class Trainer:
     """Trains a ``Backbone`` with the loss its ``loss`` attribute names.
 
@@ -135,6 +145,7 @@ class Trainer:
     def step(self, batch: dict) -> float:
         """One optimisation step on a batch of ``short``/``long`` crops ``B x 1 x D x H x W``."""
         self.model.train()
+        _keep_frozen_norm_statistics(self.model)
         short = batch["short"].to(self.device, non_blocking=True)
         long = batch["long"].to(self.device, non_blocking=True)
         fake = self.model(short)

@@ -48,6 +48,32 @@ def test_discriminator_frozen_in_fine_tuning():
         assert torch.equal(param, before[name]), name
 
 
+def _norm_statistics(module):
+    return {n: b.detach().clone() for n, b in module.named_buffers() if "running" in n}
+
+
+def test_peft_keeps_frozen_batchnorm_statistics_and_full_ft_updates_them():
+    from autopeft.peft import apply_plan
+
+    torch.manual_seed(0)
+    model = build_backbone("cvtgan", "tiny")
+    apply_plan(model, {"backbone": "cvtgan", "sites": {"decoder.*.block*": {"method": "lora", "rank": 2}}, "bitfit": True})
+    generator, discriminator = _norm_statistics(model.net), _norm_statistics(model.discriminator)
+    assert generator and discriminator
+    Trainer(model, TrainSettings(epochs=1, lr=1e-3)).step(_fixed_batch(model))
+    # LoRA + BitFit train no BatchNorm scale: every running statistic, the frozen D's included, is as pre-trained.
+    for name, value in _norm_statistics(model.net).items():
+        assert torch.equal(value, generator[name]), name
+    for name, value in _norm_statistics(model.discriminator).items():
+        assert torch.equal(value, discriminator[name]), name
+
+    full = build_backbone("cvtgan", "tiny")
+    full.net.requires_grad_(True)
+    before = _norm_statistics(full.net)
+    Trainer(full, TrainSettings(epochs=1, lr=1e-3)).step(_fixed_batch(full))
+    assert any(not torch.equal(value, before[name]) for name, value in _norm_statistics(full.net).items())
+
+
 def test_nothing_to_train_is_an_error():
     model = build_backbone("unetr", "tiny").requires_grad_(False)
     with pytest.raises(ValueError, match="Nothing to train"):
