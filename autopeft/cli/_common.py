@@ -55,9 +55,14 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def print_table(rows: list[dict], columns: dict[str, str]) -> None:
-    """Print ``rows`` as a plain-text table with pandas; ``columns`` maps key -> header."""
+def print_table(rows: list[dict], columns: dict[str, str], *, left: tuple[str, ...] = ()) -> None:
+    """Print ``rows`` as a plain-text table with pandas; ``columns`` maps key -> header; the
+    ``left`` keys are left-aligned (long text such as plans reads badly right-aligned)."""
     import pandas as pd
 
     frame = pd.DataFrame(rows, columns=list(columns)).rename(columns=columns)
-    print(frame.to_string(index=False))
+    formatters = {}
+    for key in left:
+        width = max([len(str(v)) for v in frame[columns[key]]] + [len(columns[key])])
+        formatters[columns[key]] = lambda value, width=width: str(value).ljust(width)
+    print(frame.to_string(index=False, formatters=formatters or None, justify="left" if left else None))

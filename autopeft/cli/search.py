@@ -35,7 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None, help="backbone preset (default: paper on a GPU, tiny on a CPU)")
     parser.add_argument("--space", default=None, help="search space YAML (default: search_spaces/<backbone>.yaml)")
     parser.add_argument("--scanners", default=None, help="comma-separated scanner ids; every ordered pair is used (default: 1,5 on CPU, all on GPU)")
-    parser.add_argument("--trials", type=int, default=None, help="plans to train; plans drawn over the budget are recorded but not counted (default: 16 on CPU, 64 on GPU)")
+    parser.add_argument("--trials", type=int, default=None, help="plans to train; plans drawn over the budget are recorded but not counted (default: 48 on CPU, 64 on GPU)")
     parser.add_argument("--time-budget", default=None, help="launch no trial after this long from the start (pre-training included; running trials finish): 30m, 2h, 900s (default: 15m on CPU when --trials is not given)")
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per pair (default: the preset's)")
     parser.add_argument("--folds", type=int, default=1, help="cross-validation folds each pair runs on")

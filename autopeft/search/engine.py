@@ -56,7 +56,7 @@ MAX_INFEASIBLE_DRAWS_PER_TRIAL = 25
 
 # The CPU default: the time budget counts from the start (a first run pre-trains its two source
 # models there) and trials launched before it end within a few minutes, so the run ends within 20.
-CPU_DEFAULTS = {"scanners": ["1", "5"], "trials": 16, "time_budget_s": 15 * 60.0}
+CPU_DEFAULTS = {"scanners": ["1", "5"], "trials": 48, "time_budget_s": 15 * 60.0}
 GPU_DEFAULTS = {"scanners": ["1", "2", "3", "4", "5"], "trials": 64, "time_budget_s": None}
 
 
@@ -115,7 +115,7 @@ class SearchConfig:
 
 def resolve_defaults(config: SearchConfig) -> SearchConfig:
     """Fill the ``None`` fields for this machine: a GPU gets the paper preset, all five
-    scanners and 64 trials; a CPU the tiny preset, two scanners, 16 trials and no trial launched
+    scanners and 64 trials; a CPU the tiny preset, two scanners, 48 trials and no trial launched
     after 15 minutes (sized so the default run ends within 20 minutes on 2 cores)."""
     import torch
 
@@ -516,15 +516,21 @@ def _pretrain_sources(config: SearchConfig, setup: TrialSetup) -> None:
         names = ", ".join(f"scanner {s} (fold {f})" for s, f in missing)
         print(f"pre-training {len(missing)} source models side by side (Ray tasks, at most {config.concurrency} at once): {names}",
               flush=True)
+        from tqdm.auto import tqdm
+
         started = time.time()
         pending = {task.remote(setup, source, fold): (source, fold) for source, fold in missing}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            source, fold = pending.pop(done[0])
-            meta = ray.get(done[0])
-            best = meta.get("best") or {}
-            print(f"  source model of scanner {source} (fold {fold}) ready after {(time.time() - started) / 60:.1f} min: "
-                  f"validation PSNR {best.get('psnr', float('nan')):.3f} dB", flush=True)
+        with tqdm(total=len(missing), desc="pre-train source models", unit="model", disable=not config.progress) as bar:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
+                bar.refresh()  # the elapsed time moves while the tasks train
+                if not done:
+                    continue
+                source, fold = pending.pop(done[0])
+                best = ray.get(done[0]).get("best") or {}
+                bar.update(1)
+                bar.write(f"  source model of scanner {source} (fold {fold}) ready after {(time.time() - started) / 60:.1f} min: "
+                          f"validation PSNR {best.get('psnr', float('nan')):.3f} dB")
     for source, fold in units:
         source_model(setup, source, fold, progress=config.progress)
 
