@@ -151,7 +151,10 @@ class Trainer:
         fake = self.model(short)
         loss = self._generator_loss(short, long, fake)
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"Loss became {loss.item()} at epoch {self.epoch + 1}.")
+            raise NonFiniteLossError(
+                f"Loss became {loss.item()} (not finite) at epoch {self.epoch + 1}: lower the learning rate "
+                f"({self.settings.lr:g}), or check the inputs for extreme values."
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.settings.grad_clip > 0:

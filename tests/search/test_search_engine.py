@@ -85,7 +85,7 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(ray_session, data, t
     failed = [r for r in rows if r["state"] == FAILED]
     others = [r for r in rows if r["state"] in (FINISHED, STOPPED)]
     assert len(rows) == 4 and failed and others  # the space has no plan over 5%: no draw is skipped
-    assert all(r["plan"]["train"]["lr"] == 1e6 and ("finite" in r["reason"] or "NaN" in r["reason"]) for r in failed)
+    assert all(r["plan"]["train"]["lr"] == 1e6 and ("finite" in r["reason"] or "NaN" in r["reason"]) for r in failed), [(r["plan"]["train"]["lr"], r["reason"]) for r in failed]
     assert all(r["plan"]["train"]["lr"] == 2e-3 for r in others)
     states = {t.number: t.state for t in _study(run_dir).trials}
     assert all(states[r["number"]] == optuna.trial.TrialState.FAIL for r in failed)
