@@ -140,9 +140,14 @@ def source_spec(
     )
 
 
+def _entry(spec: SourceSpec, cache_dir: str | os.PathLike | None) -> Path:
+    """The cache folder of ``spec``: its finished model is ``model.safetensors`` there."""
+    return Path(cache_dir or cache_root()) / "pretrained" / spec.key()
+
+
 def is_pretrained(spec: SourceSpec, cache_dir: str | os.PathLike | None = None) -> bool:
     """Whether the cache holds the finished model of ``spec``."""
-    return (Path(cache_dir or cache_root()) / "pretrained" / spec.key() / "model.safetensors").is_file()
+    return (_entry(spec, cache_dir) / "model.safetensors").is_file()
 
 
 def pretrained_model(
@@ -189,7 +194,7 @@ def pretrained_model(
     protocol = protocol or Protocol()
     spec = source_spec(backbone, source, manifest=manifest, preset=preset, fold=fold, epochs=epochs, lr=lr, seed=seed,
                        protocol=protocol)
-    entry = Path(cache_dir or cache_root()) / "pretrained" / spec.key()
+    entry = _entry(spec, cache_dir)
     final = entry / "model.safetensors"
     torch.manual_seed(seed)
     model = build_backbone(backbone, preset)
