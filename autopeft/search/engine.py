@@ -588,16 +588,17 @@ def _run_trials(config: SearchConfig, meta: dict[str, Any], run_dir: Path, setup
         metric, mode = (["psnr", "fraction"], ["max", "min"]) if multi else ("psnr", "max")
         searcher = search_cls(define_space, metric=metric, mode=mode, sampler=sampler,
                                 study_name=meta["study_name"], storage=storage)
+        max_infeasible = MAX_INFEASIBLE_DRAWS_PER_TRIAL * remaining
         search_alg = limiter_cls(searcher, max_concurrent=config.concurrency, deadline_at=deadline, wanted=remaining,
-                                 max_infeasible=MAX_INFEASIBLE_DRAWS_PER_TRIAL * remaining)
+                                 max_infeasible=max_infeasible)
         units = len(setup.units)
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=units, grace_period=1, reduction_factor=2)
                      if config.asha and not multi and units > 1 else FIFOScheduler())
         resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(_trainable, setup=setup), resources),
-            # The limiter ends the run (plans within the budget, deadline); -1: no fixed count of draws.
-            tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=-1,
+            # The limiter ends the run (plans within the budget, deadline); this is the most draws it allows.
+            tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=remaining + max_infeasible,
                                         **({} if multi else {"metric": metric, "mode": mode})),
             run_config=tune.RunConfig(
                 name=f"tune-{meta['sessions']}", storage_path=str(run_dir / "ray"), verbose=0,
