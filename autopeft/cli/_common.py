@@ -65,4 +65,9 @@ def print_table(rows: list[dict], columns: dict[str, str], *, left: tuple[str, .
     for key in left:
         width = max([len(str(v)) for v in frame[columns[key]]] + [len(columns[key])])
         formatters[columns[key]] = lambda value, width=width: str(value).ljust(width)
-    print(frame.to_string(index=False, formatters=formatters or None, justify="left" if left else None))
+    for key in columns if left else ():
+        if key not in left:  # headers are left-justified then: pad values to the header's width
+            width = max([len(str(v)) for v in frame[columns[key]]] + [len(columns[key])])
+            formatters[columns[key]] = lambda value, width=width: str(value).rjust(width)
+    text = frame.to_string(index=False, formatters=formatters or None, justify="left" if left else None)
+    print("\n".join(line.rstrip() for line in text.splitlines()))  # no padding after the last column

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{args.backbone}/{args.preset}: scanner {args.source} -> {args.target} (fold {args.fold}; held-out "
           f"subjects of the target; PSNR peak 1 on [0,1] data, SSIM 3D 7^3, NRMSE = RMSE / range)")
     print_table(rows, {"method": "Method", "bitfit": "BitFit", "params": "% Params", "psnr": "PSNR",
-                       "ssim": "SSIM", "nrmse": "NRMSE", "epoch_s": "s/epoch", "mem": "peak MB"})
+                       "ssim": "SSIM", "nrmse": "NRMSE", "epoch_s": "s/epoch", "mem": "peak MB"}, left=("method",))
     if args.save:
         print(f"trained parts saved under {args.save}/<plan>/")
     return 0

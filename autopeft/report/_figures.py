@@ -6,6 +6,7 @@ too little to draw it (the report prints the note in the figure's place).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from autopeft.report._run import STATE_STYLE, RunData
@@ -131,7 +132,11 @@ def importance_figure(run: RunData, *, min_trials: int = 4):
     view.add_trials([optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=t.values[0])
                      for t in trials])
     try:
-        importances = optuna.importance.get_param_importances(view)
+        with warnings.catch_warnings():
+            # Conditional parameters seen in few trials make the evaluator warn per parameter; the
+            # figure's title already gives the trial count, so the console stays quiet.
+            warnings.simplefilter("ignore", UserWarning)
+            importances = optuna.importance.get_param_importances(view)
     except (ValueError, RuntimeError) as err:  # e.g. every trial took the same values: nothing to rank
         return f"Parameter importances could not be computed over {len(trials)} finished trials: {err}"
     if not importances:

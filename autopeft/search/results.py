@@ -150,7 +150,7 @@ def _print_table(run_dir: Path, setup, summary: Mapping[str, Any]) -> None:
           f"({', '.join(f'{s}->{t}' for s, t in setup.pairs)}), held-out subjects of each target; PSNR peak 1 on [0,1] data")
     print("trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())))
     if rows:
-        print_table(rows, {"method": "Method", "params": "% Param", "psnr": "PSNR", "ssim": "SSIM", "nrmse": "NRMSE", "plan": "Plan"}, left=("plan",))
+        print_table(rows, {"method": "Method", "params": "% Param", "psnr": "PSNR", "ssim": "SSIM", "nrmse": "NRMSE", "plan": "Plan"}, left=("method", "plan"))
     print(f"results: {run_dir / 'results.csv'}" + (f"; best plan: {run_dir / 'best_plan.yaml'}" if best else ""))
 
 
