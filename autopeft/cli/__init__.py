@@ -47,6 +47,13 @@ Run 'autopeft COMMAND --help' for the options of one command.
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows defaults and keeps the epilog's line breaks."""
 
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # "(default: None)" or "(default: False)" teaches nothing, and an option whose help
+        # already explains its default ("default: the preset's") needs no second one.
+        if action.required or action.default is None or action.default is False or (action.help and "default" in action.help.lower()):
+            return action.help
+        return super()._get_help_string(action)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
