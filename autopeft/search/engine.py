@@ -378,6 +378,7 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
         time_budget_s: when resuming, a new limit on launching trials. Defaults to the recorded one.
     """
     from autopeft.cli._common import resolve_manifest
+    from autopeft.finetuning import FINETUNE_DEFAULTS
     from autopeft.search.priors import prior_score, site_weights, top_plans
     from autopeft.search.results import finish_run, run_references
     from autopeft.search.space import load_space
@@ -442,7 +443,12 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
     weights = site_weights(setup, template) if config.priors else None
     if resume_dir is None and config.priors:
         k = config.warm_start if config.warm_start is not None else max(2, min(8, config.trials // 4))
-        for score, params, _plan in top_plans(space, counter, weights, budget, k=k, seed=_search_seed(config), train=train_extra):
+        # Warm-start plans learn at the preset's PEFT rate (that of `autopeft finetune` and the
+        # references) unless the space sets its own default: the middle of a wide log range can be
+        # several times too slow for a short fine-tuning.
+        preset_lr = FINETUNE_DEFAULTS.get(config.preset, FINETUNE_DEFAULTS["paper"])["lr_peft"]
+        for score, params, _plan in top_plans(space, counter, weights, budget, k=k, seed=_search_seed(config),
+                                              lr=preset_lr, train=train_extra):
             study.enqueue_trial(params, user_attrs={"warm_start": True, "prior": score})
     if resume_dir is not None:
         for params in _mark_interrupted(run_dir, study):

@@ -54,6 +54,10 @@ def test_search_warm_starts_with_top_prior_plans_and_writes_outputs(ray_session,
     # The first trials are the enqueued warm-start plans, best prior first.
     assert rows[0]["warm_start"] and rows[1]["warm_start"] and not rows[2]["warm_start"]
     assert rows[0]["prior"] >= rows[1]["prior"]
+    # ... learning at the preset's PEFT rate, not the middle of the space's log range (1e-3).
+    from autopeft.finetuning import FINETUNE_DEFAULTS
+
+    assert rows[0]["plan"]["train"]["lr"] == rows[1]["plan"]["train"]["lr"] == FINETUNE_DEFAULTS["tiny"]["lr_peft"]
     study = _study(run_dir)
     for trial in study.trials:
         record = rows[trial.number]
