@@ -22,7 +22,8 @@ factor weights; forward + backward time (medians) and the largest output differe
     python bench/bench_peft.py --threads 1             # steadier figures on a shared CPU
     python bench/bench_peft.py --preset paper --device cuda
 
-Prints tables and writes bench/results/peft.json. Figures are never asserted on.
+Needs Hugging Face peft: ``bash scripts/setup.sh --bench``. Prints tables and writes
+bench/results/peft.json. Figures are never asserted on.
 """
 
 from __future__ import annotations
@@ -217,6 +218,11 @@ def _bench_hf_conv(args: argparse.Namespace, device: torch.device) -> list[dict]
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    try:  # checked first: part 2 needs it, and part 1 takes minutes
+        import peft  # noqa: F401
+    except ImportError:
+        sys.exit("bench_peft.py compares against Hugging Face peft, which is not installed: "
+                 "run `bash scripts/setup.sh --bench` (or `pip install -e '.[bench]'`).")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
