@@ -62,12 +62,11 @@ def print_table(rows: list[dict], columns: dict[str, str], *, left: tuple[str, .
 
     frame = pd.DataFrame(rows, columns=list(columns)).rename(columns=columns)
     formatters = {}
-    for key in left:
-        width = max([len(str(v)) for v in frame[columns[key]]] + [len(columns[key])])
-        formatters[columns[key]] = lambda value, width=width: str(value).ljust(width)
     for key in columns if left else ():
-        if key not in left:  # headers are left-justified then: pad values to the header's width
-            width = max([len(str(v)) for v in frame[columns[key]]] + [len(columns[key])])
-            formatters[columns[key]] = lambda value, width=width: str(value).rjust(width)
+        # Headers are left-justified then: every value is padded to its column's full width, so
+        # that a right-aligned number still sits under its header.
+        width = max([len(str(v)) for v in frame[columns[key]]] + [len(columns[key])])
+        pad = str.ljust if key in left else str.rjust
+        formatters[columns[key]] = lambda value, width=width, pad=pad: pad(str(value), width)
     text = frame.to_string(index=False, formatters=formatters or None, justify="left" if left else None)
     print("\n".join(line.rstrip() for line in text.splitlines()))  # no padding after the last column
