@@ -175,10 +175,17 @@ def _engine_run(args: argparse.Namespace, settings: dict[str, Any], variant: str
 
 
 def _trial_rows(run_dir: Path, trials: int, epochs: int) -> list[dict[str, Any]]:
-    """The run's first ``trials`` trials (by number) in the order they ended, with their cost."""
-    from autopeft.search.trial import records
+    """The run's first ``trials`` trained plans (by number; as ``--trials`` counts them, the
+    over-budget draws among them kept at cost 0) in the order they ended, with their cost."""
+    from autopeft.search.trial import INFEASIBLE, records
 
-    rows = [r for r in records(run_dir) if r["number"] < trials and r.get("state") != "RUNNING"]
+    rows, trained = [], 0
+    for r in sorted(records(run_dir), key=lambda r: r["number"]):
+        if trained == trials:
+            break
+        if r.get("state") != "RUNNING":
+            rows.append(r)
+            trained += r.get("state") != INFEASIBLE
     for r in rows:
         plan_epochs = int((r.get("plan") or {}).get("train", {}).get("epochs", epochs))
         r["cost"] = int(r.get("pairs_done") or 0) * plan_epochs  # INFEASIBLE: 0 pairs done, 0 cost
@@ -248,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from autopeft.pretraining import manifest_digest
     from autopeft.search.budget import PlanCounter
     from autopeft.search.grid import grid_plans
-    from autopeft.search.priors import prior_score, site_weights, spearman
+    from autopeft.search.priors import PlanPrior, spearman
     from autopeft.search.trial import TrialSetup
     from backbones import build_backbone
 
@@ -317,8 +324,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "engine trials may have used other source models than the grid; run again.", flush=True)
 
     # Prior score vs final PSNR over every plan trained on every pair (one set of site weights).
-    weights = site_weights(setup, template)
-    prior_of = lambda plan_dict: prior_score(counter.count(Plan.from_dict(plan_dict)), weights, counter.site_sizes, counter.total)  # noqa: E731
+    prior_model = PlanPrior.for_setup(setup, template, counter)
+    prior_of = lambda plan_dict: prior_model.score(Plan.from_dict(plan_dict))  # noqa: E731
     grid_points = [(prior_of(r["plan"]), r["psnr"]) for r in grid]
     engine_points = [(prior_of(r["plan"]), r["psnr"]) for variant_runs in runs.values() for run in variant_runs
                      for r in run["_rows"] if r["state"] == "FINISHED" and r["psnr"] is not None]

@@ -108,12 +108,15 @@ class PlanCount:
         total: parameters of the pre-trained network.
         per_site: site name -> trainable parameters inside that site (PEFT additions included).
         outside: trainable parameters outside every site (e.g. biases of the output head).
+        pretrained: names of the pre-trained tensors trained whole (norms, biases, Full-FT);
+            SH-PEFT's selected entries and PEFT additions are not among them.
     """
 
     trainable: int
     total: int
     per_site: dict[str, int] = field(default_factory=dict)
     outside: int = 0
+    pretrained: frozenset[str] = frozenset()
 
     @property
     def fraction(self) -> float:
@@ -217,7 +220,7 @@ class PlanCounter:
                 per_site[site] += value
             outside += extra
         trainable = sum(per_site.values()) + outside
-        result = PlanCount(trainable=trainable, total=self.total, per_site=per_site, outside=outside)
+        result = PlanCount(trainable=trainable, total=self.total, per_site=per_site, outside=outside, pretrained=frozenset(base))
         self._cache[key] = result
         return result
 

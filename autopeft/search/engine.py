@@ -379,7 +379,7 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
     """
     from autopeft.cli._common import resolve_manifest
     from autopeft.finetuning import FINETUNE_DEFAULTS
-    from autopeft.search.priors import prior_score, site_weights, top_plans
+    from autopeft.search.priors import PlanPrior, top_plans
     from autopeft.search.results import finish_run, run_references
     from autopeft.search.space import load_space
     from backbones import build_backbone
@@ -440,14 +440,14 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
 
     storage, sampler, study = _open_study(run_dir, meta, config, meta["sessions"])
     train_extra = {"epochs": int(config.epochs)}
-    weights = site_weights(setup, template) if config.priors else None
+    prior_model = PlanPrior.for_setup(setup, template, counter) if config.priors else None
     if resume_dir is None and config.priors:
         k = config.warm_start if config.warm_start is not None else max(2, min(8, config.trials // 4))
         # Warm-start plans learn at the preset's PEFT rate (that of `autopeft finetune` and the
         # references) unless the space sets its own default: the middle of a wide log range can be
         # several times too slow for a short fine-tuning.
         preset_lr = FINETUNE_DEFAULTS.get(config.preset, FINETUNE_DEFAULTS["paper"])["lr_peft"]
-        for score, params, _plan in top_plans(space, counter, weights, budget, k=k, seed=_search_seed(config),
+        for score, params, _plan in top_plans(space, counter, prior_model, budget, k=k, seed=_search_seed(config),
                                               lr=preset_lr, train=train_extra):
             study.enqueue_trial(params, user_attrs={"warm_start": True, "prior": score})
     if resume_dir is not None:
@@ -469,7 +469,7 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
         count = counter.count(plan)
         limit = budget.limit(count.total)
         trial.set_constraint("budget", float(count.trainable - limit))
-        prior = prior_score(count, weights, counter.site_sizes, counter.total) if weights is not None else None
+        prior = prior_model.score(plan, count) if prior_model is not None else None
         trial.set_user_attr("fraction", count.fraction)
         trial.set_user_attr("trainable", count.trainable)
         if prior is not None:
@@ -482,10 +482,10 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
         _run_trials(config, meta, run_dir, setup, study, storage, sampler, define_space, remaining, deadline, started)
     except KeyboardInterrupt:
         # Ctrl-C that Ray Tune did not absorb: keep what finished (results, best plan, report), then stop.
-        finish_run(run_dir, setup, config, space, weights is not None)
+        finish_run(run_dir, setup, config, space, prior_model is not None)
         _write_report(run_dir, config.progress, interrupted=True)
         raise
-    finish_run(run_dir, setup, config, space, weights is not None)
+    finish_run(run_dir, setup, config, space, prior_model is not None)
     _write_report(run_dir, config.progress)
     return run_dir
 

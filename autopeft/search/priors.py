@@ -6,20 +6,32 @@ paper's L2 variant) and cached (``$AUTOPEFT_CACHE/importance/``). Two maps are k
 (the task term alone) and lambda = 1; since I = I_task + lambda * s * I_agnostic is linear in
 lambda, any lambda is ``I_0 + lambda * (I_1 - I_0)`` (used by SH-PEFT plans).
 
-Prior score of a plan (the formula). Let ``w_s`` be the share of the total importance (lambda = 1)
-that lives in site ``s`` (plus one share ``w_out`` for weights outside every site), averaged over
-the pairs; let ``x_s = n_s / N_s``, the parameters the plan trains in ``s`` (PEFT additions and
-BitFit included) over the site's pre-trained parameters, capped at 1. Then
+Prior score of a plan (the formula). Importance maps of the pairs are each scaled to sum to 1
+and averaged. Let ``w_s`` be the share of that importance (lambda = 1) that lives in site ``s``
+(plus one share ``w_out`` for weights outside every site). A plan covers a part ``c_s`` of each
+site, the larger of two readings:
 
-    prior(plan) = sum_s w_s * log(1 + x_s / x0) / log(1 + 1 / x0),   x0 = 1e-3
+- ``x_s = n_s / N_s``: the parameters it trains in ``s`` (PEFT additions and BitFit included) over
+  the site's pre-trained parameters, capped at 1; the only reading for methods that add weights;
+- ``m_s``: the share of the site's importance held by the pre-trained weights it trains: whole
+  tensors (LayerNorm, BitFit, Full-FT) and the entries SH-PEFT selects (the top-k of the averaged
+  maps at the plan's lambda). These methods pick weights by what matters, so their parameter
+  count alone undersells them.
 
-It is 0 for No-FT and 1 for Full-FT; it rewards putting capacity where the importance is, with
-diminishing returns (the first per-mille of a site counts most), so that under a budget it prefers
-spreading small methods over important sites to piling parameters onto one.
+Then
+
+    prior(plan) = sum_s w_s * log(1 + c_s / x0) / log(1 + 1 / x0),   x0 = 1e-2
+
+It is 0 for No-FT and 1 for Full-FT; it rewards covering the sites where the importance is, with
+diminishing returns. Measured by ``bench/rediscovery.py`` (UNETR tiny, pairs 1<->5, 4 epochs,
+58 trained plans): Spearman(prior, PSNR) 0.70, against 0.40 for ``x_s`` alone with x0 = 1e-3 (the
+first formula, which favoured spreading a few parameters over many sites more than short
+fine-tuning rewards).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,11 +39,13 @@ from typing import Any
 
 import torch
 
+from autopeft.importance import top_k_masks
+from autopeft.peft import Plan
 from autopeft.search.budget import Budget, PlanCount, PlanCounter
 
-__all__ = ["pair_importance", "site_weights", "prior_score", "top_plans", "SATURATION"]
+__all__ = ["pair_importance", "PlanPrior", "prior_score", "top_plans", "SATURATION"]
 
-SATURATION = 1e-3  # x0 of the formula above
+SATURATION = 1e-2  # x0 of the formula above
 OUTSIDE = "<outside sites>"
 
 
@@ -82,25 +96,94 @@ def pair_importance(setup, source: str, target: str, fold: int) -> tuple[dict[st
     return {k: v.cpu() for k, v in task.items()}, {k: v.cpu() for k, v in hybrid.items()}
 
 
-def site_weights(setup, template) -> dict[str, float]:
-    """Share of the hybrid importance (lambda 1) per site of ``template``, averaged over the
-    search's pairs; ``<outside sites>`` holds the rest. Shares sum to 1."""
-    from autopeft.importance import site_importance
+class PlanPrior:
+    """Scores plans of one search with the module docstring's formula.
 
-    totals: dict[str, float] = {}
-    for source, target, fold in setup.units:
-        _, hybrid = pair_importance(setup, source, target, fold)
-        per_site = site_importance(template, hybrid, reduce="sum")
-        grand = sum(float(v.sum()) for v in hybrid.values())
-        per_site[OUTSIDE] = max(grand - sum(per_site.values()), 0.0)
-        for name, value in per_site.items():
-            totals[name] = totals.get(name, 0.0) + (value / grand if grand > 0 else 0.0)
-    n = max(len(setup.units), 1)
-    return {name: value / n for name, value in totals.items()}
+    Args:
+        template: a backbone of the search's architecture (``sites()``).
+        counter: the search's :class:`~autopeft.search.budget.PlanCounter` on that backbone.
+        maps: per (source, target, fold), the pair's importance at lambda 0 and at lambda 1 (as
+            :func:`pair_importance` returns them).
+    """
+
+    def __init__(self, template, counter: PlanCounter,
+                 maps: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]]) -> None:
+        self.counter = counter
+        self._task: dict[str, torch.Tensor] = {}
+        self._hybrid: dict[str, torch.Tensor] = {}
+        for task, hybrid in maps:  # each pair's maps scaled to sum to 1, then averaged
+            grand = sum(float(v.sum()) for v in hybrid.values()) or 1.0
+            for name in hybrid:
+                self._task[name] = self._task.get(name, 0) + task[name].float() / (grand * len(maps))
+                self._hybrid[name] = self._hybrid.get(name, 0) + hybrid[name].float() / (grand * len(maps))
+        name_of = {id(p): n for n, p in template.named_parameters()}
+        self._site_params: dict[str, list[str]] = {}
+        self._site_of: dict[str, str] = {}  # a tensor belongs to the first site holding it, as PlanCounter counts
+        for site in template.sites():
+            names = [name_of[id(p)] for p in site.module.parameters()]
+            self._site_params[site.name] = [n for n in names if n in self._hybrid and n not in self._site_of]
+            self._site_of.update((n, site.name) for n in self._site_params[site.name])
+        self._mass = {n: float(v.sum()) for n, v in self._hybrid.items()}
+        self._site_mass = {site: sum(self._mass[n] for n in names) for site, names in self._site_params.items()}
+        grand = sum(self._mass.values())
+        self.weights: dict[str, float] = {site: m / grand if grand > 0 else 0.0 for site, m in self._site_mass.items()}
+        self.weights[OUTSIDE] = max(1.0 - sum(self.weights.values()), 0.0) if grand > 0 else 0.0
+        self._sparse_cache: dict[tuple, dict[str, float]] = {}
+
+    @classmethod
+    def for_setup(cls, setup, template, counter: PlanCounter) -> PlanPrior:
+        """The prior of a search: importance of every (source, target, fold) of ``setup``
+        (computed once and cached on disk by :func:`pair_importance`)."""
+        return cls(template, counter, [pair_importance(setup, s, t, f) for s, t, f in setup.units])
+
+    def _sparse_mass(self, patterns: tuple[str, ...], budget: int, lam: float) -> dict[str, float]:
+        """Importance mass per site of the ``budget`` entries SH-PEFT selects on the sites of
+        ``patterns`` (ranked together, as :class:`autopeft.peft.shpeft.ShPeft` ranks them)."""
+        key = (patterns, budget, lam)
+        if key not in self._sparse_cache:
+            names = [n for site, site_names in self._site_params.items()
+                     if any(fnmatch.fnmatchcase(site, p) for p in patterns) for n in site_names]
+            scores = {n: self._task[n] + lam * (self._hybrid[n] - self._task[n]) for n in names}
+            budget = min(budget, sum(v.numel() for v in scores.values()))
+            mass: dict[str, float] = {}
+            for name, mask in top_k_masks(scores, budget).items():
+                site = self._site_of[name]
+                mass[site] = mass.get(site, 0.0) + float(self._hybrid[name][mask].sum())
+            self._sparse_cache[key] = mass
+        return self._sparse_cache[key]
+
+    def covered(self, plan: Plan, count: PlanCount) -> dict[str, float]:
+        """``m_s`` of the formula: per site, the share of its importance that ``plan`` trains in
+        pre-trained weights (whole tensors and SH-PEFT's entries)."""
+        mass: dict[str, float] = {}
+        for name in count.pretrained:
+            site = self._site_of.get(name)
+            if site is not None:
+                mass[site] = mass.get(site, 0.0) + self._mass[name]
+        lam = float(plan.train.get("shpeft_lambda", 1.0))
+        entries: dict[str, tuple[list[str], Any]] = {}
+        for pattern, spec in plan.sites.items():
+            if spec.method == "shpeft":
+                entries.setdefault(repr(spec.to_dict()), ([], spec))[0].append(pattern)
+        for patterns, spec in entries.values():
+            config = spec.to_dict()
+            budget = config.get("count") or round(float(config["fraction"]) * self.counter.total)
+            for site, value in self._sparse_mass(tuple(patterns), int(budget), lam).items():
+                mass[site] = mass.get(site, 0.0) + value
+        return {site: min(value / self._site_mass[site], 1.0) for site, value in mass.items() if self._site_mass.get(site)}
+
+    def score(self, plan: Plan, count: PlanCount | None = None) -> float:
+        """The prior of ``plan`` (``count``: its :meth:`PlanCounter.count`, computed if omitted)."""
+        count = count if count is not None else self.counter.count(plan)
+        return prior_score(count, self.weights, self.counter.site_sizes, self.counter.total,
+                           covered=self.covered(plan, count))
 
 
-def prior_score(count: PlanCount, weights: Mapping[str, float], site_sizes: Mapping[str, int], total: int) -> float:
-    """The module docstring's formula for one counted plan."""
+def prior_score(count: PlanCount, weights: Mapping[str, float], site_sizes: Mapping[str, int], total: int,
+                *, covered: Mapping[str, float] | None = None) -> float:
+    """The module docstring's formula for one counted plan; ``covered`` gives ``m_s`` per site
+    (missing sites: 0)."""
+    covered = covered or {}
     norm = math.log1p(1.0 / SATURATION)
     score = 0.0
     for site, weight in weights.items():
@@ -110,15 +193,16 @@ def prior_score(count: PlanCount, weights: Mapping[str, float], site_sizes: Mapp
         else:
             size = site_sizes.get(site, 0)
             trained = count.per_site.get(site, 0)
-        if size > 0 and trained > 0:
-            score += weight * math.log1p(min(trained / size, 1.0) / SATURATION) / norm
+        part = max(min(trained / size, 1.0) if size > 0 else 0.0, covered.get(site, 0.0))
+        if part > 0:
+            score += weight * math.log1p(part / SATURATION) / norm
     return score
 
 
 def top_plans(
     space,
     counter: PlanCounter,
-    weights: Mapping[str, float],
+    prior: PlanPrior,
     budget: Budget,
     *,
     k: int,
@@ -157,7 +241,7 @@ def top_plans(
         count = counter.count(plan)
         if not budget.allows(count.trainable, count.total):
             continue
-        score = prior_score(count, weights, counter.site_sizes, counter.total)
+        score = prior.score(plan, count)
         signature = tuple(params.get(f"{g.name}.method", g.options[0].method) for g in space.groups) + (params.get("bitfit"),)
         if signature not in best or score > best[signature][0]:
             best[signature] = (score, params, plan)

@@ -132,3 +132,60 @@ def test_petite_grid_has_21_distinct_plans_that_apply(backbone):
     assert all(counter.count(plan).trainable > 0 for plan in plans)
     winner = {"unetr": "lora-ssf+bitfit", "cvtgan": "vpt-lora+bitfit"}[backbone]
     assert winner in {p.name for p in plans}
+
+
+def _random_maps(template, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    task = {n: torch.rand(p.shape, generator=generator) for n, p in template.named_parameters()}
+    hybrid = {n: v + torch.rand(v.shape, generator=generator) for n, v in task.items()}
+    return task, hybrid
+
+
+def test_plan_prior_counts_the_importance_shpeft_and_norms_train(cvtgan):
+    from autopeft.peft import Plan
+    from autopeft.peft.shpeft import SparseDelta
+    from autopeft.search.priors import PlanPrior
+
+    template, _, counter = cvtgan
+    maps = [_random_maps(template, 0), _random_maps(template, 1)]
+    prior = PlanPrior(template, counter, maps)
+    assert prior.score(load_plan("cvtgan-noft")) == 0.0
+    assert prior.score(load_plan("cvtgan-fullft")) == pytest.approx(1.0)
+    assert sum(prior.weights.values()) == pytest.approx(1.0)
+
+    # SH-PEFT: the prior's m_s is the importance (averaged hybrid maps) of exactly the entries the
+    # method selects when applied at the plan's lambda, and it outscores the bare parameter share.
+    lam = 0.5
+    plan = Plan.from_dict({"backbone": "cvtgan", "sites": {"decoder.*.block*": {"method": "shpeft", "fraction": 0.002}},
+                           "train": {"shpeft_lambda": lam}})
+    grand = [sum(float(v.sum()) for v in h.values()) for _, h in maps]
+    task = {n: sum(m[0][n] / g for m, g in zip(maps, grand)) / 2 for n in maps[0][0]}
+    hybrid = {n: sum(m[1][n] / g for m, g in zip(maps, grand)) / 2 for n in maps[0][1]}
+    model = apply_plan(copy.deepcopy(template), plan, importance={n: task[n] + lam * (hybrid[n] - task[n]) for n in task})
+    names = {id(p): n for n, p in template.named_parameters()}
+    site_of = {}
+    for site in template.sites():
+        for p in site.module.parameters():
+            site_of.setdefault(names[id(p)], site.name)
+    selected: dict[str, float] = {}
+    for module_name, module in model.named_modules():
+        for attr, parametrizations in getattr(module, "parametrizations", {}).items():
+            for layer in parametrizations:
+                if isinstance(layer, SparseDelta):
+                    name = f"{module_name}.{attr}"
+                    selected[site_of[name]] = selected.get(site_of[name], 0.0) + float(hybrid[name].reshape(-1)[layer.index].sum())
+    count = counter.count(plan)
+    covered = prior.covered(plan, count)
+    assert set(covered) == set(selected)
+    for site, value in selected.items():
+        site_mass = sum(float(hybrid[n].sum()) for n, s in site_of.items() if s == site)
+        assert covered[site] == pytest.approx(value / site_mass, rel=1e-4)
+    assert prior.score(plan, count) > prior_score(count, prior.weights, counter.site_sizes, counter.total)
+
+    # LayerNorm trains whole norm tensors: m_s is their share of the site's importance.
+    plan = Plan.from_dict({"backbone": "cvtgan", "sites": {"decoder.stage3.block0": {"method": "layernorm"}}})
+    count = counter.count(plan)
+    norms = [n for n in count.pretrained if site_of.get(n) == "decoder.stage3.block0"]
+    assert norms and all("norm" in n for n in norms)
+    site_mass = sum(float(hybrid[n].sum()) for n, s in site_of.items() if s == "decoder.stage3.block0")
+    assert prior.covered(plan, count)["decoder.stage3.block0"] == pytest.approx(sum(float(hybrid[n].sum()) for n in norms) / site_mass, rel=1e-4)
