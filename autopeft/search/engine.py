@@ -447,7 +447,7 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
         # references) unless the space sets its own default: the middle of a wide log range can be
         # several times too slow for a short fine-tuning.
         preset_lr = FINETUNE_DEFAULTS.get(config.preset, FINETUNE_DEFAULTS["paper"])["lr_peft"]
-        for score, params, _plan in top_plans(space, counter, prior_model, budget, k=k, seed=_search_seed(config),
+        for score, params, _plan in top_plans(space, prior_model, budget, k=k, seed=_search_seed(config),
                                               lr=preset_lr, train=train_extra):
             study.enqueue_trial(params, user_attrs={"warm_start": True, "prior": score})
     if resume_dir is not None:

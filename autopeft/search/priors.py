@@ -32,7 +32,6 @@ same evaluation: check them on your own data before trusting the figure.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 
 from autopeft.importance import top_k_masks
 from autopeft.peft import Plan
+from autopeft.peft.apply import _match_sites
 from autopeft.search.budget import Budget, PlanCount, PlanCounter
 
 __all__ = ["pair_importance", "PlanPrior", "prior_score", "top_plans", "SATURATION"]
@@ -129,6 +129,7 @@ class PlanPrior:
         grand = sum(self._mass.values())
         self.weights: dict[str, float] = {site: m / grand if grand > 0 else 0.0 for site, m in self._site_mass.items()}
         self.weights[OUTSIDE] = max(1.0 - sum(self.weights.values()), 0.0) if grand > 0 else 0.0
+        self._sites = list(template.sites())
         self._sparse_cache: dict[tuple, dict[str, float]] = {}
 
     @classmethod
@@ -137,13 +138,12 @@ class PlanPrior:
         (computed once and cached on disk by :func:`pair_importance`)."""
         return cls(template, counter, [pair_importance(setup, s, t, f) for s, t, f in setup.units])
 
-    def _sparse_mass(self, patterns: tuple[str, ...], budget: int, lam: float) -> dict[str, float]:
-        """Importance mass per site of the ``budget`` entries SH-PEFT selects on the sites of
-        ``patterns`` (ranked together, as :class:`autopeft.peft.shpeft.ShPeft` ranks them)."""
-        key = (patterns, budget, lam)
+    def _sparse_mass(self, sites: tuple[str, ...], budget: int, lam: float) -> dict[str, float]:
+        """Importance mass per site of the ``budget`` entries one SH-PEFT plan entry selects on
+        ``sites`` (ranked together, as :class:`autopeft.peft.shpeft.ShPeft` ranks them)."""
+        key = (sites, budget, lam)
         if key not in self._sparse_cache:
-            names = [n for site, site_names in self._site_params.items()
-                     if any(fnmatch.fnmatchcase(site, p) for p in patterns) for n in site_names]
+            names = [n for site in sites for n in self._site_params[site]]
             scores = {n: self._task[n] + lam * (self._hybrid[n] - self._task[n]) for n in names}
             budget = min(budget, sum(v.numel() for v in scores.values()))
             mass: dict[str, float] = {}
@@ -162,15 +162,13 @@ class PlanPrior:
             if site is not None:
                 mass[site] = mass.get(site, 0.0) + self._mass[name]
         lam = float(plan.train.get("shpeft_lambda", 1.0))
-        entries: dict[str, tuple[list[str], Any]] = {}
-        for pattern, spec in plan.sites.items():
+        # Sites matched as apply_plan matches them: each SH-PEFT entry has its own budget and ranking.
+        for _pattern, spec, sites in _match_sites(plan, self._sites):
             if spec.method == "shpeft":
-                entries.setdefault(repr(spec.to_dict()), ([], spec))[0].append(pattern)
-        for patterns, spec in entries.values():
-            config = spec.to_dict()
-            budget = config.get("count") or round(float(config["fraction"]) * self.counter.total)
-            for site, value in self._sparse_mass(tuple(patterns), int(budget), lam).items():
-                mass[site] = mass.get(site, 0.0) + value
+                config = spec.to_dict()
+                budget = config.get("count") or round(float(config["fraction"]) * self.counter.total)
+                for site, value in self._sparse_mass(tuple(s.name for s in sites), int(budget), lam).items():
+                    mass[site] = mass.get(site, 0.0) + value
         return {site: min(value / self._site_mass[site], 1.0) for site, value in mass.items() if self._site_mass.get(site)}
 
     def score(self, plan: Plan, count: PlanCount | None = None) -> float:
@@ -202,7 +200,6 @@ def prior_score(count: PlanCount, weights: Mapping[str, float], site_sizes: Mapp
 
 def top_plans(
     space,
-    counter: PlanCounter,
     prior: PlanPrior,
     budget: Budget,
     *,
@@ -239,7 +236,7 @@ def top_plans(
         if key in seen:
             continue
         seen.add(key)
-        count = counter.count(plan)
+        count = prior.counter.count(plan)
         if not budget.allows(count.trainable, count.total):
             continue
         score = prior.score(plan, count)

@@ -155,8 +155,10 @@ def test_plan_prior_counts_the_importance_shpeft_and_norms_train(cvtgan):
 
     # SH-PEFT: the prior's m_s is the importance (averaged hybrid maps) of exactly the entries the
     # method selects when applied at the plan's lambda, and it outscores the bare parameter share.
+    # Two entries with the same settings: each has its own budget and ranking, as apply_plan runs them.
     lam = 0.5
-    plan = Plan.from_dict({"backbone": "cvtgan", "sites": {"decoder.*.block*": {"method": "shpeft", "fraction": 0.002}},
+    shpeft = {"method": "shpeft", "fraction": 0.002}
+    plan = Plan.from_dict({"backbone": "cvtgan", "sites": {"decoder.stage3.block*": shpeft, "decoder.stage2.block*": shpeft},
                            "train": {"shpeft_lambda": lam}})
     grand = [sum(float(v.sum()) for v in h.values()) for _, h in maps]
     task = {n: sum(m[0][n] / g for m, g in zip(maps, grand)) / 2 for n in maps[0][0]}
