@@ -24,7 +24,7 @@ Then
 
 It is 0 for No-FT and 1 for Full-FT; it rewards covering the sites where the importance is, with
 diminishing returns. ``bench/rediscovery.py --quick --repeats 3`` (UNETR tiny, pairs 1<->5,
-4 epochs): Spearman(prior, final PSNR) 0.69 over 61 trained plans (0.75 over PETITE's 21), where
+4 epochs): Spearman(prior, final PSNR) 0.63 over 64 trained plans (0.75 over PETITE's 21), where
 the first formula (``x_s`` alone, x0 = 1e-3, which favoured spreading a few parameters over many
 sites more than short fine-tuning rewards) scored 0.40. Both changes were chosen on plans of that
 same evaluation: check them on your own data before trusting the figure.
