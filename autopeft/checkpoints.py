@@ -19,7 +19,15 @@ from torch import nn
 
 from autopeft.errors import CheckpointError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_metadata", "atomic_write_bytes", "save_state", "load_state"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_metadata",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "save_state",
+    "load_state",
+]
 
 _META_KEY = "autopeft"
 
@@ -40,6 +48,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def save_checkpoint(module: nn.Module, path: str | os.PathLike, metadata: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from monai.inferers import sliding_window_inference
 
 from autopeft import metrics
 
-__all__ = ["evaluate", "evaluate_identity", "predict_volume"]
+__all__ = ["evaluate", "evaluate_identity", "evaluate_subjects", "mean_scores", "predict_volume"]
 
 METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {
     "psnr": metrics.psnr,
@@ -58,14 +58,46 @@ def predict_volume(
     return pred if short.ndim == 5 else pred.squeeze(0)
 
 
-def _score(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    if not pairs:
+def _score_one(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    return {name: fn(pred.unsqueeze(0), target.unsqueeze(0)) for name, fn in METRICS.items()}
+
+
+def mean_scores(rows: Sequence[dict]) -> dict[str, float]:
+    """Mean of each metric over per-volume score rows (as :func:`evaluate_subjects` returns)."""
+    if not rows:
         raise ValueError("`volumes` must hold at least one volume, but got none.")
-    totals = {name: 0.0 for name in METRICS}
-    for pred, target in pairs:
-        for name, fn in METRICS.items():
-            totals[name] += fn(pred.unsqueeze(0), target.unsqueeze(0))
-    return {name: value / len(pairs) for name, value in totals.items()}
+    return {name: sum(row[name] for row in rows) / len(rows) for name in METRICS}
+
+
+def evaluate_subjects(
+    model: torch.nn.Module,
+    volumes: Sequence[dict],
+    *,
+    roi_size: Sequence[int],
+    device: torch.device | str = "cpu",
+) -> list[dict]:
+    """PSNR / SSIM / NRMSE of ``model`` on each whole volume.
+
+    Args:
+        model: the image-to-image network (switched to eval mode here, and back afterwards).
+        volumes: dicts with ``short`` and ``long`` tensors ``1 x D x H x W`` in [0, 1] (and
+            ``subject``, when known).
+        roi_size: sliding-window size.
+        device: where the model runs.
+
+    Returns:
+        One row per volume, in order: ``{"subject", "psnr", "ssim", "nrmse"}``.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        return [
+            {"subject": str(v.get("subject", index)),
+             **_score_one(predict_volume(model, v["short"], roi_size=roi_size, device=device).clamp(0, 1), v["long"])}
+            for index, v in enumerate(volumes)
+        ]
+    finally:
+        model.train(was_training)
 
 
 def evaluate(
@@ -75,26 +107,10 @@ def evaluate(
     roi_size: Sequence[int],
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Mean PSNR / SSIM / NRMSE of ``model`` over whole volumes.
-
-    Args:
-        model: the image-to-image network (switched to eval mode here, and back afterwards).
-        volumes: dicts with ``short`` and ``long`` tensors ``1 x D x H x W`` in [0, 1].
-        roi_size: sliding-window size.
-        device: where the model runs.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        pairs = [
-            (predict_volume(model, v["short"], roi_size=roi_size, device=device).clamp(0, 1), v["long"])
-            for v in volumes
-        ]
-    finally:
-        model.train(was_training)
-    return _score(pairs)
+    """Mean PSNR / SSIM / NRMSE of ``model`` over whole volumes (:func:`evaluate_subjects`)."""
+    return mean_scores(evaluate_subjects(model, volumes, roi_size=roi_size, device=device))
 
 
 def evaluate_identity(volumes: Sequence[dict]) -> dict[str, float]:
     """Scores of the identity baseline: the short scan itself taken as the prediction."""
-    return _score([(v["short"], v["long"]) for v in volumes])
+    return mean_scores([_score_one(v["short"], v["long"]) for v in volumes])

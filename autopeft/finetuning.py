@@ -1,17 +1,28 @@
-"""Fine-tuning a pre-trained source model on a target scanner, and scoring it.
+"""Fine-tuning a pre-trained source model on a target scanner, and scoring it: the one recipe.
 
-The target's subjects are split by the fine-tuning protocol (few training subjects, the rest held
-out). The model is fine-tuned for a fixed number of epochs and the last epoch is scored on the
-held-out subjects: no epoch is picked by looking at test scans. (PETITE reported the best epoch on
-its evaluation set, which flatters every method alike; we do not.)
+:func:`finetune_plan` turns (plan, source model, target, fold, seed, preset) into a trained,
+scored model. Trials, the search's references and confirmation, ``autopeft finetune`` and the
+benchmarks all call it, so a plan found by a search trains the same way wherever it is run:
+
+- epochs and learning rate: explicit values, else the plan's ``train`` section, else the
+  preset's :class:`~backbones.base.FinetuneSchedule` (the Full-FT rate for Full-FT plans);
+- crops per volume: the preset's schedule;
+- SH-PEFT importance: on one epoch of the target's training crops, at the plan's
+  ``train.shpeft_lambda`` (1 when absent), cached per source model, subjects and seed.
+
+The target's subjects are split by the fine-tuning protocol into train / val / test. The model is
+fine-tuned for a fixed number of epochs and the last epoch is scored on the requested held-out
+splits (``val`` for a search, ``test`` to confirm): no epoch is picked by looking at held-out scans.
+(PETITE reported the best epoch on its evaluation set, which flatters every method alike; we do not.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,22 +30,28 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from autopeft.evaluation import evaluate, evaluate_identity
+from autopeft.evaluation import evaluate_identity, evaluate_subjects, mean_scores
 from autopeft.train import EpochResult, Trainer, TrainSettings
 
-__all__ = ["FinetuneResult", "finetune", "FINETUNE_DEFAULTS", "count_parameters", "plan_preparer", "plan_schedule"]
-
-# Fine-tuning length and learning rates per preset. PETITE: 150 (CVT-GAN) / 200 (UNETR) epochs,
-# lr 1e-3 for PEFT and 1e-4 for full fine-tuning; the tiny preset is scaled to CPU minutes.
-FINETUNE_DEFAULTS: dict[str, dict[str, float]] = {
-    "tiny": {"epochs": 20, "lr_peft": 2e-3, "lr_full": 5e-4, "crops": 2},
-    "paper": {"epochs": 150, "lr_peft": 1e-3, "lr_full": 1e-4, "crops": 1},
-}
+__all__ = [
+    "FinetuneJob",
+    "FinetuneResult",
+    "Schedule",
+    "count_parameters",
+    "finetune",
+    "finetune_plan",
+    "plan_preparer",
+    "plan_schedule",
+]
 
 
 @dataclass
 class FinetuneResult:
-    """Scores of one fine-tuning run on one target scanner."""
+    """Scores of one fine-tuning run on one target scanner.
+
+    ``metrics`` are the means over the first split scored; ``subjects`` holds every split's
+    per-subject scores (``split -> [{"subject", "psnr", "ssim", "nrmse"}]``).
+    """
 
     method: str
     target: str
@@ -45,10 +62,15 @@ class FinetuneResult:
     seconds_per_epoch: float = 0.0
     peak_memory_mb: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    subjects: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def fraction(self) -> float:
         return self.trainable / self.total if self.total else 0.0
+
+    def means(self, split: str) -> dict[str, float]:
+        """Mean PSNR / SSIM / NRMSE over ``split``'s subjects."""
+        return mean_scores(self.subjects[split])
 
 
 def count_parameters(net: nn.Module) -> tuple[int, int]:
@@ -75,22 +97,148 @@ def plan_preparer(plan, *, importance=None) -> Callable[[nn.Module], tuple[int, 
     return prepare
 
 
-def plan_schedule(plan, preset: str, *, epochs: int | None = None, lr: float | None = None) -> tuple[int, float]:
-    """Epochs and learning rate for fine-tuning ``plan`` on ``preset``.
+@dataclass(frozen=True)
+class Schedule:
+    """Epochs, learning rate and crops of one fine-tuning run."""
 
-    Explicit values win. Otherwise the ``paper`` preset follows the plan's ``train`` section
-    (PETITE's settings); smaller presets use ``FINETUNE_DEFAULTS`` (CPU-scaled), with the full
-    fine-tuning rate for Full-FT plans and the PEFT rate for the rest. No-FT plans train 0 epochs.
+    epochs: int
+    lr: float
+    crops_per_volume: int = 1
+
+
+def plan_schedule(plan, preset, *, epochs: int | None = None, lr: float | None = None) -> Schedule:
+    """How ``plan`` fine-tunes on ``preset`` (a ``backbones.Preset``).
+
+    Explicit values win, then the plan's ``train`` section (``epochs``, ``lr``), on every preset,
+    then the preset's schedule (its Full-FT rate for Full-FT plans, its PEFT rate for the rest).
+    Plans that train nothing (No-FT) train 0 epochs.
     """
-    if not plan.sites and not plan.full_ft and not plan.bitfit:
-        return 0, 0.0
-    defaults = FINETUNE_DEFAULTS.get(preset, FINETUNE_DEFAULTS["paper"])
-    if preset == "paper":
-        epochs = epochs if epochs is not None else int(plan.train.get("epochs", defaults["epochs"]))
-        lr = lr if lr is not None else float(plan.train.get("lr", defaults["lr_peft"]))
-    epochs = epochs if epochs is not None else int(defaults["epochs"])
-    lr = lr if lr is not None else float(defaults["lr_full" if plan.full_ft else "lr_peft"])
-    return epochs, lr
+    schedule = preset.finetune
+    if not plan.trains_anything:
+        return Schedule(0, 0.0, schedule.crops_per_volume)
+    epochs = epochs if epochs is not None else int(plan.train.get("epochs", schedule.epochs))
+    default_lr = schedule.lr_full if plan.full_ft else schedule.lr_peft
+    lr = lr if lr is not None else float(plan.train.get("lr", default_lr))
+    return Schedule(epochs, lr, schedule.crops_per_volume)
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """Where a plan is fine-tuned and scored (picklable: it travels to Ray workers).
+
+    Args:
+        backbone: registered backbone name.
+        preset: the backbone's preset name.
+        manifest_path: the data set's manifest.
+        source: scanner the source model was pre-trained on.
+        target: scanner to fine-tune on.
+        fold: cross-validation fold (of the source's pre-training split and the target's
+            fine-tuning split). Defaults to 0.
+        seed: seeds the splits and the source model: the evaluation. Defaults to 0.
+        train_seed: seeds the fine-tuning (crops, order, initialisation of added weights).
+            Defaults to ``seed``.
+        protocol: ``autopeft.data.Protocol`` fields. Defaults to the CPU-scaled protocol.
+        pretrain_epochs: epochs of the source model. Defaults to the preset's.
+        device: where to train. Defaults to ``cpu``.
+    """
+
+    backbone: str
+    preset: str
+    manifest_path: str
+    source: str
+    target: str
+    fold: int = 0
+    seed: int = 0
+    train_seed: int | None = None
+    protocol: tuple[tuple[str, int], ...] = ()
+    pretrain_epochs: int | None = None
+    device: str = "cpu"
+
+    def make_protocol(self):
+        from autopeft.data import Protocol
+
+        return Protocol(**dict(self.protocol))
+
+    @property
+    def fine_tuning_seed(self) -> int:
+        return self.seed if self.train_seed is None else self.train_seed
+
+
+def source_model(job: FinetuneJob, *, progress: bool = False):
+    """The job's pre-trained source model and its checkpoint metadata (cache; trained if missing)."""
+    from autopeft.pretraining import pretrained_model
+
+    return pretrained_model(
+        job.backbone, job.source, manifest_path=job.manifest_path, preset=job.preset, fold=job.fold,
+        epochs=job.pretrain_epochs, seed=job.seed, protocol=job.make_protocol(), device=job.device, progress=progress,
+    )
+
+
+def target_importance(job: FinetuneJob, model: nn.Module | None = None, meta: dict[str, Any] | None = None):
+    """(I at lambda 0, I at lambda 1) of the job's source model on the target's training crops
+    (``autopeft.importance.importance_pair_on_scans``), cached beside the source models."""
+    import copy
+    import json
+
+    from autopeft.data import split_scanner
+    from autopeft.importance import importance_pair_on_scans
+    from autopeft.pretraining import SourceSpec, cache_root
+
+    if model is None or meta is None:
+        model, meta = source_model(job)
+    train = split_scanner(job.manifest_path, job.target, purpose="finetune", protocol=job.make_protocol(),
+                          fold=job.fold, seed=job.seed)["train"]
+    spec = SourceSpec(**{k: meta[k] for k in SourceSpec.__dataclass_fields__})
+    subjects = hashlib.sha256(json.dumps([job.target, [r["subject"] for r in train]]).encode()).hexdigest()[:12]
+    path = cache_root() / "importance" / f"{spec.key()}-tgt{job.target}-{subjects}-seed{job.fine_tuning_seed}.safetensors"
+    return importance_pair_on_scans(copy.deepcopy(model), train, seed=job.fine_tuning_seed, device=job.device, cache_file=path)
+
+
+def finetune_plan(
+    plan,
+    job: FinetuneJob,
+    *,
+    splits: Sequence[str] = ("val",),
+    epochs: int | None = None,
+    lr: float | None = None,
+    source: tuple[nn.Module, dict[str, Any]] | None = None,
+    progress: bool = False,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+) -> tuple[nn.Module, FinetuneResult]:
+    """Fine-tune ``plan`` as the job says and score it on ``splits``: the one recipe.
+
+    Args:
+        plan: an ``autopeft.peft.Plan``.
+        job: source, target, fold, seeds, preset, data.
+        splits: held-out splits to score, ``val`` and/or ``test``. Defaults to ``("val",)``.
+        epochs: overrides the plan's and the preset's epochs.
+        lr: overrides the plan's and the preset's learning rate.
+        source: the pre-trained ``(model, metadata)`` when the caller has it loaded (not modified).
+        progress: show a progress bar.
+        on_epoch: called after each epoch.
+
+    Returns:
+        ``(model, result)``: the fine-tuned ``Backbone`` and its scores.
+    """
+    import copy
+
+    from autopeft.importance import importance_at
+
+    pretrained, meta = source if source is not None else source_model(job, progress=progress)
+    importance = None
+    if plan.needs_importance:
+        task, hybrid = target_importance(job, pretrained, meta)
+        importance = importance_at(task, hybrid, float(plan.train.get("shpeft_lambda", 1.0)))
+    schedule = plan_schedule(plan, pretrained.preset, epochs=epochs, lr=lr)
+    model = copy.deepcopy(pretrained)
+    result = finetune(
+        model, job.target, manifest=job.manifest_path, method=plan.name or "plan",
+        prepare=plan_preparer(plan, importance=importance), epochs=schedule.epochs, lr=schedule.lr,
+        protocol=job.make_protocol(), fold=job.fold, seed=job.fine_tuning_seed, split_seed=job.seed,
+        device=job.device, progress=progress, on_epoch=on_epoch, crops_per_volume=schedule.crops_per_volume,
+        splits=splits,
+    )
+    return model, result
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -117,8 +265,13 @@ def finetune(
     progress: bool = True,
     on_epoch: Callable[[EpochResult], None] | None = None,
     crops_per_volume: int = 1,
+    split_seed: int | None = None,
+    splits: Sequence[str] = ("test",),
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``target`` and score it on the target's held-out subjects.
+
+    The building block of :func:`finetune_plan`, which settles the schedule and importance; call
+    that one unless you prepare the model yourself.
 
     Args:
         model: the pre-trained source ``Backbone`` (modified in place).
@@ -130,28 +283,33 @@ def finetune(
         lr: AdamW learning rate.
         protocol: a ``autopeft.data.Protocol``. Defaults to the CPU-scaled PETITE protocol.
         fold: cross-validation fold. Defaults to 0.
-        seed: seeds the split and the crops. Defaults to 0.
+        seed: seeds the crops and the order of training. Defaults to 0.
         device: where to train.
         progress: show a progress bar.
         on_epoch: called after each epoch.
         crops_per_volume: random crops per training volume and epoch. Defaults to 1.
+        split_seed: seeds the train / val / test split. Defaults to ``seed``.
+        splits: held-out splits to score (``val``, ``test``); the first gives ``metrics``.
+            Defaults to ``("test",)``.
     """
     from autopeft.data import Protocol, eval_volumes, split_scanner, train_loader
 
+    if not splits or any(name not in ("val", "test") for name in splits):
+        raise ValueError(f"`splits` must name 'val' and/or 'test', but got {splits!r}.")
     device = torch.device(device)
     protocol = protocol or Protocol()
-    splits = split_scanner(manifest, str(target), purpose="finetune", protocol=protocol, fold=fold, seed=seed)
-    test = eval_volumes(splits["test"])
+    subjects = split_scanner(manifest, str(target), purpose="finetune", protocol=protocol, fold=fold,
+                             seed=seed if split_seed is None else split_seed)
     crop = model.preset.crop_size
     model.to(device)
+    torch.manual_seed(seed)  # before prepare: weights that PEFT adds start the same in every process
     trainable, total = prepare(model)
     history: list[dict[str, Any]] = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if epochs > 0 and trainable > 0:
-        torch.manual_seed(seed)
         loader = train_loader(
-            splits["train"], crop_size=crop, batch_size=model.preset.batch_size, seed=seed,
+            subjects["train"], crop_size=crop, batch_size=model.preset.batch_size, seed=seed,
             crops_per_volume=crops_per_volume,
         )
         trainer = Trainer(model, TrainSettings(epochs=epochs, lr=lr), device=device)
@@ -170,12 +328,15 @@ def finetune(
         seconds_per_epoch = (time.perf_counter() - started) / epochs
     else:
         seconds_per_epoch = 0.0
-    scores = evaluate(model, test, roi_size=crop, device=device)
+    # Held-out volumes are read only now, after training, and only for the splits asked for.
+    volumes = {name: eval_volumes(subjects[name]) for name in splits}
+    scored = {name: evaluate_subjects(model, volumes[name], roi_size=crop, device=device) for name in splits}
     return FinetuneResult(
         method=method,
         target=str(target),
-        metrics=scores,
-        identity=evaluate_identity(test),
+        metrics=mean_scores(scored[splits[0]]),
+        identity=evaluate_identity(volumes[splits[0]]),
+        subjects=scored,
         trainable=trainable,
         total=total,
         seconds_per_epoch=seconds_per_epoch,

@@ -19,13 +19,22 @@ above the threshold that leaves exactly the budgeted count (:func:`top_k_masks`)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["compute_importance", "importance_on_scans", "site_importance", "top_k_masks"]
+__all__ = [
+    "compute_importance",
+    "importance_at",
+    "importance_on_scans",
+    "importance_pair_on_scans",
+    "site_importance",
+    "top_k_masks",
+]
 
 _VARIANTS = ("l1", "l2")
 _REDUCTIONS = ("mean", "sum")
@@ -183,6 +192,66 @@ def site_importance(model: nn.Module, scores: Mapping[str, torch.Tensor], *, red
                 count += scores[name].numel()
         result[site.name] = (total / count if count else 0.0) if reduce == "mean" else total
     return result
+
+
+def importance_pair_on_scans(
+    model: nn.Module,
+    records: list[Mapping[str, Any]],
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    cache_file: str | os.PathLike | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Importance at lambda 0 and 1 (L2 variant) on one epoch of crops from ``records``, cached.
+
+    I(lambda) = I_task + lambda * s * I_agnostic is linear in lambda, so these two maps give every
+    lambda: ``I_0 + lambda * (I_1 - I_0)`` (:func:`importance_at`). The model is scored in eval
+    mode (normalisation layers use their pre-trained statistics, as at inference).
+
+    Args:
+        model: a ``Backbone`` (pre-trained source model); not modified.
+        records: scan pairs (the target's fine-tuning ``train`` split).
+        seed: seeds the crops. Defaults to 0.
+        device: where gradients are taken. Defaults to ``cpu``.
+        cache_file: a safetensors file that holds (or will hold) both maps. Defaults to no cache.
+
+    Returns:
+        ``(I at lambda 0, I at lambda 1)``, on the CPU.
+    """
+    import torch.nn.functional as F
+    from safetensors.torch import load_file, save_file
+
+    from autopeft.data import train_loader
+
+    path = Path(cache_file) if cache_file is not None else None
+    if path is not None and path.is_file():
+        tensors = load_file(str(path))
+        return ({k[len("task."):]: v for k, v in tensors.items() if k.startswith("task.")},
+                {k[len("hybrid."):]: v for k, v in tensors.items() if k.startswith("hybrid.")})
+    loader = train_loader(records, crop_size=model.preset.crop_size, batch_size=model.preset.batch_size, seed=seed)
+    device = torch.device(device)
+    model.to(device).eval()
+    batches = [{k: v.to(device) for k, v in b.items() if isinstance(v, torch.Tensor)} for b in loader]
+
+    def l1(m: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        # L1 for every backbone: a weight's effect on reconstructing the target scans (an
+        # adversarial term would score the frozen discriminator's opinion instead).
+        return F.l1_loss(m(batch["short"]), batch["long"])
+
+    task = {k: v.cpu() for k, v in compute_importance(model, batches, l1, variant="l2", lam=0.0).items()}
+    hybrid = {k: v.cpu() for k, v in compute_importance(model, batches, l1, variant="l2", lam=1.0).items()}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({**{f"task.{k}": v.contiguous() for k, v in task.items()},
+                   **{f"hybrid.{k}": v.contiguous() for k, v in hybrid.items()}}, str(tmp))
+        os.replace(tmp, path)  # atomic: two processes writing the same map leave one whole file
+    return task, hybrid
+
+
+def importance_at(task: Mapping[str, torch.Tensor], hybrid: Mapping[str, torch.Tensor], lam: float) -> dict[str, torch.Tensor]:
+    """I(lambda) from the maps at lambda 0 and 1 (:func:`importance_pair_on_scans`)."""
+    return {n: task[n] + lam * (hybrid[n] - task[n]) for n in task}
 
 
 def importance_on_scans(

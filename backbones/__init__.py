@@ -5,6 +5,14 @@
 >>> [s.name for s in model.sites()][:2]  # doctest: +SKIP
 """
 
-from backbones.base import Backbone, Preset, Site, build_backbone, register_backbone, registered_backbones
+from backbones.base import (
+    Backbone,
+    FinetuneSchedule,
+    Preset,
+    Site,
+    build_backbone,
+    register_backbone,
+    registered_backbones,
+)
 
-__all__ = ["Backbone", "Preset", "Site", "build_backbone", "register_backbone", "registered_backbones"]
+__all__ = ["Backbone", "FinetuneSchedule", "Preset", "Site", "build_backbone", "register_backbone", "registered_backbones"]

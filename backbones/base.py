@@ -17,7 +17,7 @@ from torch import nn
 
 from autopeft.errors import ConfigError
 
-__all__ = ["Site", "Preset", "Backbone", "register_backbone", "build_backbone", "registered_backbones"]
+__all__ = ["Site", "FinetuneSchedule", "Preset", "Backbone", "register_backbone", "build_backbone", "registered_backbones"]
 
 Role = Literal["encoder", "bottleneck", "decoder"]
 Kind = Literal["vit", "cnn"]
@@ -53,20 +53,46 @@ class Site:
 
 
 @dataclass(frozen=True)
+class FinetuneSchedule:
+    """How a preset fine-tunes when a plan does not say: epochs, learning rates, crops.
+
+    Args:
+        epochs: fine-tuning epochs. Defaults to 20 (CPU-scaled).
+        lr_peft: AdamW learning rate of PEFT plans. Defaults to 2e-3.
+        lr_full: AdamW learning rate of Full-FT plans. Defaults to 5e-4.
+        crops_per_volume: random training crops per volume and epoch. Defaults to 1.
+    """
+
+    epochs: int = 20
+    lr_peft: float = 2e-3
+    lr_full: float = 5e-4
+    crops_per_volume: int = 1
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.crops_per_volume < 1:
+            raise ValueError(f"`epochs` must be >= 0 and `crops_per_volume` >= 1, but got {self}.")
+        if self.lr_peft <= 0 or self.lr_full <= 0:
+            raise ValueError(f"learning rates must be positive, but got {self}.")
+
+
+@dataclass(frozen=True)
 class Preset:
-    """Sizes of one backbone configuration.
+    """Sizes of one backbone configuration, and how it fine-tunes by default.
 
     Args:
         name: ``tiny`` (CPU, seconds per epoch) or ``paper`` (PETITE's sizes, GPU).
         crop_size: training crop, D x H x W voxels.
         batch_size: training batch size.
         options: constructor arguments of the network for this preset.
+        finetune: the fine-tuning schedule a plan without its own ``train`` values gets.
+            Defaults to ``FinetuneSchedule()`` (CPU-scaled).
     """
 
     name: str
     crop_size: tuple[int, int, int]
     batch_size: int
     options: dict = field(default_factory=dict)
+    finetune: FinetuneSchedule = FinetuneSchedule()
 
 
 class Backbone(nn.Module):

@@ -61,7 +61,7 @@ from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
 from autopeft.errors import ConfigError
-from backbones.base import Backbone, Preset, Site, register_backbone
+from backbones.base import Backbone, FinetuneSchedule, Preset, Site, register_backbone
 from backbones.blocks._options import checked_options
 from backbones.blocks.cvt import ConvEmbedding, CvTStage, TransposedConvEmbedding
 
@@ -326,8 +326,10 @@ _PAPER_DISCRIMINATOR = {
 }
 
 PRESETS: dict[str, Preset] = {
+    # PETITE fine-tunes 3D CVT-GAN for 150 epochs, lr 1e-3 (PEFT) and 1e-4 (Full-FT).
     "paper": Preset(
-        "paper", (64, 64, 64), 6, {"generator": _PAPER_GENERATOR, "discriminator": _PAPER_DISCRIMINATOR}
+        "paper", (64, 64, 64), 6, {"generator": _PAPER_GENERATOR, "discriminator": _PAPER_DISCRIMINATOR},
+        FinetuneSchedule(epochs=150, lr_peft=1e-3, lr_full=1e-4),
     ),
     # Same topology, widths / 8 (generator) and / 2 (discriminator): a few crops per second on 2 CPU
     # cores. At 32^3 the deepest CvT stages see a 2^3 grid, where stride-2 keys would collapse to

@@ -43,7 +43,7 @@ import torch
 from monai.networks.nets import UNETR
 
 from autopeft.errors import ConfigError
-from backbones.base import Backbone, Preset, Site, register_backbone
+from backbones.base import Backbone, FinetuneSchedule, Preset, Site, register_backbone
 from backbones.blocks._options import checked_options
 
 __all__ = ["UNETRBackbone", "PRESETS"]
@@ -62,7 +62,9 @@ _PAPER_OPTIONS = {
 }
 
 PRESETS: dict[str, Preset] = {
-    "paper": Preset("paper", (64, 64, 64), 6, dict(_PAPER_OPTIONS)),
+    # PETITE fine-tunes UNETR for 200 epochs, lr 1e-3 (PEFT) and 1e-4 (Full-FT).
+    "paper": Preset("paper", (64, 64, 64), 6, dict(_PAPER_OPTIONS),
+                    FinetuneSchedule(epochs=200, lr_peft=1e-3, lr_full=1e-4)),
     "tiny": Preset(
         "tiny",
         (32, 32, 32),

@@ -28,16 +28,15 @@ from pathlib import Path
 
 def _time_finetune(model, records, preset: str, device: str, seed: int) -> float:
     from autopeft.data import train_loader
-    from autopeft.finetuning import FINETUNE_DEFAULTS
     from autopeft.train import Trainer, TrainSettings
 
-    defaults = FINETUNE_DEFAULTS.get(preset, FINETUNE_DEFAULTS["paper"])
+    schedule = model.preset.finetune
     model = copy.deepcopy(model)
     model.requires_grad_(False)
     model.net.requires_grad_(True)
     loader = train_loader(records, crop_size=model.preset.crop_size, batch_size=model.preset.batch_size, seed=seed,
-                          crops_per_volume=int(defaults.get("crops", 1)))
-    trainer = Trainer(model, TrainSettings(epochs=int(defaults["epochs"]), lr=defaults["lr_full"]), device=device)
+                          crops_per_volume=schedule.crops_per_volume)
+    trainer = Trainer(model, TrainSettings(epochs=schedule.epochs, lr=schedule.lr_full), device=device)
     started = time.perf_counter()
     trainer.fit(loader)
     return time.perf_counter() - started

@@ -62,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--subjects", type=int, default=12, help="subjects per scanner")
+    parser.add_argument("--subjects", type=int, default=16, help="subjects per scanner")
     parser.add_argument("--size", type=int, default=64, help="in-plane matrix of scanner 1")
     parser.add_argument("--repeats", type=int, default=1, help="full simulations, each from a fresh process")
     parser.add_argument(

@@ -14,7 +14,7 @@ from autopeft.cli.finetune import _plan_names
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-data")
-    make_dataset(root, {"1": 12, "2": 12}, shape=(20, 18, 16), long_factor=1.5)
+    make_dataset(root, {"1": 16, "2": 16}, shape=(20, 18, 16), long_factor=1.5)
     return root
 
 

@@ -1,7 +1,7 @@
 """Console tables: the `left` columns start at their header, numbers end under theirs, no line
 carries trailing blanks."""
 
-from autopeft.cli._common import print_table
+from autopeft.tables import print_table
 
 
 def test_left_columns_and_numbers_line_up(capsys):

@@ -63,7 +63,7 @@ def _span(values: list[tuple[float, ...]], fmt: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autopeft.cli._common import print_table
+    from autopeft.tables import print_table
     from autopeft.data.manifest import check_scans, read_manifest, read_scanner_profiles
     from autopeft.data.splits import Protocol, scanners_in
 
@@ -110,6 +110,6 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{which} protocol: a source needs {needs['pretrain']} subjects ({protocol.pretrain_train} train + "
         f"{protocol.pretrain_val} val), a target {needs['finetune']} ({protocol.finetune_train} train + "
-        f"{protocol.finetune_test} test); intensities are scaled to [0, 1] per volume when loaded."
+        f"{protocol.finetune_val} val + {protocol.finetune_test} test); intensities are scaled to [0, 1] per volume when loaded."
     )
     return 0

@@ -2,8 +2,9 @@
 
 The source model comes from the pre-training cache (trained first if missing, see 'autopeft
 pretrain'). Each plan is applied to a fresh copy of it, fine-tuned on the target scanner's few
-fine-tuning subjects and scored on the target's held-out subjects by sliding-window inference over
-whole volumes: PSNR (dB, peak 1 on [0,1] data), 3D SSIM (7^3 window) and NRMSE (RMSE / target
+fine-tuning subjects by the same recipe a search's trials use, and scored on the target's test
+subjects (--split test, the default) or validation subjects (--split val, what a search chose on)
+by sliding-window inference over whole volumes: PSNR (dB, peak 1 on [0,1] data), 3D SSIM (7^3 window) and NRMSE (RMSE / target
 range), beside the identity baseline (the short scan itself taken as the prediction). Also printed:
 % of the network's parameters trained, seconds per epoch and peak memory.
 
@@ -13,19 +14,26 @@ plans (--plan, comma-separated):
                  LoRA, Adapters, SSF, VPT and the PETITE winner
 --method none,full is shorthand for the backbone's No-FT and Full-FT plans.
 
-Epochs and learning rate: --epochs/--lr if given; the paper preset follows each plan's train
-section (PETITE's settings); the tiny preset uses CPU-scaled defaults.
+Epochs and learning rate: --epochs/--lr if given, else the plan's train section (a search's plans
+carry theirs), else the preset's schedule (paper: PETITE's 200 UNETR / 150 CVT-GAN epochs, lr 1e-3
+PEFT, 1e-4 Full-FT; tiny: CPU-scaled). SH-PEFT plans use the plan's train.shpeft_lambda.
+
+A plan from a search (RUN_DIR/best_plan.yaml, RUN_DIR/pareto/*.yaml) brings the run's settings
+with it: its data, preset, subject counts and source-model epochs are read from RUN_DIR/run.json.
+With the run's --fold and --seed and --split val it reproduces the trial's validation scores.
 
 examples:
   autopeft finetune --backbone unetr --source 1 --target 5 --method none,full
   autopeft finetune --backbone cvtgan --source 1 --target 5 --plan table1
   autopeft finetune --backbone unetr --source 1 --target 5 --plan my_plan.yaml --save out/
+  autopeft finetune --backbone cvtgan --source 1 --target 5 --plan runs/cvtgan-20260101-120000/best_plan.yaml --split val
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
+from pathlib import Path
 
 from autopeft.cli._common import (
     add_data_argument,
@@ -43,6 +51,7 @@ _TABLE1 = ("noft", "fullft", "layernorm", "bitfit", "lora", "adapters", "ssf", "
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    parser.set_defaults(preset=None)  # None: the plan's search run decides, else tiny
     parser.add_argument("--source", required=True, help="source scanner id the model was pre-trained on")
     parser.add_argument("--target", required=True, help="target scanner id to fine-tune on")
     parser.add_argument("--method", default=None, help="shorthand plans, comma-separated: none (No-FT), full (Full-FT)")
@@ -53,6 +62,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the source model")
     parser.add_argument("--save", default=None, metavar="DIR",
                         help="save each plan's trained part (safetensors + plan YAML) under DIR/<plan>/")
+    parser.add_argument("--split", default="test", choices=("test", "val"),
+                        help="held-out subjects to score: test, or val (those a search chooses on) (default: test)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -70,51 +81,59 @@ def _plan_names(args: argparse.Namespace) -> list[str]:
     return names or [f"{args.backbone}-{m}" for m in _METHOD_PLANS.values()]
 
 
-def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _run_settings(plan_paths: list[str]) -> dict:
+    """The settings of the search a plan file comes from (``RUN_DIR/run.json`` beside or above it)."""
+    for entry in plan_paths:
+        path = Path(entry)
+        if not path.is_file():
+            continue
+        for folder in (path.parent, path.parent.parent):
+            meta = folder / "run.json"
+            if meta.is_file():
+                return {**json.loads(meta.read_text(encoding="utf-8"))["config"], "run_dir": str(folder)}
+    return {}
 
-    from autopeft.data import read_manifest, split_scanner
-    from autopeft.finetuning import FINETUNE_DEFAULTS, finetune, plan_preparer, plan_schedule
-    from autopeft.importance import importance_on_scans
+
+def run(args: argparse.Namespace) -> int:
+    from autopeft.data import Protocol
+    from autopeft.finetuning import FinetuneJob, finetune_plan, source_model
     from autopeft.peft import load_plan, save_trained
-    from autopeft.pretraining import pretrained_model
 
     if str(args.source) == str(args.target):
         raise ConfigError("--target must differ from --source: fine-tuning adapts to another scanner.")
-    plans = [load_plan(name) for name in _plan_names(args)]  # fail on a bad name before training
+    names = _plan_names(args)
+    plans = [load_plan(name) for name in names]  # fail on a bad name before training
     for plan in plans:
         if plan.backbone != args.backbone:
             raise ConfigError(f"Plan {plan.name or '?'} is for backbone {plan.backbone!r}, not {args.backbone!r}.")
+    found = _run_settings(names)
+    if found and not args.quiet:
+        print(f"settings of the search in {found['run_dir']} (run.json): data, preset, subject counts, source-model epochs")
+    preset = args.preset or found.get("preset") or "tiny"
+    data = args.data if args.data is not None else found.get("data")
+    pretrain_epochs = args.pretrain_epochs if args.pretrain_epochs is not None else found.get("pretrain_epochs")
+    protocol = Protocol(**(found.get("protocol") or {}))
     device = resolve_device(args.device)
-    manifest_path = resolve_manifest(args.data, progress=not args.quiet)
-    manifest = read_manifest(manifest_path)
-    source_model, _ = pretrained_model(
-        args.backbone, args.source, manifest_path=manifest_path, preset=args.preset, fold=args.fold,
-        epochs=args.pretrain_epochs, seed=args.seed, device=device, progress=not args.quiet,
+    manifest_path = resolve_manifest(data, progress=not args.quiet)
+    job = FinetuneJob(
+        backbone=args.backbone, preset=preset, manifest_path=str(manifest_path), source=str(args.source),
+        target=str(args.target), fold=args.fold, seed=args.seed, protocol=tuple(sorted(vars(protocol).items())),
+        pretrain_epochs=pretrain_epochs, device=device,
     )
-    crops = int(FINETUNE_DEFAULTS.get(args.preset, FINETUNE_DEFAULTS["paper"]).get("crops", 1))
+    source = source_model(job, progress=not args.quiet)
     rows, identity = [], None
     for plan in plans:
-        importance = None
-        if any(spec.method == "shpeft" for spec in plan.sites.values()):
-            train = split_scanner(manifest, str(args.target), purpose="finetune", fold=args.fold, seed=args.seed)["train"]
-            importance = importance_on_scans(copy.deepcopy(source_model), train, seed=args.seed, device=device)
-        model = copy.deepcopy(source_model)
-        epochs, lr = plan_schedule(plan, args.preset, epochs=args.epochs, lr=args.lr)
         label = plan.name or "plan"
-        result = finetune(
-            model, args.target, manifest=manifest, method=label, prepare=plan_preparer(plan, importance=importance),
-            epochs=epochs, lr=lr, fold=args.fold, seed=args.seed, device=device, progress=not args.quiet,
-            crops_per_volume=crops,
-        )
+        model, result = finetune_plan(plan, job, splits=(args.split,), epochs=args.epochs, lr=args.lr, source=source,
+                                      progress=not args.quiet)
         identity = result.identity
         rows.append(_row(label, "yes" if plan.bitfit else "-", f"{100 * result.fraction:.3f}%", result.metrics,
                          result.seconds_per_epoch, result.peak_memory_mb))
-        if args.save and epochs > 0:
-            out = Path(args.save) / label
-            save_trained(model, plan, out)
+        if args.save and result.history:
+            save_trained(model, plan, Path(args.save) / label)
     rows.insert(0, _row("Identity (input)", "-", "-", identity, 0.0, 0.0))
-    print(f"\n{args.backbone}/{args.preset}: scanner {args.source} -> {args.target} (fold {args.fold}; held-out "
+    split = {"test": "test", "val": "validation"}[args.split]
+    print(f"\n{args.backbone}/{preset}: scanner {args.source} -> {args.target} (fold {args.fold}, seed {args.seed}; {split} "
           f"subjects of the target; PSNR peak 1 on [0,1] data, SSIM 3D 7^3, NRMSE = RMSE / range)")
     print_table(rows, {"method": "Method", "bitfit": "BitFit", "params": "% Params", "psnr": "PSNR",
                        "ssim": "SSIM", "nrmse": "NRMSE", "epoch_s": "s/epoch", "mem": "peak MB"}, left=("method",))

@@ -2,7 +2,12 @@
 
 Each trial samples a plan from the search space (Optuna TPE inside Ray Tune), fine-tunes it from
 the cached pre-trained source model on every (source -> target) pair of the chosen scanners and
-scores the targets' held-out subjects; ASHA stops weak trials after fewer pairs. Plans over the
+scores the targets' validation subjects; ASHA stops weak trials after fewer pairs. Every choice
+(scheduler, sampler, priors, best plan, Pareto front) sees validation subjects only. At the end the
+--confirm best plans and the references (No-FT, Full-FT, PETITE's plan) are re-run from scratch on
+every pair x fold x fine-tuning seed and scored on the targets' test subjects, which nothing read
+before: the final table gives test PSNR/SSIM/NRMSE as mean [95% CI] and paired differences against
+Full-FT and PETITE on the same subjects (Wilcoxon signed-rank p). Plans over the
 budget never train (recorded as infeasible). The plans with the best SH-PEFT importance prior run
 first (--priors off to compare). Without flags beyond --backbone and --budget it uses the built-in
 simulated data and, on a CPU, the tiny preset with a run sized to end within about 20 minutes on
@@ -11,8 +16,9 @@ simulated data and, on a CPU, the tiny preset with a run sized to end within abo
 outputs (in --out, default runs/<backbone>-<time>):
   report.html       the study report (written at the end and on Ctrl-C; 'autopeft report' rewrites it)
   study.db          the Optuna study (SQLite; 'autopeft dashboard RUN_DIR' serves it)
-  results.csv       one row per trial: state, fidelity reached, plan, % params, PSNR/SSIM/NRMSE
-  best_plan.yaml    the best finished plan ('autopeft finetune' and apply_plan read it)
+  results.csv       one row per trial: state, fidelity reached, plan, % params, validation PSNR/SSIM/NRMSE
+  confirmation.csv  per test subject: plan, pair, fold, seed, PSNR/SSIM/NRMSE; summary.json: the CIs and tests
+  best_plan.yaml    the recommended plan and why ('autopeft finetune --plan' and apply_plan read it)
   pareto/           plans on the PSNR vs % params front; best_weights/: its trained parts per pair
   trials/           one JSON record per trial (states: FINISHED, STOPPED early, FAILED, INFEASIBLE)
 
@@ -56,6 +62,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-asha", action="store_true", help="let every trial run all its pairs")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--confirm", type=int, default=3, metavar="K",
+                        help="re-run the K best plans by validation and the references on test subjects at the end; 0 skips it (default: 3)")
+    parser.add_argument("--confirm-folds", type=int, default=None, metavar="N",
+                        help="folds the confirmation re-runs on (default: 3 on a GPU, the search's --folds on a CPU)")
+    parser.add_argument("--confirm-seeds", type=int, default=None, metavar="N",
+                        help="fine-tuning seeds per fold in the confirmation, from --seed on (default: 3 on a GPU, 2 on a CPU)")
     parser.add_argument("--dashboard", action="store_true",
                         help="start Ray's dashboard on 127.0.0.1 and print its URL (sign in with the token in ~/.ray/auth_token)")
 
@@ -78,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         warm_start=args.warm_start, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         concurrency=args.concurrency, address=args.address, data=args.data, pretrain_epochs=args.pretrain_epochs,
         references=not args.no_references, asha=not args.no_asha, device=args.device, progress=not args.quiet,
-        dashboard=args.dashboard,
+        dashboard=args.dashboard, confirm=args.confirm, confirm_folds=args.confirm_folds, confirm_seeds=args.confirm_seeds,
     )
     run_search(config)
     return 0

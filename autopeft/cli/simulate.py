@@ -15,7 +15,7 @@ summary.json (PSNR of short and long scans per scanner). Runs are deterministic 
 same arguments return at once, and an interrupted run resumes where it stopped.
 
 examples:
-  autopeft simulate --out data/sim                       # 5 scanners x 12 subjects, ~2-3 min
+  autopeft simulate --out data/sim                       # 5 scanners x 16 subjects, ~2-4 min
   autopeft simulate --out data/tiny --size 32 --subjects 4 --scanners 1,5
 """
 
@@ -35,7 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="output directory (new, empty, or an earlier run's)",
     )
     parser.add_argument(
-        "--subjects", type=int, default=12, metavar="N",
+        "--subjects", type=int, default=16, metavar="N",
         help="subjects per scanner (each scanner has its own)",
     )
     parser.add_argument(

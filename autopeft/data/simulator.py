@@ -322,7 +322,7 @@ def _scan_is_done(out_dir: Path, scanner_id: str, subject: str) -> bool:
 def is_simulated(
     out_dir: str | os.PathLike[str],
     *,
-    subjects: int = 12,
+    subjects: int = 16,
     size: int = 64,
     seed: int = 0,
     scanners: Sequence[str] | str = tuple(SCANNERS),
@@ -344,7 +344,7 @@ def is_simulated(
 def simulate(
     out_dir: str | os.PathLike[str],
     *,
-    subjects: int = 12,
+    subjects: int = 16,
     size: int = 64,
     seed: int = 0,
     scanners: Sequence[str] | str = tuple(SCANNERS),
@@ -355,7 +355,7 @@ def simulate(
     Args:
         out_dir: output directory: new, empty, or one this function filled with the same
             arguments (then nothing is redone; an interrupted run resumes).
-        subjects: subjects per scanner (each scanner has its own). Defaults to 12.
+        subjects: subjects per scanner (each scanner has its own). Defaults to 16.
         size: in-plane matrix of scanner 1; every scanner is scaled by the same factor (see
             :meth:`autopeft.data.scanners.ScannerProfile.at_size`). Defaults to 64.
         seed: seed of all random draws. Defaults to 0.
@@ -434,14 +434,14 @@ def simulate(
     return manifest_path
 
 
-def builtin_data(*, subjects: int = 12, size: int = 64, seed: int = 0, progress: bool = True) -> Path:
+def builtin_data(*, subjects: int = 16, size: int = 64, seed: int = 0, progress: bool = True) -> Path:
     """The default five-scanner data set, simulated into the cache on first use.
 
     The cache is ``$AUTOPEFT_CACHE`` (default ``~/.cache/autopeft``), in ``sim-<key>/`` where the
     key is a digest of the arguments and the simulator version.
 
     Args:
-        subjects: subjects per scanner. Defaults to 12.
+        subjects: subjects per scanner. Defaults to 16 (the CPU protocol: 4 fine-tune train + 4 val + 8 test).
         size: in-plane matrix of scanner 1. Defaults to 64.
         seed: random seed. Defaults to 0.
         progress: show a progress bar while simulating. Defaults to True.

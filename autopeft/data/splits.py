@@ -2,14 +2,23 @@
 
 PETITE's protocol: pre-train on one source scanner (30 training / 15 validation subjects), then
 fine-tune on each other scanner with only 10 training subjects and evaluate on 15, with 3-fold
-cross-validation on top. :class:`Protocol` holds those sizes; its defaults scale them down so a CPU
-run finishes (8/4 and 4/8), and :meth:`Protocol.paper` gives the published ones.
+cross-validation on top. autopeft splits a target's held-out subjects once more, so that what a
+search chooses is never scored on the subjects it was chosen on: fine-tuning uses three disjoint
+splits, ``train`` (fine-tuning), ``val`` (every trial, the scheduler, the sampler, the priors and
+the choice of the best plan) and ``test`` (read only by the confirmation at the end of a search,
+and by ``autopeft finetune``). :class:`Protocol` holds the sizes; its defaults scale them down so
+a CPU run finishes (pre-train 8/4; fine-tune 4 train / 4 val / 8 test), and :meth:`Protocol.paper`
+maps PETITE's 10 train / 15 held-out onto 10 train / 5 val / 10 test.
 
 A split is deterministic for a given (seed, fold): the scanner's subjects are shuffled once by the
-seed, and fold ``k`` starts its held-out block (validation or test) ``k * n // folds`` places into
-that order, wrapping around, with the training block right after it. Folds thus hold out different
-subjects (disjoint ones whenever ``folds x held-out <= n``), and training and held-out subjects
-never overlap within a fold.
+seed. Pre-training: fold ``k`` starts its validation block ``k * n // folds`` places into that
+order, wrapping around, with the training block right after it. Fine-tuning: the last
+``finetune_test`` subjects of that order are the test subjects of *every* fold (a fold's search
+must not choose on subjects another fold reports on); folds rotate the validation and training
+blocks over the remaining subjects in the same way. Within a fold no two splits share a subject.
+A scanner that is a source in some pairs and a target in others serves both roles with its own
+subjects, as in PETITE; its test subjects stay out of its fold-0 pre-training split whenever it
+has ``needed("pretrain") + finetune_test`` subjects (the built-in CPU data has fewer).
 """
 
 from __future__ import annotations
@@ -34,24 +43,31 @@ _RECORD_KEYS: tuple[str, ...] = ("subject", "scanner", "short", "long")
 class Protocol:
     """Subjects per split, per scanner, and the number of cross-validation folds.
 
-    The defaults are PETITE's 30/15 (pre-train) and 10/15 (fine-tune) scaled down for CPU runs;
-    :meth:`paper` gives the published sizes.
+    The defaults are PETITE's 30/15 (pre-train) and 10/15 (fine-tune) scaled down for CPU runs,
+    with the 15 held-out fine-tuning subjects split into validation and test; :meth:`paper` gives
+    the published sizes (held-out: 5 validation + 10 test).
 
     Args:
         pretrain_train: training subjects on the source scanner. Defaults to 8.
         pretrain_val: validation subjects on the source scanner. Defaults to 4.
         finetune_train: training subjects on a target scanner. Defaults to 4.
-        finetune_test: test subjects on a target scanner. Defaults to 8.
+        finetune_val: validation subjects on a target scanner: trials are scored, and plans chosen,
+            on these. Defaults to 4.
+        finetune_test: test subjects on a target scanner, fixed across folds: read only to confirm
+            chosen plans. Defaults to 8.
         folds: cross-validation folds (rotations of the held-out subjects). Defaults to 3.
 
     Example:
         >>> Protocol.paper().needed("finetune")
         25
+        >>> Protocol().sizes("finetune")
+        {'train': 4, 'val': 4, 'test': 8}
     """
 
     pretrain_train: int = 8
     pretrain_val: int = 4
     finetune_train: int = 4
+    finetune_val: int = 4
     finetune_test: int = 8
     folds: int = 3
 
@@ -63,15 +79,16 @@ class Protocol:
 
     @classmethod
     def paper(cls) -> Protocol:
-        """PETITE's sizes: 30 train / 15 val on the source, 10 train / 15 test on a target, 3 folds."""
-        return cls(pretrain_train=30, pretrain_val=15, finetune_train=10, finetune_test=15, folds=3)
+        """PETITE's sizes: 30 train / 15 val on the source; on a target 10 train and PETITE's 15
+        held-out subjects split into 5 validation + 10 test; 3 folds."""
+        return cls(pretrain_train=30, pretrain_val=15, finetune_train=10, finetune_val=5, finetune_test=10, folds=3)
 
     def sizes(self, purpose: Purpose) -> dict[str, int]:
-        """Split name -> subjects for ``purpose``: train/val to pre-train, train/test to fine-tune."""
+        """Split name -> subjects for ``purpose``: train/val to pre-train, train/val/test to fine-tune."""
         if purpose == "pretrain":
             return {"train": self.pretrain_train, "val": self.pretrain_val}
         if purpose == "finetune":
-            return {"train": self.finetune_train, "test": self.finetune_test}
+            return {"train": self.finetune_train, "val": self.finetune_val, "test": self.finetune_test}
         raise ValueError(f"`purpose` must be 'pretrain' or 'finetune', but got {purpose!r}.")
 
     def needed(self, purpose: Purpose) -> int:
@@ -103,7 +120,8 @@ def split_scanner(
     Args:
         manifest: a frame from :func:`~autopeft.data.manifest.read_manifest`, or a manifest path.
         scanner: the scanner id (compared as a string, so ``1`` matches ``"1"``).
-        purpose: ``"pretrain"`` gives ``train``/``val`` splits, ``"finetune"`` gives ``train``/``test``.
+        purpose: ``"pretrain"`` gives ``train``/``val`` splits, ``"finetune"`` gives
+            ``train``/``val``/``test`` (``test`` the same in every fold).
         protocol: split sizes and fold count. Defaults to ``Protocol()`` (the CPU-sized protocol).
         fold: which rotation of the held-out subjects, in ``[0, protocol.folds)``. Defaults to 0.
         seed: shuffles the subjects; the same seed and fold always give the same split. Defaults to 0.
@@ -139,14 +157,17 @@ def split_scanner(
         )
 
     order = [subjects[i] for i in np.random.default_rng(seed).permutation(len(subjects))]
-    held_out_name = next(name for name in sizes if name != "train")
-    held_out_size, train_size = sizes[held_out_name], sizes["train"]
-    start = fold * len(subjects) // protocol.folds
+    chosen: dict[str, list[str]] = {}
+    if "test" in sizes:
+        # Fixed across folds (no fold chooses on another fold's test subjects), and taken from the
+        # end of the order, where the pre-training split of the same scanner (from its start, fold
+        # 0) reaches last: disjoint from it when the scanner has enough subjects for both.
+        cut = len(order) - sizes["test"]
+        chosen["test"], order = order[cut:], order[:cut]
+    start = fold * len(order) // protocol.folds
     rotated = order[start:] + order[:start]
-    chosen = {
-        held_out_name: rotated[:held_out_size],
-        "train": rotated[held_out_size : held_out_size + train_size],
-    }
+    chosen["val"] = rotated[: sizes["val"]]
+    chosen["train"] = rotated[sizes["val"] : sizes["val"] + sizes["train"]]
     by_subject = {str(row["subject"]): row for _, row in rows.iterrows()}
     return {
         name: [

@@ -107,6 +107,8 @@ class PeftMethod:
         config_class: the frozen dataclass of its hyperparameters.
         mergeable: whether :meth:`merge` folds it into plain weights.
         identity_at_init: whether the network computes the same function right after injection.
+        needs_importance: whether :meth:`prepare` reads per-weight importance scores, so that
+            whoever applies the plan computes them first (SH-PEFT).
     """
 
     name: ClassVar[str] = ""
@@ -114,6 +116,7 @@ class PeftMethod:
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = True
+    needs_importance: ClassVar[bool] = False
 
     def prepare(self, sites: Sequence[Any], config: MethodConfig, context: InjectContext) -> None:
         """Called once per plan entry with every site it matched, before any :meth:`inject`."""

@@ -136,6 +136,16 @@ class Plan:
             raise PlanError(f"{source} is not valid YAML: {err}") from err
         return cls.from_dict(data, source=source)
 
+    @property
+    def needs_importance(self) -> bool:
+        """Whether a method of the plan reads importance scores (``PeftMethod.needs_importance``)."""
+        return any(get_method(spec.method).needs_importance for spec in self.sites.values())
+
+    @property
+    def trains_anything(self) -> bool:
+        """Whether the plan trains any parameter (No-FT plans do not)."""
+        return bool(self.sites or self.full_ft or self.bitfit)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data that :meth:`from_dict` turns back into an equal plan."""
         out: dict[str, Any] = {}

@@ -95,6 +95,7 @@ class ShPeft(PeftMethod):
     site_kinds = ("vit", "cnn")
     config_class = ShPeftConfig
     mergeable = True
+    needs_importance = True
 
     def prepare(self, sites: Sequence, config: ShPeftConfig, context: InjectContext) -> None:
         candidates = _candidates(sites, context)

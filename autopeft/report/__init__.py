@@ -65,28 +65,45 @@ def _figure_html(item, first: list[bool]) -> str:
     return item.to_html(full_html=False, include_plotlyjs=include, config={"displaylogo": False, "responsive": True})
 
 
-def _table1(run: RunData) -> str:
-    """References, Pareto plans and the best plan, as in PETITE's Table 1."""
+def _rows_html(rows: list[dict[str, str]], columns: dict[str, str]) -> str:
     import pandas as pd
 
-    from autopeft.search.results import pareto_front, plan_summary
+    return pd.DataFrame(rows, columns=list(columns)).rename(columns=columns).to_html(index=False, escape=True, border=0)
 
-    rows = []
-    for ref in run.references:
-        rows.append({"Method": ref["label"], "% Param": "-" if ref["label"] == "No-FT" else f"{100 * ref['fraction']:.3f}",
-                     "PSNR": ref["psnr"], "SSIM": ref["ssim"], "NRMSE": ref["nrmse"], "Plan": plan_summary(ref["plan"])})
-    best = run.best
-    for record in pareto_front(run.finished):
-        label = f"autopeft best (#{record['number']})" if best and record["number"] == best["number"] else f"Pareto #{record['number']}"
-        rows.append({"Method": label, "% Param": f"{100 * record['fraction']:.3f}", "PSNR": record["psnr"],
-                     "SSIM": record["ssim"], "NRMSE": record["nrmse"], "Plan": plan_summary(record["plan"])})
+
+def _table1(run: RunData) -> str:
+    """PETITE's Table 1 layout: on test subjects with CIs when the run was confirmed, else on
+    validation subjects (in-sample). One row builder serves this and the console."""
+    from autopeft.search.results import CONFIRMED_COLUMNS, VALIDATION_COLUMNS, confirmed_rows, validation_rows
+
+    if run.confirmation and run.confirmation.get("plans"):
+        columns = {k: v for k, v in CONFIRMED_COLUMNS.items() if k not in ("vs_full", "vs_petite")}
+        return _rows_html(confirmed_rows(run.confirmation), columns)
+    rows = validation_rows(run.references, run.finished, run.best)
     if not rows:
         return '<p class="note">No finished trial or reference row yet.</p>'
-    frame = pd.DataFrame(rows)
-    styler = (frame.style.format({"PSNR": "{:.3f}", "SSIM": "{:.4f}", "NRMSE": "{:.4f}"})
-              .highlight_max(subset=["PSNR", "SSIM"], props="font-weight: bold")
-              .highlight_min(subset=["NRMSE"], props="font-weight: bold").hide(axis="index"))
-    return styler.to_html()
+    return _rows_html(rows, VALIDATION_COLUMNS)
+
+
+def _confirmed(run: RunData) -> str:
+    """The confirmation: test mean [95% CI] and paired differences against Full-FT and PETITE."""
+    from autopeft.search.results import CONFIRMED_COLUMNS, confirmed_rows
+
+    confirmation = run.confirmation
+    if not confirmation or not confirmation.get("plans"):
+        return ('<p class="note">This run has no confirmation on test subjects (searched with --confirm 0, or it was '
+                'interrupted before it): every figure in this report is on validation subjects, the ones the search '
+                'chose on, and so biased upward. Continue it with <code>autopeft search --resume RUN_DIR</code>.</p>')
+    recommended = confirmation.get("recommended") or {}
+    columns = {k: v for k, v in CONFIRMED_COLUMNS.items() if k in ("method", "params", "val_psnr", "psnr", "vs_full", "vs_petite")}
+    return (f"<p class='caption'>Split: <b>test</b> subjects, read by nothing before this stage. Folds "
+            f"{_esc(', '.join(map(str, confirmation['folds'])))} × fine-tuning seeds {_esc(', '.join(map(str, confirmation['seeds'])))}, "
+            f"{confirmation['subjects']} test subjects (one unit per subject of each target: its scores over sources, folds and "
+            f"seeds are averaged first). Mean [{_esc(confirmation['ci'])}]. Differences are paired on the same subjects; "
+            f"p: {_esc(confirmation['test'])}. The validation PSNR column is what the search saw (in-sample).</p>"
+            + _rows_html(confirmed_rows(confirmation), columns)
+            + (f"<p><b>Recommended: trial #{recommended.get('number')}</b>: {_esc(confirmation.get('why', ''))}.</p>"
+               if recommended else ""))
 
 
 def _trials_table(run: RunData) -> str:
@@ -141,7 +158,13 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
     Raises:
         ConfigError: ``run_dir`` is not a search's output.
     """
-    from autopeft.report._figures import history_figure, importance_figure, pair_heatmap, pareto_figure
+    from autopeft.report._figures import (
+        history_figure,
+        importance_figure,
+        pair_heatmap,
+        pareto_figure,
+        selection_figure,
+    )
 
     run = load_run(run_dir)
     target = Path(out) if out is not None else run.run_dir / "report.html"
@@ -149,16 +172,27 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
     counts = run.state_counts()
     first = [True]
     sections: list[tuple[str, str, str]] = []  # (anchor, title, html)
+    confirmed = bool(run.confirmation and run.confirmation.get("plans"))
+    split_text = ("<b>test</b> subjects of each target (the confirmation), mean [95% CI]" if confirmed else
+                  "<b>validation</b> subjects of each target: in-sample, these scores chose the plans")
     sections.append(("table", "Results (PETITE Table 1 layout)",
-                     f"<p class='caption'>Means over {_pairs_text(run)} on the held-out subjects of each target; "
+                     f"<p class='caption'>Means over {_pairs_text(run)} on the {split_text}; "
                      "PSNR with peak 1 on [0, 1] data, 3D SSIM, NRMSE = RMSE / target range. Only trials that ran every "
-                     "pair compete; bold: best column value.</p>" + _table1(run)))
+                     "pair compete.</p>" + _table1(run)))
+    sections.append(("confirmed", "Confirmed on test subjects", _confirmed(run)))
+    sections.append(("selection", "Validation against test", _figure_html(selection_figure(run), first)
+                     + "<p class='caption'>Each confirmed plan's validation PSNR (what the search chose on) against its "
+                     "test PSNR (mean and 95% CI). Points below the diagonal lost on test what they showed on validation: "
+                     "the selection bias of picking the best of many noisy scores.</p>"))
     sections.append(("history", "Optimisation history", _figure_html(history_figure(run), first)
-                     + "<p class='caption'>Early-stopped trials show their mean over fewer pairs; failed and over-budget "
-                     "trials have no score and sit at the bottom edge.</p>"))
-    sections.append(("pareto", "Pareto front", _figure_html(pareto_figure(run), first)))
-    sections.append(("importance", "Parameter importances", _figure_html(importance_figure(run), first)))
-    sections.append(("pairs", "PSNR per scanner pair", _figure_html(pair_heatmap(run), first)))
+                     + "<p class='caption'>Split: validation. Early-stopped trials show their mean over fewer pairs; failed "
+                     "and over-budget trials have no score and sit at the bottom edge.</p>"))
+    sections.append(("pareto", "Pareto front", _figure_html(pareto_figure(run), first)
+                     + "<p class='caption'>Split: validation (in-sample).</p>"))
+    sections.append(("importance", "Parameter importances", _figure_html(importance_figure(run), first)
+                     + "<p class='caption'>Split: validation.</p>"))
+    sections.append(("pairs", "PSNR per scanner pair", _figure_html(pair_heatmap(run), first)
+                     + "<p class='caption'>Split: validation.</p>"))
     if slices:
         from autopeft.report._slices import slices_figure
 
@@ -172,8 +206,18 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
     states = " ".join(f"<span style='color:{STATE_STYLE.get(s, ('', '#222'))[1]}'><b>{n}</b> {s.lower()}</span>"
                       for s, n in sorted(counts.items()))
     best = run.best
-    best_text = (f"Best finished plan: trial #{best['number']}, PSNR {best['psnr']:.3f} dB with "
-                 f"{100 * best['fraction']:.3f}% of the parameters trainable." if best else "No trial has finished every pair yet.")
+    recommended = (run.confirmation or {}).get("recommended")
+    if recommended:
+        from autopeft.search.confirm import format_ci
+
+        best_text = (f"Recommended plan: trial #{recommended['number']}, test PSNR {format_ci(recommended['test']['psnr'])} dB "
+                     f"(mean [95% CI]; validation {recommended['val']['psnr']:.3f} dB) with "
+                     f"{100 * recommended['fraction']:.3f}% of the parameters trainable.")
+    elif best:
+        best_text = (f"Best finished plan: trial #{best['number']}, validation PSNR {best['psnr']:.3f} dB (in-sample, not "
+                     f"confirmed on test subjects) with {100 * best['fraction']:.3f}% of the parameters trainable.")
+    else:
+        best_text = "No trial has finished every pair yet."
     page = (
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>autopeft report: {_esc(run.run_dir.name)}</title>"
         f"<style>{_CSS}</style></head><body>"

@@ -170,3 +170,35 @@ def pair_heatmap(run: RunData, *, top: int = 5):
                       xaxis_title="scanner pair", **{**_LAYOUT, "height": max(260, 120 + 40 * len(rows))})
     fig.update_yaxes(autorange="reversed")
     return fig
+
+
+def selection_figure(run: RunData):
+    """Validation PSNR (what the search chose on) against confirmed test PSNR with its 95% CI, one
+    point per confirmed plan and reference, and the diagonal: selection bias made visible."""
+    import plotly.graph_objects as go
+
+    plans = [p for p in ((run.confirmation or {}).get("plans") or []) if p.get("val")]
+    if not plans:
+        return "No confirmed plan with a validation score: the run has no confirmation on test subjects (--confirm 0)."
+    fig = go.Figure()
+    low = min(min(p["val"]["psnr"], p["test"]["psnr"]["mean"]) for p in plans) - 0.2
+    high = max(max(p["val"]["psnr"], p["test"]["psnr"]["mean"]) for p in plans) + 0.2
+    fig.add_trace(go.Scatter(x=[low, high], y=[low, high], mode="lines", name="test = validation",
+                             line=dict(color="#999", dash="dash"), hoverinfo="skip"))
+    for group, colour in (("searched", "#1f77b4"), ("reference", "#2ca02c")):
+        chosen = [p for p in plans if (p["number"] is not None) == (group == "searched")]
+        if not chosen:
+            continue
+        test = [p["test"]["psnr"] for p in chosen]
+        fig.add_trace(go.Scatter(
+            x=[p["val"]["psnr"] for p in chosen], y=[t["mean"] for t in test], mode="markers+text",
+            text=[p["label"] for p in chosen], textposition="top center", name=f"{group} plans",
+            marker=dict(color=colour, size=11),
+            error_y=dict(type="data", symmetric=False, array=[t["ci"][1] - t["mean"] for t in test],
+                         arrayminus=[t["mean"] - t["ci"][0] for t in test]),
+            hovertext=[f"{p['label']}: validation {p['val']['psnr']:.3f} dB, test {t['mean']:.3f} "
+                       f"[{t['ci'][0]:.3f}, {t['ci'][1]:.3f}] dB" for p, t in zip(chosen, test)], hoverinfo="text",
+        ))
+    fig.update_layout(title="Validation PSNR against test PSNR (confirmed plans)", xaxis_title="validation PSNR (dB), search",
+                      yaxis_title="test PSNR (dB), confirmation, mean [95% CI]", **_LAYOUT)
+    return fig

@@ -29,13 +29,16 @@ class RunData:
         run_dir: the search's output folder.
         meta: ``run.json`` (study name, sessions, settings, versions when recorded).
         records: trial records by trial number (``trials/NNNN.json``).
-        references: the No-FT / Full-FT / PETITE rows (``references.json``), possibly empty.
+        references: the No-FT / Full-FT / PETITE rows on validation subjects (``references.json``),
+            possibly empty.
+        confirmation: the confirmation on test subjects (``summary.json["confirmation"]``), or None.
     """
 
     run_dir: Path
     meta: dict[str, Any]
     records: list[dict[str, Any]]
     references: list[dict[str, Any]] = field(default_factory=list)
+    confirmation: dict[str, Any] | None = None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -83,4 +86,7 @@ def load_run(run_dir: str | Path) -> RunData:
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     ref_path = folder / "references.json"
     references = json.loads(ref_path.read_text(encoding="utf-8")) if ref_path.is_file() else []
-    return RunData(run_dir=folder, meta=meta, records=records(folder), references=references)
+    summary_path = folder / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    return RunData(run_dir=folder, meta=meta, records=records(folder), references=references,
+                   confirmation=summary.get("confirmation"))

@@ -74,7 +74,10 @@ def slices_figure(run: RunData):
     tuned = load_trained(pretrained, folder).eval()
     splits = split_scanner(setup.manifest_path, target, purpose="finetune", protocol=setup.make_protocol(),
                            fold=fold, seed=setup.seed)
-    volume = eval_volumes(splits["test"][:1])[0]
+    # A test subject once the confirmation has read them; before that a validation one (the search
+    # must not read test subjects early).
+    split = "test" if run.confirmation and run.confirmation.get("plans") else "val"
+    volume = eval_volumes(splits[split][:1])[0]
     roi = pretrained.preset.crop_size
     no_ft = predict_volume(pretrained, volume["short"], roi_size=roi).clamp(0, 1)
     best_pred = predict_volume(tuned, volume["short"], roi_size=roi).clamp(0, 1)
@@ -108,7 +111,7 @@ def slices_figure(run: RunData):
         fig.update_yaxes(scaleanchor=f"x{index}", row=(index - 1) // 3 + 1, col=(index - 1) % 3 + 1)
     fig.update_layout(template="plotly_white", height=640, margin=dict(l=20, r=20, t=60, b=20),
                       title=f"Example slices: subject {volume.get('subject', '?')}, pair {source}→{target} (fold {fold}), axial slice {z}")
-    caption = (f"Held-out subject of target scanner {target}; the best plan's weights for pair {source}→{target} loaded onto "
+    caption = (f"Split: {'test' if split == 'test' else 'validation (in-sample)'}; a subject of target scanner {target}; the best plan's weights for pair {source}→{target} loaded onto "
                f"the cached pre-trained source model. Compared with No-FT (the pre-trained model itself): Full-FT weights "
                f"are not kept by the search. Error maps share one colour range (0 to {error_max:.3f}). PSNR over this whole volume.")
     return fig, caption

@@ -13,7 +13,9 @@ Flow of :func:`run_search`:
    ``ASHAScheduler`` on the pairs done, and a limiter that caps concurrency, stops launching at
    the deadline and after ``trials`` plans within the budget (an over-budget draw costs nothing,
    so it does not count; TPE learns from its constraint to avoid such plans);
-6. write ``results.csv``, ``best_plan.yaml``, the Pareto plans and the best plan's weights.
+6. write ``results.csv``, ``best_plan.yaml``, the Pareto plans and the best plan's weights;
+7. confirm the ``confirm`` best plans and the references on the targets' test subjects
+   (:mod:`autopeft.search.confirm`): everything before this stage sees validation subjects only.
 
 Resuming (``resume_dir``) reads ``run.json``, marks trials an interruption left running as
 INTERRUPTED and enqueues their plans again, and runs only the trials still missing: finished
@@ -56,8 +58,10 @@ MAX_INFEASIBLE_DRAWS_PER_TRIAL = 25
 
 # The CPU default: the time budget counts from the start (a first run pre-trains its two source
 # models there) and trials launched before it end within a few minutes, so the run ends within 20.
-CPU_DEFAULTS = {"scanners": ["1", "5"], "trials": 48, "time_budget_s": 15 * 60.0}
-GPU_DEFAULTS = {"scanners": ["1", "2", "3", "4", "5"], "trials": 64, "time_budget_s": None}
+# The confirmation (about 2 minutes on the CPU default) comes after the deadline, hence 13 minutes.
+CPU_DEFAULTS = {"scanners": ["1", "5"], "trials": 48, "time_budget_s": 13 * 60.0, "confirm_seeds": 2}
+GPU_DEFAULTS = {"scanners": ["1", "2", "3", "4", "5"], "trials": 64, "time_budget_s": None, "confirm_folds": 3,
+                "confirm_seeds": 3}
 
 
 @dataclass
@@ -99,6 +103,9 @@ class SearchConfig:
     device: str | None = None
     progress: bool = True
     dashboard: bool = False
+    confirm: int = 3
+    confirm_folds: int | None = None
+    confirm_seeds: int | None = None
 
     def __post_init__(self) -> None:
         if self.objective not in ("single", "multi"):
@@ -111,15 +118,22 @@ class SearchConfig:
             raise ConfigError(f"--folds must be at least 1, but got {self.folds}.")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0.")
+        if self.confirm < 0:
+            raise ConfigError(f"`confirm` (plans to confirm on test subjects) must be 0 or more, but got {self.confirm}.")
+        for name in ("confirm_folds", "confirm_seeds"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"`{name}` must be at least 1, but got {value}.")
 
 
 def resolve_defaults(config: SearchConfig) -> SearchConfig:
     """Fill the ``None`` fields for this machine: a GPU gets the paper preset, all five
-    scanners and 64 trials; a CPU the tiny preset, two scanners, 48 trials and no trial launched
-    after 15 minutes (sized so the default run ends within 20 minutes on 2 cores)."""
+    scanners, 64 trials and a confirmation over 3 folds x 3 seeds; a CPU the tiny preset, two
+    scanners, 48 trials, no trial launched after 13 minutes and a confirmation over the search's
+    folds x 2 seeds (sized so the default run ends within 20 minutes on 2 cores)."""
     import torch
 
-    from autopeft.finetuning import FINETUNE_DEFAULTS
+    from backbones import registered_backbones
 
     cuda = torch.cuda.is_available() if config.device is None else config.device.startswith("cuda")
     defaults = GPU_DEFAULTS if cuda else CPU_DEFAULTS
@@ -130,8 +144,15 @@ def resolve_defaults(config: SearchConfig) -> SearchConfig:
         "space": config.space or config.backbone,
         "scanners": config.scanners or list(defaults["scanners"]),
         "trials": config.trials or defaults["trials"],
-        "epochs": config.epochs or int(FINETUNE_DEFAULTS.get(preset, FINETUNE_DEFAULTS["paper"])["epochs"]),
+        "confirm_folds": config.confirm_folds or defaults.get("confirm_folds", config.folds),
+        "confirm_seeds": config.confirm_seeds or defaults["confirm_seeds"],
     }
+    presets = registered_backbones().get(config.backbone)
+    if presets is None:
+        raise ConfigError(f"Unknown backbone {config.backbone!r}; registered: {', '.join(sorted(registered_backbones()))}.")
+    if preset not in presets:
+        raise ConfigError(f"Backbone {config.backbone!r} has no preset {preset!r}; presets: {', '.join(presets)}.")
+    values["epochs"] = config.epochs or presets[preset].finetune.epochs
     if config.time_budget_s is None and config.trials is None:
         values["time_budget_s"] = defaults["time_budget_s"]
     if config.gpus_per_trial == 0 and cuda and config.device is None:
@@ -365,6 +386,14 @@ def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, tot
           f"ASHA {'on' if config.asha and config.objective == 'single' and len(setup.units) > 1 else 'off'}, {limit}")
     print(f"  Ray: {config.cpus_per_trial:g} CPU and {config.gpus_per_trial:g} GPU per trial, at most {config.concurrency} at once"
           + (f", cluster {config.address}" if config.address else ", local"))
+    protocol = setup.make_protocol()
+    print(f"  subjects per target: {protocol.finetune_train} fine-tune, {protocol.finetune_val} validation (trials and every "
+          f"choice), {protocol.finetune_test} test (read only by the confirmation)")
+    if config.confirm:
+        print(f"  then: the {config.confirm} best plans by validation + No-FT, Full-FT, PETITE re-run on test subjects over "
+              f"{config.confirm_folds or 1} fold(s) x {config.confirm_seeds or 1} fine-tuning seed(s)")
+    else:
+        print("  no confirmation on test subjects (--confirm 0): every figure is on validation subjects, in-sample")
 
 
 def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathLike | None = None,
@@ -378,7 +407,6 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
         time_budget_s: when resuming, a new limit on launching trials. Defaults to the recorded one.
     """
     from autopeft.cli._common import resolve_manifest
-    from autopeft.finetuning import FINETUNE_DEFAULTS
     from autopeft.search.priors import PlanPrior, top_plans
     from autopeft.search.results import finish_run, run_references
     from autopeft.search.space import load_space
@@ -429,6 +457,9 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
         epochs=int(config.epochs), seed=config.seed, protocol=dict(config.protocol), pretrain_epochs=config.pretrain_epochs,
         device=config.device, threads=max(1, int(config.cpus_per_trial)), run_dir=str(run_dir),
     )
+    protocol = setup.make_protocol()
+    if config.confirm > 0 and (config.confirm_folds or 1) > protocol.folds:
+        raise ConfigError(f"`confirm_folds` ({config.confirm_folds}) must be at most the protocol's {protocol.folds} folds.")
     template = build_backbone(config.backbone, config.preset)
     space = load_space(config.space, template.sites())
     if space.backbone != config.backbone:
@@ -446,7 +477,7 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
         # Warm-start plans learn at the preset's PEFT rate (that of `autopeft finetune` and the
         # references) unless the space sets its own default: the middle of a wide log range can be
         # several times too slow for a short fine-tuning.
-        preset_lr = FINETUNE_DEFAULTS.get(config.preset, FINETUNE_DEFAULTS["paper"])["lr_peft"]
+        preset_lr = template.preset.finetune.lr_peft
         for score, params, _plan in top_plans(space, prior_model, budget, k=k, seed=_search_seed(config),
                                               lr=preset_lr, train=train_extra):
             study.enqueue_trial(params, user_attrs={"warm_start": True, "prior": score})
@@ -480,14 +511,35 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
 
     try:
         _run_trials(config, meta, run_dir, setup, study, storage, sampler, define_space, remaining, deadline, started)
+        summary = finish_run(run_dir, setup, config, space, prior_model is not None)
+        if config.confirm > 0:
+            _confirm(config, setup, run_dir, summary)
     except KeyboardInterrupt:
         # Ctrl-C that Ray Tune did not absorb: keep what finished (results, best plan, report), then stop.
         finish_run(run_dir, setup, config, space, prior_model is not None)
         _write_report(run_dir, config.progress, interrupted=True)
         raise
-    finish_run(run_dir, setup, config, space, prior_model is not None)
     _write_report(run_dir, config.progress)
+    if config.progress:
+        print(f"search done in {(time.time() - started) / 60:.1f} min", flush=True)
     return run_dir
+
+
+def _confirm(config: SearchConfig, setup: TrialSetup, run_dir: Path, summary: dict[str, Any]) -> None:
+    """The confirmation stage: pre-train the source models of its folds, re-run the best plans and
+    the references on test subjects, record and print the result."""
+    from autopeft.search.confirm import run_confirmation
+    from autopeft.search.results import record_confirmation
+
+    folds = tuple(range(int(config.confirm_folds or 1)))
+    seeds = tuple(config.seed + i for i in range(int(config.confirm_seeds or 1)))
+    _pretrain_sources(config, replace(setup, folds=folds))
+    if config.concurrency and config.concurrency > 1:
+        _start_ray(config)
+    confirmation = run_confirmation(run_dir, setup, k=config.confirm, folds=folds, seeds=seeds,
+                                    concurrency=config.concurrency or 1, cpus=config.cpus_per_trial,
+                                    gpus=config.gpus_per_trial, progress=config.progress)
+    record_confirmation(run_dir, setup, summary, confirmation)
 
 
 def _pretrain_task(setup: TrialSetup, source: str, fold: int) -> dict[str, Any]:

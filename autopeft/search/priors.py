@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,51 +49,13 @@ SATURATION = 1e-2  # x0 of the formula above
 OUTSIDE = "<outside sites>"
 
 
-def _importance_file(setup, source: str, target: str, fold: int, meta: Mapping[str, Any]) -> Path:
-    from autopeft.pretraining import SourceSpec, cache_root
-
-    spec = SourceSpec(**{k: meta[k] for k in SourceSpec.__dataclass_fields__})
-    protocol = setup.make_protocol()
-    return cache_root() / "importance" / f"{spec.key()}-tgt{target}-ft{protocol.finetune_train}-fold{fold}-seed{setup.seed}.safetensors"
-
-
 def pair_importance(setup, source: str, target: str, fold: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(I at lambda 0, I at lambda 1) of the pre-trained ``source`` model on ``target``'s
-    fine-tuning batches; cached on disk."""
-    import torch.nn.functional as F
-    from safetensors.torch import load_file, save_file
+    fine-tuning batches: the maps SH-PEFT plans of this search train with
+    (``autopeft.finetuning.target_importance``, cached on disk)."""
+    from autopeft.finetuning import target_importance
 
-    from autopeft.data import read_manifest, split_scanner, train_loader
-    from autopeft.importance import compute_importance
-    from autopeft.search.trial import source_model
-
-    model, meta = source_model(setup, source, fold)
-    path = _importance_file(setup, source, target, fold, meta)
-    if path.is_file():
-        tensors = load_file(str(path))
-        task = {k[len("task."):]: v for k, v in tensors.items() if k.startswith("task.")}
-        hybrid = {k[len("hybrid."):]: v for k, v in tensors.items() if k.startswith("hybrid.")}
-        return task, hybrid
-    manifest = read_manifest(setup.manifest_path)
-    splits = split_scanner(manifest, target, purpose="finetune", protocol=setup.make_protocol(), fold=fold, seed=setup.seed)
-    loader = train_loader(splits["train"], crop_size=model.preset.crop_size, batch_size=model.preset.batch_size, seed=setup.seed)
-    device = torch.device(setup.device)
-    model.to(device).eval()
-    batches = [{k: v.to(device) for k, v in b.items() if isinstance(v, torch.Tensor)} for b in loader]
-
-    def loss_fn(m, batch) -> torch.Tensor:
-        # L1 for every backbone: the importance of a weight for reconstructing the target scans
-        # (the adversarial term would score the frozen discriminator's opinion instead).
-        return F.l1_loss(m(batch["short"]), batch["long"])
-
-    task = compute_importance(model, batches, loss_fn, variant="l2", lam=0.0)
-    hybrid = compute_importance(model, batches, loss_fn, variant="l2", lam=1.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({**{f"task.{k}": v.cpu().contiguous() for k, v in task.items()},
-               **{f"hybrid.{k}": v.cpu().contiguous() for k, v in hybrid.items()}}, str(tmp))
-    tmp.replace(path)
-    return {k: v.cpu() for k, v in task.items()}, {k: v.cpu() for k, v in hybrid.items()}
+    return target_importance(setup.job(source, target, fold))
 
 
 class PlanPrior:

@@ -14,7 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from autopeft.search.trial import FINISHED, run_plan, records, scores_to_json
+from autopeft.checkpoints import atomic_write_text
+from autopeft.tables import print_table
+from autopeft.search.trial import FINISHED, records, run_plan, running_means, scores_to_json
 
 __all__ = ["plan_summary", "run_references", "finish_run", "pareto_front"]
 
@@ -38,37 +40,40 @@ def plan_summary(plan: Mapping[str, Any]) -> str:
     return text + (f" lr={lr:.2g}" if lr else "")
 
 
+def reference_plans(backbone: str, epochs: int) -> list[tuple[str, Any]]:
+    """(label, plan) of the references every search measures: No-FT, Full-FT and PETITE's plan
+    for the backbone (where one ships), at the search's epochs and the preset's learning rates."""
+    from autopeft.peft import Plan, load_plan, named_plans
+
+    plans = [("No-FT", Plan.from_dict({"backbone": backbone, "name": "No-FT"})),
+             ("Full-FT", Plan.from_dict({"backbone": backbone, "name": "Full-FT", "full_ft": True, "train": {"epochs": epochs}}))]
+    petite = f"petite-{backbone}"
+    if petite in named_plans():
+        plans.append(("PETITE", Plan.from_dict(dict(load_plan(petite).to_dict(), train={"epochs": epochs}))))
+    return plans
+
+
 def run_references(setup, config, run_dir: Path) -> list[dict[str, Any]]:
     """Fine-tune No-FT, Full-FT and PETITE's plan for this backbone on the same pairs, in the
-    driver, and keep them in ``references.json`` (a resumed search reuses them)."""
+    driver, score them on the validation subjects (as trials are) and keep them in
+    ``references.json`` (a resumed search reuses them)."""
     import torch
 
-    from autopeft.finetuning import FINETUNE_DEFAULTS
-    from autopeft.peft import Plan, load_plan, named_plans
     from autopeft.search.budget import PlanCounter
     from backbones import build_backbone
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    defaults = FINETUNE_DEFAULTS.get(setup.preset, FINETUNE_DEFAULTS["paper"])
-    plans = [("No-FT", Plan.from_dict({"backbone": setup.backbone, "train": {"lr": defaults["lr_peft"], "epochs": 0}})),
-             ("Full-FT", Plan.from_dict({"backbone": setup.backbone, "full_ft": True, "train": {"lr": defaults["lr_full"], "epochs": setup.epochs}}))]
-    petite = f"petite-{setup.backbone}"
-    if petite in named_plans():
-        base = load_plan(petite).to_dict()
-        base["train"] = {"lr": defaults["lr_peft"], "epochs": setup.epochs}
-        plans.append(("PETITE", Plan.from_dict(base)))
     counter = PlanCounter(build_backbone(setup.backbone, setup.preset))
     rows = []
-    for label, plan in plans:
+    for label, plan in reference_plans(setup.backbone, setup.epochs):
         if config.progress:
-            print(f"reference {label}: fine-tuning on {len(setup.units)} pair(s)", flush=True)
+            print(f"reference {label}: fine-tuning on {len(setup.units)} pair(s), scored on validation subjects", flush=True)
         scores = run_plan(setup, plan)
         count = counter.count(plan)
-        n = len(scores)
-        rows.append({"label": label, "plan": plan.to_dict(), "fraction": count.fraction if label != "No-FT" else 0.0,
-                     **{k: sum(getattr(s, k) for s in scores) / n for k in ("psnr", "ssim", "nrmse")},
-                     "pairs": scores_to_json(scores)})
-    (run_dir / "references.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+        rows.append({"label": label, "plan": plan.to_dict(), "fraction": count.fraction if plan.trains_anything else 0.0,
+                     "trainable": count.trainable if plan.trains_anything else 0, "split": "val",
+                     **running_means(scores), "pairs": scores_to_json(scores)})
+    atomic_write_text(run_dir / "references.json", json.dumps(rows, indent=1))
     return rows
 
 
@@ -87,7 +92,12 @@ def pareto_front(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 
 def finish_run(run_dir: Path, setup, config, space, priors: bool) -> dict[str, Any]:
-    """Write results.csv, best_plan.yaml, pareto/*.yaml and best_weights/, and print the table."""
+    """Write results.csv, best_plan.yaml, pareto/*.yaml, best_weights/ and summary.json.
+
+    Everything here is chosen on validation scores. When the search confirms nothing
+    (``config.confirm == 0``) the validation table is printed, marked in-sample; otherwise
+    :func:`record_confirmation` prints the test table after the confirmation.
+    """
     import pandas as pd
 
     from autopeft.peft import Plan
@@ -99,22 +109,19 @@ def finish_run(run_dir: Path, setup, config, space, priors: bool) -> dict[str, A
             "number": r["number"], "state": r["state"], "fidelity": round(float(r.get("fidelity") or 0.0), 4),
             "pairs_done": r.get("pairs_done", 0), "pairs_total": r.get("pairs_total", 0),
             "plan": plan_summary(r["plan"]), "trainable": r.get("trainable"),
-            "params_pct": round(100 * float(r.get("fraction") or 0.0), 4),
+            "params_pct": round(100 * float(r.get("fraction") or 0.0), 4), "split": "val",
             "psnr": r.get("psnr"), "ssim": r.get("ssim"), "nrmse": r.get("nrmse"),
             "prior": r.get("prior"), "warm_start": r.get("warm_start", False),
             "seconds": round(float(r.get("seconds") or 0.0), 1), "reason": r.get("reason", ""),
         })
     pd.DataFrame(table, columns=["number", "state", "fidelity", "pairs_done", "pairs_total", "plan", "trainable", "params_pct",
-                                 "psnr", "ssim", "nrmse", "prior", "warm_start", "seconds", "reason"]
+                                 "split", "psnr", "ssim", "nrmse", "prior", "warm_start", "seconds", "reason"]
                  ).to_csv(run_dir / "results.csv", index=False)
     finished = [r for r in trial_rows if r["state"] == FINISHED and r.get("psnr") is not None]
-    summary: dict[str, Any] = {"finished": len(finished), "trials": len(trial_rows), "best": None, "pareto": []}
+    summary: dict[str, Any] = {"finished": len(finished), "trials": len(trial_rows), "split": "val", "best": None, "pareto": []}
     if finished:
         best = max(finished, key=lambda r: r["psnr"])
-        plan = dict(best["plan"], name=f"best-{setup.backbone}",
-                    description=f"autopeft search {run_dir.name}, trial {best['number']}: PSNR {best['psnr']:.3f} dB, "
-                    f"{100 * best['fraction']:.3f}% of the parameters, {best['pairs_done']} pair(s)")
-        Plan.from_dict(plan).to_yaml(run_dir / "best_plan.yaml")
+        _write_best_plan(run_dir, setup, best, f"the best validation PSNR ({best['psnr']:.3f} dB) of {len(finished)} finished trials")
         weights = run_dir / "weights" / f"{best['number']:04d}"
         if weights.is_dir():
             shutil.copytree(weights, run_dir / "best_weights", dirs_exist_ok=True)
@@ -123,35 +130,112 @@ def finish_run(run_dir: Path, setup, config, space, priors: bool) -> dict[str, A
         for r in front:
             Plan.from_dict(dict(r["plan"], name=f"pareto-{r['number']}")).to_yaml(run_dir / "pareto" / f"plan-{r['number']:04d}.yaml")
         summary.update(best=best, pareto=front)
-    _print_table(run_dir, setup, summary)
-    (run_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items()}, indent=1, default=str), encoding="utf-8")
+    if not getattr(config, "confirm", 0):
+        _print_validation_table(run_dir, setup, summary)
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
     return summary
 
 
-def _print_table(run_dir: Path, setup, summary: Mapping[str, Any]) -> None:
-    """PETITE's Table 1 layout: references beside the best plan found (and the Pareto plans)."""
-    from autopeft.cli._common import print_table
+def _write_best_plan(run_dir: Path, setup, best: Mapping[str, Any], why: str) -> None:
+    from autopeft.peft import Plan
 
+    plan = dict(best["plan"], name=f"best-{setup.backbone}",
+                description=f"autopeft search {run_dir.name}: recommended trial #{best['number']}, chosen for {why}; "
+                f"{100 * best['fraction']:.3f}% of the parameters; reproduce it with autopeft finetune --plan "
+                f"{run_dir / 'best_plan.yaml'} --split val (fold and --seed {setup.seed} of the search)")
+    Plan.from_dict(plan).to_yaml(run_dir / "best_plan.yaml")
+
+
+def record_confirmation(run_dir: Path, setup, summary: dict[str, Any], confirmation: Mapping[str, Any]) -> None:
+    """Add the confirmation to summary.json, say in best_plan.yaml which plan is recommended and
+    why (with its confirmed test PSNR), and print the test table."""
+    summary["confirmation"] = dict(confirmation)
+    recommended = confirmation.get("recommended")
+    if recommended is not None:
+        from autopeft.search.confirm import format_ci
+
+        best = next((r for r in records(run_dir) if r["number"] == recommended["number"]), None)
+        if best is not None:
+            _write_best_plan(run_dir, setup, best, f"{confirmation['why']}; confirmed on test subjects: PSNR "
+                             f"{format_ci(recommended['test']['psnr'])} dB (mean [95% CI])")
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
+    print(f"\n{setup.backbone}/{setup.preset}: TEST subjects (untouched by the search), {_units_text(setup, confirmation)}")
+    print_table(confirmed_rows(confirmation), CONFIRMED_COLUMNS, left=("method", "plan"))
+    print(f"mean [{confirmation['ci']}]; paired differences on the same subjects, p: {confirmation['test']}.")
+    if recommended is not None:
+        print(f"recommended: #{recommended['number']} ({confirmation['why']}); plan: {run_dir / 'best_plan.yaml'}")
+    print(f"per-subject scores: {run_dir / 'confirmation.csv'}")
+
+
+def _units_text(setup, confirmation: Mapping[str, Any]) -> str:
+    pairs = ", ".join(f"{s}->{t}" for s, t in setup.pairs)
+    return (f"pairs {pairs} x folds {', '.join(map(str, confirmation['folds']))} x fine-tuning seeds "
+            f"{', '.join(map(str, confirmation['seeds']))}; {confirmation['subjects']} test subjects")
+
+
+CONFIRMED_COLUMNS = {"method": "Method", "params": "% Param", "val_psnr": "val PSNR", "psnr": "test PSNR [95% CI]",
+                     "ssim": "test SSIM", "nrmse": "test NRMSE", "vs_full": "vs Full-FT dB [CI] p",
+                     "vs_petite": "vs PETITE dB [CI] p", "plan": "Plan"}
+VALIDATION_COLUMNS = {"method": "Method", "params": "% Param", "psnr": "val PSNR", "ssim": "val SSIM",
+                      "nrmse": "val NRMSE", "plan": "Plan"}
+
+
+def confirmed_rows(confirmation: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Table-1 rows of the confirmation (test subjects): references first, then the confirmed plans
+    best by validation first; the console and the report both show these."""
+    from autopeft.search.confirm import format_ci
+
+    def diff(entry: Mapping[str, Any], key: str) -> str:
+        stat = (entry.get(key) or {}).get("psnr")
+        if not stat:
+            return "-"
+        p = stat.get("p")
+        return f"{format_ci(stat)} p={p:.2g}" if p is not None and p == p else format_ci(stat)
+
+    recommended = (confirmation.get("recommended") or {}).get("number")
+    plans = sorted(confirmation.get("plans") or [], key=lambda e: e["number"] is not None)
     rows = []
-    ref_path = run_dir / "references.json"
-    references = json.loads(ref_path.read_text(encoding="utf-8")) if ref_path.is_file() else []
-    for ref in references:
-        rows.append(_row(ref["label"], ref["fraction"], ref, "-" if ref["label"] == "No-FT" else None))
-    best = summary.get("best")
-    for r in summary.get("pareto", []):
+    for entry in plans:
+        label = entry["label"]
+        if entry["number"] is not None:
+            label = f"autopeft #{entry['number']}" + (" (recommended)" if entry["number"] == recommended else "")
+        rows.append({"method": label, "params": "-" if not entry.get("fraction") else f"{100 * entry['fraction']:.3f}%",
+                     "val_psnr": f"{entry['val']['psnr']:.3f}" if entry.get("val") else "-",
+                     "psnr": format_ci(entry["test"]["psnr"]), "ssim": format_ci(entry["test"]["ssim"], 4),
+                     "nrmse": format_ci(entry["test"]["nrmse"], 4), "vs_full": diff(entry, "vs_Full-FT"),
+                     "vs_petite": diff(entry, "vs_PETITE"),
+                     "plan": plan_summary(entry["plan"]) if entry["number"] is not None else ""})
+    return rows
+
+
+def validation_rows(references: Sequence[Mapping[str, Any]], finished: Sequence[Mapping[str, Any]],
+                    best: Mapping[str, Any] | None) -> list[dict[str, str]]:
+    """Table-1 rows on validation subjects: references, Pareto plans and the best plan (in-sample:
+    these scores chose the plans); the console and the report both show these."""
+    rows = [_row(ref["label"], ref["fraction"], ref, "-" if ref["label"] == "No-FT" else None) for ref in references]
+    for r in pareto_front(finished):
         if best is None or r["number"] != best["number"]:
             rows.append(_row(f"Pareto #{r['number']}", r["fraction"], r, None, plan=plan_summary(r["plan"])))
     if best is not None:
         rows.append(_row(f"autopeft (best, #{best['number']})", best["fraction"], best, None, plan=plan_summary(best["plan"])))
-    states = {}
+    return rows
+
+
+def _print_validation_table(run_dir: Path, setup, summary: Mapping[str, Any]) -> None:
+    """PETITE's Table 1 layout on validation subjects, for a search that confirms nothing."""
+    ref_path = run_dir / "references.json"
+    references = json.loads(ref_path.read_text(encoding="utf-8")) if ref_path.is_file() else []
+    rows = validation_rows(references, summary.get("pareto", []), summary.get("best"))
+    states: dict[str, int] = {}
     for r in records(run_dir):
         states[r["state"]] = states.get(r["state"], 0) + 1
     print(f"\n{setup.backbone}/{setup.preset}: mean over {len(setup.units)} source->target pair(s) "
-          f"({', '.join(f'{s}->{t}' for s, t in setup.pairs)}), held-out subjects of each target; PSNR peak 1 on [0,1] data")
+          f"({', '.join(f'{s}->{t}' for s, t in setup.pairs)}) on VALIDATION subjects of each target. In-sample: these "
+          "scores chose the plans, so the best is biased upward; confirm on test subjects with --confirm K.")
     print("trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())))
     if rows:
-        print_table(rows, {"method": "Method", "params": "% Param", "psnr": "PSNR", "ssim": "SSIM", "nrmse": "NRMSE", "plan": "Plan"}, left=("method", "plan"))
-    print(f"results: {run_dir / 'results.csv'}" + (f"; best plan: {run_dir / 'best_plan.yaml'}" if best else ""))
+        print_table(rows, VALIDATION_COLUMNS, left=("method", "plan"))
+    print(f"results: {run_dir / 'results.csv'}" + (f"; best plan: {run_dir / 'best_plan.yaml'}" if summary.get("best") else ""))
 
 
 def _row(label: str, fraction: float, metrics: Mapping[str, Any], params_text: str | None, plan: str = "") -> dict[str, Any]:

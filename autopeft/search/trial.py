@@ -1,9 +1,11 @@
 """One trial: a plan fine-tuned on every (source -> target) scanner pair, with running means.
 
 The trial loads each pair's cached pre-trained source model (the driver pre-trains missing ones
-before any trial starts), applies the plan, fine-tunes on the target's few training subjects and
-scores the target's held-out subjects. After each pair it reports the running means of PSNR, SSIM
-and NRMSE: the number of pairs done is the fidelity the scheduler stops on.
+before any trial starts) and runs the one fine-tuning recipe (``autopeft.finetuning.finetune_plan``):
+fine-tune on the target's few training subjects, score the target's *validation* subjects. Test
+subjects are never read here; only the confirmation at the end of a search scores them. After
+each pair it reports the running means of PSNR, SSIM and NRMSE: the number of pairs done is the
+fidelity the scheduler stops on.
 
 Every trial keeps a record, ``<run>/trials/<number>.json`` (written atomically), so that a search
 can be resumed and an early-stopped trial is never read as a finished one.
@@ -69,9 +71,22 @@ class TrialSetup:
 
         return Protocol(**self.protocol) if self.protocol else Protocol()
 
+    def job(self, source: str, target: str, fold: int, *, train_seed: int | None = None):
+        """The ``autopeft.finetuning.FinetuneJob`` of one (source, target, fold)."""
+        from autopeft.finetuning import FinetuneJob
+
+        return FinetuneJob(
+            backbone=self.backbone, preset=self.preset, manifest_path=self.manifest_path, source=str(source),
+            target=str(target), fold=int(fold), seed=self.seed, train_seed=train_seed,
+            protocol=tuple(sorted(self.protocol.items())), pretrain_epochs=self.pretrain_epochs, device=self.device,
+        )
+
 
 @dataclass
 class PairScore:
+    """Scores of one (source, target, fold, fine-tuning seed) on one held-out split: the means
+    and, in ``subjects``, each subject's PSNR / SSIM / NRMSE."""
+
     source: str
     target: str
     fold: int
@@ -79,17 +94,16 @@ class PairScore:
     ssim: float
     nrmse: float
     seconds: float
+    split: str = "val"
+    seed: int = 0
+    subjects: list[dict[str, Any]] = field(default_factory=list)
 
 
 def source_model(setup: TrialSetup, source: str, fold: int, *, progress: bool = False):
     """The cached pre-trained source model (trained now if missing)."""
-    from autopeft.pretraining import pretrained_model
+    from autopeft.finetuning import source_model as job_source_model
 
-    return pretrained_model(
-        setup.backbone, source, manifest_path=setup.manifest_path, preset=setup.preset, fold=fold,
-        epochs=setup.pretrain_epochs, seed=setup.seed, protocol=setup.make_protocol(), device=setup.device,
-        progress=progress,
-    )
+    return job_source_model(setup.job(source, source, fold), progress=progress)
 
 
 def run_plan(
@@ -100,17 +114,23 @@ def run_plan(
     save_dir: str | os.PathLike | None = None,
     skip: int = 0,
     previous: Sequence[PairScore] = (),
+    split: str = "val",
+    train_seed: int | None = None,
 ) -> list[PairScore]:
     """Fine-tune ``plan`` on every (source, target, fold) of ``setup`` and score it.
 
     Args:
         setup: the trial set-up.
-        plan: an ``autopeft.peft.Plan`` (its ``train.lr`` is the learning rate; Full-FT plans too).
+        plan: an ``autopeft.peft.Plan`` (trained by ``autopeft.finetuning.finetune_plan``).
         report: called after each pair with running means (``psnr``, ``ssim``, ``nrmse``),
             ``pairs_done``, ``fidelity`` (pairs done / pairs) and ``pairs`` (every pair's scores).
         save_dir: where to save the trained parts per pair (``<source>-<target>-fold<k>/``).
         skip: pairs already done (their scores in ``previous``), for resuming a record.
         previous: scores of the pairs skipped.
+        split: the held-out split scored: ``val`` (the search) or ``test`` (the confirmation).
+            Defaults to ``val``.
+        train_seed: seeds the fine-tuning; the split and the source models keep ``setup.seed``.
+            Defaults to ``setup.seed``.
 
     Returns:
         One score per pair.
@@ -118,47 +138,25 @@ def run_plan(
     Raises:
         FloatingPointError: a pair scored NaN (the trial fails with that reason).
     """
-    import copy
-
     import torch
 
-    from autopeft.data import read_manifest
-    from autopeft.finetuning import finetune
-    from autopeft.peft import apply_plan, count_trainable, save_trained
-    from autopeft.search.priors import pair_importance
+    from autopeft.finetuning import finetune_plan
+    from autopeft.peft import save_trained
 
-    manifest = read_manifest(setup.manifest_path)
-    lr = float(plan.train.get("lr", 1e-3))
-    lam = plan.train.get("shpeft_lambda")
-    uses_shpeft = any(spec.method == "shpeft" for spec in plan.sites.values())
     scores = list(previous)
     units = setup.units
     for source, target, fold in units[skip:]:
         started = time.perf_counter()
-        pretrained, _ = source_model(setup, source, fold)
-        importance = None
-        if uses_shpeft:
-            task, hybrid = pair_importance(setup, source, target, fold)
-            weight = 1.0 if lam is None else float(lam)
-            # I(lambda) = I_task + lambda * s * I_agnostic is linear in lambda: from lambda 0 and 1.
-            importance = {n: task[n] + weight * (hybrid[n] - task[n]) for n in task}
-        model = copy.deepcopy(pretrained)
-
-        def prepare(m, _importance=importance) -> tuple[int, int]:
-            apply_plan(m, plan, importance=_importance)
-            return count_trainable(m), sum(p.numel() for p in pretrained.net.parameters())
-
-        result = finetune(
-            model, target, manifest=manifest, method=plan.name or "trial", prepare=prepare,
-            epochs=int(plan.train.get("epochs", setup.epochs)), lr=lr, protocol=setup.make_protocol(),
-            fold=fold, seed=setup.seed, device=setup.device, progress=False,
-        )
+        job = setup.job(source, target, fold, train_seed=train_seed)
+        model, result = finetune_plan(plan, job, splits=(split,))
         metrics = result.metrics
         if not all(math.isfinite(metrics[k]) for k in ("psnr", "ssim", "nrmse")):
             raise FloatingPointError(f"pair {source}->{target} (fold {fold}) scored {metrics}: the fine-tuned model outputs NaN.")
         if save_dir is not None and result.trainable > 0 and not plan.full_ft:
             save_trained(model, plan, Path(save_dir) / f"{source}-{target}-fold{fold}")
-        scores.append(PairScore(source, target, fold, metrics["psnr"], metrics["ssim"], metrics["nrmse"], time.perf_counter() - started))
+        scores.append(PairScore(source, target, fold, metrics["psnr"], metrics["ssim"], metrics["nrmse"],
+                                time.perf_counter() - started, split=split, seed=job.fine_tuning_seed,
+                                subjects=result.subjects[split]))
         if report is not None:
             report({**running_means(scores), "pairs_done": len(scores), "fidelity": len(scores) / len(units),
                     "pairs": scores_to_json(scores)})

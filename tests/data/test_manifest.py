@@ -243,17 +243,17 @@ def _run_cli(argv: list[str]) -> int:
 
 
 def test_cli_prints_a_per_scanner_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    manifest = make_dataset(tmp_path, {"10": 12, "2": 3}, profiles=True)
+    manifest = make_dataset(tmp_path, {"10": 16, "2": 3}, profiles=True)
     assert _run_cli(["--manifest", str(manifest)]) == 0
     out = capsys.readouterr().out
-    assert "15 scan pairs on 2 scanners, all files OK" in out
+    assert "19 scan pairs on 2 scanners, all files OK" in out
     lines = out.splitlines()
     header = next(line for line in lines if "subjects" in line)
     assert header.split()[:3] == ["scanner", "name", "subjects"]
     rows = [line.split() for line in lines[lines.index(header) + 1 :][:2]]
     assert rows[0][:5] == ["2", "Scanner", "2", "3", "12x10x8"]  # natural order: 2 before 10
     assert rows[0][5] == "2x2x2.5" and " ".join(rows[0][-3:]) == "too few subjects"
-    assert rows[1][:4] == ["10", "Scanner", "10", "12"] and rows[1][-2:] == ["source,", "target"]
+    assert rows[1][:4] == ["10", "Scanner", "10", "16"] and rows[1][-2:] == ["source,", "target"]
 
 
 def test_cli_reports_bad_input_as_data_error(tmp_path: Path) -> None:

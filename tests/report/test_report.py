@@ -21,7 +21,7 @@ from autopeft.report import load_run, write_report
 from autopeft.report._figures import importance_figure
 from autopeft.search.trial import FAILED, FINISHED, INFEASIBLE, STOPPED, write_record
 
-PROTOCOL = {"pretrain_train": 2, "pretrain_val": 1, "finetune_train": 1, "finetune_test": 1, "folds": 1}
+PROTOCOL = {"pretrain_train": 2, "pretrain_val": 1, "finetune_train": 1, "finetune_val": 1, "finetune_test": 1, "folds": 1}
 
 
 class _StopAfterOnePair(Exception):
@@ -47,7 +47,7 @@ def build_micro_run(root: Path) -> Path:
     from autopeft.search.trial import TrialSetup, run_plan, source_model
     from backbones import build_backbone
 
-    manifest = make_dataset(root / "data", {"1": 3, "2": 2, "3": 2}, shape=(20, 18, 16), long_factor=1.5)
+    manifest = make_dataset(root / "data", {"1": 3, "2": 3, "3": 3}, shape=(20, 18, 16), long_factor=1.5)
     run_dir = root / "run"
     run_dir.mkdir()
     config = SearchConfig(backbone="cvtgan", budget="5%", preset="tiny", scanners=["1", "2", "3"], trials=4, epochs=1,
@@ -109,11 +109,11 @@ def report_html(micro_run) -> str:
 def test_report_holds_every_section(micro_run, report_html):
     path = micro_run / "report.html"
     assert path.is_file()
-    for anchor in ("table", "history", "pareto", "importance", "pairs", "slices", "trials", "settings"):
+    for anchor in ("table", "confirmed", "selection", "history", "pareto", "importance", "pairs", "slices", "trials", "settings"):
         assert f"<section id='{anchor}'>" in report_html, anchor
     # Table 1 rows: every reference and the best plan.
     table = report_html.split("<section id='table'>")[1].split("</section>")[0]
-    for label in ("No-FT", "Full-FT", "PETITE", "autopeft best (#"):
+    for label in ("No-FT", "Full-FT", "PETITE", "autopeft (best, #"):
         assert label in table, label
     # Too few finished trials for importances: a note, not an error.
     importance = report_html.split("<section id='importance'>")[1].split("</section>")[0]
@@ -142,7 +142,7 @@ def test_report_numbers_match_the_run(micro_run, report_html):
     run = load_run(micro_run)
     best = run.best
     assert best is not None and best["state"] == FINISHED and best["pairs_done"] == 2
-    assert f"trial #{best['number']}, PSNR {best['psnr']:.3f} dB" in report_html
+    assert f"trial #{best['number']}, validation PSNR {best['psnr']:.3f} dB" in report_html
     for ref in run.references:
         assert f"{ref['psnr']:.3f}" in report_html
 

@@ -13,7 +13,7 @@ from _fakes import make_dataset
 from autopeft.search.engine import SearchConfig, run_search
 from autopeft.search.trial import FAILED, FINISHED, INFEASIBLE, INTERRUPTED, STOPPED, TERMINAL, records, write_record
 
-PROTOCOL = {"pretrain_train": 2, "pretrain_val": 1, "finetune_train": 1, "finetune_test": 2, "folds": 1}
+PROTOCOL = {"pretrain_train": 2, "pretrain_val": 1, "finetune_train": 1, "finetune_val": 1, "finetune_test": 1, "folds": 1}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def data(tmp_path_factory):
 def _config(data, out, **overrides) -> SearchConfig:
     values = dict(backbone="cvtgan", budget="5%", preset="tiny", scanners=["1", "2"], trials=4, epochs=1, data=str(data),
                   out=str(out), pretrain_epochs=1, protocol=PROTOCOL, cpus_per_trial=1, concurrency=2, device="cpu",
-                  references=False, progress=False)
+                  references=False, progress=False, confirm=0)
     values.update(overrides)
     return SearchConfig(**values)
 
@@ -55,9 +55,10 @@ def test_search_warm_starts_with_top_prior_plans_and_writes_outputs(ray_session,
     assert rows[0]["warm_start"] and rows[1]["warm_start"] and not rows[2]["warm_start"]
     assert rows[0]["prior"] >= rows[1]["prior"]
     # ... learning at the preset's PEFT rate, not the middle of the space's log range (1e-3).
-    from autopeft.finetuning import FINETUNE_DEFAULTS
+    from backbones import registered_backbones
 
-    assert rows[0]["plan"]["train"]["lr"] == rows[1]["plan"]["train"]["lr"] == FINETUNE_DEFAULTS["tiny"]["lr_peft"]
+    tiny_lr = registered_backbones()["cvtgan"]["tiny"].finetune.lr_peft
+    assert rows[0]["plan"]["train"]["lr"] == rows[1]["plan"]["train"]["lr"] == tiny_lr
     study = _study(run_dir)
     for trial in study.trials:
         record = rows[trial.number]

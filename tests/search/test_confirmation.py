@@ -1,0 +1,147 @@
+"""The confirmation on test subjects, through real Ray Tune and Optuna on a micro setting; and the
+guarantee that nothing before it reads a test subject."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import yaml
+
+from _fakes import make_dataset
+from autopeft.data import read_manifest, split_scanner
+from autopeft.search.engine import SearchConfig, run_search
+from autopeft.search.trial import FAILED, FINISHED, INFEASIBLE, records
+
+PROTOCOL = {"pretrain_train": 2, "pretrain_val": 1, "finetune_train": 1, "finetune_val": 1, "finetune_test": 2, "folds": 1}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only: no token file for a throwaway local cluster
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def _config(data, out, **overrides) -> SearchConfig:
+    values = dict(backbone="cvtgan", budget="3%", preset="tiny", scanners=["1", "2"], trials=3, epochs=1, data=str(data),
+                  out=str(out), pretrain_epochs=1, protocol=PROTOCOL, cpus_per_trial=1, concurrency=2, device="cpu",
+                  references=True, progress=False, priors=False, sampler="random", confirm=2, confirm_seeds=2)
+    values.update(overrides)
+    return SearchConfig(**values)
+
+
+def _test_files(manifest_path) -> list[str]:
+    manifest = read_manifest(str(manifest_path))
+    files = []
+    for target in ("1", "2"):
+        from autopeft.data import Protocol
+
+        split = split_scanner(manifest, target, purpose="finetune", protocol=Protocol(**PROTOCOL), fold=0, seed=0)
+        files += [path for record in split["test"] for path in (record["short"], record["long"])]
+    return files
+
+
+def test_confirmation_scores_the_best_plans_and_references_on_test_subjects(ray_session, tmp_path):
+    data = make_dataset(tmp_path / "data", {"1": 5, "2": 5}, shape=(20, 18, 16), long_factor=1.5)
+    run_dir = run_search(_config(data, tmp_path / "run"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    confirmation = summary["confirmation"]
+    finished = sorted((r for r in records(run_dir) if r["state"] == FINISHED), key=lambda r: -r["psnr"])
+    assert finished
+    labels = [p["label"] for p in confirmation["plans"]]
+    # The K best by validation, best first, then the references, each on test subjects.
+    assert labels == [f"#{r['number']}" for r in finished[:2]] + ["No-FT", "Full-FT", "PETITE"]
+    assert confirmation["split"] == "test" and confirmation["seeds"] == [0, 1] and confirmation["folds"] == [0]
+    assert confirmation["subjects"] == 4  # 2 test subjects x 2 targets
+    recommended = confirmation["recommended"]
+    assert recommended["number"] == finished[0]["number"]  # best by validation, whatever its test result
+    assert recommended["val"]["psnr"] == pytest.approx(finished[0]["psnr"])
+    for plan in confirmation["plans"]:
+        low, high = plan["test"]["psnr"]["ci"]
+        assert low <= plan["test"]["psnr"]["mean"] <= high
+        if plan["label"] != "Full-FT":
+            diff = plan["vs_Full-FT"]["psnr"]
+            assert diff["n"] == 4 and diff["ci"][0] <= diff["mean"] <= diff["ci"][1]
+            assert math.isnan(diff["p"]) or 0 <= diff["p"] <= 1
+    # Per-subject rows: K plans and Full-FT/PETITE over 2 seeds, No-FT over one; 2 pairs x 2 subjects each.
+    import pandas as pd
+
+    frame = pd.read_csv(run_dir / "confirmation.csv")
+    k = len(finished[:2])
+    assert len(frame) == (k * 2 + 2 * 2 + 1) * 2 * 2
+    assert set(frame["subject"]) == {os.path.basename(p).split("_")[0] for p in _test_files(data)}
+    # Recomputed from the rows: the recommended plan's test mean over subject units.
+    units = frame[frame["label"] == f"#{recommended['number']}"].groupby(["target", "subject"])["psnr"].mean()
+    assert recommended["test"]["psnr"]["mean"] == pytest.approx(units.mean())
+    plan = yaml.safe_load((run_dir / "best_plan.yaml").read_text())
+    assert f"trial #{recommended['number']}" in plan["description"] and "confirmed on test subjects" in plan["description"]
+    html = (run_dir / "report.html").read_text()
+    assert "Confirmed on test subjects" in html and "Validation PSNR against test PSNR" in html
+
+    # Resuming redoes nothing that the confirmation kept.
+    kept = {p: p.stat().st_mtime_ns for p in (run_dir / "confirmation").glob("*.json")}
+    run_search(resume_dir=run_dir)
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "confirmation").glob("*.json")} == kept
+
+
+def test_nothing_reads_a_test_subject_before_the_confirmation(ray_session, tmp_path):
+    # 5 subjects per scanner: pre-training uses the first 3 of each scanner's order, fine-tuning's
+    # train/val the first 4 and its test subject the last: the test files are read by nothing but
+    # the confirmation. They are overwritten with bytes no reader accepts, so any earlier read fails.
+    data = make_dataset(tmp_path / "data", {"1": 5, "2": 5}, shape=(20, 18, 16), long_factor=1.5)
+    protocol = dict(PROTOCOL, finetune_test=1)
+    broken = _test_files_for(data, protocol)
+    for path in broken:
+        with open(path, "wb") as handle:
+            handle.write(b"not a NIfTI file")
+    with pytest.raises(Exception) as caught:
+        run_search(_config(data, tmp_path / "run", protocol=protocol, confirm=1, confirm_seeds=1))
+    # Pre-training, references, importance and every trial ran; the confirmation is what failed.
+    run_dir = tmp_path / "run"
+    rows = records(run_dir)
+    assert sum(r["state"] != INFEASIBLE for r in rows) == 3 and not any(r["state"] == FAILED for r in rows)
+    assert (run_dir / "references.json").is_file() and (run_dir / "results.csv").is_file()
+    assert any(os.path.basename(path) in str(caught.value) for path in broken), str(caught.value)[:2000]
+
+
+def _test_files_for(manifest_path, protocol) -> list[str]:
+    from autopeft.data import Protocol
+
+    manifest = read_manifest(str(manifest_path))
+    return [path for target in ("1", "2")
+            for record in split_scanner(manifest, target, purpose="finetune", protocol=Protocol(**protocol), fold=0, seed=0)["test"]
+            for path in (record["short"], record["long"])]
+
+
+def test_finetune_with_the_best_plan_reproduces_the_trial_validation_scores(ray_session, tmp_path, capsys):
+    from autopeft.cli import main
+
+    data = make_dataset(tmp_path / "data", {"1": 5, "2": 5}, shape=(20, 18, 16), long_factor=1.5)
+    run_dir = run_search(_config(data, tmp_path / "run", trials=1, epochs=2, confirm=0, references=False,
+                                 space=str(_ssf_space(tmp_path))))
+    trial = next(r for r in records(run_dir) if r["state"] == FINISHED)
+    pair = next(p for p in trial["pairs"] if (p["source"], p["target"]) == ("1", "2"))
+    capsys.readouterr()
+    # The plan file brings the run's data, preset, subject counts and source-model epochs.
+    assert main(["finetune", "--backbone", "cvtgan", "--source", "1", "--target", "2", "--plan",
+                 str(run_dir / "best_plan.yaml"), "--split", "val", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("best-cvtgan"))
+    psnr, ssim = (float(value) for value in row.split()[3:5])
+    assert "validation subjects" in out
+    assert psnr == pytest.approx(pair["psnr"], abs=1e-3) and ssim == pytest.approx(pair["ssim"], abs=1e-4)
+
+
+def _ssf_space(tmp_path):
+    # One plan, trained for 2 epochs at a learning rate far from the preset's: the reproduction
+    # must take the plan's rate, not the preset's.
+    space = tmp_path / "space.yaml"
+    space.write_text("backbone: cvtgan\ngroups:\n  dec:\n    sites: 'decoder.*.block*'\n    methods: {ssf: {}}\n"
+                     "bitfit: [true]\nlr: [7.0e-3]\n")
+    return space
