@@ -15,10 +15,16 @@ Cost = fine-tuning pair-epochs: for each trained trial, the pairs it ran times i
 that ASHA stopped early count the pairs they ran; plans over the budget never train and cost 0).
 The priors' own cost (two gradient passes over one epoch of each pair's fine-tuning batches: the
 SH-PEFT importance at lambda 0 and 1, no optimizer step) is reported beside it, not inside it.
-An engine run *reaches* the grid's best when some plan it trained on every pair (a FINISHED
-trial; plans outside the grid count) scores within ``--tolerance`` dB (0.05) of the grid's best
-PSNR; its cost to reach is the cost of every trial that ended up to and including that one (in
-order of ending). The goal: at most ``--goal`` (20%) of the grid's full cost.
+Every choice is made on validation subjects (the grid's best, each run's best so far); whether an
+engine run *reaches* the grid's best is judged on test subjects: the grid's best plan and each
+plan that becomes an engine run's best so far (by validation, among FINISHED trials; plans outside
+the grid count) are re-run from scratch with ``--confirm-seeds`` fine-tuning seeds and scored on
+the targets' test subjects. The run reaches the grid's best when its best-so-far plan's test mean
+is within the tolerance of the grid best's test mean; the tolerance is the larger of
+``--tolerance`` (0.05 dB) and the measured noise (the standard deviation over seeds of the grid
+best's test mean). Its cost to reach is the cost of every trial that ended up to and including the
+one that made that plan best so far (in order of ending). The goal: at most ``--goal`` (20%) of the
+grid's full cost.
 
 Reported (printed, and written to ``bench/results/rediscovery.json``): the grid's best plan and
 cost; per engine run, the cost to reach (pair-epochs and share of the grid's cost), the trials it
@@ -27,8 +33,8 @@ correlation between the SH-PEFT prior score and the final PSNR over all plans tr
 pair (grid and engine runs; and over the grid alone). With ``--repeats R`` each engine variant runs
 R times with sampler seeds seed, seed+1, ... (the evaluation stays the same) and medians are given.
 
-PSNR: peak 1 on [0, 1]-scaled volumes, mean over pairs of the targets' held-out subjects (as
-``autopeft search``); comparable only within one run of this script.
+PSNR: peak 1 on [0, 1]-scaled volumes, mean over pairs of the targets' validation subjects (as
+``autopeft search`` trials) or test subjects (confirmed); comparable only within one run of this script.
 
     python bench/rediscovery.py --quick                     # 2 scanners, 4 epochs, 8 trials (CPU minutes)
     python bench/rediscovery.py --scanners 1,5 --epochs 20 --trials 16 --repeats 3
@@ -84,7 +90,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-asha", action="store_true", help="let every engine trial run all its pairs.")
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the source models. Default: the preset's.")
     parser.add_argument("--data", default=None, help="a directory with manifest.csv, or the CSV. Default: the built-in simulated data.")
-    parser.add_argument("--tolerance", type=float, default=0.05, help="dB below the grid's best that counts as reaching it. Default: 0.05.")
+    parser.add_argument("--tolerance", type=float, default=0.05, help="dB below the grid best's test PSNR that counts as reaching "
+                        "it, at least; the measured noise is used when larger. Default: 0.05.")
+    parser.add_argument("--confirm-seeds", type=int, default=3, help="fine-tuning seeds of each confirmation on test subjects "
+                        "(also the noise estimate). Default: 3.")
     parser.add_argument("--goal", type=float, default=0.2, help="the target share of the grid's cost. Default: 0.2.")
     parser.add_argument("--quick", action="store_true", help=f"a small configuration for a CPU: {QUICK} unless given.")
     parser.add_argument("--work", type=Path, default=WORK, help=f"cache of the grid and the engine runs. Default: {WORK}.")
@@ -166,7 +175,7 @@ def _engine_run(args: argparse.Namespace, settings: dict[str, Any], variant: str
     config = SearchConfig(
         backbone=args.backbone, budget=settings["budget"], preset=settings["preset"], scanners=settings["scanners"],
         trials=args.trials, epochs=settings["epochs"], folds=args.folds, seed=args.seed, sampler_seed=sampler_seed,
-        out=str(run_dir), data=args.data, pretrain_epochs=args.pretrain_epochs, references=False,
+        out=str(run_dir), data=args.data, pretrain_epochs=args.pretrain_epochs, references=False, confirm=0,
         asha=not args.no_asha, device=settings["device"], cpus_per_trial=1.0, concurrency=args.concurrency,
         **VARIANTS[variant],
     )
@@ -193,25 +202,50 @@ def _trial_rows(run_dir: Path, trials: int, epochs: int) -> list[dict[str, Any]]
     return sorted(rows, key=lambda r: (r["ended"], r["number"]))
 
 
-def _summarise_engine(rows: list[dict[str, Any]], target: float, grid_best: float, grid_cost: int, goal: float) -> dict[str, Any]:
-    cost, reached = 0, None
+def _confirmed(setup, plan: dict[str, Any], seeds: list[int], folder: Path) -> dict[str, Any]:
+    """``plan`` re-run from scratch with each fine-tuning seed, scored on test subjects (cached)."""
+    from autopeft.peft import Plan
+    from autopeft.search.trial import run_plan, running_means
+
+    key = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
+    path = folder / f"{key}.json"
+    done = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"plan": plan, "seeds": {}}
+    for seed in seeds:
+        if str(seed) not in done["seeds"]:
+            done["seeds"][str(seed)] = running_means(run_plan(setup, Plan.from_dict(plan), split="test", train_seed=seed))["psnr"]
+            _write_json(path, done)
+    values = [done["seeds"][str(seed)] for seed in seeds]
+    return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "seeds": values}
+
+
+def _summarise_engine(rows: list[dict[str, Any]], confirm, target: float, grid_best_test: float, grid_cost: int,
+                      goal: float) -> dict[str, Any]:
+    """Cost to reach the grid's best on test: each plan that becomes best so far by validation is
+    confirmed on test (``confirm(plan) -> {"mean", ...}``) until one reaches ``target``."""
+    cost, reached, best, confirmed_plans = 0, None, None, 0
     for position, r in enumerate(rows, start=1):
         cost += r["cost"]
-        if reached is None and r["state"] == "FINISHED" and r["psnr"] is not None and r["psnr"] >= target:
-            reached = {"cost": cost, "share": cost / grid_cost, "trials": position, "trial": r["number"], "psnr": r["psnr"]}
-    finished = [r for r in rows if r["state"] == "FINISHED" and r["psnr"] is not None]
-    best = max(finished, key=lambda r: r["psnr"], default=None)
+        if r["state"] != "FINISHED" or r["psnr"] is None or (best is not None and r["psnr"] <= best["psnr"]):
+            continue
+        best = r
+        if reached is None:
+            test = confirm(r["plan"])
+            confirmed_plans += 1
+            if test["mean"] >= target:
+                reached = {"cost": cost, "share": cost / grid_cost, "trials": position, "trial": r["number"], "test": test}
     states: dict[str, int] = {}
     for r in rows:
         states[r["state"]] = states.get(r["state"], 0) + 1
+    best_test = confirm(best["plan"]) if best is not None else None
     return {
         "total_cost": cost, "total_share": cost / grid_cost, "trials": len(rows), "states": states,
         "reached": reached is not None, "cost_to_reach": reached["cost"] if reached else None,
         "share_to_reach": reached["share"] if reached else None, "trials_to_reach": reached["trials"] if reached else None,
-        "meets_goal": bool(reached and reached["share"] <= goal),
+        "plans_confirmed": confirmed_plans, "meets_goal": bool(reached and reached["share"] <= goal),
         "best": None if best is None else {
-            "trial": best["number"], "psnr": best["psnr"], "ssim": best["ssim"], "params_pct": 100 * best["fraction"],
-            "plan": best["plan"], "beats_grid": best["psnr"] > grid_best, "gap_db": best["psnr"] - grid_best},
+            "trial": best["number"], "val_psnr": best["psnr"], "test_psnr": best_test["mean"], "test_sd": best_test["sd"],
+            "params_pct": 100 * best["fraction"], "plan": best["plan"], "beats_grid_on_test": best_test["mean"] > grid_best_test,
+            "gap_test_db": best_test["mean"] - grid_best_test},
     }
 
 
@@ -250,7 +284,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from autopeft.cli._common import resolve_manifest
     from autopeft.data import read_manifest
-    from autopeft.finetuning import FINETUNE_DEFAULTS
     from autopeft.peft import Plan
     from autopeft.pretraining import manifest_digest
     from autopeft.search.budget import PlanCounter
@@ -263,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall_start = time.time()
     settings = _settings(args)
     manifest_path = str(resolve_manifest(args.data, progress=True))
-    lr = FINETUNE_DEFAULTS.get(settings["preset"], FINETUNE_DEFAULTS["paper"])["lr_peft"]
+    lr = build_backbone(args.backbone, settings["preset"]).preset.finetune.lr_peft
     plans = grid_plans(args.backbone, train={"lr": lr, "epochs": settings["epochs"]})
     template = build_backbone(args.backbone, settings["preset"])
     counter = PlanCounter(template)
@@ -294,8 +327,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     grid = _run_grid(setup, plans, counter, work / "grid")
     grid_seconds = time.time() - phase
     grid_cost = sum(r["cost"] for r in grid)
-    grid_best = max(grid, key=lambda r: r["psnr"])
-    target = grid_best["psnr"] - args.tolerance
+    grid_best = max(grid, key=lambda r: r["psnr"])  # chosen on validation, as a user of the grid would
+    seeds = [args.seed + i for i in range(args.confirm_seeds)]
+    confirm = lambda plan_dict: _confirmed(setup, plan_dict, seeds, work / "confirmed")  # noqa: E731
+    grid_best_test = confirm(grid_best["plan"])
+    tolerance = max(args.tolerance, grid_best_test["sd"])
+    target = grid_best_test["mean"] - tolerance
     cost_to_grid_best = sum(r["cost"] for r in grid[: grid.index(grid_best) + 1])
     # No-FT (the source model as is, 0 epochs) puts the PSNRs in context: it costs no pair-epoch.
     no_ft = _run_grid(setup, [Plan.from_dict({"name": "no-ft", "backbone": args.backbone, "train": {"lr": lr, "epochs": 0}})],
@@ -312,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             _engine_run(args, settings, variant, sampler_seed, run_dir)
             engine_seconds[f"{variant}/{sampler_seed}"] = time.time() - phase
             rows = _trial_rows(run_dir, args.trials, settings["epochs"])
-            summary = _summarise_engine(rows, target, grid_best["psnr"], grid_cost, args.goal)
+            summary = _summarise_engine(rows, confirm, target, grid_best_test["mean"], grid_cost, args.goal)
             runs.setdefault(variant, []).append({"sampler_seed": sampler_seed, "run_dir": str(run_dir), **summary, "_rows": rows})
 
     # Engine trials run in fresh Ray workers that import the code as it is then: if the source
@@ -341,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         variants_out[variant] = {
             "runs": variant_runs, "reached": f"{len(shares)}/{len(variant_runs)}",
             "median_share_to_reach": _median(shares), "median_cost_to_reach": _median([r["cost_to_reach"] for r in variant_runs if r["reached"]]),
-            "median_best_psnr": _median([r["best"]["psnr"] for r in variant_runs if r["best"]]),
+            "median_best_test_psnr": _median([r["best"]["test_psnr"] for r in variant_runs if r["best"]]),
             "meets_goal": f"{sum(r['meets_goal'] for r in variant_runs)}/{len(variant_runs)}",
         }
     result = {
@@ -351,13 +388,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python bench/rediscovery.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "evaluation": evaluation, "evaluation_changed_during_run": changed, "budget_params": int(settings["budget"]) if settings["budget"].isdigit() else settings["budget"],
         "trials_per_run": args.trials, "repeats": args.repeats, "concurrency": args.concurrency, "asha": not args.no_asha,
-        "tolerance_db": args.tolerance, "goal_share": args.goal,
-        "psnr_definition": "peak 1 on [0,1]-scaled volumes; mean over pairs of the targets' held-out subjects",
+        "tolerance_db": tolerance, "tolerance_floor_db": args.tolerance, "noise_sd_db": grid_best_test["sd"],
+        "confirm_seeds": seeds, "goal_share": args.goal,
+        "psnr_definition": "peak 1 on [0,1]-scaled volumes; mean over pairs of the targets' validation (val) or test subjects",
         "cost_unit": "fine-tuning pair-epochs (pairs run x epochs, summed over trained trials)",
         "prior_overhead_pair_epochs": 2 * len(setup.units),
         "no_ft": {"psnr": no_ft["psnr"], "ssim": no_ft["ssim"], "pairs": [p["psnr"] for p in no_ft["pairs"]]},
         "grid": {"plans": len(grid), "cost": grid_cost, "cost_to_its_best_in_file_order": cost_to_grid_best,
-                 "best": {"name": grid_best["name"], "psnr": grid_best["psnr"], "ssim": grid_best["ssim"],
+                 "best": {"name": grid_best["name"], "val_psnr": grid_best["psnr"], "test_psnr": grid_best_test["mean"],
+                          "test_sd": grid_best_test["sd"], "test_seeds": grid_best_test["seeds"],
                           "params_pct": 100 * grid_best["fraction"]},
                  "rows": [{k: r[k] for k in ("name", "psnr", "ssim", "nrmse", "fraction", "cost", "seconds")} | {"prior": p}
                           for r, (p, _) in zip(grid, grid_points)]},
@@ -379,25 +418,30 @@ def _print(result: dict[str, Any]) -> None:
     grid = result["grid"]
     print(f"\n{result['evaluation']['backbone']}/{result['evaluation']['preset']}, pairs of scanners "
           f"{','.join(result['evaluation']['scanners'])}, {result['evaluation']['epochs']} epochs; PSNR {result['psnr_definition']}")
-    print(f"No-FT (source model as is): {result['no_ft']['psnr']:.3f} dB")
-    print("grid (PSNR, % params, prior):")
+    print(f"No-FT (source model as is): {result['no_ft']['psnr']:.3f} dB (validation)")
+    print("grid (validation PSNR, % params, prior):")
     for r in sorted(grid["rows"], key=lambda r: -r["psnr"]):
         print(f"  {r['name']:<24} {r['psnr']:8.3f} dB {100 * r['fraction']:7.3f}%  prior {r['prior']:.3f}")
-    print(f"grid best {grid['best']['name']}: {grid['best']['psnr']:.3f} dB at {grid['best']['params_pct']:.3f}%; "
-          f"grid cost {grid['cost']} pair-epochs; target = within {result['tolerance_db']} dB of the best; "
-          f"goal <= {100 * result['goal_share']:.0f}% of the grid's cost ({result['goal_share'] * grid['cost']:.0f} pair-epochs)")
+    best = grid["best"]
+    print(f"grid best by validation {best['name']}: {best['val_psnr']:.3f} dB (val), {best['test_psnr']:.3f} dB on test "
+          f"(mean over seeds {result['confirm_seeds']}, SD {best['test_sd']:.3f}) at {best['params_pct']:.3f}%; grid cost "
+          f"{grid['cost']} pair-epochs")
+    print(f"reaching it = a best-so-far plan within {result['tolerance_db']:.3f} dB of it on test (the larger of the "
+          f"--tolerance floor {result['tolerance_floor_db']} dB and the measured noise {result['noise_sd_db']:.3f} dB); goal <= "
+          f"{100 * result['goal_share']:.0f}% of the grid's cost ({result['goal_share'] * grid['cost']:.0f} pair-epochs)")
     print(f"\n{'run':<22} {'reached':>7} {'cost to reach':>14} {'% of grid':>9} {'trials':>6} {'total cost':>10} "
-          f"{'best PSNR':>9} {'% params':>8} {'vs grid':>8}")
+          f"{'best val':>8} {'best test':>9} {'% params':>8} {'test vs grid':>12}")
     for variant, data in result["engine"].items():
         for run in data["runs"]:
             best = run["best"] or {}
             print(f"{variant + '/s' + str(run['sampler_seed']):<22} {'yes' if run['reached'] else 'no':>7} "
                   f"{_fmt(run['cost_to_reach'], 'd'):>14} {_fmt(run['share_to_reach'] and 100 * run['share_to_reach'], '.1f'):>9} "
-                  f"{_fmt(run['trials_to_reach'], 'd'):>6} {run['total_cost']:>10d} {_fmt(best.get('psnr'), '.3f'):>9} "
-                  f"{_fmt(best.get('params_pct'), '.3f'):>8} {_fmt(best.get('gap_db'), '+.3f'):>8}")
+                  f"{_fmt(run['trials_to_reach'], 'd'):>6} {run['total_cost']:>10d} {_fmt(best.get('val_psnr'), '.3f'):>8} "
+                  f"{_fmt(best.get('test_psnr'), '.3f'):>9} {_fmt(best.get('params_pct'), '.3f'):>8} "
+                  f"{_fmt(best.get('gap_test_db'), '+.3f'):>12}")
     print(f"(priors also cost {result['prior_overhead_pair_epochs']} pair-epochs of gradient passes, once per evaluation)")
     c = result["spearman_prior_vs_psnr"]
-    print(f"Spearman(prior, PSNR): {_fmt(c['all'], '.3f')} over {c['n_all']} fully trained plans; "
+    print(f"Spearman(prior, validation PSNR): {_fmt(c['all'], '.3f')} over {c['n_all']} fully trained plans; "
           f"{_fmt(c['grid'], '.3f')} over the {c['n_grid']} grid plans")
 
 

@@ -4,8 +4,8 @@ The source model comes from the pre-training cache (trained first if missing, se
 pretrain'). Each plan is applied to a fresh copy of it, fine-tuned on the target scanner's few
 fine-tuning subjects by the same recipe a search's trials use, and scored on the target's test
 subjects (--split test, the default) or validation subjects (--split val, what a search chose on)
-by sliding-window inference over whole volumes: PSNR (dB, peak 1 on [0,1] data), 3D SSIM (7^3 window) and NRMSE (RMSE / target
-range), beside the identity baseline (the short scan itself taken as the prediction). Also printed:
+by sliding-window inference over whole volumes: PSNR (dB, peak 1 on [0,1] data), 3D SSIM (7^3
+window) and NRMSE (RMSE / target range), beside the identity baseline (the short scan itself taken as the prediction). Also printed:
 % of the network's parameters trained, seconds per epoch and peak memory.
 
 plans (--plan, comma-separated):

@@ -192,7 +192,7 @@ def _trainable(config: dict[str, Any], setup: TrialSetup) -> None:
     record = {
         "number": number, "state": "RUNNING", "plan": config["plan"], "params": config["params"],
         "trainable": config["trainable"], "fraction": config["fraction"], "prior": config.get("prior"),
-        "warm_start": config.get("warm_start", False), "pairs_total": len(setup.units), "pairs_done": 0,
+        "warm_start": config.get("warm_start", False), "split": "val", "pairs_total": len(setup.units), "pairs_done": 0,
         "fidelity": 0.0, "psnr": None, "ssim": None, "nrmse": None, "pairs": [], "reason": "",
         "started": time.time(), "seconds": 0.0,
     }
@@ -249,7 +249,8 @@ def _ray_helpers(run_dir: Path, study, total: int, deadline: float | None, start
             counts = {state: sum(r.get("state") == state for r in done) for state in (FINISHED, STOPPED, FAILED, INFEASIBLE, "RUNNING")}
             best = max((r for r in done if r.get("state") == FINISHED), key=lambda r: r["psnr"], default=None)
             left = f", {max(deadline - time.time(), 0) / 60:.1f} min left to launch" if deadline else ""
-            best_text = f"best {best['psnr']:.3f} dB at {100 * best['fraction']:.3f}% (#{best['number']})" if best else "no finished trial yet"
+            best_text = (f"best {best['psnr']:.3f} dB (validation) at {100 * best['fraction']:.3f}% (#{best['number']})"
+                         if best else "no finished trial yet")
             print(
                 f"[{(time.time() - started) / 60:5.1f} min] trial #{record['number']} {record['state'].lower()}"
                 + (f" ({record.get('reason')})" if record.get("state") in (FAILED,) else "")
