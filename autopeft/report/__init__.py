@@ -182,8 +182,9 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
     sections.append(("confirmed", "Confirmed on test subjects", _confirmed(run)))
     sections.append(("selection", "Validation against test", _figure_html(selection_figure(run), first)
                      + "<p class='caption'>Each confirmed plan's validation PSNR (what the search chose on) against its "
-                     "test PSNR (mean and 95% CI). Points below the diagonal lost on test what they showed on validation: "
-                     "the selection bias of picking the best of many noisy scores.</p>"))
+                     "test PSNR (mean and 95% CI). Validation and test are different subjects, so even plans nobody selected "
+                     "(the references) sit off the diagonal; a searched plan lying further below it than the references "
+                     "shows the selection bias of picking the best of many noisy validation scores.</p>"))
     sections.append(("history", "Optimisation history", _figure_html(history_figure(run), first)
                      + "<p class='caption'>Split: validation. Early-stopped trials show their mean over fewer pairs; failed "
                      "and over-budget trials have no score and sit at the bottom edge.</p>"))
