@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import html
+import json
 import os
 import time
 from pathlib import Path
@@ -138,7 +139,12 @@ def _settings(run: RunData) -> str:
     for name in _VERSIONED:
         then = (recorded or {}).get(name)
         lines.append(f"<tr><th>{name}</th><td>{_esc(then or '-')}</td><td>{_esc(now[name])}</td></tr>")
-    return (f"<p>Study <code>{_esc(run.meta.get('study_name', '?'))}</code> in <code>study.db</code>, "
+    slots_path = run.run_dir / "slots.json"
+    slots = json.loads(slots_path.read_text(encoding="utf-8")) if slots_path.is_file() else []
+    busy = "".join(f"<li>session {i + 1}: {100 * sl['busy_share']:.0f}% of {sl['concurrency']} slot(s) busy over a "
+                   f"{sl['phase_seconds'] / 60:.1f}-minute trial phase</li>" for i, sl in enumerate(slots))
+    return ((f"<p>Trial slots (trial seconds over slots × wall time of the trial phase):</p><ul>{busy}</ul>" if busy else "")
+            + f"<p>Study <code>{_esc(run.meta.get('study_name', '?'))}</code> in <code>study.db</code>, "
             f"{run.meta.get('sessions', 1)} session(s). Browse it live with <code>autopeft dashboard {_esc(run.run_dir)}</code>.</p>"
             f"<table>{rows}</table><h3>Versions</h3><table><tr><th>package</th><th>at search time</th>"
             f"<th>at report time</th></tr>{''.join(lines)}</table>")

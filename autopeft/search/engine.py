@@ -7,12 +7,14 @@ Flow of :func:`run_search`:
 2. pre-train every source model once, in the driver, before any trial (cached, shared);
 3. open the Optuna study in ``<run>/study.db`` (SQLite, unique name); on a first session, enqueue
    the plans with the best SH-PEFT prior (warm start, unless ``priors`` is off);
-4. fine-tune the reference plans (No-FT, Full-FT, PETITE's) for the results table;
-5. run the trials through ``ray.tune.Tuner`` with ``OptunaSearch`` (define-by-run over the space;
-   plans over the budget are marked infeasible with ``trial.set_constraint`` and never train),
-   ``ASHAScheduler`` on the pairs done, and a limiter that caps concurrency, stops launching at
-   the deadline and after ``trials`` plans within the budget (an over-budget draw costs nothing,
-   so it does not count; TPE learns from its constraint to avoid such plans);
+4. fine-tune the reference plans (No-FT always: its per-pair validation PSNR is the baseline of
+   the objective; Full-FT and PETITE's plan for the results table);
+5. run the trials through ``ray.tune.Tuner`` with :class:`~autopeft.search._searcher.StudySearcher`
+   (Optuna's ask / tell; plans over the budget are drawn again inside the sampling step, each told
+   to the study as FAIL with its ``trial.set_constraint``, and never become Ray trials), the
+   objective being the mean validation PSNR gain over No-FT (pairs rotated per trial), ``ASHAScheduler``
+   on the pairs done (a stopped trial is PRUNED in the study), and a limiter that caps concurrency,
+   stops launching at the deadline and after ``trials`` launched plans;
 6. write ``results.csv``, ``best_plan.yaml``, the Pareto plans and the best plan's weights;
 7. confirm the ``confirm`` best plans and the references on the targets' test subjects
    (:mod:`autopeft.search.confirm`): everything before this stage sees validation subjects only.

@@ -121,6 +121,9 @@ def finish_run(run_dir: Path, setup, config, space, priors: bool) -> dict[str, A
                  ).to_csv(run_dir / "results.csv", index=False)
     finished = [r for r in trial_rows if r["state"] == FINISHED and r.get("psnr") is not None]
     summary: dict[str, Any] = {"finished": len(finished), "trials": len(trial_rows), "split": "val", "best": None, "pareto": []}
+    slots = run_dir / "slots.json"
+    if slots.is_file():  # per session: trial seconds over slots x wall time of the trial phase
+        summary["slots"] = json.loads(slots.read_text(encoding="utf-8"))
     if finished:
         best = max(finished, key=lambda r: r["psnr"])
         _write_best_plan(run_dir, setup, best, f"the best validation PSNR ({best['psnr']:.3f} dB) of {len(finished)} finished trials")
