@@ -191,3 +191,13 @@ def test_time_budget_counts_from_the_start_and_still_launches_one_wave(ray_sessi
     run_dir = run_search(_config(data, tmp_path / "run", trials=4, time_budget_s=1.0, priors=False, budget="50%"))
     rows = records(run_dir)
     assert sum(r["state"] != INFEASIBLE for r in rows) == 2
+
+
+def test_multi_objective_study_gets_gain_and_fraction(ray_session, data, tmp_path):
+    run_dir = run_search(_config(data, tmp_path / "run", trials=2, priors=False, objective="multi"))
+    study = _study(run_dir)
+    assert len(study.directions) == 2
+    rows = {r["number"]: r for r in records(run_dir)}
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and all(t.values == [pytest.approx(rows[t.number]["gain"]), pytest.approx(rows[t.number]["fraction"])]
+                            for t in complete)
