@@ -217,12 +217,15 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
     if recommended:
         from autopeft.search.confirm import format_ci
 
+        gain = recommended["val"].get("gain")
+        gain_text = f", gain over No-FT {gain:+.3f} dB: the study's objective value" if gain is not None else ""
         best_text = (f"Recommended plan: trial #{recommended['number']}, test PSNR {format_ci(recommended['test']['psnr'])} dB "
-                     f"(mean [95% CI]; validation {recommended['val']['psnr']:.3f} dB) with "
+                     f"(mean [95% CI]; validation {recommended['val']['psnr']:.3f} dB{gain_text}) with "
                      f"{100 * recommended['fraction']:.3f}% of the parameters trainable.")
     elif best:
-        best_text = (f"Best finished plan: trial #{best['number']}, validation PSNR {best['psnr']:.3f} dB (in-sample, not "
-                     f"confirmed on test subjects) with {100 * best['fraction']:.3f}% of the parameters trainable.")
+        gain_text = f", gain over No-FT {best['gain']:+.3f} dB" if best.get("gain") is not None else ""
+        best_text = (f"Best finished plan: trial #{best['number']}, validation PSNR {best['psnr']:.3f} dB{gain_text} (in-sample, "
+                     f"not confirmed on test subjects) with {100 * best['fraction']:.3f}% of the parameters trainable.")
     else:
         best_text = "No trial has finished every pair yet."
     page = (
