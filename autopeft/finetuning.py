@@ -164,14 +164,36 @@ class FinetuneJob:
         return self.seed if self.train_seed is None else self.train_seed
 
 
+# Source models already loaded in this process (a Ray worker runs many trials): loading and
+# checking a checkpoint costs more than a copy. Keyed by what identifies the model and the stamp of
+# the manifest; at most a few models (a search has one per source scanner and fold).
+_LOADED: dict[tuple, tuple[nn.Module, dict[str, Any]]] = {}
+_LOADED_MAX = 8
+
+
 def source_model(job: FinetuneJob, *, progress: bool = False):
-    """The job's pre-trained source model and its checkpoint metadata (cache; trained if missing)."""
+    """The job's pre-trained source model and its checkpoint metadata (cache; trained if missing).
+
+    Returns a fresh copy each call: callers may change it.
+    """
+    import copy
+    from pathlib import Path
+
     from autopeft.pretraining import pretrained_model
 
-    return pretrained_model(
-        job.backbone, job.source, manifest_path=job.manifest_path, preset=job.preset, fold=job.fold,
-        epochs=job.pretrain_epochs, seed=job.seed, protocol=job.make_protocol(), device=job.device, progress=progress,
-    )
+    manifest = Path(job.manifest_path)
+    stamp = manifest.stat().st_mtime_ns if manifest.is_file() else 0
+    key = (job.backbone, job.preset, str(manifest), stamp, job.source, job.fold, job.seed, job.protocol,
+           job.pretrain_epochs, job.device)
+    if key not in _LOADED:
+        if len(_LOADED) >= _LOADED_MAX:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = pretrained_model(
+            job.backbone, job.source, manifest_path=job.manifest_path, preset=job.preset, fold=job.fold,
+            epochs=job.pretrain_epochs, seed=job.seed, protocol=job.make_protocol(), device=job.device, progress=progress,
+        )
+    model, meta = _LOADED[key]
+    return copy.deepcopy(model), dict(meta)
 
 
 def target_importance(job: FinetuneJob, model: nn.Module | None = None, meta: dict[str, Any] | None = None):

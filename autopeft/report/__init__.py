@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import html
+import json
 import os
 import time
 from pathlib import Path
@@ -116,13 +117,14 @@ def _trials_table(run: RunData) -> str:
     rows = [{
         "#": r["number"], "state": r.get("state", "RUNNING"),
         "pairs": f"{r.get('pairs_done', 0)}/{r.get('pairs_total', 0)}",
-        "% Param": 100 * float(r.get("fraction") or 0.0), "PSNR": r.get("psnr"), "SSIM": r.get("ssim"),
+        "% Param": 100 * float(r.get("fraction") or 0.0), "val PSNR": r.get("psnr"), "gain dB": r.get("gain"),
+        "SSIM": r.get("ssim"),
         "NRMSE": r.get("nrmse"), "prior": r.get("prior"), "warm start": "yes" if r.get("warm_start") else "",
         "seconds": float(r.get("seconds") or 0.0), "plan": plan_summary(r.get("plan") or {}), "reason": r.get("reason", ""),
     } for r in run.records]
     frame = pd.DataFrame(rows)
     colour = {state: style[1] for state, style in STATE_STYLE.items()}
-    styler = (frame.style.format({"% Param": "{:.3f}", "PSNR": "{:.3f}", "SSIM": "{:.4f}", "NRMSE": "{:.4f}",
+    styler = (frame.style.format({"% Param": "{:.3f}", "val PSNR": "{:.3f}", "gain dB": "{:+.3f}", "SSIM": "{:.4f}", "NRMSE": "{:.4f}",
                                   "prior": "{:.3g}", "seconds": "{:.0f}"}, na_rep="-")
               .map(lambda s: f"color: {colour.get(s, '#222')}; font-weight: bold", subset=["state"]).hide(axis="index"))
     return styler.to_html()
@@ -137,7 +139,12 @@ def _settings(run: RunData) -> str:
     for name in _VERSIONED:
         then = (recorded or {}).get(name)
         lines.append(f"<tr><th>{name}</th><td>{_esc(then or '-')}</td><td>{_esc(now[name])}</td></tr>")
-    return (f"<p>Study <code>{_esc(run.meta.get('study_name', '?'))}</code> in <code>study.db</code>, "
+    slots_path = run.run_dir / "slots.json"
+    slots = json.loads(slots_path.read_text(encoding="utf-8")) if slots_path.is_file() else []
+    busy = "".join(f"<li>session {i + 1}: {100 * sl['busy_share']:.0f}% of {sl['concurrency']} slot(s) busy over a "
+                   f"{sl['phase_seconds'] / 60:.1f}-minute trial phase</li>" for i, sl in enumerate(slots))
+    return ((f"<p>Trial slots (trial seconds over slots × wall time of the trial phase):</p><ul>{busy}</ul>" if busy else "")
+            + f"<p>Study <code>{_esc(run.meta.get('study_name', '?'))}</code> in <code>study.db</code>, "
             f"{run.meta.get('sessions', 1)} session(s). Browse it live with <code>autopeft dashboard {_esc(run.run_dir)}</code>.</p>"
             f"<table>{rows}</table><h3>Versions</h3><table><tr><th>package</th><th>at search time</th>"
             f"<th>at report time</th></tr>{''.join(lines)}</table>")
@@ -211,12 +218,15 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
     if recommended:
         from autopeft.search.confirm import format_ci
 
+        gain = recommended["val"].get("gain")
+        gain_text = f", gain over No-FT {gain:+.3f} dB: the study's objective value" if gain is not None else ""
         best_text = (f"Recommended plan: trial #{recommended['number']}, test PSNR {format_ci(recommended['test']['psnr'])} dB "
-                     f"(mean [95% CI]; validation {recommended['val']['psnr']:.3f} dB) with "
+                     f"(mean [95% CI]; validation {recommended['val']['psnr']:.3f} dB{gain_text}) with "
                      f"{100 * recommended['fraction']:.3f}% of the parameters trainable.")
     elif best:
-        best_text = (f"Best finished plan: trial #{best['number']}, validation PSNR {best['psnr']:.3f} dB (in-sample, not "
-                     f"confirmed on test subjects) with {100 * best['fraction']:.3f}% of the parameters trainable.")
+        gain_text = f", gain over No-FT {best['gain']:+.3f} dB" if best.get("gain") is not None else ""
+        best_text = (f"Best finished plan: trial #{best['number']}, validation PSNR {best['psnr']:.3f} dB{gain_text} (in-sample, "
+                     f"not confirmed on test subjects) with {100 * best['fraction']:.3f}% of the parameters trainable.")
     else:
         best_text = "No trial has finished every pair yet."
     page = (

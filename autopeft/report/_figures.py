@@ -141,11 +141,41 @@ def importance_figure(run: RunData, *, min_trials: int = 4):
         return f"Parameter importances could not be computed over {len(trials)} finished trials: {err}"
     if not importances:
         return "Parameter importances are empty: no parameter varied across the finished trials."
+    title = f"Parameter importances for the objective ({len(trials)} finished trials, Optuna default evaluator)"
+    if len(importances) > GROUP_ABOVE:
+        return _grouped_importances(importances, title)
     names = list(importances)[::-1]
     fig = go.Figure(go.Bar(x=[importances[n] for n in names], y=names, orientation="h", marker_color="#1f77b4",
                            hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
-    fig.update_layout(title=f"Parameter importances for PSNR ({len(trials)} finished trials, Optuna default evaluator)",
-                      xaxis_title="importance (sums to 1)", **{**_LAYOUT, "height": max(260, 60 + 28 * len(names))})
+    fig.update_layout(title=title, xaxis_title="importance (sums to 1)", **{**_LAYOUT, "height": max(260, 60 + 28 * len(names))})
+    return fig
+
+
+GROUP_ABOVE = 16  # more parameters than this (per-block spaces): one bar per block, split by method
+
+
+def _grouped_importances(importances: dict[str, float], title: str):
+    """One bar per block of the space (its method choice and its methods' hyperparameters, stacked
+    by method), and one for the global choices (lr, BitFit, SH-PEFT lambda)."""
+    import plotly.graph_objects as go
+
+    parts: dict[str, dict[str, float]] = {}  # block -> segment -> importance
+    for name, value in importances.items():
+        if name.endswith(".method"):
+            block, segment = name[: -len(".method")], "method choice"
+        elif name.count(".") >= 2:
+            block, method, _param = name.rsplit(".", 2)
+            segment = f"{method} settings"
+        else:
+            block, segment = "(global)", name
+        parts.setdefault(block, {})
+        parts[block][segment] = parts[block].get(segment, 0.0) + value
+    blocks = sorted(parts, key=lambda b: sum(parts[b].values()))
+    segments = sorted({seg for block in parts.values() for seg in block})
+    fig = go.Figure([go.Bar(name=seg, orientation="h", y=blocks, x=[parts[b].get(seg, 0.0) for b in blocks],
+                            hovertemplate=f"%{{y}} / {seg}: %{{x:.3f}}<extra></extra>") for seg in segments])
+    fig.update_layout(barmode="stack", title=title + ", grouped by block and method", xaxis_title="importance (sums to 1)",
+                      **{**_LAYOUT, "height": max(300, 80 + 26 * len(blocks))})
     return fig
 
 

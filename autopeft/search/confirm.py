@@ -50,7 +50,7 @@ def confirmation_candidates(run_dir: Path, k: int, setup: TrialSetup) -> list[di
     finished = sorted((r for r in records(run_dir) if r.get("state") == FINISHED and r.get("psnr") is not None),
                       key=lambda r: (-r["psnr"], r["number"]))
     candidates = [{"label": f"#{r['number']}", "number": r["number"], "plan": r["plan"], "fraction": r["fraction"],
-                   "val": {m: r[m] for m in METRICS}} for r in finished[:k]]
+                   "val": {**{m: r[m] for m in METRICS}, "gain": r.get("gain")}} for r in finished[:k]]
     ref_path = run_dir / "references.json"
     measured = {row["label"]: row for row in json.loads(ref_path.read_text(encoding="utf-8"))} if ref_path.is_file() else {}
     counter = PlanCounter(build_backbone(setup.backbone, setup.preset))

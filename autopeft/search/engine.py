@@ -7,12 +7,14 @@ Flow of :func:`run_search`:
 2. pre-train every source model once, in the driver, before any trial (cached, shared);
 3. open the Optuna study in ``<run>/study.db`` (SQLite, unique name); on a first session, enqueue
    the plans with the best SH-PEFT prior (warm start, unless ``priors`` is off);
-4. fine-tune the reference plans (No-FT, Full-FT, PETITE's) for the results table;
-5. run the trials through ``ray.tune.Tuner`` with ``OptunaSearch`` (define-by-run over the space;
-   plans over the budget are marked infeasible with ``trial.set_constraint`` and never train),
-   ``ASHAScheduler`` on the pairs done, and a limiter that caps concurrency, stops launching at
-   the deadline and after ``trials`` plans within the budget (an over-budget draw costs nothing,
-   so it does not count; TPE learns from its constraint to avoid such plans);
+4. fine-tune the reference plans (No-FT always: its per-pair validation PSNR is the baseline of
+   the objective; Full-FT and PETITE's plan for the results table);
+5. run the trials through ``ray.tune.Tuner`` with :class:`~autopeft.search._searcher.StudySearcher`
+   (Optuna's ask / tell; plans over the budget are drawn again inside the sampling step, each told
+   to the study as FAIL with its ``trial.set_constraint``, and never become Ray trials), the
+   objective being the mean validation PSNR gain over No-FT (pairs rotated per trial), ``ASHAScheduler``
+   on the pairs done (a stopped trial is PRUNED in the study), and a limiter that caps concurrency,
+   stops launching at the deadline and after ``trials`` launched plans;
 6. write ``results.csv``, ``best_plan.yaml``, the Pareto plans and the best plan's weights;
 7. confirm the ``confirm`` best plans and the references on the targets' test subjects
    (:mod:`autopeft.search.confirm`): everything before this stage sees validation subjects only.
@@ -34,6 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from autopeft.checkpoints import atomic_write_text
 from autopeft.errors import ConfigError
 from autopeft.search.budget import Budget, PlanCounter
 from autopeft.search.trial import (
@@ -44,6 +47,7 @@ from autopeft.search.trial import (
     STOPPED,
     TERMINAL,
     TrialSetup,
+    new_record,
     read_record,
     records,
     run_plan,
@@ -187,20 +191,10 @@ def _trainable(config: dict[str, Any], setup: TrialSetup) -> None:
     existing = read_record(setup.run_dir, number)
     if existing is not None and existing.get("state") == FINISHED:
         # Ray restarted a trial that had already finished: report its result, train nothing.
-        tune.report({k: existing[k] for k in ("psnr", "ssim", "nrmse", "fraction", "fidelity", "pairs_done")} | {"infeasible": 0})
+        tune.report({k: existing.get(k) for k in ("psnr", "ssim", "nrmse", "gain", "fraction", "fidelity", "pairs_done",
+                                                  "pairs_total")})
         return
-    record = {
-        "number": number, "state": "RUNNING", "plan": config["plan"], "params": config["params"],
-        "trainable": config["trainable"], "fraction": config["fraction"], "prior": config.get("prior"),
-        "warm_start": config.get("warm_start", False), "split": "val", "pairs_total": len(setup.units), "pairs_done": 0,
-        "fidelity": 0.0, "psnr": None, "ssim": None, "nrmse": None, "pairs": [], "reason": "",
-        "started": time.time(), "seconds": 0.0,
-    }
-    if not config["feasible"]:
-        record.update(state=INFEASIBLE, reason=f"trains {100 * config['fraction']:.3f}% of the parameters, over the budget")
-        write_record(setup.run_dir, number, record)
-        tune.report({"psnr": 0.0, "ssim": 0.0, "nrmse": 1.0, "fraction": config["fraction"], "fidelity": 0.0, "pairs_done": 0, "infeasible": 1})
-        return
+    record = new_record(config, setup, state="RUNNING")
     write_record(setup.run_dir, number, record)
     plan = Plan.from_dict(config["plan"])
 
@@ -208,11 +202,11 @@ def _trainable(config: dict[str, Any], setup: TrialSetup) -> None:
         record.update(metrics, seconds=time.time() - record["started"])
         metrics = {k: v for k, v in metrics.items() if k != "pairs"}
         write_record(setup.run_dir, number, record)
-        tune.report({**metrics, "fraction": config["fraction"], "infeasible": 0})
+        tune.report({**metrics, "fraction": config["fraction"]})
 
     try:
         save_dir = Path(setup.run_dir) / "weights" / f"{number:04d}"
-        run_plan(setup, plan, report=report, save_dir=save_dir)
+        run_plan(setup, plan, report=report, save_dir=save_dir, offset=number)
     except Exception as err:  # recorded with its reason, then re-raised so Ray and Optuna mark it FAILED
         record.update(state=FAILED, reason=f"{type(err).__name__}: {err}"[:500], seconds=time.time() - record["started"])
         write_record(setup.run_dir, number, record)
@@ -221,30 +215,37 @@ def _trainable(config: dict[str, Any], setup: TrialSetup) -> None:
     write_record(setup.run_dir, number, record)
 
 
-def _ray_helpers(run_dir: Path, study, total: int, deadline: float | None, started: float, progress: bool):
-    """The Tune callback (records, study attributes, console lines) and the deadline limiter,
-    built on first use so that importing this module does not import Ray."""
+def _baseline(run_dir: Path) -> tuple[tuple[str, str, int, float], ...]:
+    """No-FT's validation PSNR per (source, target, fold), from references.json."""
+    rows = json.loads((run_dir / "references.json").read_text(encoding="utf-8"))
+    no_ft = next(row for row in rows if row["label"] == "No-FT")
+    return tuple((p["source"], p["target"], int(p["fold"]), float(p["psnr"])) for p in no_ft["pairs"])
+
+
+def _ray_helpers(run_dir: Path, total: int, deadline: float | None, started: float, progress: bool):
+    """The Tune callback (records, console lines) and the deadline limiter, built on first use so
+    that importing this module does not import Ray."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter, Searcher
-    from ray.tune.search.optuna import OptunaSearch
 
     class Progress(tune.Callback):
-        """Finishes each trial's record (FINISHED or STOPPED early, FAILED), mirrors it into the
-        Optuna study as user attributes, and prints one line per event."""
+        """Finishes each trial's record (FINISHED or STOPPED early, FAILED) and prints one line per event."""
 
         def _close(self, trial, failed: bool) -> None:
+            from autopeft.search._searcher import trial_state
+
             number = int(trial.config["number"])
             record = read_record(run_dir, number) or {"number": number, "pairs_done": 0, "pairs_total": 0, "fidelity": 0.0}
             if failed:
                 if record.get("state") != FAILED:
                     record.update(state=FAILED, reason=record.get("reason") or f"the trial process failed ({trial.error_file or 'no error file'})")
             elif record.get("state") == "RUNNING":
-                record["state"] = FINISHED if record["pairs_done"] >= record["pairs_total"] else STOPPED
+                record["state"] = trial_state(record, False)
             write_record(run_dir, number, record)
             if progress:
-                self._line(record)
+                self.line(record)
 
-        def _line(self, record: dict[str, Any]) -> None:
+        def line(self, record: dict[str, Any]) -> None:
             done = records(run_dir)
             counts = {state: sum(r.get("state") == state for r in done) for state in (FINISHED, STOPPED, FAILED, INFEASIBLE, "RUNNING")}
             best = max((r for r in done if r.get("state") == FINISHED), key=lambda r: r["psnr"], default=None)
@@ -255,7 +256,7 @@ def _ray_helpers(run_dir: Path, study, total: int, deadline: float | None, start
                 f"[{(time.time() - started) / 60:5.1f} min] trial #{record['number']} {record['state'].lower()}"
                 + (f" ({record.get('reason')})" if record.get("state") in (FAILED,) else "")
                 + f" | finished {counts[FINISHED]}, stopped early {counts[STOPPED]}, failed {counts[FAILED]}, "
-                f"running {counts['RUNNING']} of {total} plans; {counts[INFEASIBLE]} over budget skipped | {best_text}{left}",
+                f"running {counts['RUNNING']} of {total} plans; {counts[INFEASIBLE]} over-budget draws skipped | {best_text}{left}",
                 flush=True,
             )
 
@@ -267,15 +268,14 @@ def _ray_helpers(run_dir: Path, study, total: int, deadline: float | None, start
 
     class TrialLimiter(ConcurrencyLimiter):
         """A concurrency limit that also stops *launching* trials (running ones finish) after
-        ``deadline_at`` (once a first wave of ``max_concurrent`` plans has been launched), once
-        ``wanted`` plans within the budget have been launched, or when the space keeps drawing plans
-        over the budget (``max_infeasible`` draws)."""
+        ``deadline_at`` (once a first wave of ``max_concurrent`` plans has been launched) or once
+        ``wanted`` plans have been launched."""
 
-        def __init__(self, searcher, max_concurrent: int, deadline_at: float | None, wanted: int, max_infeasible: int) -> None:
+        def __init__(self, searcher, max_concurrent: int, deadline_at: float | None, wanted: int) -> None:
             super().__init__(searcher, max_concurrent=max_concurrent)
             self.deadline_at = deadline_at
-            self.wanted, self.max_infeasible = wanted, max_infeasible
-            self.launched = self.infeasible = 0
+            self.wanted = wanted
+            self.launched = 0
 
         def suggest(self, trial_id: str):
             first_wave = self.launched < min(self.wanted, self.max_concurrent)
@@ -283,45 +283,12 @@ def _ray_helpers(run_dir: Path, study, total: int, deadline: float | None, start
                 return Searcher.FINISHED
             if self.launched >= self.wanted:
                 return Searcher.FINISHED
-            if self.infeasible >= self.max_infeasible:
-                print(f"stopping: {self.infeasible} plans drawn over the budget; raise --budget or narrow --space "
-                      "(see 'autopeft space --budget ... --sample N')", flush=True)
-                return Searcher.FINISHED
             config = super().suggest(trial_id)
             if isinstance(config, dict):
-                if config.get("feasible", True):
-                    self.launched += 1
-                else:
-                    self.infeasible += 1
+                self.launched += 1
             return config
 
-    class StudySearch(OptunaSearch):
-        """OptunaSearch without Ray's searcher checkpoints: the search state lives in the Optuna
-        study (SQLite) and the trial records, which resuming reads; pickling the define-by-run
-        closure (and the model it counts plans on) would fail and is not needed."""
-
-        def save(self, checkpoint_path: str) -> None:
-            return None
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            # Before Optuna closes the trial (it is read-only after): the fidelity reached, so an
-            # early-stopped trial (COMPLETE in Optuna, with a partial value) is never read as finished.
-            ot_trial = self._ot_trials.get(trial_id)
-            if ot_trial is not None and trial_id not in self._completed_trials:
-                record = read_record(run_dir, ot_trial.number) or {}
-                state = record.get("state", "RUNNING")
-                if error:
-                    state = FAILED
-                elif state == "RUNNING":
-                    state = FINISHED if record.get("pairs_done", 0) >= record.get("pairs_total", 1) else STOPPED
-                ot_trial.set_user_attr("state", state)
-                ot_trial.set_user_attr("fidelity", float(record.get("fidelity") or 0.0))
-                ot_trial.set_user_attr("pairs_done", int(record.get("pairs_done") or 0))
-                if record.get("reason"):
-                    ot_trial.set_user_attr("reason", str(record["reason"])[:500])
-            super().on_trial_complete(trial_id, result=result, error=error)
-
-    return Progress(), TrialLimiter, StudySearch
+    return Progress(), TrialLimiter
 
 
 def _search_seed(config: SearchConfig) -> int:
@@ -347,23 +314,24 @@ def _open_study(run_dir: Path, meta: dict[str, Any], config: SearchConfig, sessi
 
 
 def _mark_interrupted(run_dir: Path, study) -> list[dict[str, Any]]:
-    """Study trials a killed or interrupted session left RUNNING: mark them (study FAIL, record
-    INTERRUPTED) and return their params, to be enqueued again."""
+    """Study trials a killed or interrupted session left RUNNING: tell the study what their
+    records say (through ``study.tell``), mark the rest FAIL (record INTERRUPTED) and return their
+    params, to be enqueued again."""
     from optuna.trial import TrialState
 
     again = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        if trial.state == TrialState.WAITING:
-            continue  # still queued (a warm-start plan not yet run): it runs in this session
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         record = read_record(run_dir, trial.number)
-        if record is not None and record.get("state") in TERMINAL:
-            # Ray finished it but the study never heard: tell the study what the record says.
-            values = [record["psnr"] or 0.0] + ([record["fraction"]] if len(study.directions) > 1 else [])
-            state = TrialState.FAIL if record["state"] == FAILED else TrialState.COMPLETE
-            study._storage.set_trial_state_values(trial._trial_id, state, None if state == TrialState.FAIL else values)
+        state = record.get("state") if record is not None else None
+        if state == FINISHED and record.get("gain") is not None:
+            # Ray finished it but the study never heard.
+            values = [record["gain"]] + ([record["fraction"]] if len(study.directions) > 1 else [])
+            study.tell(trial.number, values if len(values) > 1 else values[0])
             continue
-        study._storage.set_trial_user_attr(trial._trial_id, "state", INTERRUPTED)
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        if state in (STOPPED, FAILED, INFEASIBLE):
+            study.tell(trial.number, state=TrialState.PRUNED if state == STOPPED else TrialState.FAIL)
+            continue
+        study.tell(trial.number, state=TrialState.FAIL)
         if record is not None:
             record.update(state=INTERRUPTED, reason="the search was interrupted while it ran; its plan runs again")
             write_record(run_dir, trial.number, record)
@@ -486,8 +454,11 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
         for params in _mark_interrupted(run_dir, study):
             study.enqueue_trial(params, user_attrs={"requeued": True})
 
-    if config.references and not (run_dir / "references.json").is_file():
+    # No-FT always runs (it only evaluates): its per-pair validation PSNR is the baseline of the
+    # objective, the gain over No-FT. Full-FT and PETITE's plan run with references on.
+    if not (run_dir / "references.json").is_file():
         run_references(setup, config, run_dir)
+    setup = replace(setup, baseline=_baseline(run_dir))
 
     # --trials counts plans that train: over-budget draws are recorded but cost nothing.
     done = sum(r.get("state") in TERMINAL and r.get("state") != INFEASIBLE for r in records(run_dir))
@@ -506,8 +477,11 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
         trial.set_user_attr("trainable", count.trainable)
         if prior is not None:
             trial.set_user_attr("prior", prior)
+        feasible = count.trainable <= limit
+        if not feasible:
+            trial.set_user_attr("reason", f"trains {100 * count.fraction:.3f}% of the parameters, over the budget")
         return {"number": trial.number, "plan": plan.to_dict(), "params": dict(trial.params),
-                "trainable": count.trainable, "fraction": count.fraction, "feasible": count.trainable <= limit,
+                "trainable": count.trainable, "fraction": count.fraction, "feasible": feasible,
                 "prior": prior, "warm_start": bool(trial.user_attrs.get("warm_start", False))}
 
     try:
@@ -640,28 +614,62 @@ def _run_trials(config: SearchConfig, meta: dict[str, Any], run_dir: Path, setup
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    if remaining > 0:
-        _start_ray(config)
-        progress_cb, limiter_cls, search_cls = _ray_helpers(run_dir, study, config.trials, deadline, started, config.progress)
-        multi = config.objective == "multi"
-        metric, mode = (["psnr", "fraction"], ["max", "min"]) if multi else ("psnr", "max")
-        searcher = search_cls(define_space, metric=metric, mode=mode, sampler=sampler,
-                                study_name=meta["study_name"], storage=storage)
-        max_infeasible = MAX_INFEASIBLE_DRAWS_PER_TRIAL * remaining
-        search_alg = limiter_cls(searcher, max_concurrent=config.concurrency, deadline_at=deadline, wanted=remaining,
-                                 max_infeasible=max_infeasible)
-        units = len(setup.units)
-        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=units, grace_period=1, reduction_factor=2)
-                     if config.asha and not multi and units > 1 else FIFOScheduler())
-        resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
-        tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(_trainable, setup=setup), resources),
-            # The limiter ends the run (plans within the budget, deadline); this is the most draws it allows.
-            tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=remaining + max_infeasible,
-                                        **({} if multi else {"metric": metric, "mode": mode})),
-            run_config=tune.RunConfig(
-                name=f"tune-{meta['sessions']}", storage_path=str(run_dir / "ray"), verbose=0,
-                callbacks=[progress_cb], failure_config=tune.FailureConfig(max_failures=0),
-            ),
-        )
-        tuner.fit()
+    from autopeft.search._searcher import StudySearcher
+
+    if remaining <= 0:
+        return
+    _start_ray(config)
+    progress_cb, limiter_cls = _ray_helpers(run_dir, config.trials, deadline, started, config.progress)
+    multi = config.objective == "multi"
+    # The objective: the mean validation PSNR gain over No-FT, per pair; PSNR is kept beside it.
+    metric, mode = (["gain", "fraction"], ["max", "min"]) if multi else ("gain", "max")
+
+    def infeasible(trial_config: dict[str, Any]) -> None:
+        record = new_record(trial_config, setup, state=INFEASIBLE,
+                            reason=f"trains {100 * trial_config['fraction']:.3f}% of the parameters, over the budget")
+        write_record(run_dir, trial_config["number"], record)
+        if config.progress:
+            progress_cb.line(record)
+
+    max_infeasible = MAX_INFEASIBLE_DRAWS_PER_TRIAL * remaining
+    searcher = StudySearcher(study, define_space, metric=metric, mode=mode, max_infeasible=max_infeasible,
+                             on_infeasible=infeasible)
+    search_alg = limiter_cls(searcher, max_concurrent=config.concurrency, deadline_at=deadline, wanted=remaining)
+    units = len(setup.units)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=units, grace_period=1, reduction_factor=2)
+                 if config.asha and not multi and units > 1 else FIFOScheduler())
+    resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_trainable, setup=setup), resources),
+        # The limiter ends the run (plans launched, deadline); this is the most trials it allows.
+        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=remaining, reuse_actors=True,
+                                    **({} if multi else {"metric": metric, "mode": mode})),
+        run_config=tune.RunConfig(
+            name=f"tune-{meta['sessions']}", storage_path=str(run_dir / "ray"), verbose=0,
+            callbacks=[progress_cb], failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    phase_started = time.time()
+    tuner.fit()
+    _record_slots(run_dir, config, phase_started, time.time())
+    if searcher.gave_up:
+        print(f"stopping: {searcher.infeasible} plans drawn over the budget; raise the budget or narrow the space "
+              "(see 'autopeft space --budget ... --sample N')", flush=True)
+
+
+def _record_slots(run_dir: Path, config: SearchConfig, phase_started: float, phase_ended: float) -> None:
+    """Slot utilisation of this session's trial phase: trial seconds over slots x wall time."""
+    busy = 0.0
+    for record in records(run_dir):
+        begin, seconds = float(record.get("started") or 0.0), float(record.get("seconds") or 0.0)
+        if record.get("state") != INFEASIBLE and begin >= phase_started:
+            busy += min(seconds, max(phase_ended - begin, 0.0))
+    wall = max(phase_ended - phase_started, 1e-9)
+    slots = {"concurrency": config.concurrency, "phase_seconds": round(wall, 1), "trial_seconds": round(busy, 1),
+             "busy_share": busy / (wall * max(config.concurrency or 1, 1))}
+    path = run_dir / "slots.json"
+    sessions = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    atomic_write_text(path, json.dumps(sessions + [slots], indent=1))
+    if config.progress:
+        print(f"trial slots {100 * slots['busy_share']:.0f}% busy over the trial phase ({slots['phase_seconds'] / 60:.1f} min, "
+              f"{config.concurrency} slot(s))", flush=True)

@@ -54,9 +54,9 @@ def reference_plans(backbone: str, epochs: int) -> list[tuple[str, Any]]:
 
 
 def run_references(setup, config, run_dir: Path) -> list[dict[str, Any]]:
-    """Fine-tune No-FT, Full-FT and PETITE's plan for this backbone on the same pairs, in the
-    driver, score them on the validation subjects (as trials are) and keep them in
-    ``references.json`` (a resumed search reuses them)."""
+    """Fine-tune No-FT, Full-FT and PETITE's plan for this backbone on the same pairs (No-FT
+    alone without ``config.references``), in the driver, score them on the validation subjects
+    (as trials are) and keep them in ``references.json`` (a resumed search reuses them)."""
     import torch
 
     from autopeft.search.budget import PlanCounter
@@ -65,7 +65,9 @@ def run_references(setup, config, run_dir: Path) -> list[dict[str, Any]]:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     counter = PlanCounter(build_backbone(setup.backbone, setup.preset))
     rows = []
-    for label, plan in reference_plans(setup.backbone, setup.epochs):
+    # No-FT always (only an evaluation: the baseline of the objective); the others when asked.
+    wanted = reference_plans(setup.backbone, setup.epochs)
+    for label, plan in (wanted if config.references else wanted[:1]):
         if config.progress:
             print(f"reference {label}: fine-tuning on {len(setup.units)} pair(s), scored on validation subjects", flush=True)
         scores = run_plan(setup, plan)
@@ -110,15 +112,18 @@ def finish_run(run_dir: Path, setup, config, space, priors: bool) -> dict[str, A
             "pairs_done": r.get("pairs_done", 0), "pairs_total": r.get("pairs_total", 0),
             "plan": plan_summary(r["plan"]), "trainable": r.get("trainable"),
             "params_pct": round(100 * float(r.get("fraction") or 0.0), 4), "split": "val",
-            "psnr": r.get("psnr"), "ssim": r.get("ssim"), "nrmse": r.get("nrmse"),
+            "psnr": r.get("psnr"), "gain": r.get("gain"), "ssim": r.get("ssim"), "nrmse": r.get("nrmse"),
             "prior": r.get("prior"), "warm_start": r.get("warm_start", False),
             "seconds": round(float(r.get("seconds") or 0.0), 1), "reason": r.get("reason", ""),
         })
     pd.DataFrame(table, columns=["number", "state", "fidelity", "pairs_done", "pairs_total", "plan", "trainable", "params_pct",
-                                 "split", "psnr", "ssim", "nrmse", "prior", "warm_start", "seconds", "reason"]
+                                 "split", "psnr", "gain", "ssim", "nrmse", "prior", "warm_start", "seconds", "reason"]
                  ).to_csv(run_dir / "results.csv", index=False)
     finished = [r for r in trial_rows if r["state"] == FINISHED and r.get("psnr") is not None]
     summary: dict[str, Any] = {"finished": len(finished), "trials": len(trial_rows), "split": "val", "best": None, "pareto": []}
+    slots = run_dir / "slots.json"
+    if slots.is_file():  # per session: trial seconds over slots x wall time of the trial phase
+        summary["slots"] = json.loads(slots.read_text(encoding="utf-8"))
     if finished:
         best = max(finished, key=lambda r: r["psnr"])
         _write_best_plan(run_dir, setup, best, f"the best validation PSNR ({best['psnr']:.3f} dB) of {len(finished)} finished trials")

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrialSetup", "PairScore", "run_plan", "read_record", "write_record", "records"]
+__all__ = ["TrialSetup", "PairScore", "run_plan", "new_record", "read_record", "write_record", "records"]
 
 # Terminal states of a trial record; RUNNING is the only other one.
 FINISHED, STOPPED, FAILED, INFEASIBLE, INTERRUPTED = "FINISHED", "STOPPED", "FAILED", "INFEASIBLE", "INTERRUPTED"
@@ -46,6 +46,8 @@ class TrialSetup:
         device: where to train.
         threads: torch threads per trial (its CPU share).
         run_dir: the search's output folder.
+        baseline: No-FT's validation PSNR per ``(source, target, fold)``: a trial's objective is
+            its mean PSNR gain over it. Empty until the references have run.
     """
 
     backbone: str
@@ -60,11 +62,29 @@ class TrialSetup:
     device: str = "cpu"
     threads: int = 1
     run_dir: str = ""
+    baseline: tuple[tuple[str, str, int, float], ...] = ()
 
     @property
     def units(self) -> list[tuple[str, str, int]]:
-        """(source, target, fold) in the order a trial runs them."""
+        """(source, target, fold) in their fixed order (a trial starts at its own offset)."""
         return [(s, t, f) for f in self.folds for s, t in self.pairs]
+
+    def units_from(self, offset: int) -> list[tuple[str, str, int]]:
+        """The units rotated to start at ``offset``: trials start at different pairs, so that no
+        pair is always the one the scheduler judges first, and a mean over the pairs done is an
+        unbiased guess of the mean over all of them."""
+        units = self.units
+        start = offset % len(units) if units else 0
+        return units[start:] + units[:start]
+
+    def gain_of(self, scores: Sequence[PairScore]) -> float | None:
+        """Mean PSNR gain over No-FT of ``scores`` (None without a baseline for every pair)."""
+        baseline = {(s, t, int(f)): v for s, t, f, v in self.baseline}
+        try:
+            gains = [score.psnr - baseline[(score.source, score.target, int(score.fold))] for score in scores]
+        except KeyError:
+            return None
+        return sum(gains) / len(gains) if gains else None
 
     def make_protocol(self):
         from autopeft.data import Protocol
@@ -116,6 +136,7 @@ def run_plan(
     previous: Sequence[PairScore] = (),
     split: str = "val",
     train_seed: int | None = None,
+    offset: int = 0,
 ) -> list[PairScore]:
     """Fine-tune ``plan`` on every (source, target, fold) of ``setup`` and score it.
 
@@ -131,6 +152,7 @@ def run_plan(
             Defaults to ``val``.
         train_seed: seeds the fine-tuning; the split and the source models keep ``setup.seed``.
             Defaults to ``setup.seed``.
+        offset: the unit to start from (:meth:`TrialSetup.units_from`). Defaults to 0.
 
     Returns:
         One score per pair.
@@ -144,7 +166,7 @@ def run_plan(
     from autopeft.peft import save_trained
 
     scores = list(previous)
-    units = setup.units
+    units = setup.units_from(offset)
     for source, target, fold in units[skip:]:
         started = time.perf_counter()
         job = setup.job(source, target, fold, train_seed=train_seed)
@@ -158,8 +180,8 @@ def run_plan(
                                 time.perf_counter() - started, split=split, seed=job.fine_tuning_seed,
                                 subjects=result.subjects[split]))
         if report is not None:
-            report({**running_means(scores), "pairs_done": len(scores), "fidelity": len(scores) / len(units),
-                    "pairs": scores_to_json(scores)})
+            report({**running_means(scores), "gain": setup.gain_of(scores), "pairs_done": len(scores),
+                    "pairs_total": len(units), "fidelity": len(scores) / len(units), "pairs": scores_to_json(scores)})
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -174,6 +196,17 @@ def running_means(scores: Sequence[PairScore]) -> dict[str, float]:
 
 
 # Records --------------------------------------------------------------------------------------
+def new_record(config: Mapping[str, Any], setup: TrialSetup, *, state: str, reason: str = "") -> dict[str, Any]:
+    """A trial's record before it trains (or, for an over-budget draw, its only record)."""
+    return {
+        "number": int(config["number"]), "state": state, "plan": config["plan"], "params": config["params"],
+        "trainable": config["trainable"], "fraction": config["fraction"], "prior": config.get("prior"),
+        "warm_start": config.get("warm_start", False), "split": "val", "pairs_total": len(setup.units), "pairs_done": 0,
+        "fidelity": 0.0, "psnr": None, "ssim": None, "nrmse": None, "gain": None, "pairs": [], "reason": reason,
+        "started": time.time(), "seconds": 0.0,
+    }
+
+
 def record_path(run_dir: str | os.PathLike, number: int) -> Path:
     return Path(run_dir) / "trials" / f"{number:04d}.json"
 

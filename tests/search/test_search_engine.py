@@ -74,8 +74,37 @@ def test_search_warm_starts_with_top_prior_plans_and_writes_outputs(ray_session,
             assert record["pairs_done"] < record["pairs_total"]
     text = (run_dir / "results.csv").read_text()
     assert text.count("\n") == len(rows) + 1 and "fidelity" in text.splitlines()[0]
-    if any(r["state"] == FINISHED for r in rows.values()):
-        assert (run_dir / "best_plan.yaml").is_file() and list((run_dir / "pareto").glob("*.yaml"))
+    assert any(r["state"] == FINISHED for r in rows.values())
+    assert (run_dir / "best_plan.yaml").is_file() and list((run_dir / "pareto").glob("*.yaml"))
+
+
+def test_the_study_holds_the_truth_pruned_stopped_trials_and_the_recommended_best(ray_session, data, tmp_path):
+    run_dir = run_search(_config(data, tmp_path / "run", trials=6, priors=False, budget="3%"))
+    rows = {r["number"]: r for r in records(run_dir)}
+    study = _study(run_dir)
+    states = {t.number: t for t in study.trials}
+    assert any(r["state"] == STOPPED for r in rows.values()), "ASHA stops some of 6 trials on 2 pairs"
+    for number, record in rows.items():
+        trial = states[number]
+        if record["state"] == STOPPED:
+            # Stopped by the scheduler: PRUNED (never COMPLETE), its running gain after each pair as
+            # intermediate values (Optuna keeps the last one as a pruned trial's value).
+            assert trial.state == optuna.trial.TrialState.PRUNED
+            assert trial.intermediate_values == {1: pytest.approx(record["gain"])}
+        elif record["state"] == FINISHED:
+            assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == pytest.approx(record["gain"])
+            assert record["gain"] == pytest.approx(record["psnr"] - _no_ft_psnr(run_dir))
+        elif record["state"] == INFEASIBLE:
+            assert trial.state == optuna.trial.TrialState.FAIL and trial.value is None
+    # The study's best trial (what optuna-dashboard shows) is the recommended plan, same value.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert study.best_trial.number == summary["best"]["number"]
+    assert study.best_value == pytest.approx(summary["best"]["gain"])
+
+
+def _no_ft_psnr(run_dir) -> float:
+    no_ft = next(r for r in json.loads((run_dir / "references.json").read_text()) if r["label"] == "No-FT")
+    return no_ft["psnr"]
 
 
 def test_failing_trials_are_recorded_and_the_search_goes_on(ray_session, data, tmp_path):
@@ -133,6 +162,12 @@ def test_plans_over_the_budget_do_not_count_as_trials_and_the_draws_are_capped(r
     rows = records(run_dir)
     assert len(rows) == 3 and all(r["state"] == INFEASIBLE and r["pairs_done"] == 0 for r in rows)
     assert not (run_dir / "best_plan.yaml").exists()
+    # Rejected inside the sampling step: no Ray trial was started for any of them, and the study
+    # holds each as FAIL with its budget constraint and no made-up objective value.
+    assert not list((run_dir / "ray").glob("*/_trainable_*"))
+    for trial in _study(run_dir).trials:
+        assert trial.state == optuna.trial.TrialState.FAIL and trial.values is None
+        assert list(trial.constraints.values())[0] > 0 and trial.user_attrs["state"] == INFEASIBLE
 
 
 def test_missing_source_models_pretrain_side_by_side_before_the_trials(ray_session, data, tmp_path, capsys):
@@ -156,3 +191,13 @@ def test_time_budget_counts_from_the_start_and_still_launches_one_wave(ray_sessi
     run_dir = run_search(_config(data, tmp_path / "run", trials=4, time_budget_s=1.0, priors=False, budget="50%"))
     rows = records(run_dir)
     assert sum(r["state"] != INFEASIBLE for r in rows) == 2
+
+
+def test_multi_objective_study_gets_gain_and_fraction(ray_session, data, tmp_path):
+    run_dir = run_search(_config(data, tmp_path / "run", trials=2, priors=False, objective="multi"))
+    study = _study(run_dir)
+    assert len(study.directions) == 2
+    rows = {r["number"]: r for r in records(run_dir)}
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and all(t.values == [pytest.approx(rows[t.number]["gain"]), pytest.approx(rows[t.number]["fraction"])]
+                            for t in complete)

@@ -1,0 +1,125 @@
+"""The bridge between Ray Tune and the Optuna study, through Optuna's public ask / tell only.
+
+Why not Ray's ``OptunaSearch``: it tells Optuna COMPLETE, with the last partial value, for a
+trial the scheduler stopped early, so the sampler learned from one-pair means as if they were
+final; and every plan over the budget cost a Ray trial to be recorded. Here:
+
+- a plan over the budget is drawn again inside :meth:`StudySearcher.suggest`: the draw is told to
+  the study as FAIL, with its budget constraint and the reason kept (``trial.set_constraint``,
+  user attributes), and never becomes a Ray trial nor carries an objective value;
+- the fate of a trial is decided in one place, :func:`trial_state`: every pair done is FINISHED
+  (Optuna COMPLETE with the objective), fewer pairs is STOPPED (Optuna PRUNED, its running values
+  reported as intermediate values, step = pairs done), an error is FAILED (Optuna FAIL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ray.tune.search import Searcher
+
+from autopeft.search.trial import FAILED, FINISHED, STOPPED
+
+__all__ = ["StudySearcher", "trial_state"]
+
+
+def trial_state(result: Mapping[str, Any] | None, error: bool) -> str:
+    """FINISHED, STOPPED or FAILED, from a trial's last reported metrics (the one rule)."""
+    if error:
+        return FAILED
+    if not result or int(result.get("pairs_done", 0)) < int(result.get("pairs_total", 1)):
+        return STOPPED
+    return FINISHED
+
+
+class StudySearcher(Searcher):
+    """Ray Tune searcher over an Optuna study (ask / tell).
+
+    Args:
+        study: the Optuna study (its sampler proposes, warm-start trials enqueued in it first).
+        define: turns an ``optuna.Trial`` into a trial config (``{"number", "plan", "feasible",
+            ...}``), sampling the space and setting the budget constraint.
+        metric: the reported metric(s) told to the study: one name, or names for a
+            multi-objective study (in the study's direction order).
+        mode: ``"max"`` / ``"min"`` (or a list), as Ray expects.
+        max_infeasible: over-budget draws allowed in all before the search gives up.
+        on_infeasible: called with the config of each over-budget draw (to record it).
+        on_finish: called with ``(config, state, result)`` when a trial ends, before the study hears.
+    """
+
+    def __init__(self, study, define: Callable[[Any], dict[str, Any]], *, metric: str | list[str], mode: str | list[str],
+                 max_infeasible: int, on_infeasible: Callable[[dict[str, Any]], None],
+                 on_finish: Callable[[dict[str, Any], str, Mapping[str, Any] | None], None] | None = None) -> None:
+        super().__init__(metric=metric if isinstance(metric, str) else None, mode=mode if isinstance(mode, str) else None)
+        self._study = study
+        self._define = define
+        self._metrics = [metric] if isinstance(metric, str) else list(metric)
+        self._max_infeasible = max_infeasible
+        self._on_infeasible = on_infeasible
+        self._on_finish = on_finish
+        self._open: dict[str, tuple[Any, dict[str, Any]]] = {}
+        self._reported: dict[str, set[int]] = {}
+        self.infeasible = 0
+        self.gave_up = False
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        import optuna
+
+        while self.infeasible < self._max_infeasible:
+            ot_trial = self._study.ask()
+            config = self._define(ot_trial)
+            if config["feasible"]:
+                self._open[trial_id] = (ot_trial, config)
+                return config
+            self.infeasible += 1
+            ot_trial.set_user_attr("state", "INFEASIBLE")
+            self._study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+            self._on_infeasible(config)
+        self.gave_up = True
+        return Searcher.FINISHED
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        self._report(trial_id, result)
+
+    def _report(self, trial_id: str, result: Mapping[str, Any] | None) -> None:
+        """The running value after each pair as an intermediate value (step = pairs done). Ray
+        hands the result that made the scheduler stop a trial to on_trial_complete only, hence
+        this is called from both, once per step."""
+        if len(self._metrics) > 1 or trial_id not in self._open or not result:
+            return  # Optuna takes intermediate values for single-objective studies only
+        ot_trial, _ = self._open[trial_id]
+        value, step = result.get(self._metrics[0]), int(result.get("pairs_done", 0))
+        if value is not None and step not in self._reported.setdefault(trial_id, set()):
+            ot_trial.report(float(value), step=step)
+            self._reported[trial_id].add(step)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        import optuna
+
+        if trial_id not in self._open:
+            return
+        self._report(trial_id, result)
+        self._reported.pop(trial_id, None)
+        ot_trial, config = self._open.pop(trial_id)
+        state = trial_state(result, error)
+        ot_trial.set_user_attr("state", state)
+        ot_trial.set_user_attr("pairs_done", int((result or {}).get("pairs_done", 0)))
+        ot_trial.set_user_attr("fidelity", float((result or {}).get("fidelity", 0.0)))
+        if self._on_finish is not None:
+            self._on_finish(config, state, result)
+        if state == FINISHED:
+            values = [float(result[m]) for m in self._metrics]
+            self._study.tell(ot_trial, values if len(values) > 1 else values[0])
+        elif state == STOPPED:
+            self._study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            self._study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+
+    # The study (SQLite) and the trial records are the search's state; a resumed search reads
+    # them, so Ray's searcher checkpoints are not needed (and the define closure does not pickle).
+    def save(self, checkpoint_path: str) -> None:
+        return None
+
+    def restore(self, checkpoint_path: str) -> None:
+        return None
