@@ -30,6 +30,7 @@ import copy
 from autopeft.cli._common import (
     add_data_argument,
     add_model_arguments,
+    add_weights_argument,
     print_table,
     resolve_device,
     resolve_manifest,
@@ -48,6 +49,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default=None, help="shorthand plans, comma-separated: none (No-FT), full (Full-FT)")
     parser.add_argument("--plan", default=None, help="plans to run, comma-separated: names, YAML files, or table1")
     add_data_argument(parser)
+    add_weights_argument(parser)
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: see above)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: see above)")
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the source model")
@@ -91,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     source_model, _ = pretrained_model(
         args.backbone, args.source, manifest_path=manifest_path, preset=args.preset, fold=args.fold,
         epochs=args.pretrain_epochs, seed=args.seed, device=device, progress=not args.quiet,
+        weights=args.weights,
     )
     crops = int(FINETUNE_DEFAULTS.get(args.preset, FINETUNE_DEFAULTS["paper"]).get("crops", 1))
     rows, identity = [], None
