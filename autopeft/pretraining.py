@@ -201,7 +201,8 @@ def pretrained_model(
     from autopeft.data import Protocol, eval_volumes, read_manifest, split_scanner, train_loader
 
     if weights is not None:
-        return imported_model(weights, backbone, preset, cache_dir=cache_dir)
+        model, meta = imported_model(weights, backbone, preset, cache_dir=cache_dir)
+        return model, {**meta, "source": str(source), "fold": fold, "seed": seed}
     manifest = read_manifest(manifest_path)
     protocol = protocol or Protocol()
     spec = source_spec(backbone, source, manifest=manifest, preset=preset, fold=fold, epochs=epochs, lr=lr, seed=seed,
@@ -284,8 +285,10 @@ def imported_model(
         cache_dir: cache root. Defaults to ``cache_root()``.
 
     Returns:
-        ``(model, metadata)`` as :func:`pretrained_model`; ``metadata["imported_from"]`` names the file,
-        ``metadata["sha256"]`` its content hash, and ``metadata["best"]`` is None (no validation ran).
+        ``(model, metadata)`` as :func:`pretrained_model`: the :class:`SourceSpec` fields (data: the
+        file's hash; :func:`pretrained_model` sets source, fold and seed to the caller's),
+        ``metadata["imported_from"]`` names the file, ``metadata["sha256"]`` its content hash, and
+        ``metadata["best"]`` is None (no validation ran).
 
     Raises:
         CheckpointError: an unreadable file, a pickle payload that is not a plain state dict, or names
@@ -305,7 +308,11 @@ def imported_model(
             return model.eval(), meta
         state = fit_user_weights(read_user_weights(source), model, source)
         model.load_state_dict(state, strict=True)
-        meta = {"backbone": backbone, "preset": preset, "source": None, "imported_from": str(source.resolve()),
-                "sha256": digest, "best": None, "epochs": 0}
+        from autopeft.data.loading import PIPELINE_VERSION
+
+        # SourceSpec's fields too (what caches keyed on a source model read), the data being the file.
+        spec = SourceSpec(backbone=backbone, preset=preset, source="imported", fold=0, epochs=0, lr=0.0, seed=0,
+                          data=f"sha{digest[:16]}", protocol="imported", crops=0, pipeline=PIPELINE_VERSION)
+        meta = {**asdict(spec), "imported_from": str(source.resolve()), "sha256": digest, "best": None}
         save_checkpoint(model, final, meta)
     return model.eval(), meta

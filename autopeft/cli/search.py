@@ -22,6 +22,11 @@ examples:
   autopeft search --resume runs/unetr-20250101-120000        # after Ctrl-C or a killed process
   autopeft search --backbone unetr --budget 1% --dashboard   # Ray's dashboard on 127.0.0.1:8265
   autopeft search --backbone unetr --budget 1% --address auto --gpus-per-trial 0.5   # on a Ray cluster
+  autopeft search --backbone unetr --budget 1% --data data/mybids --weights unetr_mct.pt --source "Biograph mCT"
+
+With --data the default scanners are the data's own: all of them on a GPU, on a CPU the two with
+the most subjects (printed with the reason). --weights FILE_OR_DIR --source S starts from your own
+model pre-trained on scanner S (no pre-training) and searches the pairs S -> every other scanner.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", help="parameter budget: 1%%, 0.005 or 250k; required unless --resume")
     parser.add_argument("--preset", default=None, help="backbone preset (default: paper on a GPU, tiny on a CPU)")
     parser.add_argument("--space", default=None, help="search space YAML (default: search_spaces/<backbone>.yaml)")
-    parser.add_argument("--scanners", default=None, help="comma-separated scanner ids; every ordered pair is used (default: 1,5 on CPU, all on GPU)")
+    parser.add_argument("--scanners", default=None, help="comma-separated scanner ids; every ordered pair is used (default: the data's own: all on a GPU, the two with the most subjects on a CPU; built-in data: 1,5 on CPU)")
     parser.add_argument("--trials", type=int, default=None, help="plans to train; plans drawn over the budget are recorded but not counted (default: 48 on CPU, 64 on GPU)")
     parser.add_argument("--time-budget", default=None, help="launch no trial after this long from the start (pre-training included; running trials finish): 30m, 2h, 900s (default: 15m on CPU when --trials is not given)")
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per pair (default: the preset's)")
@@ -51,6 +56,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=None, help="trials at once (default: what the resources allow)")
     parser.add_argument("--address", default=None, help="join a Ray cluster ('auto'); default: a local Ray")
     parser.add_argument("--data", default=None, help="a directory with manifest.csv, or the CSV (default: built-in simulated data)")
+    from autopeft.cli._common import add_weights_argument
+
+    add_weights_argument(parser)
+    parser.add_argument("--source", default=None, help="with --weights: the scanner your model was pre-trained on; the pairs are it -> every other scanner")
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the source models (default: the preset's)")
     parser.add_argument("--no-references", action="store_true", help="skip the No-FT / Full-FT / PETITE reference rows")
     parser.add_argument("--no-asha", action="store_true", help="let every trial run all its pairs")
@@ -61,6 +70,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from autopeft.errors import ConfigError
     from autopeft.search.engine import SearchConfig, _budget_seconds, run_search
 
@@ -78,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         warm_start=args.warm_start, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         concurrency=args.concurrency, address=args.address, data=args.data, pretrain_epochs=args.pretrain_epochs,
         references=not args.no_references, asha=not args.no_asha, device=args.device, progress=not args.quiet,
-        dashboard=args.dashboard,
+        dashboard=args.dashboard, source=args.source,
+        weights=str(Path(args.weights).expanduser().resolve()) if args.weights else None,
     )
     run_search(config)
     return 0

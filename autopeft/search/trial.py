@@ -44,6 +44,7 @@ class TrialSetup:
         device: where to train.
         threads: torch threads per trial (its CPU share).
         run_dir: the search's output folder.
+        weights: a user's pre-trained model used as every pair's source model (no pre-training).
     """
 
     backbone: str
@@ -58,6 +59,7 @@ class TrialSetup:
     device: str = "cpu"
     threads: int = 1
     run_dir: str = ""
+    weights: str | None = None
 
     @property
     def units(self) -> list[tuple[str, str, int]]:
@@ -88,7 +90,7 @@ def source_model(setup: TrialSetup, source: str, fold: int, *, progress: bool = 
     return pretrained_model(
         setup.backbone, source, manifest_path=setup.manifest_path, preset=setup.preset, fold=fold,
         epochs=setup.pretrain_epochs, seed=setup.seed, protocol=setup.make_protocol(), device=setup.device,
-        progress=progress,
+        progress=progress, weights=setup.weights,
     )
 
 
