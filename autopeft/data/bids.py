@@ -297,24 +297,24 @@ def derive_pairs(
 
 
 def _subject_ids(items: Sequence[_Derived], scanner_entity: str | None) -> list[str]:
-    """``sub-<label>``, made longer by session, tracer, reconstruction, acquisition and run when a
-    subject has several scans on one scanner."""
-    order = ("session", "tracer", "reconstruction", "acquisition", "run")
+    """``sub-<label>``; when a subject has several scans on one scanner, followed by the entities
+    that tell them apart (session, tracer, reconstruction, acquisition, run: ``sub-01_ses-2``)."""
     short_names = {"session": "ses", "tracer": "trc", "reconstruction": "rec", "acquisition": "acq", "run": "run"}
-    skip = scanner_entity
-
-    def name(item: _Derived, depth: int) -> str:
-        parts = [f"sub-{item.entities['subject']}"]
-        for entity in [e for e in order if e != skip][:depth]:
-            if entity in item.entities:
-                parts.append(f"{short_names[entity]}-{item.entities[entity]}")
-        return "_".join(parts)
-
-    for depth in range(len(order) + 1):
-        ids = [name(item, depth) for item in items]
-        if len(set(zip(ids, (i.scanner for i in items)))) == len(items):
-            return ids
-    return [f"{name(item, len(order))}_{k}" for k, item in enumerate(items)]
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault((str(item.entities["subject"]), item.scanner), []).append(index)
+    ids = [f"sub-{item.entities['subject']}" for item in items]
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        varying = [e for e in short_names if e != scanner_entity
+                   and len({str(items[i].entities.get(e, "")) for i in members}) > 1]
+        for i in members:
+            ids[i] += "".join(f"_{short_names[e]}-{items[i].entities[e]}" for e in varying if e in items[i].entities)
+        if len({ids[i] for i in members}) < len(members):  # same entities (e.g. a copy): number them
+            for k, i in enumerate(members):
+                ids[i] += f"_{k + 1}"
+    return ids
 
 
 def _profiles(items: Sequence[_Derived], scanner_entity: str | None) -> dict[str, dict[str, Any]]:
@@ -363,7 +363,8 @@ def write_pet_scan(root: str | os.PathLike[str], relpath: str, frames: np.ndarra
     path.parent.mkdir(parents=True, exist_ok=True)
     image = nib.Nifti1Image(np.asarray(frames, dtype=np.float32), affine)
     image.header.set_xyzt_units("mm", "sec")
-    image.header.set_zooms((*image.header.get_zooms()[:3], float(frame_seconds)))
+    if image.ndim == 4:
+        image.header.set_zooms((*image.header.get_zooms()[:3], float(frame_seconds)))
     image.set_sform(affine, code="scanner")
     image.set_qform(affine, code="scanner")
     tmp = path.with_name(".partial-" + path.name)
