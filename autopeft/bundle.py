@@ -13,8 +13,9 @@ model's outputs equal the unmerged one's, and writes::
     models/model.safetensors
     docs/README.md
 
-Methods that are not linear (VPT, adapters) cannot be folded in: their sites stay as modules,
-``network_def`` injects them again (``unmerged``) and the export says which sites they are.
+Methods that are not linear (VPT, adapters) cannot be folded in: their sites stay as modules and
+the export says which sites they are. ``network_def`` applies and merges the plan on a fresh
+backbone, which gives the exported model's structure; the weights then come from the file.
 
 MONAI's tools accept the bundle offline: ``python -m monai.bundle verify_net_in_out network_def
 --meta_file configs/metadata.json --config_file configs/inference.json`` passes, and
@@ -43,24 +44,30 @@ _WEIGHTS = "models/model.safetensors"
 _MERGE_ATOL = 1e-4
 
 
-def bundle_network(backbone: str, preset: str, unmerged: dict[str, Any] | None = None) -> nn.Module:
+def bundle_network(backbone: str, preset: str, plan: dict[str, Any] | None = None) -> nn.Module:
     """The network of an exported bundle: the backbone without its discriminator (inference does
-    not use it), with the plan's non-mergeable entries (``unmerged``, plan data) injected again.
+    not use it), with ``plan`` applied and merged, so that it has the exported model's structure:
+    merged methods leave plain layers (SSF may add a bias or an affine norm), the non-mergeable ones
+    (VPT, adapters) stay as modules.
 
-    Weights are loaded afterwards (``models/model.safetensors``); this builds the structure.
+    Weights are loaded afterwards (``models/model.safetensors``); this builds the structure only.
 
     Args:
         backbone: registered backbone name.
         preset: its preset.
-        unmerged: plan data holding only the entries that stay modules (VPT, adapters). Defaults
-            to None (a fully merged plan: the plain backbone).
+        plan: plan data. Defaults to None (the plain backbone).
     """
     from backbones import build_backbone
-    from autopeft.peft import apply_plan
+    from autopeft.peft import Plan, apply_plan, merge_plan
 
     model = build_backbone(backbone, preset)
-    if unmerged:
-        apply_plan(model, unmerged)
+    if plan:
+        plan = Plan.from_dict(plan)
+        importance = None
+        if any(spec.method == "shpeft" for spec in plan.sites.values()):
+            # Structure only: which entries SH-PEFT selects does not matter once merged.
+            importance = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+        merge_plan(apply_plan(model, plan, importance=importance))
     model.discriminator = None
     return model.eval()
 
@@ -173,7 +180,7 @@ def export_run(
     tuned = loaded.model
     plan = plan_state(tuned).plan
     fraction = trainable_fraction(tuned)  # before merging: the trained share of the network
-    unmerged, unmerged_sites = _split_plan(plan)
+    _, unmerged_sites = _split_plan(plan)
     volume, what = _test_volume(loaded)
     roi = loaded.roi_size
     reference = _predict(tuned, volume, roi)  # unmerged outputs, before merging in place
@@ -183,7 +190,7 @@ def export_run(
     if merge_diff > _MERGE_ATOL:
         raise CheckpointError(f"merging the plan changed the outputs on {what} by up to {merge_diff:.3g} (> {_MERGE_ATOL:g}); "
                               "nothing was exported. This is a bug in a method's merge: please report it.")
-    network = bundle_network(loaded.backbone, loaded.preset, unmerged)
+    network = bundle_network(loaded.backbone, loaded.preset, plan.to_dict())
     state = {k: v for k, v in merged.state_dict().items() if not k.startswith("discriminator.")}
     try:
         network.load_state_dict(state, strict=True)
@@ -241,7 +248,7 @@ def export_run(
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "roi_size": list(roi),
         "network_def": {"_target_": "autopeft.bundle.bundle_network", "backbone": loaded.backbone,
-                        "preset": loaded.preset, "unmerged": unmerged},
+                        "preset": loaded.preset, "plan": plan.to_dict()},
         "network": "$@network_def.to(@device)",
         "inferer": {"_target_": "SlidingWindowInferer", "roi_size": "@roi_size", "sw_batch_size": 4, "overlap": 0.25,
                     "mode": "gaussian", "padding_mode": "constant"},
