@@ -208,7 +208,7 @@ def derive_pairs(
         path, where = file.path, os.path.relpath(file.path, root)
         entities = file.get_entities()
         metadata = file.get_metadata() or {}
-        own = problems.__len__()
+        own = len(problems)
         sidecar = re.sub(r"\.nii(\.gz)?$", ".json", path)
         if not metadata and not os.path.isfile(sidecar):
             problems.append(f"{where}: no sidecar ({os.path.basename(sidecar)}); FrameTimesStart, FrameDuration and "
