@@ -103,3 +103,18 @@ def test_pretrain_weights_prints_the_cache_entry(unetr, tmp_path, capsys):
     torch.save(unetr.state_dict(), tmp_path / "mine.pt")
     assert main(["pretrain", "--backbone", "unetr", "--source", "1", "--weights", str(tmp_path / "mine.pt")]) == 0
     assert "imported from" in capsys.readouterr().out
+
+
+def test_finetune_and_importance_start_from_the_users_model_without_pretraining(unetr, tmp_path, capsys):
+    from _fakes import make_dataset
+    from autopeft.pretraining import cache_root
+
+    data = make_dataset(tmp_path / "data", {"1": 1, "2": 12}, shape=(20, 18, 16), long_factor=1.5)
+    torch.save(unetr.state_dict(), tmp_path / "mine.pt")
+    before = set((cache_root() / "pretrained").iterdir()) if (cache_root() / "pretrained").is_dir() else set()
+    common = ["--backbone", "unetr", "--source", "1", "--target", "2", "--data", str(data), "--weights", str(tmp_path / "mine.pt"), "--quiet"]
+    assert main(["finetune", *common, "--method", "none"]) == 0
+    assert "unetr-noft" in capsys.readouterr().out
+    assert main(["importance", *common, "--out", str(tmp_path / "imp.json")]) == 0
+    added = {p.name for p in set((cache_root() / "pretrained").iterdir()) - before}
+    assert added <= {p for p in added if p.startswith("imported-unetr-tiny-")}  # nothing was pre-trained
