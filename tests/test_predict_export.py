@@ -37,13 +37,13 @@ def data(tmp_path_factory):
     return make_dataset(root, {"1": 3, "2": 3}, shape=(20, 18, 16), long_factor=1.5)
 
 
-def _run_dir(root, data, plan_data, *, confirmation=None):
+def _run_dir(root, data, plan_data, *, confirmation=None, backbone="unetr"):
     """A run directory as a search writes it, with a fine-tuned (here: randomly moved) trained part."""
     root.mkdir(parents=True)
-    config = {"backbone": "unetr", "preset": "tiny", "scanners": ["1", "2"], "folds": 1, "epochs": 1, "seed": 0,
+    config = {"backbone": backbone, "preset": "tiny", "scanners": ["1", "2"], "folds": 1, "epochs": 1, "seed": 0,
               "protocol": PROTOCOL, "pretrain_epochs": 1, "data": str(data)}
     (root / "run.json").write_text(json.dumps({"config": config, "sessions": 1}))
-    base, _ = pretrained_model("unetr", "1", manifest_path=data, epochs=1, protocol=Protocol(**PROTOCOL), progress=False)
+    base, _ = pretrained_model(backbone, "1", manifest_path=data, epochs=1, protocol=Protocol(**PROTOCOL), progress=False)
     model = apply_plan(__import__("copy").deepcopy(base), Plan.from_dict(plan_data))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -166,3 +166,18 @@ def test_a_fully_mergeable_plan_exports_plain_backbone_weights(data, tmp_path):
     a = predict_scans(load_model(run, target="2"), scans, tmp_path / "p1", progress=False)[0]
     b = predict_scans(load_model(tmp_path / "bundle"), scans, tmp_path / "p2", progress=False)[0]
     assert b["psnr"] == pytest.approx(a["psnr"], abs=1e-4)
+
+
+def test_a_cvtgan_plan_with_vpt_is_exported_unmerged_and_says_which(data, tmp_path):
+    from autopeft.peft import load_plan
+
+    plan = load_plan("petite-cvtgan").to_dict()
+    run, tuned = _run_dir(tmp_path / "run", data, plan, backbone="cvtgan")
+    done = export_run(run, tmp_path / "bundle", target="2")
+    assert done["unmerged"] and all("(vpt)" in site for site in done["unmerged"])
+    assert done["merge_diff"] < 1e-4 and done["parser_diff"] < 1e-5
+    rebuilt = load_bundle(tmp_path / "bundle").model
+    assert rebuilt.discriminator is None  # inference does not need it; the file does not hold it
+    x = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), tuned(x), atol=1e-5)
