@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autopeft.errors import CheckpointError, ConfigError
+from autopeft.errors import AutopeftError, CheckpointError, ConfigError
 
 __all__ = ["bundle_network", "export_run", "load_bundle", "SCHEMA_URL"]
 
@@ -72,15 +72,11 @@ def bundle_network(backbone: str, preset: str, plan: dict[str, Any] | None = Non
     return model.eval()
 
 
-def _split_plan(plan) -> tuple[dict[str, Any] | None, list[str]]:
-    """(plan data of the non-mergeable entries or None, their patterns with methods)."""
+def _unmerged_sites(plan) -> list[str]:
+    """``"<pattern> (<method>)"`` for every plan entry whose method cannot be merged (VPT, adapters)."""
     from autopeft.peft import get_method
 
-    kept = {pattern: spec for pattern, spec in plan.to_dict().get("sites", {}).items()
-            if not get_method(spec["method"]).mergeable}
-    if not kept:
-        return None, []
-    return {"backbone": plan.backbone, "sites": kept}, [f"{p} ({s['method']})" for p, s in kept.items()]
+    return [f"{pattern} ({spec.method})" for pattern, spec in plan.sites.items() if not get_method(spec.method).mergeable]
 
 
 def _test_volume(loaded) -> tuple[torch.Tensor, str]:
@@ -94,7 +90,7 @@ def _test_volume(loaded) -> tuple[torch.Tensor, str]:
                                  fold=loaded.fold or 0, seed=setup.seed)["test"][:1]
             volume = eval_volumes(test)[0]
             return volume["short"], f"held-out scan {volume['subject']} of scanner {loaded.target}"
-        except Exception:  # noqa: BLE001 - the data may be gone; a random window still tests the merge
+        except (AutopeftError, OSError, RuntimeError):  # the data may be gone: a random window still tests the merge
             pass
     generator = torch.Generator().manual_seed(0)
     return torch.rand(1, *loaded.roi_size, generator=generator), "a random window (seed 0)"
@@ -180,7 +176,7 @@ def export_run(
     tuned = loaded.model
     plan = plan_state(tuned).plan
     fraction = trainable_fraction(tuned)  # before merging: the trained share of the network
-    _, unmerged_sites = _split_plan(plan)
+    unmerged_sites = _unmerged_sites(plan)
     volume, what = _test_volume(loaded)
     roi = loaded.roi_size
     reference = _predict(tuned, volume, roi)  # unmerged outputs, before merging in place

@@ -34,7 +34,8 @@ MERGEABLE = {"backbone": "unetr", "bitfit": True, "sites": {
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict-data")
-    return make_dataset(root, {"1": 3, "2": 3}, shape=(20, 18, 16), long_factor=1.5)
+    # 8 on the target: enough for a fine-tuning split with a validation block of the default size too.
+    return make_dataset(root, {"1": 3, "2": 8}, shape=(20, 18, 16), long_factor=1.5)
 
 
 def _run_dir(root, data, plan_data, *, confirmation=None, backbone="unetr"):
@@ -61,7 +62,7 @@ def test_predict_writes_outputs_on_the_input_grid_with_the_evaluations_psnr(data
     loaded = load_model(run, target="2")
     assert loaded.source == "1" and loaded.target == "2"
     scans = scan_inputs(data, target="2")  # the manifest: only scanner 2's rows
-    assert len(scans) == 3 and all(s.long for s in scans)
+    assert len(scans) == 8 and all(s.long for s in scans)
     results = predict_scans(loaded, scans, tmp_path / "out", progress=False)
     records = read_manifest(data)
     records = [r for r in records.to_dict("records") if r["scanner"] == "2"]

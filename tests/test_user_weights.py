@@ -109,7 +109,7 @@ def test_finetune_and_importance_start_from_the_users_model_without_pretraining(
     from _fakes import make_dataset
     from autopeft.pretraining import cache_root
 
-    data = make_dataset(tmp_path / "data", {"1": 1, "2": 12}, shape=(20, 18, 16), long_factor=1.5)
+    data = make_dataset(tmp_path / "data", {"1": 1, "2": 16}, shape=(20, 18, 16), long_factor=1.5)
     torch.save(unetr.state_dict(), tmp_path / "mine.pt")
     before = set((cache_root() / "pretrained").iterdir()) if (cache_root() / "pretrained").is_dir() else set()
     common = ["--backbone", "unetr", "--source", "1", "--target", "2", "--data", str(data), "--weights", str(tmp_path / "mine.pt"), "--quiet"]
