@@ -182,3 +182,23 @@ def test_a_cvtgan_plan_with_vpt_is_exported_unmerged_and_says_which(data, tmp_pa
     x = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), tuned(x), atol=1e-5)
+
+
+def test_a_trained_plan_folder_loads_inside_its_run_or_with_the_weights_it_came_from(data, tmp_path):
+    import shutil
+
+    from autopeft.checkpoints import save_checkpoint
+
+    run, tuned = _run_dir(tmp_path / "run", data, MERGEABLE)
+    inside = load_model(run / "best_weights" / "1-2-fold0")  # finds its run, and the run's source model
+    assert inside.target == "2" and inside.source == "1"
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(run / "best_weights" / "1-2-fold0", outside)
+    with pytest.raises(ConfigError, match="pass the pre-trained model it was fine-tuned from with --weights"):
+        load_model(outside)
+    base, _ = pretrained_model("unetr", "1", manifest_path=data, epochs=1, protocol=Protocol(**PROTOCOL), progress=False)
+    save_checkpoint(base, tmp_path / "base.safetensors", {})
+    loaded = load_model(outside, weights=tmp_path / "base.safetensors")
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), tuned(x), atol=1e-6)
