@@ -22,10 +22,7 @@ from torch import nn
 
 from autopeft.errors import CheckpointError
 
-__all__ = [
-    "save_checkpoint", "load_checkpoint", "read_metadata", "atomic_write_bytes", "save_state", "load_state",
-    "weights_file", "file_sha256", "read_user_weights", "fit_user_weights",
-]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_metadata", "atomic_write_bytes", "save_state", "load_state"]
 
 _META_KEY = "autopeft"
 
@@ -147,6 +144,8 @@ def load_state(path: str | os.PathLike) -> dict:
 
 
 # A user's own weights ---------------------------------------------------------------------------
+__all__ += ["weights_file", "file_sha256", "read_user_weights", "fit_user_weights"]
+
 # Files a MONAI bundle folder may keep its weights in, in the order they are looked for.
 BUNDLE_WEIGHT_FILES: tuple[str, ...] = ("models/model.safetensors", "models/model.pt", "model.safetensors", "model.pt")
 # Keys under which training scripts commonly nest the state dict of a checkpoint.

@@ -46,6 +46,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -89,8 +90,6 @@ def _span(values: list[tuple[float, ...]], fmt: str) -> str:
 
 
 def _derive(args: argparse.Namespace):
-    from pathlib import Path
-
     from autopeft.data.bids import derive_pairs, parse_window
     from autopeft.errors import ConfigError
 
@@ -107,8 +106,6 @@ def _derive(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from autopeft.cli._common import print_table
     from autopeft.data.manifest import check_scans, read_manifest, read_scanner_profiles
     from autopeft.data.splits import Protocol, scanners_in

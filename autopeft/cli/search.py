@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.backbone or not args.budget:
         raise ConfigError("--backbone and --budget are required for a new search (or give --resume RUN_DIR).")
     config = SearchConfig(
+        weights=str(Path(args.weights).expanduser().resolve()) if args.weights else None, source=args.source,
         backbone=args.backbone, budget=args.budget, preset=args.preset, space=args.space,
         scanners=[s.strip() for s in args.scanners.split(",") if s.strip()] if args.scanners else None,
         trials=args.trials, time_budget_s=time_budget, epochs=args.epochs, folds=args.folds, seed=args.seed,
@@ -89,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
         warm_start=args.warm_start, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         concurrency=args.concurrency, address=args.address, data=args.data, pretrain_epochs=args.pretrain_epochs,
         references=not args.no_references, asha=not args.no_asha, device=args.device, progress=not args.quiet,
-        dashboard=args.dashboard, source=args.source,
-        weights=str(Path(args.weights).expanduser().resolve()) if args.weights else None,
+        dashboard=args.dashboard,
     )
     run_search(config)
     return 0

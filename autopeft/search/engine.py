@@ -92,6 +92,8 @@ class SearchConfig:
     concurrency: int | None = None
     address: str | None = None
     data: str | None = None
+    weights: str | None = None  # a user's pre-trained model of `source` (see autopeft.pretraining.imported_model)
+    source: str | None = None
     pretrain_epochs: int | None = None
     protocol: dict[str, int] = field(default_factory=dict)
     references: bool = True
@@ -99,10 +101,11 @@ class SearchConfig:
     device: str | None = None
     progress: bool = True
     dashboard: bool = False
-    weights: str | None = None  # a user's pre-trained model of `source` (see autopeft.pretraining.imported_model)
-    source: str | None = None
 
     def __post_init__(self) -> None:
+        if (self.weights is None) != (self.source is None):
+            raise ConfigError("--weights and --source go together: --weights FILE is a model pre-trained on scanner "
+                              "--source S, and the search fine-tunes it from S to every other scanner.")
         if self.objective not in ("single", "multi"):
             raise ConfigError(f"--objective must be 'single' or 'multi', but got {self.objective!r}.")
         if self.sampler not in ("tpe", "random"):
@@ -113,9 +116,6 @@ class SearchConfig:
             raise ConfigError(f"--folds must be at least 1, but got {self.folds}.")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0.")
-        if (self.weights is None) != (self.source is None):
-            raise ConfigError("--weights and --source go together: --weights FILE is a model pre-trained on scanner "
-                              "--source S, and the search fine-tunes it from S to every other scanner.")
 
 
 def resolve_defaults(config: SearchConfig) -> SearchConfig:
