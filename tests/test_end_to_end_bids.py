@@ -35,8 +35,13 @@ def test_bids_to_search_to_predict_to_bundle(ray_env, tmp_path, capsys):
     assert main(["simulate", "--out", str(sim), "--bids", "--size", "16", "--subjects", "16", "--scanners", "1,2", "--quiet"]) == 0
     assert main(["data", "--bids", str(sim), "--short", "0-5", "--long", "0-30", "--out", str(pairs), "--quiet"]) == 0
     capsys.readouterr()
+    from autopeft.cli import build_parser
+
+    search_options = build_parser()._subparsers._group_actions[0].choices["search"]._option_string_actions
+    no_confirmation = ["--confirm", "0"] if "--confirm" in search_options else []  # where the flag exists
     assert main(["search", "--backbone", "unetr", "--budget", "1%", "--data", str(pairs), "--trials", "2", "--epochs", "1",
-                 "--pretrain-epochs", "2", "--no-references", "--no-asha", "--device", "cpu", "--out", str(run), "--quiet"]) == 0
+                 "--pretrain-epochs", "2", "--no-references", "--no-asha", "--device", "cpu", "--out", str(run), "--quiet",
+                 *no_confirmation]) == 0
     out = capsys.readouterr().out
     # Defaults follow the data: its two scanners (named by the sidecars), with the reason.
     assert f"scanners: Siemens Biograph TruePoint class (16 subjects), {TARGET} (16 subjects): the two scanners with the most subjects" in out
@@ -76,9 +81,13 @@ def test_bids_to_search_to_predict_to_bundle(ray_env, tmp_path, capsys):
     torch.save(build_backbone("unetr", "tiny").state_dict(), tmp_path / "mine.pt")
     with pytest.raises(Exception, match="--weights and --source go together"):
         SearchConfig(backbone="unetr", budget="1%", weights=str(tmp_path / "mine.pt"))
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(SearchConfig)}
     mine = run_search(SearchConfig(backbone="unetr", budget="1%", data=str(pairs), trials=1, epochs=1, device="cpu",
                                    references=False, asha=False, progress=False, out=str(tmp_path / "run-mine"),
-                                   weights=str(tmp_path / "mine.pt"), source=TARGET, priors=False))
+                                   weights=str(tmp_path / "mine.pt"), source=TARGET, priors=False,
+                                   **({"confirm": 0} if "confirm" in fields else {})))
     pairs_run = {(p["source"], p["target"]) for r in records(mine) for p in r.get("pairs", [])}
     assert pairs_run == {(TARGET, "Siemens Biograph TruePoint class")}
     cache = os.environ["AUTOPEFT_CACHE"]
