@@ -1,7 +1,8 @@
 """Export a search's recommended model as a MONAI bundle, and load such a bundle back.
 
-:func:`export_run` takes a run directory's trained parts for one target (``best_weights/``, on the
-run's source model), merges every linear method of the plan into plain weights (LoRA, SSF,
+:func:`export_run` takes a run directory's trained parts of the recommended plan for one target
+(``weights/<N>/`` of the confirmed recommendation, else ``best_weights/``; on the run's source
+model), merges every linear method of the plan into plain weights (LoRA, SSF,
 SH-PEFT; BitFit, LayerNorm and Full-FT already are), checks on a test volume that the merged
 model's outputs equal the unmerged one's, and writes::
 
@@ -208,7 +209,7 @@ def export_run(
         "backbone": loaded.backbone, "preset": loaded.preset, "source": loaded.source, "target": loaded.target,
         "fold": loaded.fold, "plan": plan_data, "trained_percent": round(100 * fraction, 6),
         "merged": not unmerged_sites, "unmerged_sites": unmerged_sites, "roi_size": list(roi), "run": str(run_dir),
-        "trained_dir": str(loaded.extra.get("trained_dir", "")), "test_psnr": psnr,
+        "trained_dir": str(loaded.extra.get("trained_dir", "")), "trial": loaded.extra.get("trial"), "test_psnr": psnr,
         "scaling": "input x TISSUE_LEVEL / mean(tissue), clipped to [0, 1] (autopeft.data.loading.scale_by_tissue_mean); "
                    "outputs divided by the same factor (autopeft.inference)",
         "merge_check": {"volume": what, "max_abs_diff": merge_diff, "bundle_max_abs_diff": bundle_diff},

@@ -2,9 +2,10 @@
 
 :func:`load_model` opens what a user points ``--model`` at:
 
-- a search's run directory (``run.json``, ``best_weights/<source>-<target>-fold<k>/``): the
-  recommended plan's trained parts for the target, on the run's own source model (from the cache,
-  the user's imported ``--weights`` included; never retrained here);
+- a search's run directory (``run.json``): the recommended plan's trained parts for the target
+  (``weights/<N>/<source>-<target>-fold<k>/`` of the confirmed recommendation N, else
+  ``best_weights/``), on the run's own source model (from the cache, the user's imported
+  ``--weights`` included; never retrained here);
 - a trained-plan folder (``trained.safetensors`` + ``plan.yaml`` + ``meta.json``, as
   ``autopeft finetune --save`` and a run's ``best_weights/`` hold), on its run's source model or on
   the pre-trained model given as ``weights``;
@@ -37,7 +38,7 @@ from torch import nn
 
 from autopeft.errors import CheckpointError, ConfigError, DataError
 
-__all__ = ["LoadedModel", "ScanInput", "load_model", "scan_inputs", "predict_scans", "predict_with_bundle", "run_setup", "run_pairs"]
+__all__ = ["LoadedModel", "ScanInput", "load_model", "recommended_weights", "scan_inputs", "predict_scans", "predict_with_bundle", "run_setup", "run_pairs"]
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$")
 
@@ -99,10 +100,29 @@ def run_setup(run_dir: str | os.PathLike):
     )
 
 
+def recommended_weights(run_dir: str | os.PathLike) -> tuple[Path, int | None]:
+    """The folder of the recommended plan's trained parts and its trial number: ``weights/<N>/`` of
+    ``summary.json["confirmation"]["recommended"]["number"]`` when the run was confirmed and kept
+    them, else ``best_weights/`` (the best trial by validation; number from summary.json's best)."""
+    run_dir = Path(run_dir)
+    summary: dict[str, Any] = {}
+    if (run_dir / "summary.json").is_file():
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            summary = {}
+    number = ((summary.get("confirmation") or {}).get("recommended") or {}).get("number")
+    if isinstance(number, int) and (run_dir / "weights" / f"{number:04d}").is_dir():
+        return run_dir / "weights" / f"{number:04d}", number
+    best = summary.get("best") or {}
+    return run_dir / "best_weights", best.get("number") if isinstance(best, dict) else None
+
+
 def run_pairs(run_dir: str | os.PathLike, setup=None) -> list[tuple[str, str, int, Path]]:
-    """``(source, target, fold, folder)`` of every trained part in ``run_dir/best_weights``."""
+    """``(source, target, fold, folder)`` of every trained part of the recommended plan
+    (:func:`recommended_weights`)."""
     setup = setup or run_setup(run_dir)
-    weights = Path(run_dir) / "best_weights"
+    weights, _ = recommended_weights(run_dir)
     return [(s, t, f, weights / f"{s}-{t}-fold{f}") for f in setup.folds for s, t in setup.pairs
             if _is_trained_dir(weights / f"{s}-{t}-fold{f}")]
 
@@ -175,9 +195,11 @@ def load_model(
         model = load_trained(base, trained).eval()
         from autopeft.peft.plan import Plan
 
+        number = recommended_weights(folder)[1]
         return LoadedModel(model, tuple(base.preset.crop_size), setup.backbone, setup.preset, s, t, f,
-                           Plan.from_yaml(trained / "plan.yaml").to_dict(), f"{folder} ({s} -> {t}, fold {f})",
-                           {"setup": setup, "trained_dir": trained})
+                           Plan.from_yaml(trained / "plan.yaml").to_dict(),
+                           f"{folder} ({s} -> {t}, fold {f}" + (f", trial #{number})" if number is not None else ")"),
+                           {"setup": setup, "trained_dir": trained, "trial": number})
     if _is_trained_dir(folder):
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         run_dir = folder.parent.parent

@@ -202,3 +202,21 @@ def test_a_trained_plan_folder_loads_inside_its_run_or_with_the_weights_it_came_
     x = torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert torch.allclose(loaded.model(x), tuned(x), atol=1e-6)
+
+
+def test_a_confirmed_run_exports_the_recommended_trials_weights_not_the_best_by_validation(data, tmp_path):
+    import shutil
+
+    confirmation = {"recommended": {"number": 7, "test": {"psnr": {"mean": 30.0, "ci": [29.0, 31.0]}}}}
+    run, recommended = _run_dir(tmp_path / "run", data, MERGEABLE, confirmation=confirmation)
+    shutil.move(str(run / "best_weights"), str(run / "weights" / "0007"))
+    other, _ = _run_dir(tmp_path / "other", data, MIXED)  # best by validation: another plan
+    shutil.copytree(other / "best_weights", run / "best_weights")
+    loaded = load_model(run, target="2")
+    assert loaded.extra["trial"] == 7 and loaded.plan["sites"].keys() == MERGEABLE["sites"].keys()
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), recommended(x), atol=1e-6)
+    done = export_run(run, tmp_path / "bundle", target="2")
+    meta = json.loads((tmp_path / "bundle" / "configs" / "metadata.json").read_text())
+    assert done["unmerged"] == [] and meta["autopeft"]["trial"] == 7 and meta["autopeft"]["test_psnr"]["mean"] == 30.0

@@ -1,6 +1,7 @@
 """Export a search's recommended model for one target scanner as a MONAI bundle.
 
-The recommended plan's trained parts (RUN_DIR/best_weights/, on the run's source model) are merged
+The recommended plan's trained parts (RUN_DIR/weights/<N>/ of summary.json's confirmed
+recommendation #N, else RUN_DIR/best_weights/; on the run's source model) are merged
 into plain weights: LoRA, SSF and SH-PEFT fold into the layers they adapt; BitFit, LayerNorm and
 Full-FT already live in them. The merged model's outputs are checked against the unmerged one's on
 a held-out scan of the target (printed). Methods that are not linear (VPT, adapters) cannot be

@@ -1,7 +1,8 @@
 """Apply a fine-tuned model to short scans: one NIfTI out per scan, in the input's units and grid.
 
---model is a search's run directory (the recommended plan's trained parts for --target, on the
-run's source model from the cache), a trained-plan folder (finetune --save, a run's best_weights/
+--model is a search's run directory (the recommended plan's trained parts for --target: the
+confirmed recommendation's weights/<N>/, else best_weights/; on the run's source model from the
+cache), a trained-plan folder (finetune --save, a run's best_weights/
 entry; outside a run, pass the pre-trained model it came from with --weights), or a MONAI bundle
 written by 'autopeft export'. --input is a NIfTI file, a folder of them, or a manifest.csv (then
 only the rows of the model's target scanner, and their long scans are used for scores).
