@@ -140,6 +140,8 @@ class FinetuneJob:
         protocol: ``autopeft.data.Protocol`` fields. Defaults to the CPU-scaled protocol.
         pretrain_epochs: epochs of the source model. Defaults to the preset's.
         device: where to train. Defaults to ``cpu``.
+        weights: a user's pre-trained model (file or MONAI bundle) used as the source model instead
+            of pre-training one (``autopeft.pretraining.imported_model``). Defaults to None.
     """
 
     backbone: str
@@ -153,6 +155,7 @@ class FinetuneJob:
     protocol: tuple[tuple[str, int], ...] = ()
     pretrain_epochs: int | None = None
     device: str = "cpu"
+    weights: str | None = None
 
     def make_protocol(self):
         from autopeft.data import Protocol
@@ -184,13 +187,14 @@ def source_model(job: FinetuneJob, *, progress: bool = False):
     manifest = Path(job.manifest_path)
     stamp = manifest.stat().st_mtime_ns if manifest.is_file() else 0
     key = (job.backbone, job.preset, str(manifest), stamp, job.source, job.fold, job.seed, job.protocol,
-           job.pretrain_epochs, job.device)
+           job.pretrain_epochs, job.device, job.weights)
     if key not in _LOADED:
         if len(_LOADED) >= _LOADED_MAX:
             _LOADED.pop(next(iter(_LOADED)))
         _LOADED[key] = pretrained_model(
             job.backbone, job.source, manifest_path=job.manifest_path, preset=job.preset, fold=job.fold,
             epochs=job.pretrain_epochs, seed=job.seed, protocol=job.make_protocol(), device=job.device, progress=progress,
+            weights=job.weights,
         )
     model, meta = _LOADED[key]
     return copy.deepcopy(model), dict(meta)

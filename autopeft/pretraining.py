@@ -11,6 +11,10 @@ Layout of one cache entry ``<cache>/pretrained/<key>/``::
     model.safetensors   best epoch by validation PSNR (net + discriminator), with JSON metadata
     history.json        per-epoch loss and validation metrics
     last.*              resume files, removed once training completes
+
+A user's own pre-trained model (``weights=``, ``--weights``) is imported instead: checked against
+the backbone and preset, and cached as ``<cache>/pretrained/imported-<backbone>-<preset>-<sha256>/``
+keyed by the file's content, so a search, its resume and later commands share one entry.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ from autopeft.checkpoints import atomic_write_bytes, load_checkpoint, load_state
 from autopeft.errors import ConfigError
 from autopeft.train import EpochResult, Trainer, TrainSettings, is_better
 
-__all__ = ["SourceSpec", "source_spec", "is_pretrained", "pretrained_model", "cache_root", "manifest_digest", "PRETRAIN_DEFAULTS"]
+__all__ = [
+    "SourceSpec", "source_spec", "is_pretrained", "pretrained_model", "imported_model", "cache_root", "manifest_digest",
+    "PRETRAIN_DEFAULTS",
+]
 
 # Pre-training length and learning rate per preset. PETITE pre-trained for 1000 epochs of 30
 # subjects; the tiny preset is sized so that a source model trains in a few minutes on 2 CPU cores.
@@ -165,6 +172,7 @@ def pretrained_model(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     on_epoch: Callable[[EpochResult], None] | None = None,
+    weights: str | os.PathLike | None = None,
 ):
     """The pre-trained source model, from the cache or freshly trained (and then cached).
 
@@ -182,6 +190,8 @@ def pretrained_model(
         cache_dir: cache root. Defaults to ``cache_root()``.
         progress: show a progress bar.
         on_epoch: called after each epoch (e.g. to print), besides checkpointing.
+        weights: a user's own pre-trained model (see :func:`imported_model`) used instead of
+            pre-training; the data arguments are then not used. Defaults to None.
 
     Returns:
         ``(model, metadata)``: the ``Backbone`` in eval mode with the best weights, and the
@@ -190,6 +200,9 @@ def pretrained_model(
     from backbones import build_backbone
     from autopeft.data import Protocol, eval_volumes, read_manifest, split_scanner, train_loader
 
+    if weights is not None:
+        model, meta = imported_model(weights, backbone, preset, cache_dir=cache_dir)
+        return model, {**meta, "source": str(source), "fold": fold, "seed": seed}
     manifest = read_manifest(manifest_path)
     protocol = protocol or Protocol()
     spec = source_spec(backbone, source, manifest=manifest, preset=preset, fold=fold, epochs=epochs, lr=lr, seed=seed,
@@ -255,3 +268,51 @@ def pretrained_model(
         for leftover in (last_weights, last_state, best_weights):
             leftover.unlink(missing_ok=True)
         return model.eval(), meta
+
+
+def imported_model(
+    weights: str | os.PathLike, backbone: str, preset: str = "tiny", *, cache_dir: str | os.PathLike | None = None
+):
+    """A user's own pre-trained model, checked and cached by content.
+
+    Args:
+        weights: a ``.safetensors`` file, a PyTorch state dict (read with
+            ``torch.load(weights_only=True)`` only) or a MONAI bundle folder (``models/model.safetensors``
+            or ``models/model.pt``). It holds the backbone's whole state dict or, for a backbone without
+            a discriminator, its network's (e.g. MONAI UNETR's).
+        backbone: registered backbone name.
+        preset: backbone preset. Defaults to ``tiny``.
+        cache_dir: cache root. Defaults to ``cache_root()``.
+
+    Returns:
+        ``(model, metadata)`` as :func:`pretrained_model`: the :class:`SourceSpec` fields (data: the
+        file's hash; :func:`pretrained_model` sets source, fold and seed to the caller's),
+        ``metadata["imported_from"]`` names the file, ``metadata["sha256"]`` its content hash, and
+        ``metadata["best"]`` is None (no validation ran).
+
+    Raises:
+        CheckpointError: an unreadable file, a pickle payload that is not a plain state dict, or names
+            and shapes that do not fit (listed, with the backbone and preset the file fits).
+    """
+    from backbones import build_backbone
+    from autopeft.checkpoints import file_sha256, fit_user_weights, read_user_weights, weights_file
+
+    source = weights_file(weights)
+    digest = file_sha256(source)
+    entry = Path(cache_dir or cache_root()) / "pretrained" / f"imported-{backbone}-{preset}-{digest[:16]}"
+    final = entry / "model.safetensors"
+    model = build_backbone(backbone, preset)
+    with _locked(entry):
+        if final.exists():
+            meta = load_checkpoint(model, final, expect={"backbone": backbone, "preset": preset, "sha256": digest})
+            return model.eval(), meta
+        state = fit_user_weights(read_user_weights(source), model, source)
+        model.load_state_dict(state, strict=True)
+        from autopeft.data.loading import PIPELINE_VERSION
+
+        # SourceSpec's fields too (what caches keyed on a source model read), the data being the file.
+        spec = SourceSpec(backbone=backbone, preset=preset, source="imported", fold=0, epochs=0, lr=0.0, seed=0,
+                          data=f"sha{digest[:16]}", protocol="imported", crops=0, pipeline=PIPELINE_VERSION)
+        meta = {**asdict(spec), "imported_from": str(source.resolve()), "sha256": digest, "best": None}
+        save_checkpoint(model, final, meta)
+    return model.eval(), meta

@@ -29,6 +29,8 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "importance": ("autopeft.cli.importance", "SH-PEFT importance of a source model's weights on a target, per site"),
     "space": ("autopeft.cli.space", "show a search space: size, trainable-%% range, sampled plans"),
     "search": ("autopeft.cli.search", "search PEFT plans under a budget with Ray Tune + Optuna"),
+    "predict": ("autopeft.cli.predict", "apply a fine-tuned model (run, trained plan or bundle) to short scans"),
+    "export": ("autopeft.cli.export", "export a run's recommended model as a MONAI bundle (merged weights)"),
     "report": ("autopeft.cli.report", "write a search run's self-contained HTML report"),
     "dashboard": ("autopeft.cli.dashboard", "serve a search run's Optuna study in optuna-dashboard"),
 }
@@ -39,6 +41,9 @@ typical use:
   autopeft backbones                        # what can be fine-tuned, and where
   autopeft pretrain --backbone unetr --source 1
   autopeft finetune --backbone unetr --source 1 --target 5 --method full
+  autopeft search --backbone unetr --budget 1%
+  autopeft predict --model runs/unetr-... --target 5 --input scans/ --out predictions/
+  autopeft export runs/unetr-... --target 5 --out bundles/unetr-1-5
 
 Run 'autopeft COMMAND --help' for the options of one command.
 """

@@ -19,6 +19,18 @@ def add_data_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_weights_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--weights",
+        metavar="FILE_OR_DIR",
+        default=None,
+        help="start from your own pre-trained model instead of pre-training: a .safetensors file, a PyTorch "
+        "state dict (.pt, read with torch.load(weights_only=True); other pickled objects are refused) or a "
+        "MONAI bundle folder (models/model.safetensors or models/model.pt). It must fit --backbone and "
+        "--preset (whole backbone, or its network alone); it is cached by content hash.",
+    )
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", required=True, help="registered backbone (see 'autopeft backbones')")
     parser.add_argument("--preset", default="tiny", help="backbone preset: tiny (CPU) or paper (GPU)")

@@ -38,6 +38,7 @@ from pathlib import Path
 from autopeft.cli._common import (
     add_data_argument,
     add_model_arguments,
+    add_weights_argument,
     print_table,
     resolve_device,
     resolve_manifest,
@@ -57,6 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default=None, help="shorthand plans, comma-separated: none (No-FT), full (Full-FT)")
     parser.add_argument("--plan", default=None, help="plans to run, comma-separated: names, YAML files, or table1")
     add_data_argument(parser)
+    add_weights_argument(parser)
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: see above)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: see above)")
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the source model")
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     job = FinetuneJob(
         backbone=args.backbone, preset=preset, manifest_path=str(manifest_path), source=str(args.source),
         target=str(args.target), fold=args.fold, seed=args.seed, protocol=tuple(sorted(vars(protocol).items())),
-        pretrain_epochs=pretrain_epochs, device=device,
+        pretrain_epochs=pretrain_epochs, device=device, weights=args.weights,
     )
     source = source_model(job, progress=not args.quiet)
     rows, identity = [], None

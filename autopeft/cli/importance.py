@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from autopeft.cli._common import add_data_argument, add_model_arguments, print_table, resolve_device, resolve_manifest
+from autopeft.cli._common import add_data_argument, add_model_arguments, add_weights_argument, print_table, resolve_device, resolve_manifest
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=10, help="how many sites to print")
     parser.add_argument("--out", default=None, help="JSON output (default: importance-<backbone>-<source>-<target>.json)")
     add_data_argument(parser)
+    add_weights_argument(parser)
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the source model")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     model, _ = pretrained_model(
         args.backbone, args.source, manifest_path=manifest_path, preset=args.preset, fold=args.fold,
         epochs=args.pretrain_epochs, seed=args.seed, device=device, progress=not args.quiet,
+        weights=args.weights,
     )
     train = split_scanner(read_manifest(manifest_path), str(args.target), purpose="finetune", fold=args.fold,
                           seed=args.seed)["train"]

@@ -10,9 +10,14 @@ The result is cached under $AUTOPEFT_CACHE (default ~/.cache/autopeft)/pretraine
 backbone, preset, source, fold, epochs, learning rate, seed and a hash of the data manifest. An
 interrupted run (Ctrl-C, a killed process) resumes from its last finished epoch when run again.
 
+With --weights FILE_OR_DIR your own pre-trained model is imported instead: checked against the
+backbone and preset (a mismatch lists the missing and unexpected names and what the file fits) and
+cached by its content hash, so that finetune, importance and search --weights use the same entry.
+
 examples:
   autopeft pretrain --backbone unetr --source 1
   autopeft pretrain --backbone cvtgan --source 3 --epochs 100 --data data/sim
+  autopeft pretrain --backbone unetr --source "Biograph mCT" --weights my_unetr_state_dict.pt
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from autopeft.cli._common import add_data_argument, add_model_arguments, resolve_device, resolve_manifest
+from autopeft.cli._common import add_data_argument, add_model_arguments, add_weights_argument, resolve_device, resolve_manifest
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--source", required=True, help="source scanner id (e.g. 1)")
     add_data_argument(parser)
+    add_weights_argument(parser)
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the preset's)")
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's)")
     parser.add_argument("--out", default=None, help="also copy the checkpoint (safetensors) to this directory")
@@ -38,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     from autopeft.pretraining import pretrained_model
 
-    manifest = resolve_manifest(args.data, progress=not args.quiet)
+    manifest = resolve_manifest(args.data, progress=not args.quiet) if args.weights is None else None
     model, meta = pretrained_model(
         args.backbone,
         args.source,
@@ -50,13 +56,21 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=resolve_device(args.device),
         progress=not args.quiet,
+        weights=args.weights,
     )
     best = meta["best"]
-    print(
-        f"{args.backbone}/{args.preset} pre-trained on scanner {args.source}: best epoch {best['epoch']} "
-        f"of {meta['epochs']}, validation PSNR {best['psnr']:.3f} dB, SSIM {best['ssim']:.4f}, "
-        f"NRMSE {best['nrmse']:.4f}"
-    )
+    if best is None:  # imported, not trained here
+        from autopeft.pretraining import cache_root
+
+        print(f"{args.backbone}/{args.preset} imported from {meta['imported_from']} (sha256 {meta['sha256'][:16]}): "
+              f"every name and shape fits; cached in {cache_root() / 'pretrained'} as "
+              f"imported-{args.backbone}-{args.preset}-{meta['sha256'][:16]}")
+    else:
+        print(
+            f"{args.backbone}/{args.preset} pre-trained on scanner {args.source}: best epoch {best['epoch']} "
+            f"of {meta['epochs']}, validation PSNR {best['psnr']:.3f} dB, SSIM {best['ssim']:.4f}, "
+            f"NRMSE {best['nrmse']:.4f}"
+        )
     if args.out:
         from autopeft.checkpoints import save_checkpoint
 

@@ -28,6 +28,11 @@ examples:
   autopeft search --resume runs/unetr-20250101-120000        # after Ctrl-C or a killed process
   autopeft search --backbone unetr --budget 1% --dashboard   # Ray's dashboard on 127.0.0.1:8265
   autopeft search --backbone unetr --budget 1% --address auto --gpus-per-trial 0.5   # on a Ray cluster
+  autopeft search --backbone unetr --budget 1% --data data/mybids --weights unetr_mct.pt --source "Biograph mCT"
+
+With --data the default scanners are the data's own: all of them on a GPU, on a CPU the two with
+the most subjects (printed with the reason). --weights FILE_OR_DIR --source S starts from your own
+model pre-trained on scanner S (no pre-training) and searches the pairs S -> every other scanner.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", help="parameter budget: 1%%, 0.005 or 250k; required unless --resume")
     parser.add_argument("--preset", default=None, help="backbone preset (default: paper on a GPU, tiny on a CPU)")
     parser.add_argument("--space", default=None, help="search space: a shipped name (unetr, cvtgan; per block: unetr-blocks, cvtgan-blocks) or a YAML file (default: <backbone>)")
-    parser.add_argument("--scanners", default=None, help="comma-separated scanner ids; every ordered pair is used (default: 1,5 on CPU, all on GPU)")
+    parser.add_argument("--scanners", default=None, help="comma-separated scanner ids; every ordered pair is used (default: the data's own: all on a GPU, the two with the most subjects on a CPU; built-in data: 1,5 on CPU)")
     parser.add_argument("--trials", type=int, default=None, help="plans to train; plans drawn over the budget are recorded but not counted (default: 48 on CPU, 64 on GPU)")
     parser.add_argument("--time-budget", default=None, help="launch no trial after this long from the start (pre-training included; running trials finish): 30m, 2h, 900s (default: 15m on CPU when --trials is not given)")
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per pair (default: the preset's)")
@@ -57,6 +62,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=None, help="trials at once (default: what the resources allow)")
     parser.add_argument("--address", default=None, help="join a Ray cluster ('auto'); default: a local Ray")
     parser.add_argument("--data", default=None, help="a directory with manifest.csv, or the CSV (default: built-in simulated data)")
+    from autopeft.cli._common import add_weights_argument
+
+    add_weights_argument(parser)
+    parser.add_argument("--source", default=None, help="with --weights: the scanner your model was pre-trained on; the pairs are it -> every other scanner")
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the source models (default: the preset's)")
     parser.add_argument("--no-references", action="store_true", help="skip the No-FT / Full-FT / PETITE reference rows")
     parser.add_argument("--no-asha", action="store_true", help="let every trial run all its pairs")
@@ -73,6 +82,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from autopeft.errors import ConfigError
     from autopeft.search.engine import SearchConfig, _budget_seconds, run_search
 
@@ -83,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.backbone or not args.budget:
         raise ConfigError("--backbone and --budget are required for a new search (or give --resume RUN_DIR).")
     config = SearchConfig(
+        weights=str(Path(args.weights).expanduser().resolve()) if args.weights else None, source=args.source,
         backbone=args.backbone, budget=args.budget, preset=args.preset, space=args.space,
         scanners=[s.strip() for s in args.scanners.split(",") if s.strip()] if args.scanners else None,
         trials=args.trials, time_budget_s=time_budget, epochs=args.epochs, folds=args.folds, seed=args.seed,

@@ -17,6 +17,12 @@ same arguments return at once, and an interrupted run resumes where it stopped.
 examples:
   autopeft simulate --out data/sim                       # 5 scanners x 16 subjects, ~2-4 min
   autopeft simulate --out data/tiny --size 32 --subjects 4 --scanners 1,5
+  autopeft simulate --out data/simbids --bids --size 32 --subjects 16 --scanners 1,5   # as BIDS-PET
+
+With --bids the directory is also a BIDS-PET dataset: each scan's six frames as a 4D
+sub-<id>/ses-scanner<k>/pet/sub-<id>_ses-scanner<k>_trc-FDG_pet.nii.gz with a _pet.json sidecar
+(FrameTimesStart 1800..3300 s, FrameDuration 300 s, ManufacturersModelName = the scanner's name,
+reconstruction), dataset_description.json, participants.tsv and a .bidsignore for the files above.
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scanners", default="1,2,3,4,5", metavar="IDS", help="comma-separated scanner ids (1-5)"
     )
+    parser.add_argument(
+        "--bids", action="store_true",
+        help="also write DIR as a BIDS-PET dataset: 4D frames + _pet.json sidecars, one session per scanner "
+        "(then: autopeft data --bids DIR --short 0-5 --long 0-30 --out DERIVED)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -68,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     """Simulates (or finds cached) data and prints where it is and how realistic it is."""
     from autopeft.data.simulator import is_simulated, simulate
 
-    options = dict(subjects=args.subjects, size=args.size, seed=args.seed, scanners=args.scanners)
+    options = dict(subjects=args.subjects, size=args.size, seed=args.seed, scanners=args.scanners, bids=args.bids)
     cached = is_simulated(args.out, **options)
     start = time.perf_counter()
     manifest = simulate(args.out, progress=not args.quiet, **options)
@@ -77,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     status = "already simulated (cached)" if cached else f"simulated in {elapsed:.1f} s"
     print(f"{status}: {manifest.parent}")
     print(f"manifest: {manifest}")
+    if args.bids:
+        print(f"BIDS-PET dataset: {manifest.parent} (sub-*/ses-scanner<k>/pet/*_pet.nii.gz + .json; the files above are in .bidsignore)")
     print()
     print(_realism_table(summary))
     print(textwrap.fill(summary["definition"], width=100))

@@ -71,12 +71,9 @@ TISSUE_LEVEL = 0.3
 PIPELINE_VERSION = 3
 
 
-def scale_by_tissue_mean(volume: torch.Tensor) -> torch.Tensor:
-    """``volume / mean(tissue) * TISSUE_LEVEL`` clipped to [0, 1] (module docstring).
-
-    Written here because MONAI's intensity transforms scale by extremes, percentiles or the
-    standard deviation, all of which move with the noise level.
-    """
+def tissue_scale(volume: torch.Tensor) -> torch.Tensor:
+    """The factor :func:`scale_by_tissue_mean` multiplies ``volume`` by: ``TISSUE_LEVEL / mean(tissue)``
+    (a 0-d tensor). Dividing a [0, 1] prediction by it returns the volume's own units."""
     volume = torch.as_tensor(volume, dtype=torch.float32)
     spatial = volume.reshape(1, 1, *volume.shape[-3:])
     side = min(5, *(n if n % 2 else n - 1 for n in spatial.shape[-3:]))  # odd, fits the volume
@@ -85,7 +82,17 @@ def scale_by_tissue_mean(volume: torch.Tensor) -> torch.Tensor:
     tissue = spatial[smooth > TISSUE_THRESHOLD * top]
     if top <= 0 or tissue.numel() == 0:
         raise DataError("A volume has no positive tissue to scale by; is it empty?")
-    return (volume * (TISSUE_LEVEL / tissue.mean())).clamp_(0.0, 1.0)
+    return TISSUE_LEVEL / tissue.mean()
+
+
+def scale_by_tissue_mean(volume: torch.Tensor) -> torch.Tensor:
+    """``volume / mean(tissue) * TISSUE_LEVEL`` clipped to [0, 1] (module docstring).
+
+    Written here because MONAI's intensity transforms scale by extremes, percentiles or the
+    standard deviation, all of which move with the noise level.
+    """
+    volume = torch.as_tensor(volume, dtype=torch.float32)
+    return (volume * tissue_scale(volume)).clamp_(0.0, 1.0)
 
 
 def _load_and_scale() -> list[Any]:

@@ -42,6 +42,7 @@ __all__ = [
     "read_manifest",
     "read_scanner_profiles",
     "check_scans",
+    "default_scanners",
 ]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("subject", "scanner", "short", "long")
@@ -412,3 +413,40 @@ def check_scans(
 def _natural_key(text: str) -> tuple[Any, ...]:
     """Sort key putting '2' before '10' (scanner ids are strings but often numbers)."""
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+
+
+def default_scanners(
+    manifest: pd.DataFrame | str | os.PathLike[str], *, gpu: bool, include: str | None = None
+) -> tuple[list[str], str]:
+    """The scanners a search uses when none are named: the data's own.
+
+    On a GPU every scanner of the manifest; on a CPU the two with the most subjects (ties by
+    natural order), so that a CPU run stays small. ``include`` (e.g. the source scanner of a user's
+    own pre-trained model) is always one of them.
+
+    Args:
+        manifest: a frame from :func:`read_manifest`, or a manifest path.
+        gpu: whether the search runs on a GPU.
+        include: a scanner id that must be chosen. Defaults to None.
+
+    Returns:
+        The scanner ids (natural order) and one sentence that says why, for the console.
+
+    Raises:
+        DataError: ``include`` is not a scanner of the manifest.
+    """
+    frame = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
+    counts = frame.groupby("scanner")["subject"].nunique().to_dict()
+    ranked = sorted(counts, key=lambda sid: (-counts[sid], _natural_key(str(sid))))
+    where = frame.attrs.get("manifest", "the manifest")
+    if include is not None and str(include) not in counts:
+        raise DataError(f"scanner {include!r} is not in {where}; its scanners are {', '.join(sorted(counts, key=_natural_key))}.")
+    if gpu:
+        chosen, why = ranked, "all scanners of the data (GPU default)"
+    else:
+        chosen = [str(include)] if include is not None else []
+        chosen += [sid for sid in ranked if sid not in chosen][: 2 - len(chosen)]
+        why = "the two scanners with the most subjects (CPU default; --scanners to choose others)"
+    chosen = sorted(chosen, key=_natural_key)
+    listed = ", ".join(f"{sid} ({counts[sid]} subjects)" for sid in chosen)
+    return chosen, f"scanners: {listed}: {why}, from {where}"

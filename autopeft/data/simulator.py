@@ -29,7 +29,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,15 +65,17 @@ class _Request:
     size: int
     seed: int
     scanners: tuple[str, ...]
+    bids: bool = False
 
     def key(self) -> dict[str, Any]:
-        return {
+        key = {
             "simulator_version": _SIMULATOR_VERSION,
             "subjects": self.subjects,
             "size": self.size,
             "seed": self.seed,
             "scanners": list(self.scanners),
         }
+        return {**key, "bids": True} if self.bids else key
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:12]
@@ -150,6 +152,7 @@ class _Scan:
     short: np.ndarray
     long: np.ndarray
     metrics: dict[str, float]
+    frames: np.ndarray | None = None  # x x y x z x frames, post-filtered (for --bids)
 
 
 def _psnr(image: np.ndarray, reference: np.ndarray) -> float:
@@ -236,7 +239,8 @@ def _simulate_scan(
         "hypometabolism": subject.hypometabolism,
         "trues_first_frame": float(counts_per_activity * trues_shape.sum()),
     }
-    return _Scan(short, long, metrics)
+    framewise = np.stack([postfilter(frames[:, :, k, :]) for k in range(_FRAMES)], axis=-1)
+    return _Scan(short, long, metrics, framewise)
 
 
 def _summary(request: _Request, metrics: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
@@ -313,10 +317,38 @@ def _prepare_directory(out_dir: Path, request: _Request) -> bool:
     return False
 
 
-def _scan_is_done(out_dir: Path, scanner_id: str, subject: str) -> bool:
+def _scan_is_done(out_dir: Path, scanner_id: str, subject: str, bids: bool = False) -> bool:
     short, long = _scan_paths(scanner_id, subject)
     progress = out_dir / _PROGRESS_DIR / f"{subject}.json"
-    return progress.is_file() and (out_dir / short).is_file() and (out_dir / long).is_file()
+    done = progress.is_file() and (out_dir / short).is_file() and (out_dir / long).is_file()
+    return done and (not bids or (out_dir / _bids_path(scanner_id, subject)).is_file())
+
+
+def _bids_path(scanner_id: str, subject: str) -> str:
+    """BIDS-PET path of a simulated scan: one session per scanner (``ses-scanner<k>``)."""
+    label, session = subject.replace("-", ""), f"scanner{scanner_id}"
+    return f"sub-{label}/ses-{session}/pet/sub-{label}_ses-{session}_trc-FDG_pet.nii.gz"
+
+
+def _bids_sidecar(grid: SimulatedScanner) -> dict[str, Any]:
+    """The ``_pet.json`` sidecar of a simulated scan (times in seconds from injection)."""
+    p = grid.profile
+    recon = grid.to_dict()["recon"]
+    return {
+        "Manufacturer": p.maker, "ManufacturersModelName": p.name, "Units": "Bq/mL",
+        "BodyPart": "Brain", "TracerName": "FDG", "TracerRadionuclide": "F18", "ModeOfAdministration": "bolus",
+        "InjectedRadioactivity": 185, "InjectedRadioactivityUnits": "MBq", "InjectedMass": "n/a",
+        "InjectedMassUnits": "n/a", "SpecificRadioactivity": "n/a", "SpecificRadioactivityUnits": "n/a",
+        "TimeZero": "00:00:00", "ScanStart": _FIRST_FRAME_START_MIN * 60.0, "InjectionStart": 0.0,
+        "FrameTimesStart": [(_FIRST_FRAME_START_MIN + k * _FRAME_MINUTES) * 60.0 for k in range(_FRAMES)],
+        "FrameDuration": [_FRAME_MINUTES * 60.0] * _FRAMES, "AcquisitionMode": "list mode",
+        "ImageDecayCorrected": True, "ImageDecayCorrectionTime": _FIRST_FRAME_START_MIN * 60.0,
+        "ReconMethodName": recon["algorithm"], "ReconMethodParameterLabels": ["subsets", "iterations"],
+        "ReconMethodParameterUnits": ["none", "none"], "ReconMethodParameterValues": [recon["subsets"], recon["iterations"]],
+        "ReconFilterType": "Gaussian", "ReconFilterSize": recon["postfilter_fwhm_mm"], "AttenuationCorrection": "head model",
+        "ScatterFraction": 100.0 * p.background_fraction / (1.0 + p.background_fraction),
+        "Description": f"autopeft simulation of scanner {p.scanner_id} ({p.name}); image values are simulated (SUV-like scale)",
+    }
 
 
 def is_simulated(
@@ -326,6 +358,7 @@ def is_simulated(
     size: int = 64,
     seed: int = 0,
     scanners: Sequence[str] | str = tuple(SCANNERS),
+    bids: bool = False,
 ) -> bool:
     """Whether ``out_dir`` already holds the finished simulation for these arguments.
 
@@ -336,7 +369,7 @@ def is_simulated(
     Returns:
         True when :func:`simulate` would return at once.
     """
-    request = _check_request(subjects, size, seed, scanners)
+    request = replace(_check_request(subjects, size, seed, scanners), bids=bids)
     state = _read_state(Path(out_dir))
     return state is not None and state.get("key") == request.key() and _is_complete(Path(out_dir), state)
 
@@ -349,6 +382,7 @@ def simulate(
     seed: int = 0,
     scanners: Sequence[str] | str = tuple(SCANNERS),
     progress: bool = True,
+    bids: bool = False,
 ) -> Path:
     """Simulates short and long 18F-FDG brain scans of different subjects on several scanners.
 
@@ -361,6 +395,10 @@ def simulate(
         seed: seed of all random draws. Defaults to 0.
         scanners: scanner ids ("1".."5"), as a sequence or comma-separated. Defaults to all five.
         progress: show a progress bar. Defaults to True.
+        bids: also write ``out_dir`` as a BIDS-PET dataset: every scan's six frames as 4D
+            ``sub-<id>/ses-scanner<k>/pet/*_pet.nii.gz`` with its ``_pet.json`` sidecar (one session
+            per scanner), ``dataset_description.json``, ``participants.tsv``, and a ``.bidsignore``
+            for the files above. Defaults to False.
 
     Returns:
         Path of ``out_dir/manifest.csv``.
@@ -374,7 +412,7 @@ def simulate(
 
     from autopeft.data._projector import ParallelBeamProjector
 
-    request = _check_request(subjects, size, seed, scanners)
+    request = replace(_check_request(subjects, size, seed, scanners), bids=bids)
     out_dir = Path(out_dir)
     manifest_path = out_dir / "manifest.csv"
     if _prepare_directory(out_dir, request):
@@ -387,7 +425,7 @@ def simulate(
     (out_dir / _PROGRESS_DIR).mkdir(exist_ok=True)
 
     jobs = [(sid, index) for sid in request.scanners for index in range(request.subjects)]
-    todo = [(sid, i) for sid, i in jobs if not _scan_is_done(out_dir, sid, _subject_id(sid, i))]
+    todo = [(sid, i) for sid, i in jobs if not _scan_is_done(out_dir, sid, _subject_id(sid, i), request.bids)]
     projectors: dict[str, ParallelBeamProjector] = {}
     bar = tqdm(
         total=len(jobs),
@@ -413,6 +451,11 @@ def simulate(
             label = f"autopeft sim scanner {sid} {subject}"
             _write_nifti(out_dir / short_rel, scan.short, grid.affine, f"{label} short (frame 1 of 6)")
             _write_nifti(out_dir / long_rel, scan.long, grid.affine, f"{label} long (mean of 6 frames)")
+            if request.bids:
+                from autopeft.data.bids import write_pet_scan
+
+                write_pet_scan(out_dir, _bids_path(sid, subject), scan.frames, grid.affine, _bids_sidecar(grid),
+                               _FRAME_MINUTES * 60.0)
             # Written last: its presence marks the scan as finished.
             _write_atomic(out_dir / _PROGRESS_DIR / f"{subject}.json", _dump(scan.metrics))
             bar.update()
@@ -429,6 +472,17 @@ def simulate(
         progress_file = out_dir / _PROGRESS_DIR / f"{subject}.json"
         metrics[sid].append(json.loads(progress_file.read_text(encoding="utf-8")))
     _write_atomic(out_dir / "summary.json", _dump(_summary(request, metrics)))
+    if request.bids:
+        from autopeft.data.bids import write_dataset_files
+
+        write_dataset_files(
+            out_dir, name="autopeft simulated multi-scanner 18F-FDG brain PET",
+            participants=[_subject_id(sid, i).replace("-", "") for sid, i in jobs],
+            readme="Simulated dynamic 18F-FDG brain PET (autopeft simulate --bids): six 5-minute frames from 30 min "
+            "after injection per scan, one session per scanner (ses-scanner<k>). Derive short/long pairs with "
+            "'autopeft data --bids DIR --short 0-5 --long 0-30 --out DERIVED'.",
+            ignore=["manifest.csv", "scanners.json", "summary.json", "scanner*/"],
+        )
     _write_atomic(manifest_path, rows.getvalue())
     _write_atomic(out_dir / _STATE_FILE, _dump({"key": request.key(), "complete": True}))
     return manifest_path

@@ -28,6 +28,7 @@ def _setup(run: RunData):
         pairs=tuple((s, t) for s in scanners for t in scanners if s != t), folds=tuple(range(int(config.get("folds", 1)))),
         epochs=int(config["epochs"]), seed=int(config.get("seed", 0)), protocol=dict(config.get("protocol") or {}),
         pretrain_epochs=config.get("pretrain_epochs"), device="cpu", threads=1, run_dir=str(run.run_dir),
+        weights=config.get("weights"),
     )
 
 

@@ -100,6 +100,8 @@ class SearchConfig:
     concurrency: int | None = None
     address: str | None = None
     data: str | None = None
+    weights: str | None = None  # a user's pre-trained model of `source` (see autopeft.pretraining.imported_model)
+    source: str | None = None
     pretrain_epochs: int | None = None
     protocol: dict[str, int] = field(default_factory=dict)
     references: bool = True
@@ -112,6 +114,9 @@ class SearchConfig:
     confirm_seeds: int | None = None
 
     def __post_init__(self) -> None:
+        if (self.weights is None) != (self.source is None):
+            raise ConfigError("--weights and --source go together: --weights FILE is a model pre-trained on scanner "
+                              "--source S, and the search fine-tunes it from S to every other scanner.")
         if self.objective not in ("single", "multi"):
             raise ConfigError(f"--objective must be 'single' or 'multi', but got {self.objective!r}.")
         if self.sampler not in ("tpe", "random"):
@@ -142,6 +147,13 @@ def resolve_defaults(config: SearchConfig) -> SearchConfig:
     cuda = torch.cuda.is_available() if config.device is None else config.device.startswith("cuda")
     defaults = GPU_DEFAULTS if cuda else CPU_DEFAULTS
     preset = config.preset or ("paper" if cuda else "tiny")
+    if config.scanners is None and config.data is not None:  # the data's own scanners
+        from autopeft.cli._common import resolve_manifest
+        from autopeft.data import default_scanners
+
+        scanners, why = default_scanners(resolve_manifest(config.data), gpu=cuda, include=config.source)
+        print(why, flush=True)
+        config = replace(config, scanners=scanners)
     values: dict[str, Any] = {
         "preset": preset,
         "device": config.device or ("cuda" if cuda else "cpu"),
@@ -161,6 +173,8 @@ def resolve_defaults(config: SearchConfig) -> SearchConfig:
         values["time_budget_s"] = defaults["time_budget_s"]
     if config.gpus_per_trial == 0 and cuda and config.device is None:
         values["gpus_per_trial"] = 1.0
+    if config.source is not None and str(config.source) not in values["scanners"]:
+        raise ConfigError(f"--source {config.source} must be one of --scanners {','.join(values['scanners'])}.")
     if len(values["scanners"]) < 2:
         raise ConfigError(f"--scanners needs at least two scanners (a source and a target), but got {values['scanners']}.")
     return replace(config, **values)
@@ -422,9 +436,9 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
     scanners = [str(s) for s in config.scanners]
     setup = TrialSetup(
         backbone=config.backbone, preset=config.preset, manifest_path=manifest_path,
-        pairs=tuple((s, t) for s in scanners for t in scanners if s != t), folds=tuple(range(config.folds)),
+        pairs=tuple((s, t) for s in scanners for t in scanners if s != t and config.source in (None, s)), folds=tuple(range(config.folds)),
         epochs=int(config.epochs), seed=config.seed, protocol=dict(config.protocol), pretrain_epochs=config.pretrain_epochs,
-        device=config.device, threads=max(1, int(config.cpus_per_trial)), run_dir=str(run_dir),
+        device=config.device, threads=max(1, int(config.cpus_per_trial)), run_dir=str(run_dir), weights=config.weights,
     )
     protocol = setup.make_protocol()
     if config.confirm > 0 and (config.confirm_folds or 1) > protocol.folds:
@@ -538,7 +552,7 @@ def _pretrain_sources(config: SearchConfig, setup: TrialSetup) -> None:
 
     units = [(source, fold) for fold in setup.folds for source in sorted({s for s, _ in setup.pairs})]
     manifest = read_manifest(setup.manifest_path)
-    missing = [(source, fold) for source, fold in units if not is_pretrained(source_spec(
+    missing = [] if setup.weights else [(source, fold) for source, fold in units if not is_pretrained(source_spec(
         setup.backbone, source, manifest=manifest, preset=setup.preset, fold=fold, epochs=setup.pretrain_epochs,
         seed=setup.seed, protocol=setup.make_protocol()))]
     if len(missing) > 1 and (config.concurrency or 1) > 1:

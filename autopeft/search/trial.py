@@ -48,6 +48,7 @@ class TrialSetup:
         run_dir: the search's output folder.
         baseline: No-FT's validation PSNR per ``(source, target, fold)``: a trial's objective is
             its mean PSNR gain over it. Empty until the references have run.
+        weights: a user's pre-trained model used as every pair's source model (no pre-training).
     """
 
     backbone: str
@@ -63,6 +64,7 @@ class TrialSetup:
     threads: int = 1
     run_dir: str = ""
     baseline: tuple[tuple[str, str, int, float], ...] = ()
+    weights: str | None = None
 
     @property
     def units(self) -> list[tuple[str, str, int]]:
@@ -99,6 +101,7 @@ class TrialSetup:
             backbone=self.backbone, preset=self.preset, manifest_path=self.manifest_path, source=str(source),
             target=str(target), fold=int(fold), seed=self.seed, train_seed=train_seed,
             protocol=tuple(sorted(self.protocol.items())), pretrain_epochs=self.pretrain_epochs, device=self.device,
+            weights=self.weights,
         )
 
 
