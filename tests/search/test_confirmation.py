@@ -18,33 +18,12 @@ from autopeft.search.trial import FAILED, FINISHED, INFEASIBLE, records
 PROTOCOL = {"pretrain_train": 2, "pretrain_val": 1, "finetune_train": 1, "finetune_val": 1, "finetune_test": 2, "folds": 1}
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only: no token file for a throwaway local cluster
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def _config(data, out, **overrides) -> SearchConfig:
     values = dict(backbone="cvtgan", budget="3%", preset="tiny", scanners=["1", "2"], trials=3, epochs=1, data=str(data),
                   out=str(out), pretrain_epochs=1, protocol=PROTOCOL, cpus_per_trial=1, concurrency=2, device="cpu",
                   references=True, progress=False, priors=False, sampler="random", confirm=2, confirm_seeds=2)
     values.update(overrides)
     return SearchConfig(**values)
-
-
-def _test_files(manifest_path) -> list[str]:
-    manifest = read_manifest(str(manifest_path))
-    files = []
-    for target in ("1", "2"):
-        from autopeft.data import Protocol
-
-        split = split_scanner(manifest, target, purpose="finetune", protocol=Protocol(**PROTOCOL), fold=0, seed=0)
-        files += [path for record in split["test"] for path in (record["short"], record["long"])]
-    return files
 
 
 def test_confirmation_scores_the_best_plans_and_references_on_test_subjects(ray_session, tmp_path):
@@ -75,7 +54,7 @@ def test_confirmation_scores_the_best_plans_and_references_on_test_subjects(ray_
     frame = pd.read_csv(run_dir / "confirmation.csv")
     k = len(finished[:2])
     assert len(frame) == (k * 2 + 2 * 2 + 1) * 2 * 2
-    assert set(frame["subject"]) == {os.path.basename(p).split("_")[0] for p in _test_files(data)}
+    assert set(frame["subject"]) == {os.path.basename(p).split("_")[0] for p in _test_files_for(data, PROTOCOL)}
     # Recomputed from the rows: the recommended plan's test mean over subject units.
     units = frame[frame["label"] == f"#{recommended['number']}"].groupby(["target", "subject"])["psnr"].mean()
     assert recommended["test"]["psnr"]["mean"] == pytest.approx(units.mean())

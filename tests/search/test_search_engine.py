@@ -4,7 +4,6 @@ set, 1-epoch source models, 1-2 fine-tuning epochs, 2 CPUs. One Ray session for 
 from __future__ import annotations
 
 import json
-import os
 
 import optuna
 import pytest
@@ -14,16 +13,6 @@ from autopeft.search.engine import SearchConfig, run_search
 from autopeft.search.trial import FAILED, FINISHED, INFEASIBLE, INTERRUPTED, STOPPED, TERMINAL, records, write_record
 
 PROTOCOL = {"pretrain_train": 2, "pretrain_val": 1, "finetune_train": 1, "finetune_val": 1, "finetune_test": 1, "folds": 1}
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only: no token file for a throwaway local cluster
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,18 @@
+"""Shared fixtures of the search tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray for one test module (2 CPUs), shut down after it."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only: no token file for a throwaway local cluster
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
