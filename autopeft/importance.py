@@ -1,6 +1,7 @@
 """SH-PEFT's hybrid weight importance, per weight and per site, and exact top-k masks.
 
-From the SH-PEFT paper (seeds/sh-peft.txt, Sec. 2.2): the importance of weight ``w`` is
+From the SH-PEFT paper (Liu et al., "Sparsity- and Hybridity-Inspired Visual Parameter-Efficient
+Fine-Tuning for Medical Diagnosis", Sec. 2.2): the importance of weight ``w`` is
 
     I = I_task + lambda * s * I_agnostic,   s = sum(I_task) / sum(I_agnostic)
 

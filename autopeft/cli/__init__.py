@@ -22,7 +22,7 @@ from autopeft.errors import AutopeftError
 # name -> (module, one-line summary). Order is the order shown in --help.
 _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("autopeft.cli.simulate", "make the built-in multi-scanner PET data set (NIfTI + manifest)"),
-    "data": ("autopeft.cli.data", "check a manifest of your own scans and summarise it"),
+    "data": ("autopeft.cli.data", "check a manifest of your own scans, or derive one from BIDS-PET (--bids)"),
     "backbones": ("autopeft.cli.backbones", "list registered backbones, their presets, sizes and sites"),
     "pretrain": ("autopeft.cli.pretrain", "pre-train a backbone on a source scanner (cached)"),
     "finetune": ("autopeft.cli.finetune", "fine-tune a pre-trained backbone on a target scanner with PEFT plans"),

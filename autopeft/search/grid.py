@@ -9,10 +9,11 @@ import yaml
 
 from autopeft.errors import ConfigError
 from autopeft.peft import Plan
+from search_spaces import SPACES_DIR
 
 __all__ = ["grid_plans"]
 
-_GRID = Path(__file__).resolve().parents[2] / "search_spaces" / "petite-grid.yaml"
+_GRID = SPACES_DIR / "petite-grid.yaml"
 
 
 def grid_plans(backbone: str, *, path: str | Path = _GRID, train: dict[str, Any] | None = None) -> list[Plan]:

@@ -23,11 +23,10 @@ Then
     prior(plan) = sum_s w_s * log(1 + c_s / x0) / log(1 + 1 / x0),   x0 = 1e-2
 
 It is 0 for No-FT and 1 for Full-FT; it rewards covering the sites where the importance is, with
-diminishing returns. ``bench/rediscovery.py --quick --repeats 3`` (UNETR tiny, pairs 1<->5,
-4 epochs): Spearman(prior, final PSNR) 0.63 over 64 trained plans (0.75 over PETITE's 21), where
-the first formula (``x_s`` alone, x0 = 1e-3, which favoured spreading a few parameters over many
-sites more than short fine-tuning rewards) scored 0.40. Both changes were chosen on plans of that
-same evaluation: check them on your own data before trusting the figure.
+diminishing returns. How well it ranks plans (Spearman against validation PSNR) is measured by
+``bench/rediscovery.py`` and kept in ``bench/results/rediscovery.json``; the two readings of
+``c_s`` and ``x0`` were chosen on one evaluation (UNETR tiny, scanners 1<->5), so judge them on
+others, and on your own data, before trusting them.
 """
 
 from __future__ import annotations

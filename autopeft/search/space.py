@@ -43,12 +43,12 @@ import yaml
 
 from autopeft.errors import ConfigError, PlanError
 from autopeft.peft import Plan, registered_methods
+from search_spaces import SPACES_DIR
 
 __all__ = ["SearchSpace", "load_space", "space_files"]
 
 _TOP_LEVEL = ("name", "description", "backbone", "groups", "bitfit", "lr", "shpeft_lambda")
 _SPACE_ONLY_PARAMS = {"vpt": ("first_stage",)}
-_SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 
 
 @dataclass(frozen=True)
@@ -300,9 +300,9 @@ class SearchSpace:
 
 def space_files() -> dict[str, Path]:
     """Name -> file of the spaces shipped in ``search_spaces/``."""
-    if not _SPACES_DIR.is_dir():
+    if not SPACES_DIR.is_dir():
         return {}
-    return {p.stem: p for p in sorted(_SPACES_DIR.glob("*.yaml"))}
+    return {p.stem: p for p in sorted(SPACES_DIR.glob("*.yaml"))}
 
 
 def _read(name_or_path: str | os.PathLike) -> tuple[dict[str, Any], str]:
