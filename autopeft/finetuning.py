@@ -68,10 +68,6 @@ class FinetuneResult:
     def fraction(self) -> float:
         return self.trainable / self.total if self.total else 0.0
 
-    def means(self, split: str) -> dict[str, float]:
-        """Mean PSNR / SSIM / NRMSE over ``split``'s subjects."""
-        return mean_scores(self.subjects[split])
-
 
 def count_parameters(net: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters of a network."""

@@ -210,7 +210,8 @@ def importance_pair_on_scans(
     mode (normalisation layers use their pre-trained statistics, as at inference).
 
     Args:
-        model: a ``Backbone`` (pre-trained source model); not modified.
+        model: a ``Backbone`` (pre-trained source model), moved to ``device`` and switched to
+            eval mode (pass a copy to keep yours as it is); its weights are not changed.
         records: scan pairs (the target's fine-tuning ``train`` split).
         seed: seeds the crops. Defaults to 0.
         device: where gradients are taken. Defaults to ``cpu``.
@@ -219,28 +220,18 @@ def importance_pair_on_scans(
     Returns:
         ``(I at lambda 0, I at lambda 1)``, on the CPU.
     """
-    import torch.nn.functional as F
     from safetensors.torch import load_file, save_file
-
-    from autopeft.data import train_loader
 
     path = Path(cache_file) if cache_file is not None else None
     if path is not None and path.is_file():
         tensors = load_file(str(path))
         return ({k[len("task."):]: v for k, v in tensors.items() if k.startswith("task.")},
                 {k[len("hybrid."):]: v for k, v in tensors.items() if k.startswith("hybrid.")})
-    loader = train_loader(records, crop_size=model.preset.crop_size, batch_size=model.preset.batch_size, seed=seed)
     device = torch.device(device)
     model.to(device).eval()
-    batches = [{k: v.to(device) for k, v in b.items() if isinstance(v, torch.Tensor)} for b in loader]
-
-    def l1(m: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        # L1 for every backbone: a weight's effect on reconstructing the target scans (an
-        # adversarial term would score the frozen discriminator's opinion instead).
-        return F.l1_loss(m(batch["short"]), batch["long"])
-
-    task = {k: v.cpu() for k, v in compute_importance(model, batches, l1, variant="l2", lam=0.0).items()}
-    hybrid = {k: v.cpu() for k, v in compute_importance(model, batches, l1, variant="l2", lam=1.0).items()}
+    batches = list(_crops(model, records, seed=seed, device=device))  # the same crops for both maps
+    task = {k: v.cpu() for k, v in compute_importance(model, batches, _l1, variant="l2", lam=0.0).items()}
+    hybrid = {k: v.cpu() for k, v in compute_importance(model, batches, _l1, variant="l2", lam=1.0).items()}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -278,15 +269,23 @@ def importance_on_scans(
         seed: seeds the crops. Defaults to 0.
         device: where gradients are taken. Defaults to ``cpu``.
     """
-    import torch.nn.functional as F
+    device = torch.device(device)
+    model.to(device)
+    return compute_importance(model, _crops(model, records, seed=seed, device=device), _l1, variant=variant, lam=lam)
 
+
+def _crops(model: nn.Module, records: list[Mapping[str, Any]], *, seed: int, device: torch.device):
+    """One epoch of the preset's training crops from ``records``, on ``device``."""
     from autopeft.data import train_loader
 
     loader = train_loader(records, crop_size=model.preset.crop_size, batch_size=model.preset.batch_size, seed=seed)
-    device = torch.device(device)
-    model.to(device)
+    for batch in loader:
+        yield {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
-    def l1(m: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return F.l1_loss(m(batch["short"].to(device)), batch["long"].to(device))
 
-    return compute_importance(model, loader, l1, variant=variant, lam=lam)
+def _l1(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    # L1 for every backbone: a weight's effect on reconstructing the target scans (an adversarial
+    # term would score the frozen discriminator's opinion instead).
+    import torch.nn.functional as F
+
+    return F.l1_loss(model(batch["short"]), batch["long"])
