@@ -113,6 +113,7 @@ def _search(args: argparse.Namespace, sampler_seed: int, run_dir: Path) -> dict[
 
 def _noise(args: argparse.Namespace, run_dir: Path, work: Path) -> dict[str, Any]:
     """PETITE's plan on every fold x seed, on test subjects, from the first search's settings."""
+    from autopeft.cli._common import resolve_manifest
     from autopeft.search.engine import SearchConfig, _pretrain_sources
     from autopeft.search.results import reference_plans
     from autopeft.search.trial import TrialSetup, run_plan, running_means, scores_to_json
@@ -120,7 +121,8 @@ def _noise(args: argparse.Namespace, run_dir: Path, work: Path) -> dict[str, Any
     meta = json.loads((run_dir / "run.json").read_text())
     config = SearchConfig(**meta["config"])
     scanners = [str(s) for s in config.scanners]
-    setup = TrialSetup(backbone=config.backbone, preset=config.preset, manifest_path=_manifest(config.data),
+    setup = TrialSetup(backbone=config.backbone, preset=config.preset,
+                       manifest_path=str(resolve_manifest(config.data, progress=False)),
                        pairs=tuple((s, t) for s in scanners for t in scanners if s != t), folds=tuple(range(args.noise_folds)),
                        epochs=int(config.epochs), seed=config.seed, protocol=dict(config.protocol),
                        pretrain_epochs=config.pretrain_epochs, device=config.device, threads=1, run_dir=str(run_dir))
@@ -143,15 +145,6 @@ def _noise(args: argparse.Namespace, run_dir: Path, work: Path) -> dict[str, Any
             "psnr": {f"fold{r['fold']}-seed{r['seed']}": r["psnr"] for r in runs},
             "seed_sd_db": _spread(seed_sd), "fold_sd_db": statistics.stdev(fold_means) if len(fold_means) > 1 else None,
             "fold_means_db": fold_means}
-
-
-def _manifest(data: str | None) -> str:
-    from autopeft.data.simulator import builtin_data
-
-    if data is None:
-        return str(builtin_data(progress=False))
-    path = Path(data)
-    return str(path / "manifest.csv" if path.is_dir() else path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -45,20 +45,17 @@ class StudySearcher(Searcher):
         mode: ``"max"`` / ``"min"`` (or a list), as Ray expects.
         max_infeasible: over-budget draws allowed in all before the search gives up.
         on_infeasible: called with the config of each over-budget draw (to record it).
-        on_finish: called with ``(config, state, result)`` when a trial ends, before the study hears.
     """
 
     def __init__(self, study, define: Callable[[Any], dict[str, Any]], *, metric: str | list[str], mode: str | list[str],
-                 max_infeasible: int, on_infeasible: Callable[[dict[str, Any]], None],
-                 on_finish: Callable[[dict[str, Any], str, Mapping[str, Any] | None], None] | None = None) -> None:
+                 max_infeasible: int, on_infeasible: Callable[[dict[str, Any]], None]) -> None:
         super().__init__(metric=metric if isinstance(metric, str) else None, mode=mode if isinstance(mode, str) else None)
         self._study = study
         self._define = define
         self._metrics = [metric] if isinstance(metric, str) else list(metric)
         self._max_infeasible = max_infeasible
         self._on_infeasible = on_infeasible
-        self._on_finish = on_finish
-        self._open: dict[str, tuple[Any, dict[str, Any]]] = {}
+        self._open: dict[str, Any] = {}  # Ray trial id -> its Optuna trial
         self._reported: dict[str, set[int]] = {}
         self.infeasible = 0
         self.gave_up = False
@@ -70,7 +67,7 @@ class StudySearcher(Searcher):
             ot_trial = self._study.ask()
             config = self._define(ot_trial)
             if config["feasible"]:
-                self._open[trial_id] = (ot_trial, config)
+                self._open[trial_id] = ot_trial
                 return config
             self.infeasible += 1
             ot_trial.set_user_attr("state", "INFEASIBLE")
@@ -88,7 +85,7 @@ class StudySearcher(Searcher):
         this is called from both, once per step."""
         if len(self._metrics) > 1 or trial_id not in self._open or not result:
             return  # Optuna takes intermediate values for single-objective studies only
-        ot_trial, _ = self._open[trial_id]
+        ot_trial = self._open[trial_id]
         value, step = result.get(self._metrics[0]), int(result.get("pairs_done", 0))
         if value is not None and step not in self._reported.setdefault(trial_id, set()):
             ot_trial.report(float(value), step=step)
@@ -101,13 +98,11 @@ class StudySearcher(Searcher):
             return
         self._report(trial_id, result)
         self._reported.pop(trial_id, None)
-        ot_trial, config = self._open.pop(trial_id)
+        ot_trial = self._open.pop(trial_id)
         state = trial_state(result, error)
         ot_trial.set_user_attr("state", state)
         ot_trial.set_user_attr("pairs_done", int((result or {}).get("pairs_done", 0)))
         ot_trial.set_user_attr("fidelity", float((result or {}).get("fidelity", 0.0)))
-        if self._on_finish is not None:
-            self._on_finish(config, state, result)
         if state == FINISHED:
             values = [float(result[m]) for m in self._metrics]
             self._study.tell(ot_trial, values if len(values) > 1 else values[0])

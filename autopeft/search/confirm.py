@@ -34,7 +34,6 @@ from autopeft.search.trial import FINISHED, TrialSetup, records, run_plan, score
 __all__ = ["confirmation_candidates", "run_confirmation", "confirmation_rows"]
 
 METRICS = ("psnr", "ssim", "nrmse")
-REFERENCES = ("No-FT", "Full-FT", "PETITE")
 
 
 def confirmation_candidates(run_dir: Path, k: int, setup: TrialSetup) -> list[dict[str, Any]]:
@@ -197,7 +196,8 @@ def summarise(frame, candidates: Sequence[Mapping[str, Any]], *, k: int, folds: 
 
 
 def format_ci(stat: Mapping[str, Any] | None, digits: int = 3) -> str:
-    """``35.123 ± 0.210`` style text: the mean and half the CI's width (``[lo, hi]`` when skewed)."""
+    """``35.123 [34.900, 35.310]``: the mean and its confidence interval (the mean alone when the
+    interval is undefined)."""
     if not stat:
         return "-"
     low, high = stat["ci"]

@@ -491,12 +491,13 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
         trial.set_user_attr("trainable", count.trainable)
         if prior is not None:
             trial.set_user_attr("prior", prior)
-        feasible = count.trainable <= limit
-        if not feasible:
-            trial.set_user_attr("reason", f"trains {100 * count.fraction:.3f}% of the parameters, over the budget")
-        return {"number": trial.number, "plan": plan.to_dict(), "params": dict(trial.params),
-                "trainable": count.trainable, "fraction": count.fraction, "feasible": feasible,
-                "prior": prior, "warm_start": bool(trial.user_attrs.get("warm_start", False))}
+        config = {"number": trial.number, "plan": plan.to_dict(), "params": dict(trial.params),
+                  "trainable": count.trainable, "fraction": count.fraction, "feasible": count.trainable <= limit,
+                  "prior": prior, "warm_start": bool(trial.user_attrs.get("warm_start", False))}
+        if not config["feasible"]:  # kept in the study and, through the searcher, in the record
+            config["reason"] = f"trains {100 * count.fraction:.3f}% of the parameters, over the budget"
+            trial.set_user_attr("reason", config["reason"])
+        return config
 
     try:
         _run_trials(config, meta, run_dir, setup, study, storage, sampler, define_space, remaining, deadline, started)
@@ -639,8 +640,7 @@ def _run_trials(config: SearchConfig, meta: dict[str, Any], run_dir: Path, setup
     metric, mode = (["gain", "fraction"], ["max", "min"]) if multi else ("gain", "max")
 
     def infeasible(trial_config: dict[str, Any]) -> None:
-        record = new_record(trial_config, setup, state=INFEASIBLE,
-                            reason=f"trains {100 * trial_config['fraction']:.3f}% of the parameters, over the budget")
+        record = new_record(trial_config, setup, state=INFEASIBLE, reason=trial_config["reason"])
         write_record(run_dir, trial_config["number"], record)
         if config.progress:
             progress_cb.line(record)
