@@ -54,8 +54,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="run directory (default: runs/<backbone>-<time>)")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted search in RUN_DIR")
     parser.add_argument("--objective", default="single", choices=("single", "multi"), help="single: max mean validation PSNR gain over No-FT; multi: that gain vs %% params Pareto front")
-    parser.add_argument("--sampler", default="tpe", choices=("tpe", "random"), help="Optuna sampler")
-    parser.add_argument("--priors", default="on", choices=("on", "off"), help="SH-PEFT importance priors for the warm start")
+    from autopeft.search.options import PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS
+
+    parser.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="Optuna sampler: TPE, a Gaussian process (GPSampler) or random search")
+    parser.add_argument("--priors", default="on", choices=("on", "off", *PRIOR_SIGNALS),
+                        help="importance priors: the warm start, then the best prior among --prior-candidates draws of the "
+                             "sampler for every trial. shpeft: SH-PEFT's hybrid importance; sensitivity: squared gradients "
+                             "(SPT/GPS); on: shpeft; off: the sampler alone")
+    parser.add_argument("--prior-candidates", type=int, default=PRIOR_CANDIDATES,
+                        help="sampler draws per trial from which the prior picks (1: the prior only warm-starts)")
     parser.add_argument("--warm-start", type=int, default=None, help="plans enqueued first by prior (default: trials/4, 2 to 8)")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (also its torch threads)")
     parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractions allowed (default: 1 when a GPU is found)")
@@ -98,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         backbone=args.backbone, budget=args.budget, preset=args.preset, space=args.space,
         scanners=[s.strip() for s in args.scanners.split(",") if s.strip()] if args.scanners else None,
         trials=args.trials, time_budget_s=time_budget, epochs=args.epochs, folds=args.folds, seed=args.seed,
-        out=args.out, objective=args.objective, sampler=args.sampler, priors=args.priors == "on",
+        out=args.out, objective=args.objective, sampler=args.sampler, priors=args.priors != "off",
+        prior_signal="shpeft" if args.priors in ("on", "off") else args.priors, prior_candidates=args.prior_candidates,
         warm_start=args.warm_start, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         concurrency=args.concurrency, address=args.address, data=args.data, pretrain_epochs=args.pretrain_epochs,
         references=not args.no_references, asha=not args.no_asha, device=args.device, progress=not args.quiet,

@@ -6,16 +6,19 @@ Optuna engine that fine-tunes sampled plans across scanner pairs.
 0.01
 """
 
-from autopeft.search.budget import Budget, PlanCount, PlanCounter
-from autopeft.search.space import SearchSpace, load_space, space_files
+from autopeft.search.options import PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS
 
-__all__ = ["Budget", "PlanCount", "PlanCounter", "SearchSpace", "load_space", "space_files", "SearchConfig", "run_search"]
+__all__ = ["Budget", "PlanCount", "PlanCounter", "SearchSpace", "load_space", "space_files", "SearchConfig", "run_search",
+           "PRIOR_CANDIDATES", "PRIOR_SIGNALS", "SAMPLERS"]
+
+# Names loaded on first use: they import torch (and the engine Ray), which the CLI's --help does not need.
+_LAZY = {"Budget": "budget", "PlanCount": "budget", "PlanCounter": "budget", "SearchSpace": "space",
+         "load_space": "space", "space_files": "space", "SearchConfig": "engine", "run_search": "engine"}
 
 
 def __getattr__(name: str):
-    # The engine imports Ray and torch-heavy modules: load it on first use only.
-    if name in ("SearchConfig", "run_search"):
-        from autopeft.search import engine
+    if name in _LAZY:
+        import importlib
 
-        return getattr(engine, name)
+        return getattr(importlib.import_module(f"autopeft.search.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'autopeft.search' has no attribute {name!r}")

@@ -45,16 +45,20 @@ class StudySearcher(Searcher):
         mode: ``"max"`` / ``"min"`` (or a list), as Ray expects.
         max_infeasible: over-budget draws allowed in all before the search gives up.
         on_infeasible: called with the config of each over-budget draw (to record it).
+        guide: called with the study before each ask; it may enqueue the plan to train next
+            (:class:`autopeft.search.priors.PriorGuide`). Defaults to the sampler alone.
     """
 
     def __init__(self, study, define: Callable[[Any], dict[str, Any]], *, metric: str | list[str], mode: str | list[str],
-                 max_infeasible: int, on_infeasible: Callable[[dict[str, Any]], None]) -> None:
+                 max_infeasible: int, on_infeasible: Callable[[dict[str, Any]], None],
+                 guide: Callable[[Any], Any] | None = None) -> None:
         super().__init__(metric=metric if isinstance(metric, str) else None, mode=mode if isinstance(mode, str) else None)
         self._study = study
         self._define = define
         self._metrics = [metric] if isinstance(metric, str) else list(metric)
         self._max_infeasible = max_infeasible
         self._on_infeasible = on_infeasible
+        self._guide = guide
         self._open: dict[str, Any] = {}  # Ray trial id -> its Optuna trial
         self._reported: dict[str, set[int]] = {}
         self.infeasible = 0
@@ -64,6 +68,8 @@ class StudySearcher(Searcher):
         import optuna
 
         while self.infeasible < self._max_infeasible:
+            if self._guide is not None:
+                self._guide(self._study)
             ot_trial = self._study.ask()
             config = self._define(ot_trial)
             if config["feasible"]:

@@ -39,6 +39,7 @@ from typing import Any
 from autopeft.checkpoints import atomic_write_text
 from autopeft.errors import ConfigError
 from autopeft.search.budget import Budget, PlanCounter
+from autopeft.search.options import PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS
 from autopeft.search.trial import (
     FAILED,
     FINISHED,
@@ -94,6 +95,8 @@ class SearchConfig:
     objective: str = "single"
     sampler: str = "tpe"
     priors: bool = True
+    prior_signal: str = "shpeft"
+    prior_candidates: int = PRIOR_CANDIDATES
     warm_start: int | None = None
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
@@ -119,8 +122,12 @@ class SearchConfig:
                               "--source S, and the search fine-tunes it from S to every other scanner.")
         if self.objective not in ("single", "multi"):
             raise ConfigError(f"--objective must be 'single' or 'multi', but got {self.objective!r}.")
-        if self.sampler not in ("tpe", "random"):
-            raise ConfigError(f"--sampler must be 'tpe' or 'random', but got {self.sampler!r}.")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"`sampler` must be one of {', '.join(SAMPLERS)}, but got {self.sampler!r}.")
+        if self.prior_signal not in PRIOR_SIGNALS:
+            raise ConfigError(f"`prior_signal` must be one of {', '.join(PRIOR_SIGNALS)}, but got {self.prior_signal!r}.")
+        if self.prior_candidates < 1:
+            raise ConfigError(f"`prior_candidates` must be at least 1, but got {self.prior_candidates}.")
         if self.trials is not None and self.trials < 1:
             raise ConfigError(f"--trials must be at least 1, but got {self.trials}.")
         if self.folds < 1:
@@ -309,18 +316,26 @@ def _search_seed(config: SearchConfig) -> int:
     return config.seed if config.sampler_seed is None else config.sampler_seed
 
 
+def make_sampler(config: SearchConfig, seed: int):
+    """The Optuna sampler ``config.sampler`` names (``SAMPLERS``), seeded with ``seed``."""
+    import optuna
+
+    if config.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    startup = min(10, max(2, (config.trials or 16) // 4))
+    if config.sampler == "gp":
+        # Conditional parameters (a method's own) fall outside the GP's joint space: drawn at random.
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
+
+
 def _open_study(run_dir: Path, meta: dict[str, Any], config: SearchConfig, session: int):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'study.db'}")
-    seed = _search_seed(config)
-    if config.sampler == "random":
-        sampler = optuna.samplers.RandomSampler(seed=seed + session)
-    else:
-        startup = min(10, max(2, (config.trials or 16) // 4))
-        # A new seed per session: the same seed would replay the first session's random draws.
-        sampler = optuna.samplers.TPESampler(seed=seed + session, n_startup_trials=startup, constant_liar=True)
+    # A new seed per session: the same seed would replay the first session's random draws.
+    sampler = make_sampler(config, _search_seed(config) + session)
     directions = ["maximize", "minimize"] if config.objective == "multi" else ["maximize"]
     study = optuna.create_study(storage=storage, study_name=meta["study_name"], sampler=sampler,
                                 directions=directions, load_if_exists=True)
@@ -365,7 +380,7 @@ def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, tot
     print(f"  scanners {', '.join(config.scanners)}: {len(setup.pairs)} source->target pairs x {config.folds} fold(s), "
           f"{config.epochs} fine-tuning epochs each; protocol {setup.make_protocol()}")
     limit = f"no trial launched after {config.time_budget_s / 60:.1f} min" if config.time_budget_s else "no time limit"
-    print(f"  {config.trials} trials, {config.objective}-objective, sampler {config.sampler}, priors {'on' if config.priors else 'off'}, "
+    print(f"  {config.trials} trials, {config.objective}-objective, sampler {config.sampler}, priors {(config.prior_signal + ' x' + str(config.prior_candidates)) if config.priors else 'off'}, "
           f"ASHA {'on' if config.asha and config.objective == 'single' and len(setup.units) > 1 else 'off'}, {limit}")
     print(f"  Ray: {config.cpus_per_trial:g} CPU and {config.gpus_per_trial:g} GPU per trial, at most {config.concurrency} at once"
           + (f", cluster {config.address}" if config.address else ", local"))
@@ -390,7 +405,7 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
         time_budget_s: when resuming, a new limit on launching trials. Defaults to the recorded one.
     """
     from autopeft.cli._common import resolve_manifest
-    from autopeft.search.priors import PlanPrior, top_plans
+    from autopeft.search.priors import PlanPrior, PriorGuide, top_plans
     from autopeft.search.results import finish_run, run_references
     from autopeft.search.space import load_space
     from backbones import build_backbone
@@ -454,7 +469,11 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
 
     storage, sampler, study = _open_study(run_dir, meta, config, meta["sessions"])
     train_extra = {"epochs": int(config.epochs)}
-    prior_model = PlanPrior.for_setup(setup, template, counter) if config.priors else None
+    prior_model = PlanPrior.for_setup(setup, template, counter, signal=config.prior_signal) if config.priors else None
+    guide = None
+    if prior_model is not None and config.prior_candidates > 1:
+        guide = PriorGuide(space, prior_model, budget, make_sampler=lambda seed: make_sampler(config, seed),
+                           candidates=config.prior_candidates, seed=_search_seed(config) + meta["sessions"], train=train_extra)
     if resume_dir is None and config.priors:
         k = config.warm_start if config.warm_start is not None else max(2, min(8, config.trials // 4))
         # Warm-start plans learn at the preset's PEFT rate (that of `autopeft finetune` and the
@@ -500,7 +519,7 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
         return config
 
     try:
-        _run_trials(config, meta, run_dir, setup, study, storage, sampler, define_space, remaining, deadline, started)
+        _run_trials(config, meta, run_dir, setup, study, storage, sampler, define_space, remaining, deadline, started, guide)
         summary = finish_run(run_dir, setup, config, space, prior_model is not None)
         if config.confirm > 0:
             _confirm(config, setup, run_dir, summary)
@@ -624,7 +643,7 @@ def _start_ray(config: SearchConfig) -> None:
 
 
 def _run_trials(config: SearchConfig, meta: dict[str, Any], run_dir: Path, setup: TrialSetup, study, storage, sampler,
-                define_space, remaining: int, deadline: float | None, started: float) -> None:
+                define_space, remaining: int, deadline: float | None, started: float, guide=None) -> None:
     """Ray Tune over the remaining trials (nothing when none remain)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -647,7 +666,7 @@ def _run_trials(config: SearchConfig, meta: dict[str, Any], run_dir: Path, setup
 
     max_infeasible = MAX_INFEASIBLE_DRAWS_PER_TRIAL * remaining
     searcher = StudySearcher(study, define_space, metric=metric, mode=mode, max_infeasible=max_infeasible,
-                             on_infeasible=infeasible)
+                             on_infeasible=infeasible, guide=guide)
     search_alg = limiter_cls(searcher, max_concurrent=config.concurrency, deadline_at=deadline, wanted=remaining)
     units = len(setup.units)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=units, grace_period=1, reduction_factor=2)

@@ -27,22 +27,35 @@ diminishing returns. How well it ranks plans (Spearman against validation PSNR) 
 ``bench/rediscovery.py`` and kept in ``bench/results/rediscovery.json``; the two readings of
 ``c_s`` and ``x0`` were chosen on one evaluation (UNETR tiny, scanners 1<->5), so judge them on
 others, and on your own data, before trusting them.
+
+Signals (``signal``): ``"shpeft"`` weighs sites and covered weights by the SH-PEFT hybrid map
+(lambda = 1) as above; ``"sensitivity"`` by the squared gradients alone (the lambda = 0 map), the
+first-order sensitivity SPT (He et al., ICCV 2023) and GPS (Zhang et al., CVPR 2024) rank
+parameters with. The same gradient pass gives both; SH-PEFT plans still select their entries with
+their own lambda.
+
+Steering (:class:`PriorGuide`): after the warm start, each proposal is the feasible plan with the
+best prior among ``candidates`` draws of the study's own sampler (on a copy of the study, so the
+draws leave no trace in it): the sampler says where to look, the prior which of its proposals to
+train.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from autopeft.importance import top_k_masks
+from autopeft.errors import ConfigError
 from autopeft.peft import Plan
 from autopeft.peft.apply import _match_sites
 from autopeft.search.budget import Budget, PlanCount, PlanCounter
+from autopeft.search.options import PRIOR_CANDIDATES, PRIOR_SIGNALS
 
-__all__ = ["pair_importance", "PlanPrior", "prior_score", "top_plans", "SATURATION"]
+__all__ = ["pair_importance", "PlanPrior", "PriorGuide", "prior_score", "top_plans", "SATURATION"]
 
 SATURATION = 1e-2  # x0 of the formula above
 OUTSIDE = "<outside sites>"
@@ -65,18 +78,28 @@ class PlanPrior:
         counter: the search's :class:`~autopeft.search.budget.PlanCounter` on that backbone.
         maps: per (source, target, fold), the pair's importance at lambda 0 and at lambda 1 (as
             :func:`pair_importance` returns them).
+        signal: which map weighs the sites, ``"shpeft"`` (lambda 1) or ``"sensitivity"``
+            (lambda 0, squared gradients); module docstring.
     """
 
     def __init__(self, template, counter: PlanCounter,
-                 maps: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]]) -> None:
+                 maps: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]], *,
+                 signal: str = "shpeft") -> None:
+        if signal not in PRIOR_SIGNALS:
+            raise ConfigError(f"The prior's `signal` must be one of {', '.join(PRIOR_SIGNALS)}, but got {signal!r}.")
         self.counter = counter
+        self.signal = signal
         self._task: dict[str, torch.Tensor] = {}
         self._hybrid: dict[str, torch.Tensor] = {}
+        signal_maps: dict[str, torch.Tensor] = {}
         for task, hybrid in maps:  # each pair's maps scaled to sum to 1, then averaged
             grand = sum(float(v.sum()) for v in hybrid.values()) or 1.0
+            weighed = hybrid if signal == "shpeft" else task
+            weighed_total = sum(float(v.sum()) for v in weighed.values()) or 1.0
             for name in hybrid:
                 self._task[name] = self._task.get(name, 0) + task[name].float() / (grand * len(maps))
                 self._hybrid[name] = self._hybrid.get(name, 0) + hybrid[name].float() / (grand * len(maps))
+                signal_maps[name] = signal_maps.get(name, 0) + weighed[name].float() / (weighed_total * len(maps))
         name_of = {id(p): n for n, p in template.named_parameters()}
         self._site_params: dict[str, list[str]] = {}
         self._site_of: dict[str, str] = {}  # a tensor belongs to the first site holding it, as PlanCounter counts
@@ -84,7 +107,8 @@ class PlanPrior:
             names = [name_of[id(p)] for p in site.module.parameters()]
             self._site_params[site.name] = [n for n in names if n in self._hybrid and n not in self._site_of]
             self._site_of.update((n, site.name) for n in self._site_params[site.name])
-        self._mass = {n: float(v.sum()) for n, v in self._hybrid.items()}
+        self._signal = signal_maps
+        self._mass = {n: float(v.sum()) for n, v in self._signal.items()}
         self._site_mass = {site: sum(self._mass[n] for n in names) for site, names in self._site_params.items()}
         grand = sum(self._mass.values())
         self.weights: dict[str, float] = {site: m / grand if grand > 0 else 0.0 for site, m in self._site_mass.items()}
@@ -93,10 +117,10 @@ class PlanPrior:
         self._sparse_cache: dict[tuple, dict[str, float]] = {}
 
     @classmethod
-    def for_setup(cls, setup, template, counter: PlanCounter) -> PlanPrior:
+    def for_setup(cls, setup, template, counter: PlanCounter, *, signal: str = "shpeft") -> PlanPrior:
         """The prior of a search: importance of every (source, target, fold) of ``setup``
         (computed once and cached on disk by :func:`pair_importance`)."""
-        return cls(template, counter, [pair_importance(setup, s, t, f) for s, t, f in setup.units])
+        return cls(template, counter, [pair_importance(setup, s, t, f) for s, t, f in setup.units], signal=signal)
 
     def _sparse_mass(self, sites: tuple[str, ...], budget: int, lam: float) -> dict[str, float]:
         """Importance mass per site of the ``budget`` entries one SH-PEFT plan entry selects on
@@ -109,7 +133,7 @@ class PlanPrior:
             mass: dict[str, float] = {}
             for name, mask in top_k_masks(scores, budget).items():
                 site = self._site_of[name]
-                mass[site] = mass.get(site, 0.0) + float(self._hybrid[name][mask].sum())
+                mass[site] = mass.get(site, 0.0) + float(self._signal[name][mask].sum())
             self._sparse_cache[key] = mass
         return self._sparse_cache[key]
 
@@ -214,3 +238,60 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
     if len(xs) < 3:
         return float("nan")
     return float(spearmanr(xs, ys).statistic)
+
+
+class PriorGuide:
+    """Steers every proposal after the warm start with the prior (module docstring).
+
+    Called by the searcher before each ``study.ask()``: draws ``candidates`` plans with a fresh
+    sampler (``make_sampler(seed)``) on an in-memory copy of the study's finished, pruned and
+    running trials, and enqueues the feasible draw with the best prior in the study, so that the
+    next trial trains it. Nothing happens while enqueued trials (the warm start, requeued
+    trials) are waiting, or when no draw is within the budget.
+
+    Args:
+        space: the search space (``suggest``, ``plan_from_params``).
+        prior: the search's :class:`PlanPrior`.
+        budget: the search's budget.
+        make_sampler: ``seed -> optuna sampler`` of the same kind as the study's.
+        candidates: draws per proposal. Defaults to :data:`PRIOR_CANDIDATES`.
+        seed: seeds the draws (with the number of trials so far).
+        train: the ``train`` section every plan gets (as the search's own plans).
+    """
+
+    def __init__(self, space, prior: PlanPrior, budget: Budget, *, make_sampler: Callable[[int], Any],
+                 candidates: int = PRIOR_CANDIDATES, seed: int = 0, train: Mapping[str, Any] | None = None) -> None:
+        if candidates < 1:
+            raise ConfigError(f"`candidates` must be at least 1, but got {candidates}.")
+        self._space, self._prior, self._budget = space, prior, budget
+        self._make_sampler, self._candidates, self._seed, self._train = make_sampler, candidates, seed, train
+
+    def __call__(self, study) -> dict[str, Any] | None:
+        """Enqueue the next plan in ``study``; returns its ``{"params", "prior", "drawn"}`` or
+        ``None`` when it left the study as it was."""
+        import optuna
+
+        TrialState = optuna.trial.TrialState
+        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return None
+        history = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+        shadow = optuna.create_study(directions=study.directions,
+                                     sampler=self._make_sampler(self._seed * 100_003 + len(study.trials)))
+        shadow.add_trials(history)
+        best: tuple[float, dict[str, Any]] | None = None
+        for _ in range(self._candidates):
+            trial = shadow.ask()
+            plan = self._space.suggest(trial, train=self._train)
+            params = dict(trial.params)
+            # Told as failed: the next draw must not take it for a running trial (constant liar).
+            shadow.tell(trial, state=TrialState.FAIL)
+            count = self._prior.counter.count(plan)
+            if not self._budget.allows(count.trainable, count.total):
+                continue
+            score = self._prior.score(plan, count)
+            if best is None or score > best[0]:
+                best = (score, params)
+        if best is None:
+            return None
+        study.enqueue_trial(best[1], user_attrs={"prior_guided": self._candidates})
+        return {"params": best[1], "prior": best[0], "drawn": self._candidates}

@@ -216,3 +216,54 @@ def test_per_block_spaces_give_every_block_its_own_choice_and_sample_within_the_
         within += count.trainable <= budget.limit(count.total)
         study.tell(trial, 0.0)
     assert within > 0  # random draws do land within 1%; the engine redraws the others for free
+
+
+def test_sensitivity_signal_weighs_sites_by_squared_gradients_alone(cvtgan):
+    from autopeft.search.priors import PlanPrior
+
+    template, _, counter = cvtgan
+    maps = [_random_maps(template, 0)]
+    task, hybrid = maps[0]
+    shpeft, sensitivity = PlanPrior(template, counter, maps), PlanPrior(template, counter, maps, signal="sensitivity")
+    task_total = sum(float(v.sum()) for v in task.values())
+    site = next(s for s in template.sites() if s.name in sensitivity.weights)
+    names = {id(p): n for n, p in template.named_parameters()}
+    site_task = sum(float(task[names[id(p)]].sum()) for p in site.module.parameters())
+    assert sensitivity.weights[site.name] == pytest.approx(site_task / task_total, rel=1e-4)
+    assert sensitivity.weights != pytest.approx(shpeft.weights)
+    assert sensitivity.score(load_plan("cvtgan-fullft")) == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="signal"):
+        PlanPrior(template, counter, maps, signal="gradients")
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "gp"])
+def test_prior_guide_enqueues_the_best_prior_of_its_draws_and_leaves_no_trace(cvtgan, sampler):
+    from autopeft.search.priors import PlanPrior, PriorGuide
+
+    template, space, counter = cvtgan
+    prior = PlanPrior(template, counter, [_random_maps(template, 0)])
+    budget = Budget.parse("5%")  # most random draws of this space fit it, so most proposals are guided
+    make = (lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=2, constant_liar=True)) if sampler == "tpe" \
+        else (lambda seed: optuna.samplers.GPSampler(seed=seed, n_startup_trials=2, warn_independent_sampling=False))
+    study = optuna.create_study(direction="maximize", sampler=make(0))
+    guide = PriorGuide(space, prior, budget, make_sampler=make, candidates=6, seed=0, train={"epochs": 1})
+    running = None
+    for step in range(6):
+        before = len(study.trials)
+        chosen = guide(study)
+        trial = study.ask()
+        plan = space.suggest(trial, train={"epochs": 1})
+        assert len(study.trials) == before + 1  # the draws happened on a copy of the study
+        if chosen is not None:
+            assert trial.params == chosen["params"] and trial.user_attrs["prior_guided"] == 6
+            count = counter.count(plan)
+            assert budget.allows(count.trainable, count.total)
+            assert prior.score(plan, count) == pytest.approx(chosen["prior"])
+        if step == 3:
+            running = trial  # a running trial is copied too (TPE's constant liar)
+        else:
+            study.tell(trial, float(step))
+    assert running is not None and sum(t.user_attrs.get("prior_guided") == 6 for t in study.trials) >= 4
+    # While a trial waits in the queue (warm start, requeued trial), the guide stays out of the way.
+    study.enqueue_trial(study.trials[0].params)
+    assert guide(study) is None
