@@ -1,46 +1,48 @@
-"""Does the search rediscover PETITE's best Mix-PEFT plan for less than PETITE's exhaustive grid?
+"""Does the search find a better plan than PETITE's exhaustive grid, for less, and do priors help?
 
-Four searches over the same evaluation (built-in simulated data unless ``--data``; the same scanner
-pairs, fold(s), fine-tuning epochs, seed, held-out subjects and cached source models):
+One *scenario* is (backbone, scanners, data seed): built-in simulated data with that seed, every
+ordered pair of the scanners, fold 0, the preset's source models. The scenarios are declared in
+``SCENARIOS`` below, before any formula or default was changed on them: ``unetr-1-5`` is the one
+the prior's formula was tuned on, the others differ in backbone, scanners and data seed and were
+never tuned on. Per scenario and space (``grouped``: ``search_spaces/<backbone>.yaml``, one method
+per group of blocks; ``blocks``: ``<backbone>-blocks.yaml``, one per encoder/decoder block):
 
-1. PETITE's exhaustive grid (``search_spaces/petite-grid.yaml``, 21 Mix-PEFT plans), every plan on
-   every pair; computed once and cached per plan (and per pair) in the work folder, so an
-   interrupted run resumes and later runs reuse it;
-2. the engine (``autopeft.search.run_search``: Ray Tune + Optuna TPE + ASHA) with SH-PEFT priors
-   (warm start with the best-scored plans);
-3. the same engine without priors;
-4. random search (Optuna's RandomSampler, no priors; ASHA as in 2 and 3).
+1. PETITE's grid (``search_spaces/petite-grid.yaml``): every plan within the budget on every pair,
+   cached per plan and pair in the work folder;
+2. engine runs (``autopeft.search.run_search``: Ray Tune + ASHA over the Optuna study) for each
+   variant of ``VARIANTS`` (samplers, priors on / off / warm start only, the two prior signals),
+   ``--repeats`` times with sampler seeds seed, seed+1, ... on the same evaluation.
 
-Cost = fine-tuning pair-epochs: for each trained trial, the pairs it ran times its epochs (trials
-that ASHA stopped early count the pairs they ran; plans over the budget never train and cost 0).
-The priors' own cost (two gradient passes over one epoch of each pair's fine-tuning batches: the
-SH-PEFT importance at lambda 0 and 1, no optimizer step) is reported beside it, not inside it.
-Every choice is made on validation subjects (the grid's best, each run's best so far); whether an
-engine run *reaches* the grid's best is judged on test subjects: the grid's best plan and each
-plan that becomes an engine run's best so far (by validation, among FINISHED trials; plans outside
-the grid count) are re-run from scratch with ``--confirm-seeds`` fine-tuning seeds and scored on
-the targets' test subjects. The run reaches the grid's best when its best-so-far plan's test mean
-is within the tolerance of the grid best's test mean; the tolerance is the larger of
-``--tolerance`` (0.05 dB) and the measured noise (the standard deviation over seeds of the grid
-best's test mean). Its cost to reach is the cost of every trial that ended up to and including the
-one that made that plan best so far (in order of ending). The goal: at most ``--goal`` (20%) of the
-grid's full cost.
+Cost = fine-tuning pair-epochs: per trained trial, the pairs it ran times its epochs (a trial ASHA
+stopped counts the pairs it ran; an over-budget draw never trains and costs 0). The priors' own cost
+(one gradient pass over one epoch of each pair's batches) is reported beside it.
 
-Reported (printed, and written to ``bench/results/rediscovery.json``): the grid's best plan and
-cost; per engine run, the cost to reach (pair-epochs and share of the grid's cost), the trials it
-took, the best plan it found (PSNR, % of parameters, whether it beats the grid); and the Spearman
-correlation between the SH-PEFT prior score and the final PSNR over all plans trained on every
-pair (grid and engine runs; and over the grid alone). With ``--repeats R`` each engine variant runs
-R times with sampler seeds seed, seed+1, ... (the evaluation stays the same) and medians are given.
+Every choice is made on validation subjects: the grid's best, each run's best so far (its FINISHED
+trial with the highest validation gain over No-FT). Each plan that becomes a run's best so far,
+the grid's best and No-FT are re-run from scratch with ``--confirm-seeds`` fine-tuning seeds and
+scored on the targets' *test* subjects (never seen by any choice). From those:
 
-PSNR: peak 1 on [0, 1]-scaled volumes, mean over pairs of the targets' validation subjects (as
-``autopeft search`` trials) or test subjects (confirmed); comparable only within one run of this script.
+- the **test gain** of a plan: its test PSNR minus No-FT's (mean over seeds, pairs, subjects);
+- the **best known** plan on test: the highest test gain among the grid's best and every confirmed
+  best-so-far plan of every variant (an in-sample maximum over the runs of this bench);
+- a run's **regret curve**: best known test gain minus the run's best-so-far test gain, against
+  pair-epochs spent (0 spent: No-FT, gain 0); its **area** is the mean regret over a common
+  horizon, the largest total cost of any run (a run holds its last best after it ends);
+- **cost to reach** the grid's best / the best known: the pair-epochs until the best-so-far test gain
+  is within the tolerance of it (the larger of ``--tolerance`` and the SD over seeds of the grid
+  best's test PSNR), as a share of the grid's cost;
+- **Spearman(prior, validation gain)** per prior signal, over every plan trained on every pair;
+- **slot utilisation** of each run (trial seconds over slots x trial-phase wall time).
 
-    python bench/rediscovery.py --quick                     # 2 scanners, 4 epochs, 8 trials (CPU minutes)
-    python bench/rediscovery.py --scanners 1,5 --epochs 20 --trials 16 --repeats 3
-    python bench/rediscovery.py --preset paper --scanners 1,2,3,4,5 --trials 64 --repeats 3   # GPU
+Per variant: medians with min and max over the repeats; against ``no-priors`` (TPE, no prior), the
+regret area's paired difference over the same sampler seeds (mean, 95% bootstrap CI, Wilcoxon p).
+Results go to ``bench/results/rediscovery-<scenario>-<space>.json``.
 
-Interrupted? Run the same command again: finished grid pairs and finished trials are kept.
+    python bench/rediscovery.py --quick --scenario cvtgan-2-4-d1 --space grouped --repeats 5
+    python bench/rediscovery.py --preset paper --scenario unetr-1-5 --trials 64 --repeats 5   # GPU
+
+PSNR: peak 1 on [0, 1]-scaled volumes; comparable only within one scenario.
+Interrupted? Run the same command again: finished grid pairs, trials and confirmations are kept.
 """
 
 from __future__ import annotations
@@ -61,26 +63,42 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `backbones` is a top-level package of the repository
 
-RESULTS = ROOT / "bench" / "results" / "rediscovery.json"
+RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "results" / "rediscovery"
+# Written down before any formula or default was changed on them (issue 12): the first is the
+# scenario the prior's formula was tuned on; the others were never looked at while tuning.
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "unetr-1-5": {"backbone": "unetr", "scanners": "1,5", "data_seed": 0, "role": "tuning (the prior was tuned here)"},
+    "cvtgan-2-4-d1": {"backbone": "cvtgan", "scanners": "2,4", "data_seed": 1, "role": "held out"},
+    "unetr-3-4-d2": {"backbone": "unetr", "scanners": "3,4", "data_seed": 2, "role": "held out"},
+}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "priors": {"sampler": "tpe", "priors": True},
+    "priors": {"sampler": "tpe", "priors": True, "prior_signal": "shpeft"},
+    "sensitivity": {"sampler": "tpe", "priors": True, "prior_signal": "sensitivity"},
+    "warm-only": {"sampler": "tpe", "priors": True, "prior_signal": "shpeft", "prior_candidates": 1},
     "no-priors": {"sampler": "tpe", "priors": False},
+    "gp": {"sampler": "gp", "priors": False},
     "random": {"sampler": "random", "priors": False},
 }
+PAIRED_AGAINST = "no-priors"
 QUICK = {"scanners": "1,5", "epochs": 4, "trials": 8}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", default=None, choices=list(SCENARIOS),
+                        help="a declared scenario (backbone, scanners, data seed); overrides those three.")
+    parser.add_argument("--space", default="grouped", choices=("grouped", "blocks"),
+                        help="grouped: <backbone>.yaml; blocks: <backbone>-blocks.yaml (a method per block). Default: grouped.")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the built-in simulated data. Default: 0.")
     parser.add_argument("--backbone", default="unetr", help="unetr or cvtgan. Default: unetr.")
     parser.add_argument("--preset", default=None, help="backbone preset. Default: tiny on a CPU, paper on a GPU.")
     parser.add_argument("--device", default=None, help="cpu or cuda. Default: cuda if available.")
     parser.add_argument("--scanners", default=None, help="comma-separated scanner ids; every ordered pair is used. Default: 1,5 on a CPU, all five on a GPU.")
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per pair. Default: the preset's (tiny 20, paper 150).")
     parser.add_argument("--trials", type=int, default=None, help="trials per engine run. Default: 16 on a CPU, 64 on a GPU.")
-    parser.add_argument("--budget", default="grid", help="parameter budget of the engine runs (1%%, 250k, ...); 'grid' = the "
-                        "largest plan of the grid, so every grid plan is feasible. Default: grid.")
+    parser.add_argument("--budget", default="1%", help="parameter budget of the grid and the engine runs (1%%, 250k, ...); "
+                        "'grid' = the largest plan of the grid, so every grid plan is feasible. Default: 1%%.")
     parser.add_argument("--folds", type=int, default=1, help="cross-validation folds per pair. Default: 1.")
     parser.add_argument("--seed", type=int, default=0, help="seeds the evaluation (splits, crops, initialisation). Default: 0.")
     parser.add_argument("--repeats", type=int, default=1, help="engine runs per variant, with sampler seeds seed, seed+1, ... Default: 1.")
@@ -94,11 +112,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "it, at least; the measured noise is used when larger. Default: 0.05.")
     parser.add_argument("--confirm-seeds", type=int, default=3, help="fine-tuning seeds of each confirmation on test subjects "
                         "(also the noise estimate). Default: 3.")
-    parser.add_argument("--goal", type=float, default=0.2, help="the target share of the grid's cost. Default: 0.2.")
+    parser.add_argument("--goal", type=float, default=0.1, help="the target share of the grid's cost. Default: 0.1.")
     parser.add_argument("--quick", action="store_true", help=f"a small configuration for a CPU: {QUICK} unless given.")
     parser.add_argument("--work", type=Path, default=WORK, help=f"cache of the grid and the engine runs. Default: {WORK}.")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output. Default: {RESULTS}.")
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON output. Default: {RESULTS}/rediscovery-<scenario>-<space>.json.")
     args = parser.parse_args(argv)
+    if args.scenario is not None:
+        chosen = SCENARIOS[args.scenario]
+        args.backbone, args.scanners, args.data_seed = chosen["backbone"], chosen["scanners"], chosen["data_seed"]
+    name = args.scenario or f"{args.backbone}-{(args.scanners or 'default').replace(',', '-')}-d{args.data_seed}"
+    args.scenario_name = name
+    if args.out is None:
+        args.out = RESULTS / f"rediscovery-{name}-{args.space}.json"
     if args.quick:
         for name, value in QUICK.items():
             if getattr(args, name) is None:
@@ -163,10 +188,10 @@ def _run_grid(setup, plans: list, counter, grid_dir: Path) -> list[dict[str, Any
 def _engine_run(args: argparse.Namespace, settings: dict[str, Any], variant: str, sampler_seed: int, run_dir: Path) -> Path:
     """One engine run in ``run_dir``: reused when complete, resumed when interrupted."""
     from autopeft.search.engine import SearchConfig, run_search
-    from autopeft.search.trial import TERMINAL, records
+    from autopeft.search.trial import INFEASIBLE, TERMINAL, records
 
     if (run_dir / "run.json").is_file():
-        done = sum(r.get("state") in TERMINAL for r in records(run_dir))
+        done = sum(r.get("state") in TERMINAL and r.get("state") != INFEASIBLE for r in records(run_dir))
         if done >= args.trials and (run_dir / "summary.json").is_file():
             print(f"engine {variant} (sampler seed {sampler_seed}): reusing {run_dir}", flush=True)
             return run_dir
@@ -174,18 +199,18 @@ def _engine_run(args: argparse.Namespace, settings: dict[str, Any], variant: str
         return run_search(resume_dir=run_dir, trials=args.trials)
     config = SearchConfig(
         backbone=args.backbone, budget=settings["budget"], preset=settings["preset"], scanners=settings["scanners"],
-        trials=args.trials, epochs=settings["epochs"], folds=args.folds, seed=args.seed, sampler_seed=sampler_seed,
-        out=str(run_dir), data=args.data, pretrain_epochs=args.pretrain_epochs, references=False, confirm=0,
-        asha=not args.no_asha, device=settings["device"], cpus_per_trial=1.0, concurrency=args.concurrency,
-        **VARIANTS[variant],
+        space=settings["space"], trials=args.trials, epochs=settings["epochs"], folds=args.folds, seed=args.seed,
+        sampler_seed=sampler_seed, out=str(run_dir), data=settings["manifest"], pretrain_epochs=args.pretrain_epochs,
+        references=False, confirm=0, asha=not args.no_asha, device=settings["device"], cpus_per_trial=1.0,
+        concurrency=args.concurrency, progress=False, **VARIANTS[variant],
     )
     print(f"engine {variant} (sampler seed {sampler_seed}): {args.trials} trials in {run_dir}", flush=True)
     return run_search(config)
 
 
 def _trial_rows(run_dir: Path, trials: int, epochs: int) -> list[dict[str, Any]]:
-    """The run's first ``trials`` trained plans (by number; as ``--trials`` counts them, the
-    over-budget draws among them kept at cost 0) in the order they ended, with their cost."""
+    """The run's first ``trials`` trained plans (by number; the over-budget draws among them kept
+    at cost 0) in the order they ended, with their cost."""
     from autopeft.search.trial import INFEASIBLE, records
 
     rows, trained = [], 0
@@ -218,38 +243,47 @@ def _confirmed(setup, plan: dict[str, Any], seeds: list[int], folder: Path) -> d
     return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "seeds": values}
 
 
-def _summarise_engine(rows: list[dict[str, Any]], confirm, target: float, grid_best_test: float, grid_cost: int,
-                      goal: float) -> dict[str, Any]:
-    """Cost to reach the grid's best on test: each plan that becomes best so far by validation is
-    confirmed on test (``confirm(plan) -> {"mean", ...}``) until one reaches ``target``."""
-    cost, reached, best, confirmed_plans = 0, None, None, 0
-    for position, r in enumerate(rows, start=1):
-        cost += r["cost"]
-        if r["state"] != "FINISHED" or r["psnr"] is None or (best is not None and r["psnr"] <= best["psnr"]):
-            continue
-        best = r
-        if reached is None:
-            test = confirm(r["plan"])
-            confirmed_plans += 1
-            if test["mean"] >= target:
-                reached = {"cost": cost, "share": cost / grid_cost, "trials": position, "trial": r["number"], "test": test}
-    states: dict[str, int] = {}
+def _best_so_far(rows: list[dict[str, Any]], confirm, no_ft_test: float) -> list[dict[str, Any]]:
+    """The steps of a run's best-so-far curve: after each trial that ended, the pair-epochs spent
+    and the test gain of the best FINISHED plan by validation so far (0: No-FT, before any)."""
+    steps, cost, best = [{"cost": 0, "trial": None, "val_gain": None, "test_gain": 0.0}], 0, None
     for r in rows:
-        states[r["state"]] = states.get(r["state"], 0) + 1
-    best_test = confirm(best["plan"]) if best is not None else None
-    return {
-        "total_cost": cost, "total_share": cost / grid_cost, "trials": len(rows), "states": states,
-        "reached": reached is not None, "cost_to_reach": reached["cost"] if reached else None,
-        "share_to_reach": reached["share"] if reached else None, "trials_to_reach": reached["trials"] if reached else None,
-        "plans_confirmed": confirmed_plans, "meets_goal": bool(reached and reached["share"] <= goal),
-        "best": None if best is None else {
-            "trial": best["number"], "val_psnr": best["psnr"], "test_psnr": best_test["mean"], "test_sd": best_test["sd"],
-            "params_pct": 100 * best["fraction"], "plan": best["plan"], "beats_grid_on_test": best_test["mean"] > grid_best_test,
-            "gap_test_db": best_test["mean"] - grid_best_test},
-    }
+        cost += r["cost"]
+        if r["state"] == "FINISHED" and r.get("gain") is not None and (best is None or r["gain"] > best["gain"]):
+            best = r
+            test = confirm(r["plan"])
+            steps.append({"cost": cost, "trial": r["number"], "val_gain": r["gain"], "test_gain": test["mean"] - no_ft_test,
+                          "test_psnr": test["mean"], "test_sd": test["sd"], "fraction": r["fraction"], "plan": r["plan"]})
+        else:
+            steps.append({**steps[-1], "cost": cost})
+    return steps
 
 
-# Priors and the whole bench ------------------------------------------------------------------------
+def _first_cost(steps: list[dict[str, Any]], level: float) -> int | None:
+    return next((s["cost"] for s in steps if s["test_gain"] >= level), None)
+
+
+def _regret_area(steps: list[dict[str, Any]], best_known: float, horizon: int) -> float:
+    """Mean of (best known - best so far) test gain over pair-epochs 0..horizon (a step function:
+    a trial's cost is spent before its plan counts)."""
+    if horizon <= 0:
+        return best_known - steps[-1]["test_gain"]
+    area, previous = 0.0, steps[0]
+    for step in steps[1:] + [{**steps[-1], "cost": max(horizon, steps[-1]["cost"])}]:
+        width = min(step["cost"], horizon) - min(previous["cost"], horizon)
+        area += width * (best_known - previous["test_gain"])
+        previous = step
+    return area / horizon
+
+
+def _spread(values: list[float | None]) -> dict[str, Any]:
+    """Median with min and max (``None`` values, e.g. never reached, counted apart)."""
+    known = [v for v in values if v is not None]
+    return {"median": statistics.median(known) if known else None, "min": min(known) if known else None,
+            "max": max(known) if known else None, "n": len(known), "of": len(values)}
+
+
+# The whole bench ---------------------------------------------------------------------------------
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     from autopeft.search.engine import SearchConfig, resolve_defaults
 
@@ -258,7 +292,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         scanners=[s.strip() for s in args.scanners.split(",") if s.strip()] if args.scanners else None))
     args.trials = resolved.trials
     return {"preset": resolved.preset, "device": resolved.device, "scanners": [str(s) for s in resolved.scanners],
-            "epochs": int(resolved.epochs)}
+            "epochs": int(resolved.epochs), "space": args.backbone + ("-blocks" if args.space == "blocks" else "")}
 
 
 def _source_keys(setup, *, progress: bool = False) -> list[str]:
@@ -274,36 +308,44 @@ def _source_keys(setup, *, progress: bool = False) -> list[str]:
     return keys
 
 
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
     import torch
 
-    from autopeft.cli._common import resolve_manifest
     from autopeft.data import read_manifest
+    from autopeft.data.simulator import builtin_data
     from autopeft.peft import Plan
     from autopeft.pretraining import manifest_digest
-    from autopeft.search.budget import PlanCounter
+    from autopeft.search.budget import Budget, PlanCounter
     from autopeft.search.grid import grid_plans
+    from autopeft.search.options import PRIOR_SIGNALS
     from autopeft.search.priors import PlanPrior, spearman
     from autopeft.search.trial import TrialSetup
+    from autopeft.stats import paired_difference
     from backbones import build_backbone
 
     torch.set_num_threads(1)  # one thread per trial, the engine's trials included: steadier on a shared CPU
     wall_start = time.time()
     settings = _settings(args)
-    manifest_path = str(resolve_manifest(args.data, progress=True))
+    if args.data is not None:
+        manifest = Path(args.data).expanduser()
+        manifest_path = str(manifest / "manifest.csv" if manifest.is_dir() else manifest)
+    else:
+        manifest_path = str(builtin_data(seed=args.data_seed, progress=True))
+    settings["manifest"] = manifest_path
     lr = build_backbone(args.backbone, settings["preset"]).preset.finetune.lr_peft
-    plans = grid_plans(args.backbone, train={"lr": lr, "epochs": settings["epochs"]})
     template = build_backbone(args.backbone, settings["preset"])
     counter = PlanCounter(template)
+    all_plans = grid_plans(args.backbone, train={"lr": lr, "epochs": settings["epochs"]})
     if args.budget == "grid":
-        settings["budget"] = str(max(counter.count(p).trainable for p in plans))
+        settings["budget"] = str(max(counter.count(p).trainable for p in all_plans))
     else:
         settings["budget"] = args.budget
+    budget = Budget.parse(settings["budget"])
+    # The grid a user of PETITE's table would run under this budget: its plans that fit.
+    plans = [p for p in all_plans if budget.allows(counter.count(p).trainable, counter.total)]
+    if not plans:
+        raise SystemExit(f"no plan of the grid fits the budget {settings['budget']}: raise --budget.")
     scanners = settings["scanners"]
     setup = TrialSetup(backbone=args.backbone, preset=settings["preset"], manifest_path=manifest_path,
                        pairs=tuple((s, t) for s in scanners for t in scanners if s != t), folds=tuple(range(args.folds)),
@@ -313,96 +355,132 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Everything that changes a score is in the key (the source models' cache keys carry the data
     # and its pipeline version): a different evaluation gets a different folder, never stale results.
     evaluation = {"backbone": args.backbone, **{k: settings[k] for k in ("preset", "device", "scanners", "epochs")},
-                  "folds": args.folds, "seed": args.seed, "pretrain_epochs": args.pretrain_epochs, "lr": lr,
-                  "data": manifest_digest(read_manifest(manifest_path)), "sources": sources}
+                  "folds": args.folds, "seed": args.seed, "data_seed": args.data_seed, "pretrain_epochs": args.pretrain_epochs,
+                  "lr": lr, "data": manifest_digest(read_manifest(manifest_path)), "sources": sources}
     key = hashlib.sha256(json.dumps(evaluation, sort_keys=True).encode()).hexdigest()[:12]
     work = args.work.expanduser().resolve() / f"{args.backbone}-{settings['preset']}-{key}"
     _write_json(work / "evaluation.json", evaluation)
-    print(f"rediscovery: {args.backbone}/{settings['preset']} on {settings['device']}, {len(setup.units)} pair(s) "
-          f"({', '.join(f'{s}->{t}' for s, t in setup.pairs)}) x {args.folds} fold(s), {settings['epochs']} epochs; "
-          f"budget {settings['budget']} params; work folder {work}", flush=True)
+    print(f"rediscovery {args.scenario_name} ({SCENARIOS.get(args.scenario, {}).get('role', 'custom')}), space "
+          f"{settings['space']}: {args.backbone}/{settings['preset']} on {settings['device']}, {len(setup.units)} pair(s) "
+          f"({', '.join(f'{s}->{t}' for s, t in setup.pairs)}), {settings['epochs']} epochs; budget {settings['budget']} "
+          f"({len(plans)} of {len(all_plans)} grid plans fit); work folder {work}", flush=True)
 
-    # 1. the grid (cached per plan and pair)
+    # 1. the grid (cached per plan and pair), No-FT on validation and test
     phase = time.time()
     grid = _run_grid(setup, plans, counter, work / "grid")
     grid_seconds = time.time() - phase
     grid_cost = sum(r["cost"] for r in grid)
+    no_ft_plan = {"name": "no-ft", "backbone": args.backbone, "train": {"lr": lr, "epochs": 0}}
+    no_ft = _run_grid(setup, [Plan.from_dict(no_ft_plan)], counter, work / "reference")[0]
+    for r in grid:
+        r["gain"] = r["psnr"] - no_ft["psnr"]
     grid_best = max(grid, key=lambda r: r["psnr"])  # chosen on validation, as a user of the grid would
     seeds = [args.seed + i for i in range(args.confirm_seeds)]
     confirm = lambda plan_dict: _confirmed(setup, plan_dict, seeds, work / "confirmed")  # noqa: E731
+    no_ft_test = confirm(no_ft_plan)["mean"]
     grid_best_test = confirm(grid_best["plan"])
+    grid_best_gain = grid_best_test["mean"] - no_ft_test
     tolerance = max(args.tolerance, grid_best_test["sd"])
-    target = grid_best_test["mean"] - tolerance
-    cost_to_grid_best = sum(r["cost"] for r in grid[: grid.index(grid_best) + 1])
-    # No-FT (the source model as is, 0 epochs) puts the PSNRs in context: it costs no pair-epoch.
-    no_ft = _run_grid(setup, [Plan.from_dict({"name": "no-ft", "backbone": args.backbone, "train": {"lr": lr, "epochs": 0}})],
-                      counter, work / "reference")[0]
 
-    # 2-4. the engine runs
+    # 2. the engine runs, and every best-so-far plan confirmed on test
     runs: dict[str, list[dict[str, Any]]] = {}
-    engine_seconds: dict[str, float] = {}
     for variant in args.variants:
         for repeat in range(args.repeats):
             sampler_seed = args.seed + repeat
-            run_dir = work / (f"engine-{variant}-b{settings['budget']}-s{sampler_seed}" + ("-noasha" if args.no_asha else ""))
+            run_dir = work / (f"engine-{settings['space']}-{variant}-b{settings['budget']}-t{args.trials}-s{sampler_seed}"
+                              + ("-noasha" if args.no_asha else ""))
             phase = time.time()
             _engine_run(args, settings, variant, sampler_seed, run_dir)
-            engine_seconds[f"{variant}/{sampler_seed}"] = time.time() - phase
             rows = _trial_rows(run_dir, args.trials, settings["epochs"])
-            summary = _summarise_engine(rows, confirm, target, grid_best_test["mean"], grid_cost, args.goal)
-            runs.setdefault(variant, []).append({"sampler_seed": sampler_seed, "run_dir": str(run_dir), **summary, "_rows": rows})
+            summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+            slots = summary.get("slots") or []
+            runs.setdefault(variant, []).append({
+                "sampler_seed": sampler_seed, "run_dir": str(run_dir), "seconds": time.time() - phase, "rows": rows,
+                "steps": _best_so_far(rows, confirm, no_ft_test),
+                "slot_busy_share": slots[-1]["busy_share"] if slots else None,
+                "states": {s: sum(r["state"] == s for r in rows) for s in sorted({r["state"] for r in rows})},
+            })
 
-    # Engine trials run in fresh Ray workers that import the code as it is then: if the source
-    # models' key changed meanwhile (code or data edited during the run), they scored on another
-    # evaluation. Said loudly rather than compared silently.
+    # Engine trials run in Ray workers that import the code as it is then: if the source models'
+    # key changed meanwhile (code or data edited during the run), they scored on another evaluation.
     changed = _source_keys(setup) != sources
     if changed:
         print("WARNING: the source models' cache key changed during this run (code or data edited meanwhile): "
               "engine trials may have used other source models than the grid; run again.", flush=True)
 
-    # Prior score vs final PSNR over every plan trained on every pair (one set of site weights).
-    prior_model = PlanPrior.for_setup(setup, template, counter)
-    prior_of = lambda plan_dict: prior_model.score(Plan.from_dict(plan_dict))  # noqa: E731
-    grid_points = [(prior_of(r["plan"]), r["psnr"]) for r in grid]
-    engine_points = [(prior_of(r["plan"]), r["psnr"]) for variant_runs in runs.values() for run in variant_runs
-                     for r in run["_rows"] if r["state"] == "FINISHED" and r["psnr"] is not None]
-    points = grid_points + engine_points
-    correlation = {"all": spearman([p for p, _ in points], [q for _, q in points]), "n_all": len(points),
-                   "grid": spearman([p for p, _ in grid_points], [q for _, q in grid_points]), "n_grid": len(grid_points)}
+    # 3. regret against the best known plan on test (in-sample over this bench's runs)
+    best_known = max([grid_best_gain] + [s["test_gain"] for vr in runs.values() for run in vr for s in run["steps"]])
+    horizon = max([run["steps"][-1]["cost"] for vr in runs.values() for run in vr] or [grid_cost])
+    for variant_runs in runs.values():
+        for run in variant_runs:
+            steps = run["steps"]
+            run.update(
+                total_cost=steps[-1]["cost"], total_share=steps[-1]["cost"] / grid_cost,
+                regret_area_db=_regret_area(steps, best_known, horizon),
+                cost_to_grid_best=_first_cost(steps, grid_best_gain - tolerance),
+                cost_to_best_known=_first_cost(steps, best_known - tolerance),
+                best_test_gain=steps[-1]["test_gain"], best_vs_grid_db=steps[-1]["test_gain"] - grid_best_gain,
+                best_fraction=steps[-1].get("fraction"), best_plan=steps[-1].get("plan"))
+            for name in ("cost_to_grid_best", "cost_to_best_known"):
+                run[name.replace("cost", "share")] = None if run[name] is None else run[name] / grid_cost
+
+    # 4. the priors: Spearman(prior, validation gain) over every plan trained on every pair
+    trained = [(r["plan"], r["gain"]) for r in grid] + [
+        (r["plan"], r["gain"]) for vr in runs.values() for run in vr for r in run["rows"]
+        if r["state"] == "FINISHED" and r.get("gain") is not None]
+    correlation = {}
+    for signal in PRIOR_SIGNALS:
+        prior = PlanPrior.for_setup(setup, template, counter, signal=signal)
+        scores = [prior.score(Plan.from_dict(plan)) for plan, _ in trained]
+        grid_scores = scores[: len(grid)]
+        correlation[signal] = {"all": spearman(scores, [g for _, g in trained]), "n_all": len(trained),
+                               "grid": spearman(grid_scores, [r["gain"] for r in grid]), "n_grid": len(grid)}
 
     variants_out = {}
+    reference = {run["sampler_seed"]: run for run in runs.get(PAIRED_AGAINST, [])}
     for variant, variant_runs in runs.items():
-        for run in variant_runs:
-            run.pop("_rows")
-        shares = [run["share_to_reach"] for run in variant_runs if run["reached"]]
+        paired = [(run["regret_area_db"], reference[run["sampler_seed"]]["regret_area_db"])
+                  for run in variant_runs if run["sampler_seed"] in reference]
         variants_out[variant] = {
-            "runs": variant_runs, "reached": f"{len(shares)}/{len(variant_runs)}",
-            "median_share_to_reach": _median(shares), "median_cost_to_reach": _median([r["cost_to_reach"] for r in variant_runs if r["reached"]]),
-            "median_best_test_psnr": _median([r["best"]["test_psnr"] for r in variant_runs if r["best"]]),
-            "meets_goal": f"{sum(r['meets_goal'] for r in variant_runs)}/{len(variant_runs)}",
+            "settings": VARIANTS[variant],
+            "regret_area_db": _spread([r["regret_area_db"] for r in variant_runs]),
+            "share_to_grid_best": _spread([r["share_to_grid_best"] for r in variant_runs]),
+            "share_to_best_known": _spread([r["share_to_best_known"] for r in variant_runs]),
+            "best_test_gain_db": _spread([r["best_test_gain"] for r in variant_runs]),
+            "best_vs_grid_db": _spread([r["best_vs_grid_db"] for r in variant_runs]),
+            "slot_busy_share": _spread([r["slot_busy_share"] for r in variant_runs]),
+            "beats_grid": f"{sum(r['best_vs_grid_db'] > 0 for r in variant_runs)}/{len(variant_runs)}",
+            "within_goal": f"{sum(r['share_to_grid_best'] is not None and r['share_to_grid_best'] <= args.goal for r in variant_runs)}/{len(variant_runs)}",
+            f"regret_area_minus_{PAIRED_AGAINST}": (paired_difference([a for a, _ in paired], [b for _, b in paired])
+                                                    if variant != PAIRED_AGAINST and len(paired) >= 2 else None),
+            "runs": [{k: v for k, v in run.items() if k != "rows"} for run in variant_runs],
         }
     result = {
         "benchmark": "rediscovery", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "scenario": args.scenario_name, "scenario_role": SCENARIOS.get(args.scenario, {}).get("role", "custom"),
+        "space": settings["space"],
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads_per_trial": 1, "device": settings["device"]},
         "command": "python bench/rediscovery.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "evaluation": evaluation, "evaluation_changed_during_run": changed, "budget_params": int(settings["budget"]) if settings["budget"].isdigit() else settings["budget"],
+        "evaluation": evaluation, "evaluation_changed_during_run": changed, "budget": settings["budget"],
         "trials_per_run": args.trials, "repeats": args.repeats, "concurrency": args.concurrency, "asha": not args.no_asha,
         "tolerance_db": tolerance, "tolerance_floor_db": args.tolerance, "noise_sd_db": grid_best_test["sd"],
-        "confirm_seeds": seeds, "goal_share": args.goal,
+        "confirm_seeds": seeds, "goal_share": args.goal, "horizon_pair_epochs": horizon,
+        "split": "choices on validation subjects; gains, regret and costs to reach on test subjects",
+        "best_known_is_in_sample": "the best known test gain is the maximum over this bench's own confirmed plans",
         "psnr_definition": "peak 1 on [0,1]-scaled volumes; mean over pairs of the targets' validation (val) or test subjects",
         "cost_unit": "fine-tuning pair-epochs (pairs run x epochs, summed over trained trials)",
-        "prior_overhead_pair_epochs": 2 * len(setup.units),
-        "no_ft": {"psnr": no_ft["psnr"], "ssim": no_ft["ssim"], "pairs": [p["psnr"] for p in no_ft["pairs"]]},
-        "grid": {"plans": len(grid), "cost": grid_cost, "cost_to_its_best_in_file_order": cost_to_grid_best,
-                 "best": {"name": grid_best["name"], "val_psnr": grid_best["psnr"], "test_psnr": grid_best_test["mean"],
-                          "test_sd": grid_best_test["sd"], "test_seeds": grid_best_test["seeds"],
+        "prior_overhead_pair_epochs": len(setup.units),
+        "no_ft": {"val_psnr": no_ft["psnr"], "test_psnr": no_ft_test},
+        "grid": {"plans_within_budget": len(grid), "plans": len(all_plans), "cost": grid_cost,
+                 "best": {"name": grid_best["name"], "val_gain": grid_best["gain"], "test_gain": grid_best_gain,
+                          "test_psnr": grid_best_test["mean"], "test_sd": grid_best_test["sd"],
                           "params_pct": 100 * grid_best["fraction"]},
-                 "rows": [{k: r[k] for k in ("name", "psnr", "ssim", "nrmse", "fraction", "cost", "seconds")} | {"prior": p}
-                          for r, (p, _) in zip(grid, grid_points)]},
+                 "rows": [{k: r[k] for k in ("name", "psnr", "gain", "fraction", "cost", "seconds")} for r in grid]},
+        "best_known_test_gain_db": best_known,
         "engine": variants_out,
-        "spearman_prior_vs_psnr": correlation,
-        "seconds": {"grid_this_session": grid_seconds, "engine_this_session": engine_seconds, "total": time.time() - wall_start},
+        "spearman_prior_vs_val_gain": correlation,
+        "seconds": {"grid_this_session": grid_seconds, "total": time.time() - wall_start},
     }
     _print(result)
     _write_json(args.out.expanduser().resolve(), result)
@@ -414,35 +492,39 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _span(spread: dict[str, Any], spec: str, scale: float = 1.0) -> str:
+    if spread["median"] is None:
+        return f"- (0/{spread['of']})"
+    text = (f"{format(scale * spread['median'], spec)} [{format(scale * spread['min'], spec)}, "
+            f"{format(scale * spread['max'], spec)}]")
+    return text + (f" ({spread['n']}/{spread['of']})" if spread["n"] < spread["of"] else "")
+
+
 def _print(result: dict[str, Any]) -> None:
     grid = result["grid"]
-    print(f"\n{result['evaluation']['backbone']}/{result['evaluation']['preset']}, pairs of scanners "
-          f"{','.join(result['evaluation']['scanners'])}, {result['evaluation']['epochs']} epochs; PSNR {result['psnr_definition']}")
-    print(f"No-FT (source model as is): {result['no_ft']['psnr']:.3f} dB (validation)")
-    print("grid (validation PSNR, % params, prior):")
-    for r in sorted(grid["rows"], key=lambda r: -r["psnr"]):
-        print(f"  {r['name']:<24} {r['psnr']:8.3f} dB {100 * r['fraction']:7.3f}%  prior {r['prior']:.3f}")
+    e = result["evaluation"]
+    print(f"\n{result['scenario']} ({result['scenario_role']}), space {result['space']}: {e['backbone']}/{e['preset']}, "
+          f"scanners {','.join(e['scanners'])}, data seed {e['data_seed']}, {e['epochs']} epochs, budget {result['budget']}")
+    print(f"No-FT: {result['no_ft']['val_psnr']:.3f} dB validation, {result['no_ft']['test_psnr']:.3f} dB test")
     best = grid["best"]
-    print(f"grid best by validation {best['name']}: {best['val_psnr']:.3f} dB (val), {best['test_psnr']:.3f} dB on test "
-          f"(mean over seeds {result['confirm_seeds']}, SD {best['test_sd']:.3f}) at {best['params_pct']:.3f}%; grid cost "
-          f"{grid['cost']} pair-epochs")
-    print(f"reaching it = a best-so-far plan within {result['tolerance_db']:.3f} dB of it on test (the larger of the "
-          f"--tolerance floor {result['tolerance_floor_db']} dB and the measured noise {result['noise_sd_db']:.3f} dB); goal <= "
-          f"{100 * result['goal_share']:.0f}% of the grid's cost ({result['goal_share'] * grid['cost']:.0f} pair-epochs)")
-    print(f"\n{'run':<22} {'reached':>7} {'cost to reach':>14} {'% of grid':>9} {'trials':>6} {'total cost':>10} "
-          f"{'best val':>8} {'best test':>9} {'% params':>8} {'test vs grid':>12}")
+    print(f"grid: {grid['plans_within_budget']} of {grid['plans']} plans within the budget, cost {grid['cost']} pair-epochs; "
+          f"best by validation {best['name']}: test gain {best['test_gain']:+.3f} dB (SD over seeds {best['test_sd']:.3f})")
+    print(f"best known on test (in-sample over this bench): {result['best_known_test_gain_db']:+.3f} dB; tolerance "
+          f"{result['tolerance_db']:.3f} dB; regret horizon {result['horizon_pair_epochs']} pair-epochs")
+    print(f"\nper variant, median [min, max] over {result['repeats']} repeats (test subjects):")
+    print(f"{'variant':<12} {'regret area dB':<24} {'% grid to grid best':<26} {'% grid to best known':<26} "
+          f"{'best test gain dB':<26} {'beats grid':>10} {'slots busy %':<20} {'area vs ' + PAIRED_AGAINST}")
     for variant, data in result["engine"].items():
-        for run in data["runs"]:
-            best = run["best"] or {}
-            print(f"{variant + '/s' + str(run['sampler_seed']):<22} {'yes' if run['reached'] else 'no':>7} "
-                  f"{_fmt(run['cost_to_reach'], 'd'):>14} {_fmt(run['share_to_reach'] and 100 * run['share_to_reach'], '.1f'):>9} "
-                  f"{_fmt(run['trials_to_reach'], 'd'):>6} {run['total_cost']:>10d} {_fmt(best.get('val_psnr'), '.3f'):>8} "
-                  f"{_fmt(best.get('test_psnr'), '.3f'):>9} {_fmt(best.get('params_pct'), '.3f'):>8} "
-                  f"{_fmt(best.get('gap_test_db'), '+.3f'):>12}")
+        paired = data[f"regret_area_minus_{PAIRED_AGAINST}"]
+        paired_text = "-" if paired is None else (f"{paired['mean']:+.3f} [{_fmt(paired['ci'][0], '+.3f')}, "
+                                                  f"{_fmt(paired['ci'][1], '+.3f')}] p={_fmt(paired['p'], '.2f')}")
+        print(f"{variant:<12} {_span(data['regret_area_db'], '.3f'):<24} {_span(data['share_to_grid_best'], '.0f', 100):<26} "
+              f"{_span(data['share_to_best_known'], '.0f', 100):<26} {_span(data['best_test_gain_db'], '+.3f'):<26} "
+              f"{data['beats_grid']:>10} {_span(data['slot_busy_share'], '.0f', 100):<20} {paired_text}")
     print(f"(priors also cost {result['prior_overhead_pair_epochs']} pair-epochs of gradient passes, once per evaluation)")
-    c = result["spearman_prior_vs_psnr"]
-    print(f"Spearman(prior, validation PSNR): {_fmt(c['all'], '.3f')} over {c['n_all']} fully trained plans; "
-          f"{_fmt(c['grid'], '.3f')} over the {c['n_grid']} grid plans")
+    for signal, c in result["spearman_prior_vs_val_gain"].items():
+        print(f"Spearman({signal} prior, validation gain): {_fmt(c['all'], '.3f')} over {c['n_all']} fully trained plans; "
+              f"{_fmt(c['grid'], '.3f')} over the {c['n_grid']} grid plans")
 
 
 if __name__ == "__main__":
