@@ -65,7 +65,7 @@ def bundle_network(backbone: str, preset: str, plan: dict[str, Any] | None = Non
     if plan:
         plan = Plan.from_dict(plan)
         importance = None
-        if any(spec.method == "shpeft" for spec in plan.sites.values()):
+        if plan.needs_importance:
             # Structure only: which entries SH-PEFT selects does not matter once merged.
             importance = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
         merge_plan(apply_plan(model, plan, importance=importance))

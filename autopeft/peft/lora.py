@@ -90,6 +90,7 @@ class Lora(PeftMethod):
     site_kinds = ("vit", "cnn")
     config_class = LoraConfig
     mergeable = True
+    summary_fields = ("rank", "targets")  # alpha follows rank by default; dropout is rarely set
 
     def inject(self, site, config: LoraConfig, context: InjectContext) -> list[nn.Parameter]:
         roles = config.targets or _DEFAULT_TARGETS[site.kind]

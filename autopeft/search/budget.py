@@ -157,7 +157,8 @@ class PlanCounter:
         return self._names[id(parameter)]
 
     def _importance(self) -> dict[str, torch.Tensor]:
-        # SH-PEFT picks exactly its budget of weights whatever the scores: zeros count it exactly.
+        # A method that reads importance (SH-PEFT) picks exactly its budget of weights whatever the
+        # scores: zeros count it exactly.
         if self._placeholder_importance is None:
             self._placeholder_importance = {n: torch.zeros_like(p) for n, p in self.template.named_parameters()}
         return self._placeholder_importance
@@ -170,8 +171,7 @@ class PlanCounter:
         memo.update({id(b): b for b in self.template.buffers()})
         model = copy.deepcopy(self.template, memo)
         base_ids = {id(p): n for n, p in model.named_parameters()}
-        uses_shpeft = any(spec.method == "shpeft" for spec in plan.sites.values())
-        apply_plan(model, plan, importance=self._importance() if uses_shpeft else None)
+        apply_plan(model, plan, importance=self._importance() if plan.needs_importance else None)
         base_trained = frozenset(base_ids[id(p)] for p in model.net.parameters() if p.requires_grad and id(p) in base_ids)
         added: dict[str, int] = {}
         seen: set[int] = set()

@@ -23,11 +23,17 @@ __all__ = ["plan_summary", "run_references", "finish_run", "pareto_front"]
 
 def plan_summary(plan: Mapping[str, Any]) -> str:
     """A short text for a plan: ``encoder.vit.*=lora(rank=4,targets=q+k) decoder.*=ssf +bitfit``."""
+    from autopeft.peft import registered_methods
+
+    methods = registered_methods()
     parts = []
     for pattern, entry in (plan.get("sites") or {}).items():
+        method = methods.get(entry["method"])  # a run may name a method this process lacks: show all
+        shown = method.summary_fields if method is not None and method.summary_fields is not None else entry.keys()
         hyper = []
-        for key, value in entry.items():
-            if key == "method" or value is None or key in ("dropout", "activation") or (key == "alpha"):
+        for key in shown:
+            value = entry.get(key)
+            if key == "method" or value is None:
                 continue
             hyper.append(f"{key}={'+'.join(map(str, value)) if isinstance(value, list) else value}")
         parts.append(f"{pattern}={entry['method']}" + (f"({','.join(hyper)})" if hyper else ""))
