@@ -188,3 +188,6 @@ def _load_builtin() -> None:
     # Importing the modules runs their @register_backbone decorators.
     import backbones.cvtgan  # noqa: F401
     import backbones.unetr  # noqa: F401
+    from autopeft._plugins import load_plugins
+
+    load_plugins()  # third-party backbones ($AUTOPEFT_PLUGINS), also in Ray workers

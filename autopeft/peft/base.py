@@ -186,8 +186,11 @@ def register_method(cls: type[PeftMethod]) -> type[PeftMethod]:
 def _load_builtin() -> None:
     import importlib
 
+    from autopeft._plugins import load_plugins
+
     for module_name in _BUILTIN_MODULES:
         importlib.import_module(module_name)
+    load_plugins()  # third-party methods ($AUTOPEFT_PLUGINS), also in Ray workers
 
 
 def registered_methods() -> dict[str, PeftMethod]:
