@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from autopeft import _io
 from autopeft.checkpoints import atomic_write_bytes, load_checkpoint, load_state, save_checkpoint, save_state
 from autopeft.errors import ConfigError
 from autopeft.train import EpochResult, Trainer, TrainSettings, is_better
@@ -54,7 +55,7 @@ PRETRAIN_DEFAULTS: dict[str, dict[str, float]] = {
 
 def cache_root() -> Path:
     """``$AUTOPEFT_CACHE`` or ``~/.cache/autopeft``."""
-    return Path(os.environ.get("AUTOPEFT_CACHE", Path.home() / ".cache" / "autopeft")).expanduser()
+    return _io.cache_root()  # the one definition (an empty $AUTOPEFT_CACHE means the default)
 
 
 def manifest_digest(manifest) -> str:

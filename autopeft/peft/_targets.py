@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["TARGET_ROLES", "Target", "find_targets", "find_mlp_modules", "available_roles", "CONV_TYPES", "NORM_TYPES"]
+__all__ = ["TARGET_ROLES", "Target", "find_targets", "find_mlp_modules", "available_roles", "CONV_TYPES",
+           "PLAIN_CONV_TYPES", "CONV_TRANSPOSE_TYPES", "NORM_TYPES", "CHANNEL_NORM_TYPES"]
 
 _QKV_ALIASES: dict[str, tuple[str, ...]] = {
     "q": ("q", "to_q", "proj_q", "q_proj", "query"),
@@ -37,15 +38,13 @@ _FUSED_QKV_NAMES = ("qkv", "to_qkv", "qkv_proj")
 _OUT_PROJ_NAMES = ("out_proj", "proj", "proj_out", "o_proj")
 _MLP_NAMES = ("mlp", "ffn", "feed_forward")
 
-CONV_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.modules.batchnorm._NormBase, nn.GroupNorm)
+# The layer types methods tell apart, defined once for all of them.
+PLAIN_CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+CONV_TYPES: tuple[type[nn.Module], ...] = PLAIN_CONV_TYPES + CONV_TRANSPOSE_TYPES
+# Norms over the channel dimension (BatchNorm, InstanceNorm, GroupNorm), and all norms.
+CHANNEL_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm,) + CHANNEL_NORM_TYPES
 
 TARGET_ROLES: tuple[str, ...] = ("q", "k", "v", "qkv", "out_proj", "mlp", "mlp_out", "conv", "norm", "linear")
 

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from autopeft.errors import PlanError
-from autopeft.peft._targets import TARGET_ROLES, Target, available_roles, find_targets
+from autopeft.peft._targets import (
+    CONV_TRANSPOSE_TYPES,
+    PLAIN_CONV_TYPES,
+    TARGET_ROLES,
+    Target,
+    available_roles,
+    find_targets,
+)
 from autopeft.peft.base import InjectContext, MethodConfig, PeftMethod, dispatch, register_method, replace_layer
 from autopeft.peft.lora_layers import LoraConv, LoraConvTranspose, LoraFusedQKV, LoraLayer, LoraLinear
 
@@ -71,8 +78,8 @@ def _conv_transpose(target: Target, config: LoraConfig) -> LoraLayer:
 # Dispatch by layer type, first match wins.
 _LAYERS: tuple[tuple[type | tuple[type, ...], Callable[[Target, LoraConfig], LoraLayer]], ...] = (
     (nn.Linear, _linear),
-    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), _conv),
-    ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _conv_transpose),
+    (PLAIN_CONV_TYPES, _conv),
+    (CONV_TRANSPOSE_TYPES, _conv_transpose),
 )
 
 

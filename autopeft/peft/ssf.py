@@ -22,15 +22,20 @@ import torch
 from torch import nn
 
 from autopeft.errors import PlanError
-from autopeft.peft._targets import TARGET_ROLES, available_roles, find_targets
+from autopeft.peft._targets import (
+    CONV_TRANSPOSE_TYPES,
+    CONV_TYPES,
+    NORM_TYPES,
+    PLAIN_CONV_TYPES,
+    TARGET_ROLES,
+    available_roles,
+    find_targets,
+)
 from autopeft.peft.base import InjectContext, MergeableLayer, MethodConfig, PeftMethod, dispatch, register_method, replace_layer
 
 __all__ = ["SSFConfig", "SSF", "SSFLayer"]
 
 _DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {"vit": ("norm", "out_proj", "mlp_out"), "cnn": ("conv", "norm")}
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CHANNEL_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
 
 
 def _channels(layer: nn.Module) -> tuple[int, int]:
@@ -39,7 +44,7 @@ def _channels(layer: nn.Module) -> tuple[int, int]:
         return layer.out_features, -1
     if isinstance(layer, nn.LayerNorm):
         return layer.normalized_shape[0], -1
-    if isinstance(layer, _CONVS + _CONV_TRANSPOSES):
+    if isinstance(layer, CONV_TYPES):
         return layer.out_channels, 1
     if isinstance(layer, nn.GroupNorm):
         return layer.num_channels, 1
@@ -87,9 +92,9 @@ def _fold_norm(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> No
 
 
 _FOLDS: tuple[tuple[type | tuple[type, ...], Callable[[nn.Module, torch.Tensor, torch.Tensor], None]], ...] = (
-    ((nn.Linear,) + _CONVS, _fold_linear_or_conv),
-    (_CONV_TRANSPOSES, _fold_conv_transpose),
-    ((nn.LayerNorm,) + _CHANNEL_NORMS, _fold_norm),
+    ((nn.Linear,) + PLAIN_CONV_TYPES, _fold_linear_or_conv),
+    (CONV_TRANSPOSE_TYPES, _fold_conv_transpose),
+    (NORM_TYPES, _fold_norm),
 )
 
 
