@@ -68,21 +68,21 @@ class Budget:
         match = _BUDGET_PATTERN.match(raw)
         if not match:
             raise ConfigError(
-                f"--budget {raw!r} is not a budget; write a percentage (1%), a fraction (0.005) or a "
-                "parameter count (250k, 1.5M, 12000)."
+                f"`budget` must be a percentage (1%), a fraction (0.005) or a parameter count (250k, 1.5M, 12000), "
+                f"but got {raw!r}."
             )
         value, suffix = float(match.group(1)), (match.group(2) or "")
         if suffix == "%":
             if not 0 < value <= 100:
-                raise ConfigError(f"--budget {raw!r} must be a percentage in (0, 100].")
+                raise ConfigError(f"`budget` must be a percentage in (0, 100], but got {raw!r}.")
             return cls(fraction=value / 100, text=raw.strip())
         if not suffix and value <= 1:
             if value <= 0:
-                raise ConfigError(f"--budget {raw!r} must be positive.")
+                raise ConfigError(f"`budget` must be positive, but got {raw!r}.")
             return cls(fraction=value, text=raw.strip())
         count = value * _SUFFIXES[suffix.lower()]
         if count < 1 or abs(count - round(count)) > 1e-6:
-            raise ConfigError(f"--budget {raw!r} must be a whole number of parameters.")
+            raise ConfigError(f"`budget` must be a whole number of parameters, but got {raw!r}.")
         return cls(count=int(round(count)), text=raw.strip())
 
     def limit(self, total: int) -> int:
