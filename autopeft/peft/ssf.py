@@ -5,7 +5,8 @@ puts SSF after the attention, the MLP and the norms of a ViT block, and after th
 norms of a CNN block. Here each SSF sits directly on the output of one layer, so that it always
 folds into that layer's weight and bias at merge time:
 
-- ``vit`` sites (default ``targets: [norm, out_proj, mlp_out]``): after every LayerNorm, after the
+- ``vit`` sites (default ``targets: [norm, out_proj, mlp_out]``): after every norm layer (the
+  LayerNorms, and in CVT-GAN's blocks also the BatchNorms after the depthwise q/k/v projections), after the
   attention's output projection (the last linear map of multi-head attention; SSF "after MHSA") and
   after the MLP's last Linear (SSF "after the MLP"). Dropout placed between the projection and
   the residual sum then acts on the scaled output; in eval mode this is exactly "after".
