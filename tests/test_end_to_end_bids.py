@@ -16,6 +16,8 @@ import torch
 
 from autopeft.cli import main
 
+pytestmark = pytest.mark.slow  # a whole search through Ray
+
 TARGET = "Siemens Biograph mCT class"  # the simulator's scanner 1, as its sidecars name it
 
 

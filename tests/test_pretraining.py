@@ -20,6 +20,7 @@ def manifest(tmp_path_factory):
 SMALL = Protocol(pretrain_train=2, pretrain_val=1, finetune_train=1, finetune_test=2)
 
 
+@pytest.mark.slow  # trains
 def test_trains_once_then_comes_from_the_cache(manifest, tmp_path):
     model, meta = pretrained_model("unetr", "1", manifest_path=manifest, epochs=2, cache_dir=tmp_path, progress=False, protocol=SMALL)
     assert meta["epochs"] == 2 and meta["source"] == "1" and meta["best"]["epoch"] in (1, 2)
@@ -35,6 +36,7 @@ def test_trains_once_then_comes_from_the_cache(manifest, tmp_path):
     assert torch.equal(model(x), again(x))
 
 
+@pytest.mark.slow  # trains
 def test_interrupted_pretraining_resumes_from_last_epoch(manifest, tmp_path):
     seen = []
 

@@ -291,9 +291,8 @@ def derive_pairs(
             names.append(os.path.relpath(target, out))
         writer.writerow([subject, item.scanner, *names, os.path.relpath(item.path, root),
                          "+".join(str(i + 1) for i in short_idx), "+".join(str(i + 1) for i in long_idx)])
-    (out / "manifest.csv").write_text(rows.getvalue(), encoding="utf-8")
-    (out / "scanners.json").write_text(json.dumps(_profiles([d[0] for d in derived], scanner_entity), indent=2) + "\n",
-                                       encoding="utf-8")
+    atomic_write_text(out / "manifest.csv", rows.getvalue())
+    atomic_write_text(out / "scanners.json", json.dumps(_profiles([d[0] for d in derived], scanner_entity), indent=2) + "\n")
     return out / "manifest.csv"
 
 

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["TARGET_ROLES", "Target", "find_targets", "find_mlp_modules", "available_roles", "CONV_TYPES",
+from autopeft.errors import PlanError
+
+__all__ = ["TARGET_ROLES", "Target", "find_targets", "find_mlp_modules", "available_roles", "site_targets", "CONV_TYPES",
            "PLAIN_CONV_TYPES", "CONV_TRANSPOSE_TYPES", "NORM_TYPES", "CHANNEL_NORM_TYPES"]
 
 _QKV_ALIASES: dict[str, tuple[str, ...]] = {
@@ -139,6 +141,22 @@ def find_targets(module: nn.Module, roles: tuple[str, ...]) -> list[Target]:
         elif "norm" in wanted and _is_norm(layer):
             found.append(Target(name, layer))
     return found
+
+
+def site_targets(site, roles: tuple[str, ...], context, what: str) -> list[Target]:
+    """:func:`find_targets` in ``site.module``, without layers the network never uses (``context``:
+    the :class:`~autopeft.peft.base.InjectContext`), for a method that wraps each of them.
+
+    Raises:
+        PlanError: no layer plays any of ``roles``, listing the roles the site offers.
+    """
+    targets = [t for t in find_targets(site.module, roles) if not context.is_unused(t.layer)]
+    if not targets:
+        raise PlanError(
+            f"{what} targets {list(roles)} match no layer in site {site.name!r} ({site.kind}); "
+            f"roles this site offers: {', '.join(available_roles(site.module)) or 'none'}."
+        )
+    return targets
 
 
 def available_roles(module: nn.Module) -> list[str]:

@@ -163,7 +163,9 @@ class Plan:
         """The plan as YAML; also written to ``path`` when given."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
         if path is not None:
-            Path(path).write_text(text, encoding="utf-8")
+            from autopeft._io import atomic_write_text
+
+            atomic_write_text(path, text)
         return text
 
 

@@ -22,15 +22,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from autopeft.errors import PlanError
 from autopeft.peft._targets import (
     CONV_TRANSPOSE_TYPES,
     CONV_TYPES,
     NORM_TYPES,
     PLAIN_CONV_TYPES,
     TARGET_ROLES,
-    available_roles,
-    find_targets,
+    site_targets,
 )
 from autopeft.peft.base import InjectContext, MergeableLayer, MethodConfig, PeftMethod, dispatch, register_method, replace_layer
 
@@ -164,15 +162,8 @@ class SSF(PeftMethod):
     mergeable = True
 
     def inject(self, site, config: SSFConfig, context: InjectContext) -> list[nn.Parameter]:
-        roles = config.targets or _DEFAULT_TARGETS[site.kind]
-        targets = [t for t in find_targets(site.module, roles) if not context.is_unused(t.layer)]
-        if not targets:
-            raise PlanError(
-                f"SSF targets {list(roles)} match no layer in site {site.name!r} ({site.kind}); "
-                f"roles this site offers: {', '.join(available_roles(site.module)) or 'none'}."
-            )
         params: list[nn.Parameter] = []
-        for target in targets:
+        for target in site_targets(site, config.targets or _DEFAULT_TARGETS[site.kind], context, "SSF"):
             wrapper = SSFLayer(target.layer)
             replace_layer(context, site.module, target.name, wrapper)
             params.extend([wrapper.ssf_scale, wrapper.ssf_shift])

@@ -17,9 +17,7 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from autopeft.peft import MethodConfig, PeftMethod, register_method
-
-pytestmark = pytest.mark.slow
+from autopeft.peft import MethodConfig, PeftMethod, register_method, registered_methods
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
@@ -32,7 +30,6 @@ class NormShiftConfig(MethodConfig):
     label: str = field(default="", metadata={"help": "free text; plan summaries leave it out."})
 
 
-@register_method
 class NormShift(PeftMethod):
     name = "normshift"
     site_kinds = ("vit", "cnn")
@@ -53,6 +50,16 @@ class NormShift(PeftMethod):
         return [p for m in site.module.modules() if isinstance(m, _NORMS)
                 for name, p in m.named_parameters(recurse=False) if name in wanted]
 
+
+def _register() -> None:
+    register_method(NormShift)  # the one registry call
+
+
+# Imported as a plug-in (a Ray worker, through AUTOPEFT_PLUGINS): registered at import, as a
+# third-party module would be. In the test process the fixture registers it into a copy of the
+# registry instead, so that the rest of the suite sees the built-in methods only.
+if os.environ.get("AUTOPEFT_PLUGINS") == __name__:
+    _register()
 
 SPACE = """
 backbone: cvtgan
@@ -76,12 +83,18 @@ PROTOCOL = {"pretrain_train": 2, "pretrain_val": 1, "finetune_train": 1, "finetu
 def _plugin_in_every_process():
     # Autouse, so before ray_session starts Ray: its workers inherit this environment and import
     # this module under the name pytest gave it, from the folder that makes that name importable.
+    import autopeft.peft.base as peft_base
+
+    builtin = dict(registered_methods())
     root = Path(__file__).resolve().parents[len(__name__.split(".")) - 1]
     saved = {k: os.environ.get(k) for k in ("AUTOPEFT_PLUGINS", "PYTHONPATH")}
     os.environ["AUTOPEFT_PLUGINS"] = __name__
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), saved["PYTHONPATH"]]))
-    assert sys.modules[__name__]  # the driver has it already: loading the plugins imports nothing twice
+    assert sys.modules[__name__]  # loading the plug-ins here imports nothing (again)
+    _register()
     yield
+    peft_base._REGISTRY.clear()
+    peft_base._REGISTRY.update(builtin)
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -123,6 +136,7 @@ def test_the_space_draws_the_method_through_its_own_parameters(space_file):
     assert counter.count(plan).trainable == sum(p.numel() for p in model.net.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow  # Ray Tune, training
 def test_a_search_and_its_report_run_the_method(ray_session, space_file, tmp_path):
     from _fakes import make_dataset
     from autopeft.report import write_report
