@@ -140,8 +140,9 @@ class Plan:
 
     @property
     def trains_anything(self) -> bool:
-        """Whether the plan trains any parameter (No-FT plans do not)."""
-        return bool(self.sites or self.full_ft or self.bitfit)
+        """Whether the plan trains any parameter (No-FT plans do not, nor plans whose every entry
+        is a method that trains nothing)."""
+        return self.full_ft or self.bitfit or any(not get_method(s.method).trains_nothing for s in self.sites.values())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data that :meth:`from_dict` turns back into an equal plan."""
