@@ -159,8 +159,8 @@ class _Group:
         return next(o for o in self.options if o.method == method)
 
     def idle_choice(self) -> tuple[str, dict[str, Any]]:
-        """The choice of a group a warm-start choice leaves out: its method that trains nothing,
-        else its first method (with default hyperparameters)."""
+        """What a group left out of a :meth:`SearchSpace.params_for` choice gets: its method that
+        trains nothing, else its first method (with default hyperparameters)."""
         idle = next((o.method for o in self.options if get_method(o.method).trains_nothing), self.options[0].method)
         return idle, {}
 
