@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autopeft._io import atomic_write, atomic_write_text
 from autopeft.errors import AutopeftError, CheckpointError, ConfigError
 
 __all__ = ["bundle_network", "export_run", "load_bundle", "SCHEMA_URL"]
@@ -65,7 +66,7 @@ def bundle_network(backbone: str, preset: str, plan: dict[str, Any] | None = Non
     if plan:
         plan = Plan.from_dict(plan)
         importance = None
-        if any(spec.method == "shpeft" for spec in plan.sites.values()):
+        if plan.needs_importance:
             # Structure only: which entries SH-PEFT selects does not matter once merged.
             importance = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
         merge_plan(apply_plan(model, plan, importance=importance))
@@ -162,7 +163,6 @@ def export_run(
     """
     from safetensors.torch import save_file
 
-    from autopeft.checkpoints import atomic_write_bytes
     from autopeft.inference import load_model
     from autopeft.peft import merge_plan, plan_state, trainable_fraction
     from autopeft.peft.plan import Plan
@@ -199,9 +199,7 @@ def export_run(
     for folder in ("configs", "models", "docs"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in network.state_dict().items()}
-    tmp = out / "models" / ".model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / _WEIGHTS)
+    atomic_write(out / _WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
     name = f"autopeft {loaded.backbone}/{loaded.preset} {loaded.source} -> {loaded.target}"
     plan_data = Plan.from_dict(plan.to_dict()).to_dict()
@@ -254,9 +252,9 @@ def export_run(
         "run": "$predict_with_bundle(@bundle_root, @input, @output_dir)",
     }
     readme = _readme(name, loaded, fraction, unmerged_sites, psnr_text, what, merge_diff)
-    atomic_write_bytes(out / "configs" / "metadata.json", (json.dumps(metadata, indent=2) + "\n").encode())
-    atomic_write_bytes(out / "configs" / "inference.json", (json.dumps(inference, indent=2) + "\n").encode())
-    atomic_write_bytes(out / "docs" / "README.md", readme.encode())
+    atomic_write_text(out / "configs" / "metadata.json", json.dumps(metadata, indent=2) + "\n")
+    atomic_write_text(out / "configs" / "inference.json", json.dumps(inference, indent=2) + "\n")
+    atomic_write_text(out / "docs" / "README.md", readme)
 
     rebuilt = load_bundle(out).model
     parser_diff = _max_diff(reference, rebuilt, volume, roi)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from autopeft._io import atomic_write, atomic_write_bytes, atomic_write_text
 from autopeft.errors import CheckpointError
 
 __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "read_metadata",
-    "atomic_write_bytes",
+    "atomic_write_bytes",  # re-exported from autopeft._io, where they live
     "atomic_write_text",
     "save_state",
     "load_state",
@@ -35,41 +35,11 @@ __all__ = [
 _META_KEY = "autopeft"
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
-    path = Path(path)
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def save_checkpoint(module: nn.Module, path: str | os.PathLike, metadata: dict[str, Any]) -> None:
     """Save ``module.state_dict()`` as safetensors with ``metadata`` (JSON-serialisable) attached."""
-    path = Path(path)
     tensors = {name: t.detach().contiguous().cpu() for name, t in module.state_dict().items()}
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(metadata, sort_keys=True)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    meta = {_META_KEY: json.dumps(metadata, sort_keys=True)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -137,15 +107,7 @@ def load_checkpoint(
 
 def save_state(state: dict, path: str | os.PathLike) -> None:
     """Save resume state (optimizer, epoch) atomically; tensors and plain types only."""
-    path = Path(path)
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path: str | os.PathLike) -> dict:

@@ -6,6 +6,9 @@ prints these as one line without a traceback; anything else is a bug and keeps i
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 __all__ = ["AutopeftError", "DataError", "CheckpointError", "PlanError", "ConfigError"]
 
 
@@ -27,3 +30,10 @@ class PlanError(AutopeftError, ValueError):
 
 class ConfigError(AutopeftError, ValueError):
     """A bad option value (preset, scanner id, budget, ...)."""
+
+
+def _did_you_mean(value: object, valid: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the valid name closest to ``value``, else "": the one hint every
+    message about a misspelt name ends its first clause with."""
+    close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from autopeft._io import atomic_write
+
 __all__ = [
     "compute_importance",
     "importance_at",
@@ -233,11 +235,8 @@ def importance_pair_on_scans(
     task = {k: v.cpu() for k, v in compute_importance(model, batches, _l1, variant="l2", lam=0.0).items()}
     hybrid = {k: v.cpu() for k, v in compute_importance(model, batches, _l1, variant="l2", lam=1.0).items()}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({**{f"task.{k}": v.contiguous() for k, v in task.items()},
-                   **{f"hybrid.{k}": v.contiguous() for k, v in hybrid.items()}}, str(tmp))
-        os.replace(tmp, path)  # atomic: two processes writing the same map leave one whole file
+        tensors = {**{f"task.{k}": v.contiguous() for k, v in task.items()}, **{f"hybrid.{k}": v.contiguous() for k, v in hybrid.items()}}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))  # two processes writing one map leave one whole file
     return task, hybrid
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from autopeft._io import atomic_write
 from autopeft.errors import CheckpointError, ConfigError, DataError
 
 __all__ = ["LoadedModel", "ScanInput", "load_model", "recommended_weights", "scan_inputs", "predict_scans", "predict_with_bundle", "run_setup", "run_pairs"]
@@ -81,23 +82,15 @@ def run_setup(run_dir: str | os.PathLike):
     """The search's :class:`~autopeft.search.trial.TrialSetup`, rebuilt from ``run.json`` as the
     engine built it (source models are then found in the cache by the same key)."""
     from autopeft.cli._common import resolve_manifest
-    from autopeft.search.trial import TrialSetup
+    from autopeft.search.trial import setup_from_config
 
     run_dir = Path(run_dir)
     meta_path = run_dir / "run.json"
     if not meta_path.is_file():
         raise ConfigError(f"{run_dir}: no run.json; give the folder a search wrote (its --out).")
     config = json.loads(meta_path.read_text(encoding="utf-8"))["config"]
-    scanners = [str(s) for s in config["scanners"]]
-    source = config.get("source")
-    return TrialSetup(
-        backbone=config["backbone"], preset=config["preset"],
-        manifest_path=str(resolve_manifest(config.get("data"), progress=False)),
-        pairs=tuple((s, t) for s in scanners for t in scanners if s != t and source in (None, s)),
-        folds=tuple(range(int(config.get("folds", 1)))), epochs=int(config["epochs"]), seed=int(config.get("seed", 0)),
-        protocol=dict(config.get("protocol") or {}), pretrain_epochs=config.get("pretrain_epochs"), device="cpu",
-        threads=1, run_dir=str(run_dir), weights=config.get("weights"),
-    )
+    return setup_from_config(config, manifest_path=resolve_manifest(config.get("data"), progress=False), run_dir=run_dir,
+                             device="cpu", threads=1)
 
 
 def recommended_weights(run_dir: str | os.PathLike) -> tuple[Path, int | None]:
@@ -281,9 +274,7 @@ def _write(path: Path, volume: np.ndarray, like) -> None:
     header.set_data_dtype(np.float32)
     image = nib.Nifti1Image(volume.astype(np.float32), like.affine, header=header)
     image.header.set_data_shape(volume.shape)
-    tmp = path.with_name(".partial-" + path.name)
-    nib.save(image, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: nib.save(image, tmp), keep_suffix=True)
 
 
 def predict_scans(

@@ -33,28 +33,19 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from autopeft import _io
 from autopeft.checkpoints import atomic_write_bytes, load_checkpoint, load_state, save_checkpoint, save_state
 from autopeft.errors import ConfigError
 from autopeft.train import EpochResult, Trainer, TrainSettings, is_better
 
 __all__ = [
     "SourceSpec", "source_spec", "is_pretrained", "pretrained_model", "imported_model", "cache_root", "manifest_digest",
-    "PRETRAIN_DEFAULTS",
 ]
-
-# Pre-training length and learning rate per preset. PETITE pre-trained for 1000 epochs of 30
-# subjects; the tiny preset is sized so that a source model trains in a few minutes on 2 CPU cores.
-PRETRAIN_DEFAULTS: dict[str, dict[str, float]] = {
-    # tiny: validation PSNR still rises at 120 epochs (scanner 1: 33.7 dB at 40, 36.6 at 120); at
-    # 40 the UNETR source model did worse than the input scan on scanner 5.
-    "tiny": {"epochs": 120, "lr": 2e-3, "crops": 4},
-    "paper": {"epochs": 1000, "lr": 1e-4, "crops": 1},
-}
 
 
 def cache_root() -> Path:
     """``$AUTOPEFT_CACHE`` or ``~/.cache/autopeft``."""
-    return Path(os.environ.get("AUTOPEFT_CACHE", Path.home() / ".cache" / "autopeft")).expanduser()
+    return _io.cache_root()  # the one definition (an empty $AUTOPEFT_CACHE means the default)
 
 
 def manifest_digest(manifest) -> str:
@@ -130,19 +121,19 @@ def source_spec(
         raise ConfigError(f"Unknown backbone {backbone!r}; registered: {', '.join(registered_backbones())}.")
     if preset not in presets:
         raise ConfigError(f"Backbone {backbone!r} has no preset {preset!r}; presets: {', '.join(presets)}.")
-    defaults = PRETRAIN_DEFAULTS.get(preset, PRETRAIN_DEFAULTS["paper"])
+    schedule = presets[preset].pretrain  # backbones.PretrainSchedule: every preset has its own
     protocol = protocol or Protocol()
     return SourceSpec(
         backbone=backbone,
         preset=preset,
         source=str(source),
         fold=fold,
-        epochs=int(epochs if epochs is not None else defaults["epochs"]),
-        lr=float(lr if lr is not None else defaults["lr"]),
+        epochs=int(epochs if epochs is not None else schedule.epochs),
+        lr=float(lr if lr is not None else schedule.lr),
         seed=seed,
         data=manifest_digest(manifest),
         protocol=f"{protocol.pretrain_train}+{protocol.pretrain_val}",
-        crops=int(defaults.get("crops", 1)),
+        crops=int(schedule.crops_per_volume),
         pipeline=PIPELINE_VERSION,
     )
 
@@ -182,7 +173,7 @@ def pretrained_model(
         manifest_path: the data set's ``manifest.csv``.
         preset: backbone preset. Defaults to ``tiny``.
         fold: cross-validation fold of the pre-training split. Defaults to 0.
-        epochs: training epochs. Defaults to the preset's (``PRETRAIN_DEFAULTS``).
+        epochs: training epochs. Defaults to the preset's (``Preset.pretrain``).
         lr: AdamW learning rate. Defaults to the preset's.
         seed: seeds weight initialisation, splits and crops. Defaults to 0.
         protocol: a ``autopeft.data.Protocol``; defaults to the CPU-scaled PETITE protocol.

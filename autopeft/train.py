@@ -1,13 +1,9 @@
 """Training loops: source pre-training and target fine-tuning.
 
-Losses (fixed per backbone through ``Backbone.loss``):
-
-- ``l1`` / ``mse`` (UNETR): voxel loss between the prediction and the long scan.
-- ``gan`` (CVT-GAN, as PETITE): generator loss ``BCE(D(x, G(x)), 1) + 100 * L1(G(x), y)``;
-  discriminator loss ``0.5 * (BCE(D(x, y), 1) + BCE(D(x, G(x)), 0))``, where D sees the two-channel
-  concatenation of the short scan and the long scan (or the fake) and returns logits. The
-  discriminator trains during pre-training only; in fine-tuning it stays frozen and only supplies the
-  adversarial term.
+Losses belong to the backbone (``Backbone.generator_loss``, and ``Backbone.discriminator_loss`` for
+adversarial ones): L1 between the prediction and the long scan by default (UNETR); CVT-GAN's
+adversarial loss as PETITE trains it. A discriminator trains during pre-training only; in
+fine-tuning it stays frozen and only supplies the adversarial term.
 
 Only parameters with ``requires_grad`` are optimised, so the same loop serves Full-FT and every
 PEFT plan (``apply_plan`` decides what trains). BatchNorm layers whose scale does not train (frozen
@@ -24,7 +20,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from autopeft.evaluation import evaluate
@@ -44,7 +39,6 @@ class TrainSettings:
         epochs: passes over the training volumes (one random crop per volume and pass).
         lr: AdamW learning rate. PETITE: 1e-3 for PEFT, 1e-4 for full training.
         weight_decay: AdamW weight decay. Defaults to 1e-4.
-        l1_weight: weight of the L1 term in the GAN generator loss. Defaults to 100 (PETITE).
         train_discriminator: update the discriminator (pre-training only). Defaults to False.
         grad_clip: max gradient norm, 0 for none. Defaults to 1.0.
     """
@@ -52,7 +46,6 @@ class TrainSettings:
     epochs: int
     lr: float
     weight_decay: float = 1e-4
-    l1_weight: float = 100.0
     train_discriminator: bool = False
     grad_clip: float = 1.0
 
@@ -87,7 +80,7 @@ def _keep_frozen_norm_statistics(model: nn.Module) -> None:
 
 
 class Trainer:
-    """Trains a ``Backbone`` with the loss its ``loss`` attribute names.
+    """Trains a ``Backbone`` with its own losses (``generator_loss``, ``discriminator_loss``).
 
     Args:
         model: a ``backbones.Backbone``; what trains is what has ``requires_grad``.
@@ -117,30 +110,12 @@ class Trainer:
         self.epoch = 0
 
     # One optimisation step ------------------------------------------------------------------
-    def _generator_loss(self, short: torch.Tensor, long: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        kind = getattr(self.model, "loss", "l1")
-        if kind == "l1":
-            return F.l1_loss(fake, long)
-        if kind == "mse":
-            return F.mse_loss(fake, long)
-        if kind == "gan":
-            assert self.discriminator is not None, "a 'gan' backbone must have a discriminator"
-            logits = self.discriminator(torch.cat([short, fake], dim=1))
-            adversarial = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
-            return adversarial + self.settings.l1_weight * F.l1_loss(fake, long)
-        raise ValueError(f"Unknown loss {kind!r}; expected 'l1', 'mse' or 'gan'.")
-
-    def _discriminator_step(self, short: torch.Tensor, long: torch.Tensor, fake: torch.Tensor) -> None:
-        assert self.discriminator is not None and self.disc_optimizer is not None
-        real_logits = self.discriminator(torch.cat([short, long], dim=1))
-        fake_logits = self.discriminator(torch.cat([short, fake.detach()], dim=1))
-        loss = 0.5 * (
-            F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
-        )
-        self.disc_optimizer.zero_grad(set_to_none=True)
+    def _discriminator_step(self, optimizer: torch.optim.Optimizer, short: torch.Tensor, long: torch.Tensor,
+                            fake: torch.Tensor) -> None:
+        loss = self.model.discriminator_loss(short, long, fake.detach())
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.disc_optimizer.step()
+        optimizer.step()
 
     def step(self, batch: dict) -> float:
         """One optimisation step on a batch of ``short``/``long`` crops ``B x 1 x D x H x W``."""
@@ -149,7 +124,7 @@ class Trainer:
         short = batch["short"].to(self.device, non_blocking=True)
         long = batch["long"].to(self.device, non_blocking=True)
         fake = self.model(short)
-        loss = self._generator_loss(short, long, fake)
+        loss = self.model.generator_loss(short, long, fake)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"Loss became {loss.item()} (not finite) at epoch {self.epoch + 1}: lower the learning rate "
@@ -161,7 +136,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.settings.grad_clip)
         self.optimizer.step()
         if self.disc_optimizer is not None:
-            self._discriminator_step(short, long, fake)
+            self._discriminator_step(self.disc_optimizer, short, long, fake)
         return float(loss.detach())
 
     # Epochs ---------------------------------------------------------------------------------

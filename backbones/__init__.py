@@ -9,10 +9,14 @@ from backbones.base import (
     Backbone,
     FinetuneSchedule,
     Preset,
+    PretrainSchedule,
     Site,
     build_backbone,
     register_backbone,
     registered_backbones,
 )
 
-__all__ = ["Backbone", "FinetuneSchedule", "Preset", "Site", "build_backbone", "register_backbone", "registered_backbones"]
+__all__ = [
+    "Backbone", "FinetuneSchedule", "PretrainSchedule", "Preset", "Site", "build_backbone", "register_backbone",
+    "registered_backbones",
+]

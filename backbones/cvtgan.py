@@ -57,11 +57,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
 from autopeft.errors import ConfigError
-from backbones.base import Backbone, FinetuneSchedule, Preset, Site, register_backbone
+from backbones.base import Backbone, FinetuneSchedule, Preset, PretrainSchedule, Site, register_backbone
 from backbones.blocks._options import checked_options
 from backbones.blocks.cvt import ConvEmbedding, CvTStage, TransposedConvEmbedding
 
@@ -326,10 +327,11 @@ _PAPER_DISCRIMINATOR = {
 }
 
 PRESETS: dict[str, Preset] = {
-    # PETITE fine-tunes 3D CVT-GAN for 150 epochs, lr 1e-3 (PEFT) and 1e-4 (Full-FT).
+    # PETITE pre-trains for 1000 epochs (lr 1e-4) and fine-tunes 3D CVT-GAN for 150 epochs, lr 1e-3
+    # (PEFT) and 1e-4 (Full-FT).
     "paper": Preset(
         "paper", (64, 64, 64), 6, {"generator": _PAPER_GENERATOR, "discriminator": _PAPER_DISCRIMINATOR},
-        FinetuneSchedule(epochs=150, lr_peft=1e-3, lr_full=1e-4),
+        FinetuneSchedule(epochs=150, lr_peft=1e-3, lr_full=1e-4), PretrainSchedule.paper(),
     ),
     # Same topology, widths / 8 (generator) and / 2 (discriminator): a few crops per second on 2 CPU
     # cores. At 32^3 the deepest CvT stages see a 2^3 grid, where stride-2 keys would collapse to
@@ -347,6 +349,7 @@ PRESETS: dict[str, Preset] = {
                 "cvt_stride_kv": (2, 1),
             },
         },
+        pretrain=PretrainSchedule(),  # CPU-scaled
     ),
 }
 
@@ -363,9 +366,10 @@ _DISCRIMINATOR_OPTIONS = (
 class CvTGAN(Backbone):
     """3D CVT-GAN as a backbone: ``net`` is the generator, ``discriminator`` the patch critic.
 
-    Trained adversarially (``loss = "gan"``): generator loss BCE-with-logits(D(x, G(x)), 1) +
-    100 * L1(G(x), y); discriminator loss 0.5 * (BCE(D(x, y), 1) + BCE(D(x, G(x)), 0)). The
-    discriminator is frozen during PEFT. Sites are listed in the module docstring.
+    Trained adversarially (:meth:`generator_loss`, :meth:`discriminator_loss`): generator loss
+    BCE-with-logits(D(x, G(x)), 1) + 100 * L1(G(x), y) (PETITE); discriminator loss
+    0.5 * (BCE(D(x, y), 1) + BCE(D(x, G(x)), 0)). The discriminator is frozen during PEFT. Sites
+    are listed in the module docstring.
 
     Args:
         preset: ``options`` holds ``generator`` and ``discriminator`` dicts of constructor
@@ -373,6 +377,7 @@ class CvTGAN(Backbone):
     """
 
     loss = "gan"
+    l1_weight = 100.0  # of the L1 term in the generator loss (PETITE)
 
     def __init__(self, preset: Preset) -> None:
         super().__init__(preset)
@@ -397,6 +402,24 @@ class CvTGAN(Backbone):
     @property
     def net(self) -> CvTGenerator:
         return self.generator
+
+    def generator_loss(self, short: torch.Tensor, long: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        logits = self._critic().forward(torch.cat([short, fake], dim=1))
+        adversarial = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+        return adversarial + self.l1_weight * F.l1_loss(fake, long)
+
+    def discriminator_loss(self, short: torch.Tensor, long: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        critic = self._critic()
+        real_logits = critic(torch.cat([short, long], dim=1))
+        fake_logits = critic(torch.cat([short, fake], dim=1))
+        return 0.5 * (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+                      + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+
+    def _critic(self) -> nn.Module:
+        if self.discriminator is None:  # an exported bundle's network drops it
+            raise ConfigError("This CVT-GAN has no discriminator (a bundle's network drops it), so it cannot be trained; "
+                              "train the model the search or the cache holds.")
+        return self.discriminator
 
     def sites(self) -> list[Site]:
         generator = self.generator

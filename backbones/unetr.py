@@ -43,7 +43,7 @@ import torch
 from monai.networks.nets import UNETR
 
 from autopeft.errors import ConfigError
-from backbones.base import Backbone, FinetuneSchedule, Preset, Site, register_backbone
+from backbones.base import Backbone, FinetuneSchedule, Preset, PretrainSchedule, Site, register_backbone
 from backbones.blocks._options import checked_options
 
 __all__ = ["UNETRBackbone", "PRESETS"]
@@ -62,14 +62,16 @@ _PAPER_OPTIONS = {
 }
 
 PRESETS: dict[str, Preset] = {
-    # PETITE fine-tunes UNETR for 200 epochs, lr 1e-3 (PEFT) and 1e-4 (Full-FT).
+    # PETITE pre-trains for 1000 epochs (lr 1e-4) and fine-tunes UNETR for 200 epochs, lr 1e-3
+    # (PEFT) and 1e-4 (Full-FT).
     "paper": Preset("paper", (64, 64, 64), 6, dict(_PAPER_OPTIONS),
-                    FinetuneSchedule(epochs=200, lr_peft=1e-3, lr_full=1e-4)),
+                    FinetuneSchedule(epochs=200, lr_peft=1e-3, lr_full=1e-4), PretrainSchedule.paper()),
     "tiny": Preset(
         "tiny",
         (32, 32, 32),
         2,
         {**_PAPER_OPTIONS, "feature_size": 8, "hidden_size": 96, "mlp_dim": 384, "num_heads": 4},
+        pretrain=PretrainSchedule(),  # CPU-scaled
     ),
 }
 
@@ -95,7 +97,7 @@ class UNETRBackbone(Backbone):
     torch.Size([1, 1, 32, 32, 32])
     """
 
-    loss = "l1"
+    loss = "l1"  # Backbone.generator_loss
 
     def __init__(self, preset: Preset) -> None:
         super().__init__(preset)

@@ -62,7 +62,6 @@ def _defaults(args: argparse.Namespace, preset: str, preset_batch: int) -> tuple
 def _worker(args: argparse.Namespace) -> dict:
     """Runs in its own process: build, train for warmup + steps, report one configuration."""
     import torch
-    import torch.nn.functional as F
 
     from backbones import build_backbone
 
@@ -80,28 +79,18 @@ def _worker(args: argparse.Namespace) -> dict:
     discriminator = model.discriminator
     discriminator_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=1e-4) if discriminator else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
-    reconstruction = F.mse_loss if model.loss == "mse" else F.l1_loss
 
-    def step() -> None:
-        if model.loss == "gan":
+    def step() -> None:  # the backbone's own losses, as autopeft.train.Trainer steps them
+        with autocast:
+            fake = model(short_scan)
+        if discriminator is not None:
             with autocast:
-                fake = model(short_scan)
-                real_logits = discriminator(torch.cat([short_scan, long_scan], 1))
-                fake_logits = discriminator(torch.cat([short_scan, fake.detach()], 1))
-                d_loss = 0.5 * (
-                    F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-                    + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
-                )
+                d_loss = model.discriminator_loss(short_scan, long_scan, fake.detach())
             discriminator_optimizer.zero_grad(set_to_none=True)
             d_loss.backward()
             discriminator_optimizer.step()
-            with autocast:
-                adversarial = discriminator(torch.cat([short_scan, fake], 1))
-                g_loss = F.binary_cross_entropy_with_logits(adversarial, torch.ones_like(adversarial))
-                g_loss = g_loss + 100 * F.l1_loss(fake.float(), long_scan)
-        else:
-            with autocast:
-                g_loss = reconstruction(model(short_scan).float(), long_scan)
+        with autocast:
+            g_loss = model.generator_loss(short_scan, long_scan, fake.float())
         generator_optimizer.zero_grad(set_to_none=True)
         g_loss.backward()
         generator_optimizer.step()

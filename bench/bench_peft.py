@@ -94,14 +94,7 @@ def _state_bytes(model: nn.Module) -> int:
 
 def _fine_tuning_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """The loss ``autopeft.train.Trainer`` minimises in fine-tuning (for the activation count)."""
-    import torch.nn.functional as F
-
-    fake = model(batch["short"])
-    loss = F.l1_loss(fake, batch["long"])
-    if model.loss == "gan":
-        logits = model.discriminator(torch.cat([batch["short"], fake], dim=1))
-        loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits)) + 100 * loss
-    return loss
+    return model.generator_loss(batch["short"], batch["long"], model(batch["short"]))
 
 
 def _time_plan(base: nn.Module, plan, batch: dict, device: torch.device, reps: int, scores) -> dict:

@@ -27,6 +27,7 @@ def test_table1_expands_to_petite_rows():
     assert len(names) == 9
 
 
+@pytest.mark.slow  # trains
 def test_finetune_runs_plans_and_saves(data_dir, tmp_path, capsys):
     code = main(["finetune", "--backbone", "unetr", "--source", "1", "--target", "2", "--data", str(data_dir),
                  "--method", "none", "--plan", "petite-unetr", "--epochs", "1", "--pretrain-epochs", "1",
@@ -56,6 +57,7 @@ def test_same_source_and_target_is_refused(data_dir, capsys):
     assert main(["finetune", "--backbone", "unetr", "--source", "1", "--target", "1", "--data", str(data_dir)]) == 2
 
 
+@pytest.mark.slow  # trains
 def test_importance_writes_per_site_json(data_dir, tmp_path, capsys):
     out = tmp_path / "imp.json"
     code = main(["importance", "--backbone", "cvtgan", "--source", "1", "--target", "2", "--data", str(data_dir),

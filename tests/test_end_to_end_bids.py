@@ -16,6 +16,8 @@ import torch
 
 from autopeft.cli import main
 
+pytestmark = pytest.mark.slow  # a whole search through Ray
+
 TARGET = "Siemens Biograph mCT class"  # the simulator's scanner 1, as its sidecars name it
 
 
@@ -79,7 +81,7 @@ def test_bids_to_search_to_predict_to_bundle(ray_env, tmp_path, capsys):
 
     torch.manual_seed(0)
     torch.save(build_backbone("unetr", "tiny").state_dict(), tmp_path / "mine.pt")
-    with pytest.raises(Exception, match="--weights and --source go together"):
+    with pytest.raises(Exception, match="`weights` and `source` go together"):
         SearchConfig(backbone="unetr", budget="1%", weights=str(tmp_path / "mine.pt"))
     import dataclasses
 

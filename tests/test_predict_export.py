@@ -22,6 +22,8 @@ from autopeft.inference import load_model, predict_scans, scan_inputs
 from autopeft.peft import Plan, apply_plan, plan_state, save_trained
 from autopeft.pretraining import pretrained_model
 
+pytestmark = pytest.mark.slow  # pre-trains a source model for the run directories
+
 PROTOCOL = {"pretrain_train": 2, "pretrain_val": 1, "finetune_train": 1, "finetune_test": 2, "folds": 1}
 MIXED = {"backbone": "unetr", "bitfit": True, "sites": {
     "encoder.vit.*": {"method": "lora", "rank": 2, "targets": ["q", "k"]},

@@ -20,6 +20,7 @@ def manifest(tmp_path_factory):
 SMALL = Protocol(pretrain_train=2, pretrain_val=1, finetune_train=1, finetune_test=2)
 
 
+@pytest.mark.slow  # trains
 def test_trains_once_then_comes_from_the_cache(manifest, tmp_path):
     model, meta = pretrained_model("unetr", "1", manifest_path=manifest, epochs=2, cache_dir=tmp_path, progress=False, protocol=SMALL)
     assert meta["epochs"] == 2 and meta["source"] == "1" and meta["best"]["epoch"] in (1, 2)
@@ -35,6 +36,7 @@ def test_trains_once_then_comes_from_the_cache(manifest, tmp_path):
     assert torch.equal(model(x), again(x))
 
 
+@pytest.mark.slow  # trains
 def test_interrupted_pretraining_resumes_from_last_epoch(manifest, tmp_path):
     seen = []
 
@@ -71,3 +73,26 @@ def test_unknown_backbone_and_preset(manifest):
 
 def test_default_cache_is_isolated_in_tests():
     assert "autopeft-cache" in str(cache_root())
+
+
+def test_an_empty_cache_variable_means_the_default_everywhere(monkeypatch):
+    from pathlib import Path
+
+    from autopeft._io import cache_root as shared
+
+    monkeypatch.setenv("AUTOPEFT_CACHE", "")
+    assert cache_root() == shared() == Path.home() / ".cache" / "autopeft"
+
+
+@pytest.mark.parametrize("backbone", ["unetr", "cvtgan"])
+def test_the_presets_schedules_keep_the_cache_keys_of_before(manifest, backbone):
+    # Keys written before the schedules moved onto the presets must still be found.
+    from autopeft.data.loading import PIPELINE_VERSION
+    from autopeft.pretraining import source_spec
+
+    frame = read_manifest(manifest)
+    digest = manifest_digest(frame)
+    tiny = source_spec(backbone, "1", manifest=frame, preset="tiny").key()
+    paper = source_spec(backbone, "1", manifest=frame, preset="paper").key()
+    assert tiny == f"{backbone}-tiny-src1-fold0-e120-c4-lr0.002-seed0-p8+4-v{PIPELINE_VERSION}-{digest}"
+    assert paper == f"{backbone}-paper-src1-fold0-e1000-c1-lr0.0001-seed0-p8+4-v{PIPELINE_VERSION}-{digest}"

@@ -14,6 +14,7 @@ def _fixed_batch(model, seed=0):
     return {"short": short, "long": long}
 
 
+@pytest.mark.slow  # trains both backbones
 @pytest.mark.parametrize("name", ["unetr", "cvtgan"])
 def test_training_lowers_the_loss_on_a_fixed_batch(name):
     torch.manual_seed(0)

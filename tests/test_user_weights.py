@@ -105,6 +105,7 @@ def test_pretrain_weights_prints_the_cache_entry(unetr, tmp_path, capsys):
     assert "imported from" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # fine-tunes
 def test_finetune_and_importance_start_from_the_users_model_without_pretraining(unetr, tmp_path, capsys):
     from _fakes import make_dataset
     from autopeft.pretraining import cache_root

@@ -34,11 +34,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     import time
     from pathlib import Path
 
-    from autopeft.checkpoints import atomic_write_bytes
+    from autopeft._io import atomic_write_json
     from autopeft.data import read_manifest, split_scanner
     from autopeft.errors import ConfigError
     from autopeft.importance import importance_on_scans, site_importance
@@ -72,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     payload = {"backbone": args.backbone, "preset": args.preset, "source": str(args.source), "target": str(args.target),
                "fold": args.fold, "variant": args.variant, "lambda": args.lam, "seconds": seconds,
                "train_subjects": [r["subject"] for r in train], "sites": sites}
-    atomic_write_bytes(out, json.dumps(payload, indent=1).encode())
+    atomic_write_json(out, payload)
     ranked = sorted(sites, key=lambda r: r["mean"], reverse=True)[: args.top]
     print(f"\nSH-PEFT importance ({args.variant}, lambda {args.lam:g}) of {args.backbone}/{args.preset} "
           f"pre-trained on scanner {args.source}, on scanner {args.target}: {seconds:.1f} s")

@@ -40,8 +40,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     from autopeft.cli._common import print_table, resolve_device
     from autopeft.errors import ConfigError
     from autopeft.inference import load_model, predict_scans, scan_inputs
@@ -67,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
                     left=("input",))
     from pathlib import Path
 
-    (Path(args.out) / "predictions.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    from autopeft._io import atomic_write_json
+
+    atomic_write_json(Path(args.out) / "predictions.json", results)
     print(f"{len(results)} prediction(s) written to {args.out} (list: {Path(args.out) / 'predictions.json'})")
     return 0

@@ -23,7 +23,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import json
 
 from autopeft.cli._common import add_data_argument, add_model_arguments, add_weights_argument, resolve_device, resolve_manifest
 
@@ -72,11 +71,12 @@ def run(args: argparse.Namespace) -> int:
             f"NRMSE {best['nrmse']:.4f}"
         )
     if args.out:
+        from autopeft._io import atomic_write_json
         from autopeft.checkpoints import save_checkpoint
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(model, out / "model.safetensors", meta)
-        (out / "meta.json").write_text(json.dumps(meta, indent=1))
+        atomic_write_json(out / "meta.json", meta)
         print(f"checkpoint written to {out / 'model.safetensors'}")
     return 0

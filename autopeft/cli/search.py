@@ -89,10 +89,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from autopeft.cli._flags import flag_errors, flags_of
     from autopeft.errors import ConfigError
-    from autopeft.search.engine import SearchConfig, _budget_seconds, run_search
+    from autopeft.search import Budget
+    from autopeft.search.engine import SearchConfig, _budget_seconds, resolve_defaults, run_search
 
     time_budget = _budget_seconds(args.time_budget)
     if args.resume:
@@ -100,7 +100,21 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.backbone or not args.budget:
         raise ConfigError("--backbone and --budget are required for a new search (or give --resume RUN_DIR).")
-    config = SearchConfig(
+    flags = flags_of(SearchConfig, time_budget_s="--time-budget", references="--no-references", asha="--no-asha",
+                     progress="--quiet", prior_signal="--priors")
+    with flag_errors(flags):  # the settings' own checks, named by their flags
+        Budget.parse(args.budget)
+        config = resolve_defaults(_config(args, time_budget))
+    run_search(config)
+    return 0
+
+
+def _config(args: argparse.Namespace, time_budget: float | None):
+    from pathlib import Path
+
+    from autopeft.search.engine import SearchConfig
+
+    return SearchConfig(
         weights=str(Path(args.weights).expanduser().resolve()) if args.weights else None, source=args.source,
         backbone=args.backbone, budget=args.budget, preset=args.preset, space=args.space,
         scanners=[s.strip() for s in args.scanners.split(",") if s.strip()] if args.scanners else None,
@@ -112,5 +126,3 @@ def run(args: argparse.Namespace) -> int:
         references=not args.no_references, asha=not args.no_asha, device=args.device, progress=not args.quiet,
         dashboard=args.dashboard, confirm=args.confirm, confirm_folds=args.confirm_folds, confirm_seeds=args.confirm_seeds,
     )
-    run_search(config)
-    return 0

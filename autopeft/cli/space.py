@@ -32,6 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import optuna
 
+    from autopeft.cli._flags import flag_errors
     from autopeft.errors import ConfigError
     from autopeft.search import Budget, PlanCounter, load_space
     from autopeft.search.results import plan_summary
@@ -39,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.sample < 0:
         raise ConfigError(f"--sample must be >= 0, but got {args.sample}.")
-    budget = Budget.parse(args.budget)
+    with flag_errors({"budget": "--budget"}):
+        budget = Budget.parse(args.budget)
     template = build_backbone(args.backbone, args.preset)
     space = load_space(args.space or args.backbone, template.sites())
     if space.backbone != args.backbone:

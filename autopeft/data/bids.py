@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from autopeft._io import atomic_write, atomic_write_text
 from autopeft.data.manifest import _natural_key, _problems_message
 from autopeft.errors import ConfigError, DataError
 
@@ -290,9 +291,8 @@ def derive_pairs(
             names.append(os.path.relpath(target, out))
         writer.writerow([subject, item.scanner, *names, os.path.relpath(item.path, root),
                          "+".join(str(i + 1) for i in short_idx), "+".join(str(i + 1) for i in long_idx)])
-    (out / "manifest.csv").write_text(rows.getvalue(), encoding="utf-8")
-    (out / "scanners.json").write_text(json.dumps(_profiles([d[0] for d in derived], scanner_entity), indent=2) + "\n",
-                                       encoding="utf-8")
+    atomic_write_text(out / "manifest.csv", rows.getvalue())
+    atomic_write_text(out / "scanners.json", json.dumps(_profiles([d[0] for d in derived], scanner_entity), indent=2) + "\n")
     return out / "manifest.csv"
 
 
@@ -347,9 +347,7 @@ def _save_3d(path: Path, volume: np.ndarray, like) -> None:
     image = nib.Nifti1Image(volume, like.affine, header=header)
     image.header.set_data_shape(volume.shape)
     image.header.set_data_dtype(np.float32)
-    tmp = path.with_name(".partial-" + path.name)
-    nib.save(image, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: nib.save(image, tmp), keep_suffix=True)
 
 
 # Writing BIDS-PET ---------------------------------------------------------------------------------
@@ -367,13 +365,9 @@ def write_pet_scan(root: str | os.PathLike[str], relpath: str, frames: np.ndarra
         image.header.set_zooms((*image.header.get_zooms()[:3], float(frame_seconds)))
     image.set_sform(affine, code="scanner")
     image.set_qform(affine, code="scanner")
-    tmp = path.with_name(".partial-" + path.name)
-    nib.save(image, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: nib.save(image, tmp), keep_suffix=True)
     side = path.with_name(path.name.replace(".nii.gz", ".json"))
-    tmp_side = side.with_name(".partial-" + side.name)
-    tmp_side.write_text(json.dumps(dict(sidecar), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp_side, side)
+    atomic_write_text(side, json.dumps(dict(sidecar), indent=2, sort_keys=True) + "\n")
     return path
 
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from autopeft._io import PARTIAL_PREFIX, atomic_write, atomic_write_text, cache_root
 from autopeft.data.scanners import SCANNERS, SimulatedScanner
 from autopeft.errors import ConfigError
 
@@ -49,7 +50,6 @@ MANIFEST_COLUMNS = ("subject", "scanner", "short", "long")
 _SIMULATOR_VERSION = 1
 _STATE_FILE = ".simulation.json"
 _PROGRESS_DIR = ".progress"
-_PARTIAL_PREFIX = ".partial-"
 _MIN_SIZE, _MAX_SIZE = 16, 192
 _MAX_SUBJECTS = 1000
 
@@ -114,13 +114,6 @@ def _scan_paths(scanner_id: str, subject: str) -> tuple[str, str]:
     return f"{folder}/{subject}_short.nii.gz", f"{folder}/{subject}_long.nii.gz"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Writes to a temporary name beside ``path`` then renames: readers never see half a file."""
-    tmp = path.with_name(_PARTIAL_PREFIX + path.name)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _dump(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
@@ -134,9 +127,7 @@ def _write_nifti(path: Path, volume: np.ndarray, affine: np.ndarray, description
     image.set_sform(affine, code="mni")
     image.set_qform(affine, code="mni")
     image.header["descrip"] = description.encode()[:79]
-    tmp = path.with_name(_PARTIAL_PREFIX + path.name)  # keeps the .nii.gz suffix nibabel needs
-    nib.save(image, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: nib.save(image, tmp), keep_suffix=True)  # nibabel reads the format from the name
 
 
 def _frame_decay() -> np.ndarray:
@@ -313,7 +304,7 @@ def _prepare_directory(out_dir: Path, request: _Request) -> bool:
             f"directory for --out."
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / _STATE_FILE, _dump({"key": request.key(), "complete": False}))
+    atomic_write_text(out_dir / _STATE_FILE, _dump({"key": request.key(), "complete": False}))
     return False
 
 
@@ -417,11 +408,11 @@ def simulate(
     manifest_path = out_dir / "manifest.csv"
     if _prepare_directory(out_dir, request):
         return manifest_path
-    for stale in out_dir.rglob(_PARTIAL_PREFIX + "*"):  # left by an interrupted run
+    for stale in out_dir.rglob(PARTIAL_PREFIX + "*"):  # left by an interrupted run
         stale.unlink()
 
     grids = {sid: SCANNERS[sid].at_size(request.size) for sid in request.scanners}
-    _write_atomic(out_dir / "scanners.json", _dump({sid: g.to_dict() for sid, g in grids.items()}))
+    atomic_write_text(out_dir / "scanners.json", _dump({sid: g.to_dict() for sid, g in grids.items()}))
     (out_dir / _PROGRESS_DIR).mkdir(exist_ok=True)
 
     jobs = [(sid, index) for sid in request.scanners for index in range(request.subjects)]
@@ -457,7 +448,7 @@ def simulate(
                 write_pet_scan(out_dir, _bids_path(sid, subject), scan.frames, grid.affine, _bids_sidecar(grid),
                                _FRAME_MINUTES * 60.0)
             # Written last: its presence marks the scan as finished.
-            _write_atomic(out_dir / _PROGRESS_DIR / f"{subject}.json", _dump(scan.metrics))
+            atomic_write_text(out_dir / _PROGRESS_DIR / f"{subject}.json", _dump(scan.metrics))
             bar.update()
     finally:
         bar.close()
@@ -471,7 +462,7 @@ def simulate(
         writer.writerow([subject, sid, *_scan_paths(sid, subject)])
         progress_file = out_dir / _PROGRESS_DIR / f"{subject}.json"
         metrics[sid].append(json.loads(progress_file.read_text(encoding="utf-8")))
-    _write_atomic(out_dir / "summary.json", _dump(_summary(request, metrics)))
+    atomic_write_text(out_dir / "summary.json", _dump(_summary(request, metrics)))
     if request.bids:
         from autopeft.data.bids import write_dataset_files
 
@@ -483,8 +474,8 @@ def simulate(
             "'autopeft data --bids DIR --short 0-5 --long 0-30 --out DERIVED'.",
             ignore=["manifest.csv", "scanners.json", "summary.json", "scanner*/"],
         )
-    _write_atomic(manifest_path, rows.getvalue())
-    _write_atomic(out_dir / _STATE_FILE, _dump({"key": request.key(), "complete": True}))
+    atomic_write_text(manifest_path, rows.getvalue())
+    atomic_write_text(out_dir / _STATE_FILE, _dump({"key": request.key(), "complete": True}))
     return manifest_path
 
 
@@ -504,9 +495,8 @@ def builtin_data(*, subjects: int = 16, size: int = 64, seed: int = 0, progress:
         Path of the data set's ``manifest.csv``.
     """
     request = _check_request(subjects, size, seed, tuple(SCANNERS))
-    cache = Path(os.environ.get("AUTOPEFT_CACHE") or Path.home() / ".cache" / "autopeft")
     return simulate(
-        cache / f"sim-{request.digest()}",
+        cache_root() / f"sim-{request.digest()}",
         subjects=subjects,
         size=size,
         seed=seed,

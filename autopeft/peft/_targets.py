@@ -26,7 +26,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["TARGET_ROLES", "Target", "find_targets", "find_mlp_modules", "available_roles", "CONV_TYPES", "NORM_TYPES"]
+from autopeft.errors import PlanError
+
+__all__ = ["TARGET_ROLES", "Target", "find_targets", "find_mlp_modules", "available_roles", "site_targets", "CONV_TYPES",
+           "PLAIN_CONV_TYPES", "CONV_TRANSPOSE_TYPES", "NORM_TYPES", "CHANNEL_NORM_TYPES"]
 
 _QKV_ALIASES: dict[str, tuple[str, ...]] = {
     "q": ("q", "to_q", "proj_q", "q_proj", "query"),
@@ -37,15 +40,13 @@ _FUSED_QKV_NAMES = ("qkv", "to_qkv", "qkv_proj")
 _OUT_PROJ_NAMES = ("out_proj", "proj", "proj_out", "o_proj")
 _MLP_NAMES = ("mlp", "ffn", "feed_forward")
 
-CONV_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.modules.batchnorm._NormBase, nn.GroupNorm)
+# The layer types methods tell apart, defined once for all of them.
+PLAIN_CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+CONV_TYPES: tuple[type[nn.Module], ...] = PLAIN_CONV_TYPES + CONV_TRANSPOSE_TYPES
+# Norms over the channel dimension (BatchNorm, InstanceNorm, GroupNorm), and all norms.
+CHANNEL_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm,) + CHANNEL_NORM_TYPES
 
 TARGET_ROLES: tuple[str, ...] = ("q", "k", "v", "qkv", "out_proj", "mlp", "mlp_out", "conv", "norm", "linear")
 
@@ -140,6 +141,22 @@ def find_targets(module: nn.Module, roles: tuple[str, ...]) -> list[Target]:
         elif "norm" in wanted and _is_norm(layer):
             found.append(Target(name, layer))
     return found
+
+
+def site_targets(site, roles: tuple[str, ...], context, what: str) -> list[Target]:
+    """:func:`find_targets` in ``site.module``, without layers the network never uses (``context``:
+    the :class:`~autopeft.peft.base.InjectContext`), for a method that wraps each of them.
+
+    Raises:
+        PlanError: no layer plays any of ``roles``, listing the roles the site offers.
+    """
+    targets = [t for t in find_targets(site.module, roles) if not context.is_unused(t.layer)]
+    if not targets:
+        raise PlanError(
+            f"{what} targets {list(roles)} match no layer in site {site.name!r} ({site.kind}); "
+            f"roles this site offers: {', '.join(available_roles(site.module)) or 'none'}."
+        )
+    return targets
 
 
 def available_roles(module: nn.Module) -> list[str]:

@@ -109,6 +109,7 @@ class Adapter(PeftMethod):
     name = "adapter"
     site_kinds = ("vit", "cnn")
     config_class = AdapterConfig
+    summary_fields = ("reduction_factor",)
     mergeable = False
 
     def inject(self, site, config: AdapterConfig, context: InjectContext) -> list[nn.Parameter]:

@@ -193,7 +193,7 @@ def apply_plan(
             trainable.update((id(p), p) for p in params)
             site_methods[site.name] = method.name
             found += len(params)
-        if found == 0 and method.name != "none":
+        if found == 0 and not method.trains_nothing:
             raise PlanError(
                 f"Plan entry {pattern!r} ({method.name}) finds nothing to train in sites "
                 f"{', '.join(s.name for s in sites)}; choose another method or sites."

@@ -12,15 +12,14 @@ themselves back into one plain layer.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from autopeft.errors import PlanError
+from autopeft.errors import PlanError, _did_you_mean
 
 __all__ = [
     "MethodConfig",
@@ -108,7 +107,15 @@ class PeftMethod:
         mergeable: whether :meth:`merge` folds it into plain weights.
         identity_at_init: whether the network computes the same function right after injection.
         needs_importance: whether :meth:`prepare` reads per-weight importance scores, so that
-            whoever applies the plan computes them first (SH-PEFT).
+            whoever applies the plan computes them first (SH-PEFT); search spaces then also draw
+            the plan's ``train.shpeft_lambda``.
+        trains_nothing: whether the method leaves its sites frozen on purpose (No-FT on a site):
+            a plan entry that trains nothing is then no mistake, and a search space drops the
+            entry from the plan it samples.
+        space_params: names a search space may give besides the config's fields; :meth:`from_space`
+            turns them into config values (VPT's ``first_stage``).
+        summary_fields: the config fields a one-line plan summary shows, in this order (None:
+            every field; results tables, reports).
     """
 
     name: ClassVar[str] = ""
@@ -117,6 +124,15 @@ class PeftMethod:
     mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = True
     needs_importance: ClassVar[bool] = False
+    trains_nothing: ClassVar[bool] = False
+    space_params: ClassVar[tuple[str, ...]] = ()
+    summary_fields: ClassVar[tuple[str, ...] | None] = None
+
+    def from_space(self, values: Mapping[str, Any], sites: Sequence[Any]) -> dict[str, Any]:
+        """Config values from what a search space drew for one group of ``sites`` (objects with
+        ``name``, ``role``, ``kind`` and ``stage``, in forward order); resolves :attr:`space_params`.
+        By default the values are the config's fields already."""
+        return dict(values)
 
     def prepare(self, sites: Sequence[Any], config: MethodConfig, context: InjectContext) -> None:
         """Called once per plan entry with every site it matched, before any :meth:`inject`."""
@@ -156,6 +172,13 @@ def register_method(cls: type[PeftMethod]) -> type[PeftMethod]:
         raise ValueError(f"PEFT method {cls.name!r} must declare the site kinds it fits.")
     if not (dataclasses.is_dataclass(cls.config_class) and issubclass(cls.config_class, MethodConfig)):
         raise ValueError(f"`config_class` of PEFT method {cls.name!r} must be a MethodConfig dataclass.")
+    fields = cls.config_class.field_names()
+    clash = [p for p in cls.space_params if p in fields]
+    if clash:
+        raise ValueError(f"`space_params` of PEFT method {cls.name!r} must not repeat config fields, but got {clash}.")
+    unknown = [f for f in (cls.summary_fields or ()) if f not in fields]
+    if unknown:
+        raise ValueError(f"`summary_fields` of PEFT method {cls.name!r} must be config fields ({', '.join(fields) or 'none'}), but got {unknown}.")
     _REGISTRY[cls.name] = cls()
     return cls
 
@@ -163,8 +186,11 @@ def register_method(cls: type[PeftMethod]) -> type[PeftMethod]:
 def _load_builtin() -> None:
     import importlib
 
+    from autopeft._plugins import load_plugins
+
     for module_name in _BUILTIN_MODULES:
         importlib.import_module(module_name)
+    load_plugins()  # third-party methods ($AUTOPEFT_PLUGINS), also in Ray workers
 
 
 def registered_methods() -> dict[str, PeftMethod]:
@@ -184,11 +210,6 @@ def get_method(name: str) -> PeftMethod:
     if name not in methods:
         raise PlanError(f"Unknown PEFT method {name!r}{_did_you_mean(name, methods)}; methods: {', '.join(methods)}.")
     return methods[name]
-
-
-def _did_you_mean(value: str, valid: Iterator[str] | Mapping[str, Any] | Sequence[str]) -> str:
-    close = difflib.get_close_matches(value, list(valid), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def build_config(method: PeftMethod, hyperparameters: Mapping[str, Any], where: str) -> MethodConfig:

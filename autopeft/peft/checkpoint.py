@@ -19,7 +19,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from autopeft._io import atomic_write, atomic_write_json, atomic_write_text
 from autopeft.errors import CheckpointError, PlanError
 from autopeft.peft.apply import _net, apply_plan, plan_state
 from autopeft.peft.plan import Plan
@@ -39,17 +39,6 @@ TRAINED_FILE = "trained.safetensors"
 PLAN_FILE = "plan.yaml"
 META_FILE = "meta.json"
 _FORMAT = "autopeft-trained/1"
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sha256(path: Path) -> str:
@@ -107,8 +96,8 @@ def save_trained(model: nn.Module, plan: Plan, directory: str | os.PathLike) -> 
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = _trained_tensors(model, state.trainable_names)
-    _atomic_write(folder / TRAINED_FILE, lambda tmp: save_file(tensors, tmp))
-    _atomic_write(folder / PLAN_FILE, lambda tmp: Path(tmp).write_text(plan.to_yaml(), encoding="utf-8"))
+    atomic_write(folder / TRAINED_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_text(folder / PLAN_FILE, plan.to_yaml())
     preset = getattr(getattr(model, "preset", None), "name", None)
     from autopeft import __version__
 
@@ -123,8 +112,7 @@ def save_trained(model: nn.Module, plan: Plan, directory: str | os.PathLike) -> 
         "base_fingerprint": _frozen_fingerprint(model, set(state.trainable_names)),
         "base_param_count": state.base_param_count,
     }
-    text = json.dumps(meta, indent=1, sort_keys=True)
-    _atomic_write(folder / META_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_json(folder / META_FILE, meta, sort_keys=True)
     return folder
 
 

@@ -27,6 +27,7 @@ class Frozen(PeftMethod):
     site_kinds = ("vit", "cnn")
     config_class = FrozenConfig
     mergeable = True
+    trains_nothing = True
 
     def inject(self, site, config: MethodConfig, context: InjectContext) -> list[nn.Parameter]:
         return []

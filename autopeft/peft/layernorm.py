@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from autopeft.peft._targets import NORM_TYPES
 from autopeft.peft.base import InjectContext, MethodConfig, PeftMethod, register_method
 
 __all__ = ["LayerNormConfig", "LayerNormTuning"]
-
-_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
 
 @dataclass(frozen=True)
@@ -38,6 +37,6 @@ class LayerNormTuning(PeftMethod):
         for module in site.module.modules():
             if site.kind == "vit" and not isinstance(module, nn.LayerNorm):
                 continue
-            if isinstance(module, _NORM_TYPES):
+            if isinstance(module, NORM_TYPES):
                 params.extend(p for p in module.parameters(recurse=False))
         return params

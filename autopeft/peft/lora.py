@@ -15,8 +15,13 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from autopeft.errors import PlanError
-from autopeft.peft._targets import TARGET_ROLES, Target, available_roles, find_targets
+from autopeft.peft._targets import (
+    CONV_TRANSPOSE_TYPES,
+    PLAIN_CONV_TYPES,
+    TARGET_ROLES,
+    Target,
+    site_targets,
+)
 from autopeft.peft.base import InjectContext, MethodConfig, PeftMethod, dispatch, register_method, replace_layer
 from autopeft.peft.lora_layers import LoraConv, LoraConvTranspose, LoraFusedQKV, LoraLayer, LoraLinear
 
@@ -71,8 +76,8 @@ def _conv_transpose(target: Target, config: LoraConfig) -> LoraLayer:
 # Dispatch by layer type, first match wins.
 _LAYERS: tuple[tuple[type | tuple[type, ...], Callable[[Target, LoraConfig], LoraLayer]], ...] = (
     (nn.Linear, _linear),
-    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), _conv),
-    ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _conv_transpose),
+    (PLAIN_CONV_TYPES, _conv),
+    (CONV_TRANSPOSE_TYPES, _conv_transpose),
 )
 
 
@@ -90,17 +95,11 @@ class Lora(PeftMethod):
     site_kinds = ("vit", "cnn")
     config_class = LoraConfig
     mergeable = True
+    summary_fields = ("rank", "targets")  # alpha follows rank by default; dropout is rarely set
 
     def inject(self, site, config: LoraConfig, context: InjectContext) -> list[nn.Parameter]:
-        roles = config.targets or _DEFAULT_TARGETS[site.kind]
-        targets = [t for t in find_targets(site.module, roles) if not context.is_unused(t.layer)]
-        if not targets:
-            raise PlanError(
-                f"LoRA targets {list(roles)} match no layer in site {site.name!r} ({site.kind}); "
-                f"roles this site offers: {', '.join(available_roles(site.module)) or 'none'}."
-            )
         params: list[nn.Parameter] = []
-        for target in targets:
+        for target in site_targets(site, config.targets or _DEFAULT_TARGETS[site.kind], context, "LoRA"):
             wrapper = wrap_with_lora(target.layer, config, target.parts)
             replace_layer(context, site.module, target.name, wrapper)
             params.extend(wrapper.lora_parameters())

@@ -171,8 +171,13 @@ class LoraFusedQKV(LoraLayer):
         return f"parts={self.parts}, rank={self.rank}, alpha={self.alpha}"
 
 
-def _group_rank(rank: int, out_per_group: int, in_per_group: int, kernel_volume: int) -> int:
-    return min(rank, out_per_group, in_per_group * kernel_volume)
+def _conv_geometry(base_layer: nn.Module, rank: int) -> tuple[tuple[int, ...], int, int, dict]:
+    """(kernel size, groups, rank per group, device and dtype) of a (transposed) convolution; the
+    rank per group is capped by the group's output channels and its inputs x kernel volume."""
+    kernel = tuple(base_layer.kernel_size)
+    groups = base_layer.groups
+    group_rank = min(rank, base_layer.out_channels // groups, base_layer.in_channels // groups * math.prod(kernel))
+    return kernel, groups, group_rank, {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
 
 
 class LoraConv(LoraLayer):
@@ -184,13 +189,8 @@ class LoraConv(LoraLayer):
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__(base_layer, rank, alpha, dropout)
-        kernel = tuple(base_layer.kernel_size)
-        groups = base_layer.groups
-        in_pg = base_layer.in_channels // groups
-        out_pg = base_layer.out_channels // groups
-        self.group_rank = _group_rank(rank, out_pg, in_pg, math.prod(kernel))
+        kernel, groups, self.group_rank, factory = _conv_geometry(base_layer, rank)
         conv = _CONV_BY_DIM[len(kernel)]
-        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         self.lora_A = conv(
             base_layer.in_channels,
             groups * self.group_rank,
@@ -231,12 +231,7 @@ class LoraConvTranspose(LoraLayer):
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__(base_layer, rank, alpha, dropout)
-        kernel = tuple(base_layer.kernel_size)
-        groups = base_layer.groups
-        in_pg = base_layer.in_channels // groups
-        out_pg = base_layer.out_channels // groups
-        self.group_rank = _group_rank(rank, out_pg, in_pg, math.prod(kernel))
-        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        kernel, groups, self.group_rank, factory = _conv_geometry(base_layer, rank)
         self.lora_A = _CONV_TRANSPOSE_BY_DIM[len(kernel)](
             base_layer.in_channels,
             groups * self.group_rank,

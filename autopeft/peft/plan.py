@@ -18,7 +18,6 @@ hyperparameter names and values) happens here; matching sites happens in
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from autopeft.errors import PlanError
+from autopeft.errors import PlanError, _did_you_mean
 from autopeft.peft.base import MethodConfig, build_config, get_method
 
 __all__ = ["Plan", "SiteSpec", "load_plan", "named_plans"]
@@ -81,9 +80,7 @@ class Plan:
             raise PlanError(f"{source}: a plan must be a mapping with keys {list(_TOP_LEVEL)}, but got {type(data).__name__}.")
         for key in data:
             if key not in _TOP_LEVEL:
-                close = difflib.get_close_matches(str(key), _TOP_LEVEL, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise PlanError(f"{source}: unknown field {key!r}{hint}; valid fields: {', '.join(_TOP_LEVEL)}.")
+                raise PlanError(f"{source}: unknown field {key!r}{_did_you_mean(key, _TOP_LEVEL)}; valid fields: {', '.join(_TOP_LEVEL)}.")
         backbone = data.get("backbone")
         if not isinstance(backbone, str) or not backbone:
             raise PlanError(f"{source}: `backbone` must name a registered backbone, but got {backbone!r}.")
@@ -143,8 +140,9 @@ class Plan:
 
     @property
     def trains_anything(self) -> bool:
-        """Whether the plan trains any parameter (No-FT plans do not)."""
-        return bool(self.sites or self.full_ft or self.bitfit)
+        """Whether the plan trains any parameter (No-FT plans do not, nor plans whose every entry
+        is a method that trains nothing)."""
+        return self.full_ft or self.bitfit or any(not get_method(s.method).trains_nothing for s in self.sites.values())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data that :meth:`from_dict` turns back into an equal plan."""
@@ -166,7 +164,9 @@ class Plan:
         """The plan as YAML; also written to ``path`` when given."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
         if path is not None:
-            Path(path).write_text(text, encoding="utf-8")
+            from autopeft._io import atomic_write_text
+
+            atomic_write_text(path, text)
         return text
 
 
@@ -187,7 +187,6 @@ def load_plan(name_or_path: str | os.PathLike) -> Plan:
         return Plan.from_yaml(Path(text))
     plans = named_plans()
     if text not in plans:
-        close = difflib.get_close_matches(text, list(plans), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise PlanError(f"No plan named {text!r}{hint}; named plans: {', '.join(plans)}; or give a path to a YAML file.")
+        raise PlanError(f"No plan named {text!r}{_did_you_mean(text, plans)}; named plans: {', '.join(plans)}; "
+                        "or give a path to a YAML file.")
     return Plan.from_yaml(plans[text])

@@ -5,7 +5,8 @@ puts SSF after the attention, the MLP and the norms of a ViT block, and after th
 norms of a CNN block. Here each SSF sits directly on the output of one layer, so that it always
 folds into that layer's weight and bias at merge time:
 
-- ``vit`` sites (default ``targets: [norm, out_proj, mlp_out]``): after every LayerNorm, after the
+- ``vit`` sites (default ``targets: [norm, out_proj, mlp_out]``): after every norm layer (the
+  LayerNorms, and in CVT-GAN's blocks also the BatchNorms after the depthwise q/k/v projections), after the
   attention's output projection (the last linear map of multi-head attention; SSF "after MHSA") and
   after the MLP's last Linear (SSF "after the MLP"). Dropout placed between the projection and
   the residual sum then acts on the scaled output; in eval mode this is exactly "after".
@@ -21,16 +22,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from autopeft.errors import PlanError
-from autopeft.peft._targets import TARGET_ROLES, available_roles, find_targets
+from autopeft.peft._targets import (
+    CONV_TRANSPOSE_TYPES,
+    CONV_TYPES,
+    NORM_TYPES,
+    PLAIN_CONV_TYPES,
+    TARGET_ROLES,
+    site_targets,
+)
 from autopeft.peft.base import InjectContext, MergeableLayer, MethodConfig, PeftMethod, dispatch, register_method, replace_layer
 
 __all__ = ["SSFConfig", "SSF", "SSFLayer"]
 
 _DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {"vit": ("norm", "out_proj", "mlp_out"), "cnn": ("conv", "norm")}
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CHANNEL_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
 
 
 def _channels(layer: nn.Module) -> tuple[int, int]:
@@ -39,7 +43,7 @@ def _channels(layer: nn.Module) -> tuple[int, int]:
         return layer.out_features, -1
     if isinstance(layer, nn.LayerNorm):
         return layer.normalized_shape[0], -1
-    if isinstance(layer, _CONVS + _CONV_TRANSPOSES):
+    if isinstance(layer, CONV_TYPES):
         return layer.out_channels, 1
     if isinstance(layer, nn.GroupNorm):
         return layer.num_channels, 1
@@ -87,9 +91,9 @@ def _fold_norm(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> No
 
 
 _FOLDS: tuple[tuple[type | tuple[type, ...], Callable[[nn.Module, torch.Tensor, torch.Tensor], None]], ...] = (
-    ((nn.Linear,) + _CONVS, _fold_linear_or_conv),
-    (_CONV_TRANSPOSES, _fold_conv_transpose),
-    ((nn.LayerNorm,) + _CHANNEL_NORMS, _fold_norm),
+    ((nn.Linear,) + PLAIN_CONV_TYPES, _fold_linear_or_conv),
+    (CONV_TRANSPOSE_TYPES, _fold_conv_transpose),
+    (NORM_TYPES, _fold_norm),
 )
 
 
@@ -158,15 +162,8 @@ class SSF(PeftMethod):
     mergeable = True
 
     def inject(self, site, config: SSFConfig, context: InjectContext) -> list[nn.Parameter]:
-        roles = config.targets or _DEFAULT_TARGETS[site.kind]
-        targets = [t for t in find_targets(site.module, roles) if not context.is_unused(t.layer)]
-        if not targets:
-            raise PlanError(
-                f"SSF targets {list(roles)} match no layer in site {site.name!r} ({site.kind}); "
-                f"roles this site offers: {', '.join(available_roles(site.module)) or 'none'}."
-            )
         params: list[nn.Parameter] = []
-        for target in targets:
+        for target in site_targets(site, config.targets or _DEFAULT_TARGETS[site.kind], context, "SSF"):
             wrapper = SSFLayer(target.layer)
             replace_layer(context, site.module, target.name, wrapper)
             params.extend([wrapper.ssf_scale, wrapper.ssf_shift])

@@ -38,8 +38,9 @@ VPT changes the output from the start, and it is not linear, so merging leaves i
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -145,6 +146,23 @@ class Vpt(PeftMethod):
     config_class = VptConfig
     mergeable = False
     identity_at_init = False
+    # The first prompted stage of a group whose vit sites form several stages (earlier stages get
+    # no prompts), or the first prompted block of a group of one stage (``skip_first``).
+    space_params = ("first_stage",)
+
+    def from_space(self, values: Mapping[str, Any], sites: Sequence) -> dict[str, Any]:
+        values = dict(values)
+        if "first_stage" not in values:
+            return values
+        first = int(values.pop("first_stage"))
+        stages = len(_chains([s for s in sites if s.kind == "vit"]))
+        if stages > 1:
+            first = min(first, stages - 1)
+            values["tokens"] = [0] * first + [int(values.get("tokens", 50))] * (stages - first)
+            values["skip_first"] = 0
+        else:
+            values["skip_first"] = first
+        return values
 
     def prepare(self, sites: Sequence, config: VptConfig, context: InjectContext) -> None:
         chains = _chains(sites)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from autopeft._io import atomic_write_text
 from autopeft.report._run import STATE_STYLE, RunData, load_run
 
 __all__ = ["write_report", "load_run", "RunData"]
@@ -239,9 +240,7 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
         + "".join(f"<section id='{a}'><h2>{_esc(t)}</h2>{body}</section>" for a, t, body in sections)
         + "</body></html>"
     )
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, target)  # atomic: a report being rewritten at the end of a search is never half there
+    atomic_write_text(target, page)  # a report being rewritten at the end of a search is never half there
     return target
 
 

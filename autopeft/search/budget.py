@@ -68,21 +68,21 @@ class Budget:
         match = _BUDGET_PATTERN.match(raw)
         if not match:
             raise ConfigError(
-                f"--budget {raw!r} is not a budget; write a percentage (1%), a fraction (0.005) or a "
-                "parameter count (250k, 1.5M, 12000)."
+                f"`budget` must be a percentage (1%), a fraction (0.005) or a parameter count (250k, 1.5M, 12000), "
+                f"but got {raw!r}."
             )
         value, suffix = float(match.group(1)), (match.group(2) or "")
         if suffix == "%":
             if not 0 < value <= 100:
-                raise ConfigError(f"--budget {raw!r} must be a percentage in (0, 100].")
+                raise ConfigError(f"`budget` must be a percentage in (0, 100], but got {raw!r}.")
             return cls(fraction=value / 100, text=raw.strip())
         if not suffix and value <= 1:
             if value <= 0:
-                raise ConfigError(f"--budget {raw!r} must be positive.")
+                raise ConfigError(f"`budget` must be positive, but got {raw!r}.")
             return cls(fraction=value, text=raw.strip())
         count = value * _SUFFIXES[suffix.lower()]
         if count < 1 or abs(count - round(count)) > 1e-6:
-            raise ConfigError(f"--budget {raw!r} must be a whole number of parameters.")
+            raise ConfigError(f"`budget` must be a whole number of parameters, but got {raw!r}.")
         return cls(count=int(round(count)), text=raw.strip())
 
     def limit(self, total: int) -> int:
@@ -157,7 +157,8 @@ class PlanCounter:
         return self._names[id(parameter)]
 
     def _importance(self) -> dict[str, torch.Tensor]:
-        # SH-PEFT picks exactly its budget of weights whatever the scores: zeros count it exactly.
+        # A method that reads importance (SH-PEFT) picks exactly its budget of weights whatever the
+        # scores: zeros count it exactly.
         if self._placeholder_importance is None:
             self._placeholder_importance = {n: torch.zeros_like(p) for n, p in self.template.named_parameters()}
         return self._placeholder_importance
@@ -170,8 +171,7 @@ class PlanCounter:
         memo.update({id(b): b for b in self.template.buffers()})
         model = copy.deepcopy(self.template, memo)
         base_ids = {id(p): n for n, p in model.named_parameters()}
-        uses_shpeft = any(spec.method == "shpeft" for spec in plan.sites.values())
-        apply_plan(model, plan, importance=self._importance() if uses_shpeft else None)
+        apply_plan(model, plan, importance=self._importance() if plan.needs_importance else None)
         base_trained = frozenset(base_ids[id(p)] for p in model.net.parameters() if p.requires_grad and id(p) in base_ids)
         added: dict[str, int] = {}
         seen: set[int] = set()

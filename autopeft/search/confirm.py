@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from autopeft.checkpoints import atomic_write_text
+from autopeft._io import atomic_write, atomic_write_json
 from autopeft.search.trial import FINISHED, TrialSetup, records, run_plan, scores_to_json
 
 __all__ = ["confirmation_candidates", "run_confirmation", "confirmation_rows"]
@@ -112,9 +112,9 @@ def run_confirmation(run_dir: Path, setup: TrialSetup, *, k: int, folds: Sequenc
 
     def keep(job, pairs: list[dict[str, Any]], bar) -> None:
         candidate, fold, seed = job
-        atomic_write_text(_job_path(run_dir, candidate["label"], fold, seed),
-                          json.dumps({"label": candidate["label"], "number": candidate["number"], "fold": fold,
-                                      "seed": seed, "pairs": pairs}, indent=1))
+        atomic_write_json(_job_path(run_dir, candidate["label"], fold, seed),
+                          {"label": candidate["label"], "number": candidate["number"], "fold": fold, "seed": seed,
+                           "pairs": pairs})
         bar.update(1)
         mean = sum(p["psnr"] for p in pairs) / len(pairs)
         bar.write(f"  [{(time.time() - started) / 60:4.1f} min] confirmed {candidate['label']} fold {fold} seed {seed}: "
@@ -143,7 +143,7 @@ def run_confirmation(run_dir: Path, setup: TrialSetup, *, k: int, folds: Sequenc
     import pandas as pd
 
     frame = pd.DataFrame(rows, columns=["label", "number", "source", "target", "fold", "seed", "subject", *METRICS])
-    frame.to_csv(run_dir / "confirmation.csv", index=False)
+    atomic_write(run_dir / "confirmation.csv", lambda tmp: frame.to_csv(tmp, index=False))
     summary = summarise(frame, candidates, k=k, folds=folds, seeds=seeds)
     summary["seconds"] = round(time.time() - started, 1)
     return summary

@@ -118,10 +118,10 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         if (self.weights is None) != (self.source is None):
-            raise ConfigError("--weights and --source go together: --weights FILE is a model pre-trained on scanner "
-                              "--source S, and the search fine-tunes it from S to every other scanner.")
+            raise ConfigError("`weights` and `source` go together: `weights` is a model pre-trained on scanner "
+                              "`source`, and the search fine-tunes it from there to every other scanner.")
         if self.objective not in ("single", "multi"):
-            raise ConfigError(f"--objective must be 'single' or 'multi', but got {self.objective!r}.")
+            raise ConfigError(f"`objective` must be 'single' or 'multi', but got {self.objective!r}.")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"`sampler` must be one of {', '.join(SAMPLERS)}, but got {self.sampler!r}.")
         if self.prior_signal not in PRIOR_SIGNALS:
@@ -129,11 +129,11 @@ class SearchConfig:
         if self.prior_candidates < 1:
             raise ConfigError(f"`prior_candidates` must be at least 1, but got {self.prior_candidates}.")
         if self.trials is not None and self.trials < 1:
-            raise ConfigError(f"--trials must be at least 1, but got {self.trials}.")
+            raise ConfigError(f"`trials` must be at least 1, but got {self.trials}.")
         if self.folds < 1:
-            raise ConfigError(f"--folds must be at least 1, but got {self.folds}.")
+            raise ConfigError(f"`folds` must be at least 1, but got {self.folds}.")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise ConfigError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0.")
+            raise ConfigError(f"`cpus_per_trial` must be > 0 and `gpus_per_trial` >= 0, but got {self.cpus_per_trial} and {self.gpus_per_trial}.")
         if self.confirm < 0:
             raise ConfigError(f"`confirm` (plans to confirm on test subjects) must be 0 or more, but got {self.confirm}.")
         for name in ("confirm_folds", "confirm_seeds"):
@@ -181,9 +181,9 @@ def resolve_defaults(config: SearchConfig) -> SearchConfig:
     if config.gpus_per_trial == 0 and cuda and config.device is None:
         values["gpus_per_trial"] = 1.0
     if config.source is not None and str(config.source) not in values["scanners"]:
-        raise ConfigError(f"--source {config.source} must be one of --scanners {','.join(values['scanners'])}.")
+        raise ConfigError(f"`source` ({config.source}) must be one of `scanners` ({','.join(values['scanners'])}).")
     if len(values["scanners"]) < 2:
-        raise ConfigError(f"--scanners needs at least two scanners (a source and a target), but got {values['scanners']}.")
+        raise ConfigError(f"`scanners` must hold at least two scanners (a source and a target), but got {values['scanners']}.")
     return replace(config, **values)
 
 

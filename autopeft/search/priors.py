@@ -48,9 +48,9 @@ from typing import Any
 
 import torch
 
-from autopeft.importance import top_k_masks
 from autopeft.errors import ConfigError
-from autopeft.peft import Plan
+from autopeft.importance import top_k_masks
+from autopeft.peft import Plan, get_method
 from autopeft.peft.apply import _match_sites
 from autopeft.search.budget import Budget, PlanCount, PlanCounter
 from autopeft.search.options import PRIOR_CANDIDATES, PRIOR_SIGNALS
@@ -148,7 +148,7 @@ class PlanPrior:
         lam = float(plan.train.get("shpeft_lambda", 1.0))
         # Sites matched as apply_plan matches them: each SH-PEFT entry has its own budget and ranking.
         for _pattern, spec, sites in _match_sites(plan, self._sites):
-            if spec.method == "shpeft":
+            if get_method(spec.method).needs_importance:
                 config = spec.to_dict()
                 budget = config.get("count") or round(float(config["fraction"]) * self.counter.total)
                 for site, value in self._sparse_mass(tuple(s.name for s in sites), int(budget), lam).items():

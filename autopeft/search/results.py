@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from autopeft.checkpoints import atomic_write_text
+from autopeft._io import atomic_write, atomic_write_json
 from autopeft.tables import print_table
 from autopeft.search.trial import FINISHED, records, run_plan, running_means, scores_to_json
 
@@ -23,11 +23,17 @@ __all__ = ["plan_summary", "run_references", "finish_run", "pareto_front"]
 
 def plan_summary(plan: Mapping[str, Any]) -> str:
     """A short text for a plan: ``encoder.vit.*=lora(rank=4,targets=q+k) decoder.*=ssf +bitfit``."""
+    from autopeft.peft import registered_methods
+
+    methods = registered_methods()
     parts = []
     for pattern, entry in (plan.get("sites") or {}).items():
+        method = methods.get(entry["method"])  # a run may name a method this process lacks: show all
+        shown = method.summary_fields if method is not None and method.summary_fields is not None else entry.keys()
         hyper = []
-        for key, value in entry.items():
-            if key == "method" or value is None or key in ("dropout", "activation") or (key == "alpha"):
+        for key in shown:
+            value = entry.get(key)
+            if key == "method" or value is None:
                 continue
             hyper.append(f"{key}={'+'.join(map(str, value)) if isinstance(value, list) else value}")
         parts.append(f"{pattern}={entry['method']}" + (f"({','.join(hyper)})" if hyper else ""))
@@ -75,7 +81,7 @@ def run_references(setup, config, run_dir: Path) -> list[dict[str, Any]]:
         rows.append({"label": label, "plan": plan.to_dict(), "fraction": count.fraction if plan.trains_anything else 0.0,
                      "trainable": count.trainable if plan.trains_anything else 0, "split": "val",
                      **running_means(scores), "pairs": scores_to_json(scores)})
-    atomic_write_text(run_dir / "references.json", json.dumps(rows, indent=1))
+    atomic_write_json(run_dir / "references.json", rows)
     return rows
 
 
@@ -116,9 +122,10 @@ def finish_run(run_dir: Path, setup, config, space, priors: bool) -> dict[str, A
             "prior": r.get("prior"), "warm_start": r.get("warm_start", False),
             "seconds": round(float(r.get("seconds") or 0.0), 1), "reason": r.get("reason", ""),
         })
-    pd.DataFrame(table, columns=["number", "state", "fidelity", "pairs_done", "pairs_total", "plan", "trainable", "params_pct",
-                                 "split", "psnr", "gain", "ssim", "nrmse", "prior", "warm_start", "seconds", "reason"]
-                 ).to_csv(run_dir / "results.csv", index=False)
+    frame = pd.DataFrame(table, columns=["number", "state", "fidelity", "pairs_done", "pairs_total", "plan", "trainable",
+                                         "params_pct", "split", "psnr", "gain", "ssim", "nrmse", "prior", "warm_start",
+                                         "seconds", "reason"])
+    atomic_write(run_dir / "results.csv", lambda tmp: frame.to_csv(tmp, index=False))
     finished = [r for r in trial_rows if r["state"] == FINISHED and r.get("psnr") is not None]
     summary: dict[str, Any] = {"finished": len(finished), "trials": len(trial_rows), "split": "val", "best": None, "pareto": []}
     slots = run_dir / "slots.json"
@@ -137,7 +144,7 @@ def finish_run(run_dir: Path, setup, config, space, priors: bool) -> dict[str, A
         summary.update(best=best, pareto=front)
     if not getattr(config, "confirm", 0):
         _print_validation_table(run_dir, setup, summary)
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
+    atomic_write_json(run_dir / "summary.json", summary, default=str)
     return summary
 
 
@@ -163,7 +170,7 @@ def record_confirmation(run_dir: Path, setup, summary: dict[str, Any], confirmat
         if best is not None:
             _write_best_plan(run_dir, setup, best, f"{confirmation['why']}; confirmed on test subjects: PSNR "
                              f"{format_ci(recommended['test']['psnr'])} dB (mean [95% CI])")
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
+    atomic_write_json(run_dir / "summary.json", summary, default=str)
     print(f"\n{setup.backbone}/{setup.preset}: TEST subjects (untouched by the search), {_units_text(setup, confirmation)}")
     print_table(confirmed_rows(confirmation), CONFIRMED_COLUMNS, left=("method", "plan"))
     print(f"mean [{confirmation['ci']}]; paired differences on the same subjects, p: {confirmation['test']}.")

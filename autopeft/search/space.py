@@ -21,15 +21,15 @@ rate and SH-PEFT's lambda:
 A hyperparameter is a list (a categorical choice; a list of lists chooses among lists), a mapping
 ``{low, high[, log][, step]}`` (a float range, or an integer range when both ends are integers), or
 a single value (fixed). Names are the method's config fields (``autopeft.peft.registered_methods``),
-plus ``first_stage`` for ``vpt``: the first prompted stage of a group whose vit sites form several
-stages (earlier stages get no prompts), or the first prompted block of a group of one stage
-(``skip_first``). Every hyperparameter is conditional on its method being chosen: Optuna names it
-``<group>.<method>.<name>``; the method choice is ``<group>.method``.
+plus the method's ``space_params`` (``PeftMethod.from_space`` turns them into config values; e.g.
+VPT's ``first_stage``). Every hyperparameter is conditional on its method being chosen: Optuna
+names it ``<group>.<method>.<name>``; the method choice is ``<group>.method``. A method that trains
+nothing (``none``) adds no plan entry, and ``shpeft_lambda`` is drawn only when a chosen method
+needs importance scores (``PeftMethod.needs_importance``).
 """
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import itertools
 import math
@@ -37,18 +37,17 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
-from autopeft.errors import ConfigError, PlanError
-from autopeft.peft import Plan, registered_methods
+from autopeft.errors import ConfigError, PlanError, _did_you_mean
+from autopeft.peft import Plan, get_method, registered_methods
 from search_spaces import SPACES_DIR
 
 __all__ = ["SearchSpace", "load_space", "space_files"]
 
 _TOP_LEVEL = ("name", "description", "backbone", "groups", "bitfit", "lr", "shpeft_lambda")
-_SPACE_ONLY_PARAMS = {"vpt": ("first_stage",)}
 
 
 @dataclass(frozen=True)
@@ -140,15 +139,30 @@ class _Option:
     params: tuple[_Param, ...]
 
 
+class _SiteInfo(NamedTuple):
+    """What a method's ``from_space`` may read of a site (no module: a space stays light to pickle)."""
+
+    name: str
+    role: str
+    kind: str
+    stage: int
+
+
 @dataclass(frozen=True)
 class _Group:
     name: str
     patterns: tuple[str, ...]
     options: tuple[_Option, ...]
-    vit_stages: int  # stages formed by the group's vit sites, for VPT's first_stage
+    sites: tuple[_SiteInfo, ...]  # the sites the patterns match, in pattern order
 
     def option(self, method: str) -> _Option:
         return next(o for o in self.options if o.method == method)
+
+    def idle_choice(self) -> tuple[str, dict[str, Any]]:
+        """What a group left out of a :meth:`SearchSpace.params_for` choice gets: its method that
+        trains nothing, else its first method (with default hyperparameters)."""
+        idle = next((o.method for o in self.options if get_method(o.method).trains_nothing), self.options[0].method)
+        return idle, {}
 
 
 class SearchSpace:
@@ -185,20 +199,20 @@ class SearchSpace:
             train: extra training settings put in the plan's ``train`` (e.g. ``{"epochs": 20}``).
         """
         sites: dict[str, dict[str, Any]] = {}
-        uses_shpeft = False
+        needs_importance = False
         for group in self.groups:
             methods = [o.method for o in group.options]
             method = trial.suggest_categorical(f"{group.name}.method", methods) if len(methods) > 1 else methods[0]
-            if method == "none":
+            if get_method(method).trains_nothing:
                 continue
             values = {p.name: p.suggest(trial, f"{group.name}.{method}.{p.name}") for p in group.option(method).params}
             entry = self._site_entry(group, method, values)
-            uses_shpeft |= method == "shpeft"
+            needs_importance |= get_method(method).needs_importance
             for pattern in group.patterns:
                 sites[pattern] = entry
         bitfit = bool(self.bitfit.suggest(trial, "bitfit"))
         train_settings: dict[str, Any] = {"lr": float(self.lr.suggest(trial, "lr"))}
-        if uses_shpeft:
+        if needs_importance:
             train_settings["shpeft_lambda"] = float(self.shpeft_lambda.suggest(trial, "shpeft_lambda"))
         train_settings.update(train or {})
         return Plan.from_dict({"backbone": self.backbone, "bitfit": bitfit, "sites": sites, "train": train_settings}, source="space")
@@ -206,17 +220,7 @@ class SearchSpace:
     @staticmethod
     def _site_entry(group: _Group, method: str, values: dict[str, Any]) -> dict[str, Any]:
         entry: dict[str, Any] = {"method": method}
-        values = dict(values)
-        if method == "vpt" and "first_stage" in values:
-            first = int(values.pop("first_stage"))
-            tokens = values.get("tokens", 50)
-            if group.vit_stages > 1:
-                first = min(first, group.vit_stages - 1)
-                values["tokens"] = [0] * first + [int(tokens)] * (group.vit_stages - first)
-                values["skip_first"] = 0
-            else:
-                values["skip_first"] = first
-        for key, value in values.items():
+        for key, value in get_method(method).from_space(values, group.sites).items():
             entry[key] = list(value) if isinstance(value, tuple) else value
         return entry
 
@@ -230,8 +234,9 @@ class SearchSpace:
         """Optuna params for a choice written as ``{group: (method, {param: value}), "bitfit": b,
         "lr": x}``; missing hyperparameters take their first choice (or a range's default/low end)."""
         params: dict[str, Any] = {}
+        chosen = {group.name: choice.get(group.name) or group.idle_choice() for group in self.groups}
         for group in self.groups:
-            method, values = choice.get(group.name, ("none", {}))
+            method, values = chosen[group.name]
             if len(group.options) > 1:
                 params[f"{group.name}.method"] = method
             for p in group.option(method).params:
@@ -243,7 +248,7 @@ class SearchSpace:
             params["bitfit"] = self.bitfit.params_entry(choice.get("bitfit", self.bitfit.choices[0]))
         if self.lr.kind != "fixed":
             params["lr"] = choice.get("lr", self.default_lr())
-        if any(m == "shpeft" for m, _ in (choice.get(g.name, ("none", {})) for g in self.groups)) and self.shpeft_lambda.kind != "fixed":
+        if any(get_method(m).needs_importance for m, _ in chosen.values()) and self.shpeft_lambda.kind != "fixed":
             params["shpeft_lambda"] = self.shpeft_lambda.params_entry(choice.get("shpeft_lambda", self.shpeft_lambda.choices[0]))
         return params
 
@@ -272,12 +277,13 @@ class SearchSpace:
 
     def size(self) -> tuple[float, str]:
         """(number of distinct plans, a note on what is continuous); ``inf`` with a float range."""
-        per_group, without_shpeft = [], []
+        per_group, without_importance = [], []
         for group in self.groups:
             sizes = {o.method: math.prod(p.size() for p in o.params) for o in group.options}
             per_group.append(sum(sizes.values()))
-            without_shpeft.append(sum(v for m, v in sizes.items() if m != "shpeft"))
-        all_plans, plain = math.prod(per_group), math.prod(without_shpeft)
+            without_importance.append(sum(v for m, v in sizes.items() if not get_method(m).needs_importance))
+        # Plans where some group needs importance also draw shpeft_lambda.
+        all_plans, plain = math.prod(per_group), math.prod(without_importance)
         structural = plain + (all_plans - plain) * self.shpeft_lambda.size()
         total = structural * self.bitfit.size() * self.lr.size()
         note = "" if math.isfinite(total) else f"{structural * self.bitfit.size():,.0f} discrete plans x a continuous learning rate"
@@ -293,7 +299,7 @@ class SearchSpace:
                 lines.append(f"    {option.method:<10} {params}")
         lines.append(f"  bitfit         {self.bitfit.describe()}")
         lines.append(f"  lr             {self.lr.describe()}")
-        if any(o.method == "shpeft" for g in self.groups for o in g.options):
+        if any(get_method(o.method).needs_importance for g in self.groups for o in g.options):
             lines.append(f"  shpeft_lambda  {self.shpeft_lambda.describe()}")
         return "\n".join(lines)
 
@@ -311,9 +317,8 @@ def _read(name_or_path: str | os.PathLike) -> tuple[dict[str, Any], str]:
     if not path.is_file():
         shipped = space_files()
         if text not in shipped:
-            close = difflib.get_close_matches(text, list(shipped), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"No search space {text!r}{hint}; shipped spaces: {', '.join(shipped)}; or give a YAML file.")
+            raise ConfigError(f"No search space {text!r}{_did_you_mean(text, shipped)}; shipped spaces: {', '.join(shipped)}; "
+                              "or give a YAML file.")
         path = shipped[text]
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -322,14 +327,6 @@ def _read(name_or_path: str | os.PathLike) -> tuple[dict[str, Any], str]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: a search space must be a mapping with keys {list(_TOP_LEVEL)}.")
     return dict(data), str(path)
-
-
-def _vit_stages(sites: Sequence[Any]) -> int:
-    runs: list[tuple[str, Any]] = []
-    for site in sites:
-        if site.kind == "vit" and (not runs or runs[-1] != (site.role, site.stage)):
-            runs.append((site.role, site.stage))
-    return len(runs)
 
 
 def load_space(name_or_path: str | os.PathLike, sites: Sequence[Any]) -> SearchSpace:
@@ -346,9 +343,7 @@ def load_space(name_or_path: str | os.PathLike, sites: Sequence[Any]) -> SearchS
     data, source = _read(name_or_path)
     for key in data:
         if key not in _TOP_LEVEL:
-            close = difflib.get_close_matches(str(key), _TOP_LEVEL, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{source}: unknown key {key!r}{hint}; valid keys: {', '.join(_TOP_LEVEL)}.")
+            raise ConfigError(f"{source}: unknown key {key!r}{_did_you_mean(key, _TOP_LEVEL)}; valid keys: {', '.join(_TOP_LEVEL)}.")
     backbone = data.get("backbone")
     if not isinstance(backbone, str):
         raise ConfigError(f"{source}: `backbone` must name a backbone, but got {backbone!r}.")
@@ -381,25 +376,24 @@ def load_space(name_or_path: str | os.PathLike, sites: Sequence[Any]) -> SearchS
         options = []
         for method_name, raw_params in raw_methods.items():
             if method_name not in methods:
-                close = difflib.get_close_matches(str(method_name), list(methods), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"{where}: unknown method {method_name!r}{hint}; methods: {', '.join(methods)}.")
+                raise ConfigError(f"{where}: unknown method {method_name!r}{_did_you_mean(method_name, methods)}; "
+                                  f"methods: {', '.join(methods)}.")
             method = methods[method_name]
             if not kinds <= set(method.site_kinds):
                 raise ConfigError(
                     f"{where}: method {method_name!r} fits {list(method.site_kinds)} sites, but the group has "
                     f"{sorted(kinds)} sites; split the group or drop the method."
                 )
-            valid = method.config_class.field_names() + _SPACE_ONLY_PARAMS.get(method_name, ())
+            valid = method.config_class.field_names() + method.space_params
             params = []
             for param_name, raw_param in (raw_params or {}).items():
                 if param_name not in valid:
-                    close = difflib.get_close_matches(str(param_name), valid, n=1)
-                    hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    raise ConfigError(f"{where}.{method_name}: unknown hyperparameter {param_name!r}{hint}; valid: {', '.join(valid) or 'none'}.")
+                    raise ConfigError(f"{where}.{method_name}: unknown hyperparameter {param_name!r}"
+                                      f"{_did_you_mean(param_name, valid)}; valid: {', '.join(valid) or 'none'}.")
                 params.append(_param(str(param_name), raw_param, f"{where}.{method_name}.{param_name}"))
             options.append(_Option(str(method_name), tuple(params)))
-        groups.append(_Group(str(group_name), patterns, tuple(options), _vit_stages(matched)))
+        infos = tuple(_SiteInfo(s.name, s.role, s.kind, s.stage) for s in matched)
+        groups.append(_Group(str(group_name), patterns, tuple(options), infos))
     space = SearchSpace(
         backbone=backbone,
         groups=groups,
@@ -414,11 +408,11 @@ def load_space(name_or_path: str | os.PathLike, sites: Sequence[Any]) -> SearchS
 
 def _check_choices(space: SearchSpace, source: str) -> None:
     """Every method/hyperparameter value must make a valid plan entry (fail at load, not mid-run)."""
-    from autopeft.peft.base import build_config, get_method
+    from autopeft.peft.base import build_config
 
     for group in space.groups:
         for method, values in space.group_choices(group):
-            if method == "none":
+            if get_method(method).trains_nothing:
                 continue
             entry = SearchSpace._site_entry(group, method, values)
             hyper = {k: v for k, v in entry.items() if k != "method"}

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrialSetup", "PairScore", "run_plan", "new_record", "read_record", "write_record", "records"]
+__all__ = ["TrialSetup", "setup_from_config", "PairScore", "run_plan", "new_record", "read_record", "write_record", "records"]
 
 # Terminal states of a trial record; RUNNING is the only other one.
 FINISHED, STOPPED, FAILED, INFEASIBLE, INTERRUPTED = "FINISHED", "STOPPED", "FAILED", "INFEASIBLE", "INTERRUPTED"
@@ -103,6 +103,39 @@ class TrialSetup:
             protocol=tuple(sorted(self.protocol.items())), pretrain_epochs=self.pretrain_epochs, device=self.device,
             weights=self.weights,
         )
+
+
+def setup_from_config(
+    config: Mapping[str, Any],
+    *,
+    manifest_path: str | os.PathLike,
+    run_dir: str | os.PathLike = "",
+    device: str | None = None,
+    threads: int | None = None,
+) -> TrialSetup:
+    """The :class:`TrialSetup` of a search's settings, the one way a search and whatever reads its
+    run (report, predict, export) build it: every ordered pair of ``scanners`` (only those from
+    ``source`` when it is set), folds ``0 .. folds - 1``.
+
+    Args:
+        config: the settings, ``dataclasses.asdict(SearchConfig)`` or ``run.json``'s ``config``
+            (resolved: ``preset``, ``scanners`` and ``epochs`` set).
+        manifest_path: the data set's manifest (``config["data"]`` resolved).
+        run_dir: the run directory. Defaults to "".
+        device: where to train. Defaults to the settings' ``device``, else ``cpu``.
+        threads: torch threads per trial. Defaults to the settings' ``cpus_per_trial`` (at least 1).
+    """
+    scanners = [str(s) for s in config["scanners"]]
+    source = None if config.get("source") is None else str(config["source"])
+    return TrialSetup(
+        backbone=config["backbone"], preset=config["preset"], manifest_path=str(manifest_path),
+        pairs=tuple((s, t) for s in scanners for t in scanners if s != t and source in (None, s)),
+        folds=tuple(range(int(config.get("folds", 1)))), epochs=int(config["epochs"]), seed=int(config.get("seed", 0)),
+        protocol=dict(config.get("protocol") or {}), pretrain_epochs=config.get("pretrain_epochs"),
+        device=device or config.get("device") or "cpu",
+        threads=threads if threads is not None else max(1, int(config.get("cpus_per_trial", 1))),
+        run_dir=str(run_dir), weights=config.get("weights"),
+    )
 
 
 @dataclass

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from autopeft.errors import ConfigError
+from autopeft.errors import ConfigError, _did_you_mean
 
 
 def checked_options(owner: str, options: Mapping[str, Any], allowed: Iterable[str]) -> dict[str, Any]:
@@ -23,9 +22,5 @@ def checked_options(owner: str, options: Mapping[str, Any], allowed: Iterable[st
     allowed = sorted(allowed)
     for key in options:
         if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" By {key!r}, did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"Unknown option {key!r} for {owner}; accepted: {', '.join(allowed)}.{hint}"
-            )
+            raise ConfigError(f"Unknown option {key!r}{_did_you_mean(key, allowed)} for {owner}; accepted: {', '.join(allowed)}.")
     return dict(options)

@@ -174,10 +174,11 @@ def test_paper_sizes_match_the_public_code_once_its_unused_layers_are_added_back
     # its bottleneck residual was a 1x1 conv w3->w3 where ours is the identity.
     unused = (w3 * w3 + w3) + (2 * w2 * w2 + w2) + (2 * w1 * w1 + w1)
     bottleneck_projection = w3 * w3 + w3
-    assert generator + unused + bottleneck_projection == pytest.approx(28.7e6, rel=1e-3)
+    assert generator == 28_026_145
+    assert generator + unused + bottleneck_projection == 28_715_681  # the public code's 28.7 M
     discriminator = sum(p.numel() for p in model.discriminator.parameters())
     # Public: no 1x1 logit head (64 + 1) but an unused Linear(128, 1) (129).
-    assert discriminator - 65 + 129 == pytest.approx(0.295e6, rel=1e-3)
+    assert discriminator == 294_937 and discriminator - 65 + 129 == 295_001  # the public 0.295 M
 
 
 def test_tiny_preset_keeps_the_paper_topology():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 import torch
@@ -114,8 +115,10 @@ def test_site_stage_is_the_resolution_level_of_its_output(tiny, tiny_forward):
 def test_site_lookup_by_name(tiny):
     first = tiny.sites()[0]
     assert tiny.site(first.name).module is first.module
-    with pytest.raises(KeyError, match="No site named"):
+    with pytest.raises(ConfigError, match="No site named 'nowhere.7'"):
         tiny.site("nowhere.7")
+    with pytest.raises(ConfigError, match=re.escape(f"(did you mean {first.name!r}?)")):
+        tiny.site(first.name.replace("encoder", "encodre"))
 
 
 @pytest.mark.parametrize("name", BUILTIN)
@@ -141,9 +144,10 @@ def test_paper_presets_build_on_meta_with_the_reference_sizes():
         unetr = build_backbone("unetr", "paper")
         cvtgan = build_backbone("cvtgan", "paper")
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    assert count(unetr.net) == pytest.approx(101.7e6, rel=0.01)
-    assert count(cvtgan.net) == pytest.approx(28.7e6, rel=0.03)  # exact formula: test_cvtgan.py
-    assert count(cvtgan.discriminator) == pytest.approx(0.3e6, rel=0.03)
+    # Exact: a layer more or less changes these (the public code's sizes: test_unetr.py, test_cvtgan.py).
+    assert count(unetr.net) == 101_688_481
+    assert count(cvtgan.net) == 28_026_145
+    assert count(cvtgan.discriminator) == 294_937
 
 
 class _ToyNet(Backbone):
@@ -193,6 +197,29 @@ def test_third_party_backbone_registers_and_builds_without_touching_autopeft(pri
     assert model(torch.rand(1, 1, 8, 8, 8)).shape == (1, 1, 8, 8, 8)
     report = backbones_cli.describe(backbone="toynet")
     assert report[0]["net_parameters"] == sum(p.numel() for p in model.net.parameters())
+
+
+def test_a_plug_in_preset_pretrains_on_its_own_schedule_never_the_papers(private_registry, tmp_path):
+    from _fakes import make_dataset
+    from autopeft.data import read_manifest
+    from autopeft.pretraining import source_spec
+    from autopeft.train import Trainer, TrainSettings
+    from backbones import PretrainSchedule
+
+    register_backbone("toynet", {
+        "small": Preset("small", (8, 8, 8), 2, {"width": 4}),
+        "big": Preset("big", (8, 8, 8), 2, {"width": 8}, pretrain=PretrainSchedule(epochs=7, lr=3e-4, crops_per_volume=2)),
+    })(_ToyNet)
+    manifest = read_manifest(make_dataset(tmp_path, {"1": 3}, shape=(12, 12, 12)))
+    small = source_spec("toynet", "1", manifest=manifest, preset="small")
+    assert (small.epochs, small.lr, small.crops) == (120, 2e-3, 4)  # PretrainSchedule(): CPU-scaled
+    big = source_spec("toynet", "1", manifest=manifest, preset="big", epochs=3)
+    assert (big.epochs, big.lr, big.crops) == (3, 3e-4, 2)
+    # Its loss is the Backbone's default, L1; the Trainer needs nothing else.
+    model = build_backbone("toynet", "small")
+    x = torch.rand(2, 1, 8, 8, 8)
+    assert torch.equal(model.generator_loss(x, x.flip(0), model(x)), nn.functional.l1_loss(model(x), x.flip(0)))
+    Trainer(model, TrainSettings(epochs=1, lr=1e-3)).step({"short": x, "long": x.flip(0)})
 
 
 def test_duplicate_registration_raises(private_registry):

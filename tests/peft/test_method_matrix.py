@@ -18,7 +18,8 @@ from torch import nn
 
 from autopeft.errors import PlanError
 from autopeft.peft import Plan, apply_plan, count_trainable, load_trained, merge_plan, save_trained, trainable_fraction
-from autopeft.peft.base import PeftLayer, get_method
+from autopeft.peft.base import MergeableLayer, PeftLayer, get_method
+from autopeft.peft.lora_layers import LoraFusedQKV
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
@@ -34,6 +35,48 @@ EXPECTED: dict[str, Expect] = {
     "ssf": lambda name, owner, kind: ".ssf_" in name,
     "vpt": lambda name, owner, kind: name.endswith("peft_prompts.prompts"),
     "shpeft": lambda name, owner, kind: ".parametrizations." in name and name.endswith(".values"),
+}
+
+# The layers each plan entry changes, per matched site, written out from the networks: a method on
+# the wrong layer fails here even when it trains parameters of the right kind. Names are relative
+# to the site's module ("" is a site that is one layer); "qkv[q+k]" names the thirds of a fused qkv
+# Linear that LoRA adapts; "<prompted>" a block VPT puts prompts in front of. Sites that match no
+# pattern of a case must be left alone.
+_UNETR_CONVS = {"transp_conv.conv", "conv_block.conv1.conv", "conv_block.conv2.conv", "conv_block.conv3.conv"}
+_UNETR_NORMS = {"conv_block.norm1", "conv_block.norm2", "conv_block.norm3"}
+_VIT_SSF = {"norm1", "attn.out_proj", "norm2", "mlp.linear2"}  # norms, output projection, last MLP Linear
+TARGETED: dict[str, dict[str, set[str]]] = {
+    "toy-vit-lora": {"enc.vit.*": {"attn.qkv[q+k]"}},
+    "toy-vit-lora-qkv+out_proj+mlp": {"enc.vit.*": {"attn.qkv[q+k+v]", "attn.out_proj", "mlp.linear1", "mlp.linear2"}},
+    "toy-vit-lora-v": {"enc.vit.*": {"attn.qkv[v]"}},
+    "toy-vit-adapter": {"enc.vit.*": {"mlp"}},
+    "toy-vit-ssf": {"enc.vit.*": _VIT_SSF},
+    "toy-vit-vpt": {"enc.vit.1": {"<prompted>"}},  # skip_first: 1
+    "toy-cnn-lora": {"dec.cnn.0": {"conv", "depthwise", "up"}, "dec.cnn.1": {""}},
+    "toy-cnn-adapter": {"dec.cnn.*": {""}},
+    "toy-cnn-ssf": {"dec.cnn.0": {"conv", "norm", "depthwise", "bn", "up"}, "dec.cnn.1": {""}},
+    "unetr-vit-lora": {"encoder.vit.*": {"attn.qkv[q+k]"}},
+    "unetr-vit-lora-qkv+out_proj+mlp": {"encoder.vit.*": {"attn.qkv[q+k+v]", "attn.out_proj", "mlp.linear1", "mlp.linear2"}},
+    "unetr-vit-lora-v": {"encoder.vit.*": {"attn.qkv[v]"}},
+    "unetr-vit-adapter": {"encoder.vit.*": {"mlp"}},
+    "unetr-vit-ssf": {"encoder.vit.*": _VIT_SSF},
+    "unetr-vit-vpt": {"encoder.vit.[!0]*": {"<prompted>"}},
+    "unetr-cnn-lora": {"decoder.*": _UNETR_CONVS},
+    "unetr-cnn-adapter": {"decoder.*": {""}},
+    "unetr-cnn-ssf": {"decoder.*": _UNETR_CONVS | _UNETR_NORMS},
+    "cvtgan-vit-lora": {"*.block*": {"attn.proj_q", "attn.proj_k"}},
+    "cvtgan-vit-lora-qkv+out_proj+mlp": {"*.block*": {"attn.proj_q", "attn.proj_k", "attn.proj_v", "attn.out_proj",
+                                                      "mlp.linear1", "mlp.linear2"}},
+    "cvtgan-vit-lora-conv": {"*.block*": {"attn.conv_q", "attn.conv_k", "attn.conv_v"}},  # the depthwise projections
+    "cvtgan-vit-adapter": {"*.block*": {"mlp"}},
+    # CvT blocks: besides the LayerNorms, the BatchNorms after the depthwise q/k/v convolutions.
+    "cvtgan-vit-ssf": {"*.block*": _VIT_SSF | {"attn.norm_q", "attn.norm_k", "attn.norm_v"}},
+    "cvtgan-vit-vpt": {"encoder.stage[34].block*": {"<prompted>"}, "decoder.*": {"<prompted>"}},
+    "cvtgan-cnn-lora": {"decoder.fuse[32]": {"conv.unit0.conv", "residual"}, "decoder.up1": {""},
+                        "decoder.fuse1": {"0.conv", "1.conv"}},
+    "cvtgan-cnn-adapter": {"decoder.[fu]*": {""}},
+    "cvtgan-cnn-ssf": {"decoder.fuse[32]": {"conv.unit0.conv", "conv.unit0.adn.N", "residual"}, "decoder.up1": {""},
+                       "decoder.fuse1": {"0.conv", "1.conv"}},
 }
 
 # Site patterns selecting one kind of site in each backbone.
@@ -108,6 +151,25 @@ def _expected_names(model: nn.Module, case: Case, pattern: str) -> set[str]:
     return expected
 
 
+def _targeted(model: nn.Module, site, method: str) -> set[str]:
+    """The layers ``method`` changed inside ``site`` (after injection), named as in :data:`TARGETED`."""
+    prefix = next(n for n, m in model.named_modules() if m is site.module)
+    found = {"<prompted>"} if method == "vpt" and site.module._forward_pre_hooks else set()
+    for name, module in model.named_modules():
+        if name != prefix and not name.startswith(prefix + "."):
+            continue
+        rel = name[len(prefix) + 1:]
+        if method in ("lora", "ssf") and isinstance(module, MergeableLayer):
+            found.add(rel + (f"[{'+'.join(module.parts)}]" if isinstance(module, LoraFusedQKV) else ""))
+        if method == "adapter" and "peft_adapter" in module._modules:
+            found.add(rel)
+    return found
+
+
+def test_every_layer_targeting_case_has_its_layers_written_out():
+    assert {c.id for c in CASES if c.method in ("lora", "adapter", "ssf", "vpt") and not c.error} == set(TARGETED)
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_method_on_site_kind(case: Case, envs, tmp_path) -> None:
     env = envs(case.backbone)
@@ -120,7 +182,14 @@ def test_method_on_site_kind(case: Case, envs, tmp_path) -> None:
         return
     apply_plan(model, plan, importance=env.scores)
 
-    # Exactly the intended parameters train; they all lie inside the matched sites.
+    # Exactly the intended layers change, and exactly the intended parameters train; they all lie
+    # inside the matched sites.
+    if case.id in TARGETED:
+        import fnmatch
+
+        for site in model.sites():
+            wanted = next((layers for p, layers in TARGETED[case.id].items() if fnmatch.fnmatchcase(site.name, p)), set())
+            assert _targeted(model, site, case.method) == (wanted if fnmatch.fnmatchcase(site.name, pattern) else set()), site.name
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == _expected_names(model, case, pattern)
     assert (len(trainable) > 0) == (case.method != "none")

@@ -139,3 +139,42 @@ def test_registry_refuses_duplicates() -> None:
 
     with pytest.raises(ValueError, match="already registered"):
         register_method(Again)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "message"),
+    [
+        ({"name": "lora2", "space_params": ("rank",)}, r"`space_params` of PEFT method 'lora2' must not repeat config fields, but got \['rank'\]"),
+        ({"name": "lora3", "summary_fields": ("rnak",)}, r"`summary_fields` of PEFT method 'lora3' must be config fields \(rank, alpha, targets, dropout\)"),
+    ],
+)
+def test_registry_refuses_capabilities_that_do_not_fit_the_config(attributes, message) -> None:
+    from autopeft.peft.base import register_method
+    from autopeft.peft.lora import Lora
+
+    with pytest.raises(ValueError, match=message):
+        register_method(type("Odd", (Lora,), attributes))
+    assert attributes["name"] not in registered_methods()
+
+
+def test_capabilities_of_the_built_in_methods() -> None:
+    methods = registered_methods()
+    assert [n for n, m in methods.items() if m.trains_nothing] == ["none"]
+    assert [n for n, m in methods.items() if m.needs_importance] == ["shpeft"]
+    assert {n: m.space_params for n, m in methods.items() if m.space_params} == {"vpt": ("first_stage",)}
+    # VPT's first_stage: prompts from that stage on over several stages, or skip_first in one stage.
+    stages = [type("S", (), {"name": f"b{i}", "role": "encoder", "kind": "vit", "stage": s}) for i, s in enumerate((2, 3, 3, 4))]
+    assert methods["vpt"].from_space({"tokens": 8, "first_stage": 1}, stages) == {"tokens": [0, 8, 8], "skip_first": 0}
+    assert methods["vpt"].from_space({"tokens": 8, "first_stage": 5}, stages) == {"tokens": [0, 0, 8], "skip_first": 0}
+    assert methods["vpt"].from_space({"tokens": 8, "first_stage": 1}, stages[1:3]) == {"tokens": 8, "skip_first": 1}
+
+
+def test_plan_summaries_show_the_fields_each_method_names() -> None:
+    from autopeft.search.results import plan_summary
+
+    plan = Plan.from_dict({"backbone": "unetr", "bitfit": True, "train": {"lr": 1e-3}, "sites": {
+        "encoder.vit.*": {"method": "lora", "rank": 4, "alpha": 8, "targets": ["q", "k"], "dropout": 0.1},
+        "encoder.cnn.*": {"method": "adapter", "reduction_factor": 4, "activation": "gelu"},
+        "decoder.*": {"method": "shpeft", "count": 100}}})
+    assert plan_summary(plan.to_dict()) == ("encoder.vit.*=lora(rank=4,targets=q+k) encoder.cnn.*=adapter(reduction_factor=4) "
+                                            "decoder.*=shpeft(count=100) +bitfit lr=0.001")

@@ -132,6 +132,10 @@ def test_wrong_backbone_and_second_application_are_refused(envs) -> None:
 def test_no_ft_trains_nothing_and_everything_is_frozen(envs) -> None:
     model = apply_plan(envs("toy").fresh(), {"backbone": "toy"})
     assert count_trainable(model) == 0 and not any(p.requires_grad for p in model.parameters())
+    # A plan of methods that train nothing is No-FT too: nothing to fine-tune.
+    frozen = Plan.from_dict({"backbone": "toy", "sites": {"*": {"method": "none"}}})
+    assert not frozen.trains_anything and Plan.from_dict({"backbone": "toy", "bitfit": True, "sites": frozen.to_dict()["sites"]}).trains_anything
+    assert count_trainable(apply_plan(envs("toy").fresh(), frozen)) == 0
 
 
 def test_bitfit_toggle_combines_with_a_site_method_over_the_whole_net(envs) -> None:

@@ -1,7 +1,7 @@
 """The study report, from a micro run built through the search's own functions (no Ray): real
-1-epoch source models and fine-tunes on a tiny fake data set, records and study written as the
-engine writes them, then ``finish_run``. One source model and two targets keep it to one
-pre-training; one run for the module (~40-60 s on 2 shared cores)."""
+1-epoch source models and fine-tunes on a tiny fake data set, trial records made and written by
+the engine's functions (``new_record``, ``write_record``), the study, then ``finish_run``. One
+source model and two targets keep it to one pre-training; one run for the module."""
 
 from __future__ import annotations
 
@@ -19,20 +19,15 @@ from _fakes import make_dataset
 from autopeft.errors import ConfigError
 from autopeft.report import load_run, write_report
 from autopeft.report._figures import importance_figure
-from autopeft.search.trial import FAILED, FINISHED, INFEASIBLE, STOPPED, write_record
+from autopeft.search.trial import FAILED, FINISHED, INFEASIBLE, STOPPED, new_record, write_record
+
+pytestmark = pytest.mark.slow  # the micro run trains source models and fine-tunes; Chromium
 
 PROTOCOL = {"pretrain_train": 2, "pretrain_val": 1, "finetune_train": 1, "finetune_val": 1, "finetune_test": 1, "folds": 1}
 
 
 class _StopAfterOnePair(Exception):
     """Stands in for ASHA stopping a trial after its first pair."""
-
-
-def _record(number: int, trial, plan, count, setup, **values) -> dict:
-    return {"number": number, "state": "RUNNING", "plan": plan.to_dict(), "params": dict(trial.params),
-            "trainable": count.trainable, "fraction": count.fraction, "prior": None, "warm_start": False,
-            "pairs_total": len(setup.units), "pairs_done": 0, "fidelity": 0.0, "psnr": None, "ssim": None,
-            "nrmse": None, "pairs": [], "reason": "", "started": 0.0, "seconds": 0.0, **values}
 
 
 def build_micro_run(root: Path) -> Path:
@@ -69,7 +64,10 @@ def build_micro_run(root: Path) -> Path:
             plan = Plan.from_dict({**plan.to_dict(), "sites": {"decoder.*.block*": {"method": "ssf"}},
                                    "train": {"lr": 2e-3 * (number + 1), "epochs": 1}})
         count = counter.count(plan)
-        record = _record(number, trial, plan, count, setup)
+        # The trial's config as the engine hands it to Ray, and the record the engine starts from it.
+        trial_config = {"number": number, "plan": plan.to_dict(), "params": dict(trial.params),
+                        "trainable": count.trainable, "fraction": count.fraction}
+        record = new_record(trial_config, setup, state="RUNNING")
         trial.set_user_attr("state", outcome)  # as the engine's searcher does before closing a trial
         if outcome == INFEASIBLE:
             record.update(state=INFEASIBLE, reason="trains 40% of the parameters, over the budget")

@@ -15,6 +15,8 @@ from autopeft.data import read_manifest, split_scanner
 from autopeft.search.engine import SearchConfig, run_search
 from autopeft.search.trial import FAILED, FINISHED, INFEASIBLE, records
 
+pytestmark = pytest.mark.slow  # Ray Tune searches
+
 PROTOCOL = {"pretrain_train": 2, "pretrain_val": 1, "finetune_train": 1, "finetune_val": 1, "finetune_test": 2, "folds": 1}
 
 

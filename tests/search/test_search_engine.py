@@ -12,6 +12,8 @@ from _fakes import make_dataset
 from autopeft.search.engine import SearchConfig, run_search
 from autopeft.search.trial import FAILED, FINISHED, INFEASIBLE, INTERRUPTED, STOPPED, TERMINAL, records, write_record
 
+pytestmark = pytest.mark.slow  # Ray Tune searches
+
 PROTOCOL = {"pretrain_train": 2, "pretrain_val": 1, "finetune_train": 1, "finetune_val": 1, "finetune_test": 1, "folds": 1}
 
 

@@ -1,0 +1,37 @@
+"""The library names a setting by its field; the commands name it by its flag (autopeft/cli/_flags.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from autopeft.cli import main
+from autopeft.errors import ConfigError
+from autopeft.search import Budget
+from autopeft.search.engine import SearchConfig
+
+
+def test_the_library_names_fields_not_flags():
+    with pytest.raises(ConfigError, match=r"^`budget` must be a percentage .*, but got '1x'\.$"):
+        Budget.parse("1x")
+    with pytest.raises(ConfigError, match=r"^`objective` must be 'single' or 'multi', but got 'pareto'\.$"):
+        SearchConfig(backbone="unetr", budget="1%", objective="pareto")
+    with pytest.raises(ConfigError, match=r"^`cpus_per_trial` must be > 0"):
+        SearchConfig(backbone="unetr", budget="1%", cpus_per_trial=0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["search", "--backbone", "unetr", "--budget", "1x"], "--budget must be a percentage (1%), a fraction (0.005)"),
+        (["space", "--backbone", "unetr", "--budget", "150%"], "--budget must be a percentage in (0, 100], but got '150%'."),
+        (["search", "--backbone", "unetr", "--budget", "1%", "--cpus-per-trial", "0"], "--cpus-per-trial must be > 0 and --gpus-per-trial >= 0"),
+        (["search", "--backbone", "unetr", "--budget", "1%", "--trials", "0"], "--trials must be at least 1, but got 0."),
+        (["search", "--backbone", "unetr", "--budget", "1%", "--scanners", "1"], "--scanners must hold at least two scanners"),
+        (["search", "--backbone", "unetr", "--budget", "1%", "--scanners", "1,2", "--weights", "w.pt", "--source", "3"],
+         "--source (3) must be one of --scanners (1,2)."),
+    ],
+)
+def test_the_commands_name_flags(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "`" not in err, err
