@@ -163,7 +163,7 @@ def _run_grid(setup, plans: list, counter, grid_dir: Path) -> list[dict[str, Any
 def _engine_run(args: argparse.Namespace, settings: dict[str, Any], variant: str, sampler_seed: int, run_dir: Path) -> Path:
     """One engine run in ``run_dir``: reused when complete, resumed when interrupted."""
     from autopeft.search.engine import SearchConfig, run_search
-    from autopeft.search.trial import TERMINAL, records
+    from autopeft.runs import TERMINAL, records
 
     if (run_dir / "run.json").is_file():
         done = sum(r.get("state") in TERMINAL for r in records(run_dir))
@@ -186,7 +186,7 @@ def _engine_run(args: argparse.Namespace, settings: dict[str, Any], variant: str
 def _trial_rows(run_dir: Path, trials: int, epochs: int) -> list[dict[str, Any]]:
     """The run's first ``trials`` trained plans (by number; as ``--trials`` counts them, the
     over-budget draws among them kept at cost 0) in the order they ended, with their cost."""
-    from autopeft.search.trial import INFEASIBLE, records
+    from autopeft.runs import INFEASIBLE, records
 
     rows, trained = [], 0
     for r in sorted(records(run_dir), key=lambda r: r["number"]):

@@ -43,6 +43,7 @@ __all__ = [
     "read_scanner_profiles",
     "check_scans",
     "default_scanners",
+    "resolve_manifest",
 ]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("subject", "scanner", "short", "long")
@@ -450,3 +451,21 @@ def default_scanners(
     chosen = sorted(chosen, key=_natural_key)
     listed = ", ".join(f"{sid} ({counts[sid]} subjects)" for sid in chosen)
     return chosen, f"scanners: {listed}: {why}, from {where}"
+
+
+def resolve_manifest(data: str | os.PathLike[str] | None, *, progress: bool = True) -> Path:
+    """The manifest path for ``--data`` (a directory or a CSV), or the built-in data set (simulated
+    into the cache on first use)."""
+    if data is None:
+        from autopeft.data.simulator import builtin_data
+
+        return builtin_data(progress=progress)
+    path = Path(data).expanduser()
+    if path.is_dir():
+        path = path / _MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(
+            f"--data {data}: no manifest found at {path}. Pass a directory holding manifest.csv or "
+            "the CSV itself, or leave --data out to use the built-in simulated data."
+        )
+    return path

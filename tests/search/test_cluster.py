@@ -1,0 +1,223 @@
+"""The search on a real two-node Ray cluster on this machine (127.0.0.1 only).
+
+The head node runs beside the driver. The worker node runs in its own mount namespace with a
+tmpfs over the runs folder (the run directory and the data live there) and over the artifact
+cache, so it cannot read the driver's files; a third folder, visible to both, plays the shared
+filesystem given as ``--storage-path``. Only the worker node has the ``autopeft_worker`` resource
+each trial asks for, so every trial runs there. Nodes are stopped by process id (processes whose
+command line holds this module's own temporary folder), never by a machine-wide ``ray stop``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from _fakes import make_dataset
+from autopeft.runs import FAILED, FINISHED, INFEASIBLE, INTERRUPTED, RUNNING, TERMINAL, records
+
+VENV_BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None or not (VENV_BIN / "ray").is_file(),
+    reason="needs root (unshare -m, mount -t tmpfs) and the ray command beside this Python")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TwoNodes:
+    """A head node and a worker node that cannot see ``runs/`` nor ``cache/`` under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.runs, self.cache, self.shared = root / "runs", root / "cache", root / "shared"
+        for folder in (self.runs, self.cache, self.shared):
+            folder.mkdir()
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        # Tests only: a throwaway cluster on loopback needs no token (auth stays on otherwise).
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "AUTOPEFT_CACHE": str(self.cache),
+                    "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def start_head(self) -> None:
+        subprocess.run([str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+                        "--temp-dir", str(self.root / "ray"), "--num-cpus", "1", "--include-dashboard", "false",
+                        "--dashboard-port", str(_free_port()), "--disable-usage-stats"],
+                       env=self.env, check=True, capture_output=True, timeout=120)
+
+    def start_worker(self) -> None:
+        resources = json.dumps({"autopeft_worker": 4})
+        command = (f"mount -t tmpfs tmpfs {self.runs} && mount -t tmpfs tmpfs {self.cache} && exec {VENV_BIN / 'ray'} start "
+                   f"--address {self.address} --node-ip-address 127.0.0.1 --num-cpus 2 --resources '{resources}' "
+                   "--disable-usage-stats")
+        subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", command], env=self.env, check=True,
+                       capture_output=True, timeout=120)
+        self.wait_for_nodes()
+
+    def wait_for_nodes(self, timeout: float = 60.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = subprocess.run([str(VENV_BIN / "ray"), "status", "--address", self.address], env=self.env,
+                                    capture_output=True, text=True)
+            if "autopeft_worker" in status.stdout and status.stdout.count("node_") >= 2:
+                return
+            time.sleep(1.0)
+        raise TimeoutError(f"the worker node did not join {self.address}")
+
+    def processes(self, *, name: str = "", other_namespace: bool = False) -> list[int]:
+        """Processes whose command line holds this cluster's folder (not this test's own)."""
+        own = {os.getpid(), os.getppid()}
+        mine = os.readlink("/proc/self/ns/mnt")
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) in own:
+                continue
+            try:
+                line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                namespace = os.readlink(entry / "ns" / "mnt")
+            except OSError:
+                continue
+            if str(self.root) in line and name in line and (not other_namespace or namespace != mine):
+                found.append(int(entry.name))
+        return found
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.processes():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(2.0)
+
+    def search(self, *args: str, log: str) -> subprocess.Popen:
+        """``autopeft search --address`` (the driver, on the head's side), output in ``root/log``."""
+        command = [str(VENV_BIN / "autopeft"), "search", "--address", self.address, "--storage-path", str(self.shared),
+                   "--trial-resources", json.dumps({"autopeft_worker": 1}), "--quiet", *args]
+        return subprocess.Popen(command, env=self.env, stdout=open(self.root / log, "w"), stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # A short folder of its own: Ray's socket paths under it must stay below 107 characters.
+    nodes = TwoNodes(Path(tempfile.mkdtemp(prefix="ap-cluster-", dir="/tmp")))
+    try:
+        nodes.start_head()
+        nodes.start_worker()
+        # The default protocol (8+4 pre-training, 4+4+8 fine-tuning subjects per scanner), as the
+        # command uses; under runs/, so the worker node cannot read the scans: they are shipped.
+        nodes.data = make_dataset(nodes.runs / "data", {"1": 16, "2": 16}, shape=(20, 18, 16), long_factor=1.5)
+        yield nodes
+    finally:
+        nodes.stop()
+        shutil.rmtree(nodes.root, ignore_errors=True)
+
+
+def _search_args(run_dir: Path, data: Path, **extra: str) -> list[str]:
+    values = {"--backbone": "cvtgan", "--budget": "5%", "--preset": "tiny", "--scanners": "1,2", "--epochs": "1",
+              "--pretrain-epochs": "1", "--data": str(data), "--out": str(run_dir), "--cpus-per-trial": "1",
+              "--device": "cpu", "--confirm": "0", "--priors": "off", "--concurrency": "1", **extra}
+    return [item for pair in values.items() for item in pair]
+
+
+def _wait_for(predicate, process: subprocess.Popen, log: Path, timeout: float = 300.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = predicate()
+        if found:
+            return found
+        if process.poll() is not None:
+            raise AssertionError(f"the search ended (rc {process.returncode}) first:\n{log.read_text()[-4000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out:\n{log.read_text()[-4000:]}")
+
+
+def _worker_node_ids(nodes: TwoNodes) -> list[str]:
+    script = ("import ray, json; ray.init(address='%s', log_to_driver=False); "
+              "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] and 'autopeft_worker' in n['Resources']]))"
+              % nodes.address)
+    out = subprocess.run([sys.executable, "-c", script], env=nodes.env, capture_output=True, text=True, check=True, timeout=60)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_search_on_two_nodes_lands_in_the_run_dir_and_resumes_after_the_driver_is_killed(cluster):
+    run_dir = cluster.runs / "run"
+    log = cluster.root / "search-1.log"
+    driver = cluster.search(*_search_args(run_dir, cluster.data, **{"--trials": "3"}), log="search-1.log")
+
+    def one_finished_one_running():
+        rows = records(run_dir)
+        return any(r["state"] == FINISHED for r in rows) and any(r["state"] == RUNNING for r in rows)
+
+    _wait_for(one_finished_one_running, driver, log)
+    driver.kill()  # the driver dies mid-trial: no clean-up of any kind
+    driver.wait(timeout=30)
+    before = {r["number"]: r for r in records(run_dir)}
+
+    resumed = cluster.search("--resume", str(run_dir), log="search-2.log")
+    assert resumed.wait(timeout=400) == 0, (cluster.root / "search-2.log").read_text()[-4000:]
+    text = (cluster.root / "search-1.log").read_text()
+    assert "2 node(s), 3 CPUs, 0 GPUs" in text and "shipped once to" in text, text[-3000:]
+
+    after = {r["number"]: r for r in records(run_dir)}
+    # Nothing lost, nothing repeated: the finished trial is kept as it was, the killed one is
+    # INTERRUPTED and its plan ran again; 3 plans trained in all.
+    for number, record in before.items():
+        if record["state"] == FINISHED:
+            assert after[number]["state"] == FINISHED and after[number]["started"] == record["started"]
+        elif record["state"] == RUNNING:
+            assert after[number]["state"] == INTERRUPTED
+            assert any(r["params"] == record["params"] and r["state"] in TERMINAL and n > number for n, r in after.items())
+    trained = [r for r in after.values() if r["state"] in TERMINAL and r["state"] != INFEASIBLE]
+    assert len(trained) == 3 and sum(r["state"] == FINISHED for r in trained) >= 2
+    # Every trial ran on the worker node, which cannot see the run directory: the driver wrote it all.
+    worker = _worker_node_ids(cluster)
+    assert len(worker) == 1 and all(r.get("node") == worker[0] for r in trained), [r.get("node") for r in trained]
+    for r in trained:
+        if r["state"] == FINISHED:
+            assert len(r["pairs"]) == 2 and all(p["subjects"] for p in r["pairs"])
+            assert sorted(p.name for p in (run_dir / "weights" / f"{r['number']:04d}").iterdir()) == ["1-2-fold0", "2-1-fold0"]
+    for name in ("results.csv", "best_plan.yaml", "references.json", "report.html", "study.db", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "best_weights").is_dir() and (run_dir / "examples" / "slices.json").is_file()
+    assert {row["label"] for row in json.loads((run_dir / "references.json").read_text())} >= {"No-FT", "Full-FT", "PETITE"}
+    # The source models and the scans reached the worker through the shared storage only.
+    store = cluster.shared / "autopeft-artifacts"
+    assert len(list(store.glob("pretrained/*/model.safetensors"))) == 2 and list(store.glob("data/*/manifest.csv"))
+    assert not list(run_dir.glob("ray"))  # Tune's files are under --storage-path, not the run directory
+
+
+def test_a_worker_node_dying_mid_trial_is_retried_from_its_checkpoint_and_the_search_goes_on(cluster):
+    run_dir = cluster.runs / "run-fault"
+    log = cluster.root / "search-fault.log"
+    driver = cluster.search(*_search_args(run_dir, cluster.data, **{"--trials": "2", "--max-failures": "1"}),
+                            log="search-fault.log")
+    first = _wait_for(lambda: next((r for r in records(run_dir) if r["state"] == RUNNING and r["pairs_done"] >= 1), None),
+                      driver, log)
+    raylets = cluster.processes(name="raylet/raylet", other_namespace=True)
+    assert len(raylets) == 1, raylets
+    os.kill(raylets[0], signal.SIGKILL)  # the worker node dies with its trial
+    cluster.start_worker()  # a replacement node joins; the retried trial runs there
+    assert driver.wait(timeout=400) == 0, log.read_text()[-4000:]
+    rows = {r["number"]: r for r in records(run_dir)}
+    hit = rows[first["number"]]
+    assert (hit["state"] == FINISHED and hit.get("retries") == 1) or (hit["state"] == FAILED and hit["reason"]), hit
+    if hit["state"] == FINISHED:
+        # Retried from its checkpoint: the pair done before the node died was not run again.
+        assert hit["pairs"][0] == first["pairs"][0] and "retr" in hit["reason"]
+    trained = [r for r in rows.values() if r["state"] in TERMINAL and r["state"] != INFEASIBLE]
+    assert len(trained) == 2 and any(r["state"] == FINISHED and r["number"] != first["number"] for r in trained)
+    assert (run_dir / "results.csv").is_file() and (run_dir / "report.html").is_file()
