@@ -15,7 +15,6 @@ recorded FAILED with the reason once the retries are spent.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -249,9 +248,6 @@ def run_trials(run: TuneRun) -> None:
 
     if run.remaining <= 0:
         return
-    # Records hold every result; Ray's own CSV / JSON / TensorBoard logs of them would only duplicate
-    # them (and choke on the per-subject lists).
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     config = run.config
     line = run.line if config.progress else None
     multi = config.objective == "multi"
@@ -280,7 +276,6 @@ def run_trials(run: TuneRun) -> None:
             name=run.name, storage_path=run.storage, verbose=0,
             callbacks=[RecordKeeper(run.run_dir, units, line)],
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
     phase_started = time.time()
