@@ -40,7 +40,6 @@ def write_examples(run_dir: Path, setup, best: dict[str, Any] | None, *, split: 
     Returns:
         False (and writes nothing) when the run has no best plan with saved weights.
     """
-    import torch
     from safetensors.torch import save_file
 
     from autopeft import metrics

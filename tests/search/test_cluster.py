@@ -1,11 +1,8 @@
-"""The search on a real two-node Ray cluster on this machine (127.0.0.1 only).
+"""The search on a real two-node Ray cluster on this machine (127.0.0.1 only, :mod:`_two_nodes`).
 
-The head node runs beside the driver. The worker node runs in its own mount namespace with a
-tmpfs over the runs folder (the run directory and the data live there) and over the artifact
-cache, so it cannot read the driver's files; a third folder, visible to both, plays the shared
-filesystem given as ``--storage-path``. Only the worker node has the ``autopeft_worker`` resource
-each trial asks for, so every trial runs there. Nodes are stopped by process id (processes whose
-command line holds this module's own temporary folder), never by a machine-wide ``ray stop``.
+The worker node cannot read the runs folder (run directories and the data live there) nor the
+driver's artifact cache; ``shared/`` is the ``--storage-path``. Only the worker node has the
+``autopeft_worker`` resource each trial asks for, so every trial runs there.
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,90 +20,10 @@ from pathlib import Path
 import pytest
 
 from _fakes import make_dataset
+from _two_nodes import TwoNodes, usable
 from autopeft.runs import FINISHED, INFEASIBLE, INTERRUPTED, RUNNING, TERMINAL, records
 
-VENV_BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None or not (VENV_BIN / "ray").is_file(),
-    reason="needs root (unshare -m, mount -t tmpfs) and the ray command beside this Python")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class TwoNodes:
-    """A head node and a worker node that cannot see ``runs/`` nor ``cache/`` under ``root``."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.runs, self.cache, self.shared = root / "runs", root / "cache", root / "shared"
-        for folder in (self.runs, self.cache, self.shared):
-            folder.mkdir()
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        # Tests only: a throwaway cluster on loopback needs no token (auth stays on otherwise).
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "AUTOPEFT_CACHE": str(self.cache),
-                    "RAY_USAGE_STATS_ENABLED": "0"}
-
-    def start_head(self) -> None:
-        subprocess.run([str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
-                        "--temp-dir", str(self.root / "ray"), "--num-cpus", "1", "--include-dashboard", "false",
-                        "--dashboard-port", str(_free_port()), "--disable-usage-stats"],
-                       env=self.env, check=True, capture_output=True, timeout=120)
-
-    def start_worker(self) -> None:
-        resources = json.dumps({"autopeft_worker": 4})
-        command = (f"mount -t tmpfs tmpfs {self.runs} && mount -t tmpfs tmpfs {self.cache} && exec {VENV_BIN / 'ray'} start "
-                   f"--address {self.address} --node-ip-address 127.0.0.1 --num-cpus 2 --resources '{resources}' "
-                   "--disable-usage-stats")
-        subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", command], env=self.env, check=True,
-                       capture_output=True, timeout=120)
-        self.wait_for_nodes()
-
-    def wait_for_nodes(self, timeout: float = 60.0) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            status = subprocess.run([str(VENV_BIN / "ray"), "status", "--address", self.address], env=self.env,
-                                    capture_output=True, text=True)
-            if "autopeft_worker" in status.stdout and status.stdout.count("node_") >= 2:
-                return
-            time.sleep(1.0)
-        raise TimeoutError(f"the worker node did not join {self.address}")
-
-    def processes(self, *, name: str = "", other_namespace: bool = False) -> list[int]:
-        """Processes whose command line holds this cluster's folder (not this test's own)."""
-        own = {os.getpid(), os.getppid()}
-        mine = os.readlink("/proc/self/ns/mnt")
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) in own:
-                continue
-            try:
-                line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                namespace = os.readlink(entry / "ns" / "mnt")
-            except OSError:
-                continue
-            if str(self.root) in line and name in line and (not other_namespace or namespace != mine):
-                found.append(int(entry.name))
-        return found
-
-    def stop(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in self.processes():
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            time.sleep(2.0)
-
-    def search(self, *args: str, log: str) -> subprocess.Popen:
-        """``autopeft search --address`` (the driver, on the head's side), output in ``root/log``."""
-        command = [str(VENV_BIN / "autopeft"), "search", "--address", self.address, "--storage-path", str(self.shared),
-                   "--trial-resources", json.dumps({"autopeft_worker": 1}), "--quiet", *args]
-        return subprocess.Popen(command, env=self.env, stdout=open(self.root / log, "w"), stderr=subprocess.STDOUT)
+pytestmark = pytest.mark.skipif(not usable(), reason="needs root (unshare -m, mount -t tmpfs) and the ray command beside this Python")
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +137,20 @@ def test_a_worker_node_dying_mid_trial_is_retried_from_its_checkpoint_and_the_se
     trained = [r for r in rows.values() if r["state"] in TERMINAL and r["state"] != INFEASIBLE]
     assert len(trained) == 2 and any(r["state"] == FINISHED and r["number"] != first["number"] for r in trained)
     assert (run_dir / "results.csv").is_file() and (run_dir / "report.html").is_file()
+
+
+def test_nodes_that_cannot_read_the_storage_or_the_scans_stop_the_search_before_any_trial(cluster):
+    # Without --storage-path, Tune's storage is inside the run directory, which the worker cannot see.
+    hidden = cluster.runs / "run-no-storage"
+    driver = cluster.search(*_search_args(hidden, cluster.data, **{"--trials": "2"}), log="blind-1.log", storage=False)
+    assert driver.wait(timeout=120) == 2
+    text = (cluster.root / "blind-1.log").read_text()
+    assert f"cannot read the default storage path {hidden / 'ray'}" in text and "Pass --storage-path" in text, text[-2000:]
+    # A run directory both see, but scans only the driver reads, and nothing to ship them through.
+    visible = cluster.shared / "run-no-data"
+    driver = cluster.search(*_search_args(visible, cluster.data, **{"--trials": "2"}), log="blind-2.log", storage=False)
+    assert driver.wait(timeout=120) == 2
+    text = (cluster.root / "blind-2.log").read_text()
+    assert f"--data {cluster.data}: Ray node" in text and "pass --storage-path" in text, text[-2000:]
+    for run_dir in (hidden, visible):
+        assert not (run_dir / "trials").exists() and not (run_dir / "references.json").exists()
