@@ -20,7 +20,10 @@ outputs (in --out, default runs/<backbone>-<time>):
   confirmation.csv  per test subject: plan, pair, fold, seed, PSNR/SSIM/NRMSE; summary.json: the CIs and tests
   best_plan.yaml    the recommended plan and why ('autopeft finetune --plan' and apply_plan read it)
   pareto/           plans on the PSNR vs % params front; best_weights/: its trained parts per pair
-  trials/           one JSON record per trial (states: FINISHED, STOPPED early, FAILED, INFEASIBLE)
+  trials/           one JSON record per trial (states: FINISHED, STOPPED early, FAILED, INFEASIBLE), written by
+                    this process only: trials on other Ray nodes hand their results back through Ray
+  weights/          each trial's trained parts; examples/: the report's example slices
+  ray/              Ray Tune's storage, unless --storage-path (needed on a cluster of several machines)
 
 examples:
   autopeft search --backbone unetr --budget 1%

@@ -81,11 +81,17 @@ class ScanSummary:
     long_range: tuple[float, float]
 
 
-def _manifest_file(path: str | os.PathLike[str]) -> Path:
-    """Resolves ``path`` to the manifest file: a folder means the ``manifest.csv`` inside it."""
+def _manifest_file(path: str | os.PathLike[str], *, flag: str | None = None) -> Path:
+    """Resolves ``path`` to the manifest file: a folder means the ``manifest.csv`` inside it.
+    ``flag``: the command-line option that gave ``path``, named in the error."""
     candidate = Path(path).expanduser()
     if candidate.is_dir():
         candidate = candidate / _MANIFEST_NAME
+    if not candidate.is_file() and flag is not None:
+        raise DataError(
+            f"{flag} {path}: no manifest found at {candidate}. Pass a directory holding {_MANIFEST_NAME} or "
+            "the CSV itself, or leave --data out to use the built-in simulated data."
+        )
     if not candidate.is_file():
         raise DataError(
             f"manifest {candidate} does not exist. Give the path of a CSV file with the header "
@@ -460,12 +466,4 @@ def resolve_manifest(data: str | os.PathLike[str] | None, *, progress: bool = Tr
         from autopeft.data.simulator import builtin_data
 
         return builtin_data(progress=progress)
-    path = Path(data).expanduser()
-    if path.is_dir():
-        path = path / _MANIFEST_NAME
-    if not path.is_file():
-        raise DataError(
-            f"--data {data}: no manifest found at {path}. Pass a directory holding manifest.csv or "
-            "the CSV itself, or leave --data out to use the built-in simulated data."
-        )
-    return path
+    return _manifest_file(data, flag="--data")

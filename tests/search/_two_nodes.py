@@ -43,7 +43,9 @@ class TwoNodes:
     def start_head(self) -> None:
         subprocess.run([str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
                         "--temp-dir", str(self.root / "ray"), "--num-cpus", "1", "--include-dashboard", "false",
-                        "--dashboard-port", str(_free_port()), "--disable-usage-stats"],
+                        # Ports of our own: other Ray instances may run on this machine meanwhile.
+                        "--dashboard-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
+                        "--disable-usage-stats"],
                        env=self.env, check=True, capture_output=True, timeout=120)
 
     def start_worker(self) -> None:
