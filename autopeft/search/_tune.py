@@ -44,15 +44,13 @@ _REPORTED = ("psnr", "ssim", "nrmse", "gain", "pairs_done", "pairs_total", "fide
 
 def _trainable(config: dict[str, Any], setup: TrialSetup) -> None:
     """Ray Tune function trainable: one trial (runs in a Ray worker, on any node)."""
+    import ray
     import torch
 
     from autopeft.peft import Plan
-    from autopeft.search.trial import run_plan, scores_from_json
-
-    import ray
+    from autopeft.search.trial import run_plan, running_means, scores_from_json, scores_to_json
 
     torch.set_num_threads(max(1, setup.threads))  # oversubscribing 2 cores makes tiny steps 5-10x slower
-    started = time.time()
     node = ray.get_runtime_context().get_node_id()
     setup = setup.on_node()
     plan = Plan.from_dict(config["plan"])
@@ -68,15 +66,12 @@ def _trainable(config: dict[str, Any], setup: TrialSetup) -> None:
         def report(metrics: dict[str, Any]) -> None:
             (work / _PAIRS_FILE).write_text(json.dumps(metrics["pairs"]), encoding="utf-8")
             last.update({k: metrics[k] for k in _REPORTED})
-            tune.report({**last, "fraction": config["fraction"], "pairs": metrics["pairs"], "node": node,
-                         "seconds": time.time() - started}, checkpoint=tune.Checkpoint.from_directory(str(work)))
+            tune.report({**last, "fraction": config["fraction"], "pairs": metrics["pairs"], "node": node},
+                        checkpoint=tune.Checkpoint.from_directory(str(work)))
 
         if previous and len(previous) == len(setup.units):  # it had finished: report that, train nothing
-            from autopeft.search.trial import running_means, scores_to_json
-
-            pairs = scores_to_json(previous)
             report({**running_means(previous), "gain": setup.gain_of(previous), "pairs_done": len(previous),
-                    "pairs_total": len(previous), "fidelity": 1.0, "pairs": pairs})
+                    "pairs_total": len(previous), "fidelity": 1.0, "pairs": scores_to_json(previous)})
             return
         try:
             run_plan(setup, plan, report=report, save_dir=work, skip=len(previous), previous=previous,
@@ -85,7 +80,7 @@ def _trainable(config: dict[str, Any], setup: TrialSetup) -> None:
             failed = {"pairs_done": len(previous), "pairs_total": len(setup.units), "fidelity": 0.0, "gain": float("-inf"),
                       **{k: v for k, v in last.items() if v is not None}}
             tune.report({**failed, "fraction": config["fraction"], "error": f"{type(err).__name__}: {err}"[:500],
-                         "node": node, "seconds": time.time() - started})
+                         "node": node})
 
 
 def _reason(trial) -> str:
@@ -121,7 +116,8 @@ class RecordKeeper(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         record = self._record(trial)
-        record.update({k: result[k] for k in (*_REPORTED, "pairs", "seconds", "node") if k in result})
+        record.update({k: result[k] for k in (*_REPORTED, "pairs", "node") if k in result})
+        record["seconds"] = time.time() - record["started"]  # retries included
         write_record(self.run_dir, record["number"], record)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
@@ -149,6 +145,7 @@ class RecordKeeper(tune.Callback):
         self._close(record)
 
     def _close(self, record: dict[str, Any]) -> None:
+        record["seconds"] = time.time() - record["started"]
         write_record(self.run_dir, record["number"], record)
         if self.line is not None:
             self.line(record)
