@@ -53,19 +53,23 @@ class TwoNodes:
         command = (f"mount -t tmpfs tmpfs {self.runs} && mount -t tmpfs tmpfs {self.cache} && exec {VENV_BIN / 'ray'} start "
                    f"--address {self.address} --node-ip-address 127.0.0.1 --num-cpus 2 --resources '{resources}' "
                    "--disable-usage-stats")
-        subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", command], env=self.env, check=True,
-                       capture_output=True, timeout=120)
-        self.wait_for_nodes()
-
-    def wait_for_nodes(self, timeout: float = 60.0) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            status = subprocess.run([str(VENV_BIN / "ray"), "status", "--address", self.address], env=self.env,
-                                    capture_output=True, text=True)
-            if "autopeft_worker" in status.stdout and status.stdout.count("node_") >= 2:
-                return
+        before = set(self.worker_nodes())
+        started = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", command], env=self.env,
+                                 capture_output=True, text=True, timeout=180)
+        if started.returncode != 0:
+            raise RuntimeError(f"the worker node did not start:\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
+        deadline = time.time() + 120.0
+        while not set(self.worker_nodes()) - before:
+            if time.time() > deadline:
+                raise TimeoutError(f"the worker node did not join {self.address}")
             time.sleep(1.0)
-        raise TimeoutError(f"the worker node did not join {self.address}")
+
+    def worker_nodes(self) -> list[str]:
+        """Ids of the alive nodes with the ``autopeft_worker`` resource (``ray.nodes()``)."""
+        script = ("import json, ray; ray.init(address=%r, log_to_driver=False); print(json.dumps([n['NodeID'] for n in "
+                  "ray.nodes() if n['Alive'] and 'autopeft_worker' in n['Resources']]))" % self.address)
+        out = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True, timeout=120)
+        return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else []
 
     def processes(self, *, name: str = "", other_namespace: bool = False) -> list[int]:
         """Processes whose command line holds this cluster's folder (not this test's own)."""
