@@ -138,6 +138,8 @@ class FinetuneJob:
         device: where to train. Defaults to ``cpu``.
         weights: a user's pre-trained model (file or MONAI bundle) used as the source model instead
             of pre-training one (``autopeft.pretraining.imported_model``). Defaults to None.
+        pretrain: pre-train the source model when the cache lacks it. Defaults to True; a
+            search's trials set False (a missing model is then an error naming it).
     """
 
     backbone: str
@@ -152,6 +154,7 @@ class FinetuneJob:
     pretrain_epochs: int | None = None
     device: str = "cpu"
     weights: str | None = None
+    pretrain: bool = True
 
     def make_protocol(self):
         from autopeft.data import Protocol
@@ -164,25 +167,25 @@ class FinetuneJob:
 
 
 # Source models already loaded in this process (a Ray worker runs many trials): loading and
-# checking a checkpoint costs more than a copy. Keyed by what identifies the model and the stamp of
-# the manifest; at most a few models (a search has one per source scanner and fold).
+# checking a checkpoint costs more than a copy. Keyed by what identifies the model and the content
+# of the manifest; at most a few models (a search has one per source scanner and fold).
 _LOADED: dict[tuple, tuple[nn.Module, dict[str, Any]]] = {}
 _LOADED_MAX = 8
 
 
 def source_model(job: FinetuneJob, *, progress: bool = False):
-    """The job's pre-trained source model and its checkpoint metadata (cache; trained if missing).
+    """The job's pre-trained source model and its checkpoint metadata (cache; trained if missing
+    and ``job.pretrain``).
 
     Returns a fresh copy each call: callers may change it.
     """
     import copy
-    from pathlib import Path
+    import os
 
-    from autopeft.pretraining import pretrained_model
+    from autopeft.pretraining import _content_hash, pretrained_model
 
-    manifest = Path(job.manifest_path)
-    stamp = manifest.stat().st_mtime_ns if manifest.is_file() else 0
-    key = (job.backbone, job.preset, str(manifest), stamp, job.source, job.fold, job.seed, job.protocol,
+    stamp = _content_hash(job.manifest_path) if os.path.isfile(job.manifest_path) else ""
+    key = (job.backbone, job.preset, stamp, job.source, job.fold, job.seed, job.protocol,
            job.pretrain_epochs, job.device, job.weights)
     if key not in _LOADED:
         if len(_LOADED) >= _LOADED_MAX:
@@ -190,30 +193,45 @@ def source_model(job: FinetuneJob, *, progress: bool = False):
         _LOADED[key] = pretrained_model(
             job.backbone, job.source, manifest_path=job.manifest_path, preset=job.preset, fold=job.fold,
             epochs=job.pretrain_epochs, seed=job.seed, protocol=job.make_protocol(), device=job.device, progress=progress,
-            weights=job.weights,
+            weights=job.weights, train=job.pretrain,
         )
     model, meta = _LOADED[key]
     return copy.deepcopy(model), dict(meta)
 
 
-def target_importance(job: FinetuneJob, model: nn.Module | None = None, meta: dict[str, Any] | None = None):
-    """(I at lambda 0, I at lambda 1) of the job's source model on the target's training crops
-    (``autopeft.importance.importance_pair_on_scans``), cached beside the source models."""
-    import copy
+def _target_train(job: FinetuneJob) -> list[dict[str, Any]]:
+    from autopeft.data import split_scanner
+
+    return split_scanner(job.manifest_path, job.target, purpose="finetune", protocol=job.make_protocol(),
+                         fold=job.fold, seed=job.seed)["train"]
+
+
+def importance_file(job: FinetuneJob, meta: dict[str, Any]) -> str:
+    """Where the job's importance maps are cached, relative to the cache root: keyed by the source
+    model (``meta``, its checkpoint metadata), the target's training subjects and the seed."""
     import json
 
-    from autopeft.data import split_scanner
+    from autopeft.pretraining import SourceSpec
+
+    train = _target_train(job)
+    spec = SourceSpec(**{k: meta[k] for k in SourceSpec.__dataclass_fields__})
+    subjects = hashlib.sha256(json.dumps([job.target, [r["subject"] for r in train]]).encode()).hexdigest()[:12]
+    return f"importance/{spec.key()}-tgt{job.target}-{subjects}-seed{job.fine_tuning_seed}.safetensors"
+
+
+def target_importance(job: FinetuneJob, model: nn.Module | None = None, meta: dict[str, Any] | None = None):
+    """(I at lambda 0, I at lambda 1) of the job's source model on the target's training crops
+    (``autopeft.importance.importance_pair_on_scans``), cached beside the source models
+    (:func:`importance_file`)."""
+    import copy
+
     from autopeft.importance import importance_pair_on_scans
-    from autopeft.pretraining import SourceSpec, cache_root
+    from autopeft.pretraining import cache_root
 
     if model is None or meta is None:
         model, meta = source_model(job)
-    train = split_scanner(job.manifest_path, job.target, purpose="finetune", protocol=job.make_protocol(),
-                          fold=job.fold, seed=job.seed)["train"]
-    spec = SourceSpec(**{k: meta[k] for k in SourceSpec.__dataclass_fields__})
-    subjects = hashlib.sha256(json.dumps([job.target, [r["subject"] for r in train]]).encode()).hexdigest()[:12]
-    path = cache_root() / "importance" / f"{spec.key()}-tgt{job.target}-{subjects}-seed{job.fine_tuning_seed}.safetensors"
-    return importance_pair_on_scans(copy.deepcopy(model), train, seed=job.fine_tuning_seed, device=job.device, cache_file=path)
+    path = cache_root() / importance_file(job, meta)
+    return importance_pair_on_scans(copy.deepcopy(model), _target_train(job), seed=job.fine_tuning_seed, device=job.device, cache_file=path)
 
 
 def finetune_plan(

@@ -81,7 +81,7 @@ def _is_trained_dir(path: Path) -> bool:
 def run_setup(run_dir: str | os.PathLike):
     """The search's :class:`~autopeft.search.trial.TrialSetup`, rebuilt from ``run.json`` as the
     engine built it (source models are then found in the cache by the same key)."""
-    from autopeft.cli._common import resolve_manifest
+    from autopeft.data import resolve_manifest
     from autopeft.search.trial import setup_from_config
 
     run_dir = Path(run_dir)

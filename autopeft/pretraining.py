@@ -35,11 +35,11 @@ from tqdm.auto import tqdm
 
 from autopeft import _io
 from autopeft.checkpoints import atomic_write_bytes, load_checkpoint, load_state, save_checkpoint, save_state
-from autopeft.errors import ConfigError
+from autopeft.errors import CheckpointError, ConfigError
 from autopeft.train import EpochResult, Trainer, TrainSettings, is_better
 
 __all__ = [
-    "SourceSpec", "source_spec", "is_pretrained", "pretrained_model", "imported_model", "cache_root", "manifest_digest",
+    "SourceSpec", "source_spec", "model_file", "is_pretrained", "pretrained_model", "imported_model", "cache_root", "manifest_digest",
 ]
 
 
@@ -48,18 +48,29 @@ def cache_root() -> Path:
     return _io.cache_root()  # the one definition (an empty $AUTOPEFT_CACHE means the default)
 
 
-def manifest_digest(manifest) -> str:
-    """A hash of a manifest's records and the size and content stamp of every file it names.
+# (path, size, mtime_ns) -> sha256 of the file: a process hashes each scan once. The digest itself
+# is of the bytes, so a copy of the data on another node (other paths, other mtimes) keys the same.
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
-    Files are stamped by size and mtime rather than hashed whole: re-hashing every scan on each call
-    would cost more than the lookup it protects.
-    """
+
+def _content_hash(path: str) -> str:
+    from autopeft.checkpoints import file_sha256
+
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = file_sha256(path)
+    return _FILE_HASHES[key]
+
+
+def manifest_digest(manifest) -> str:
+    """A hash of a manifest's records and the contents of every file it names (not their paths or
+    modification times: the same scans copied elsewhere give the same digest)."""
     h = hashlib.sha256()
     for row in manifest.sort_values(["scanner", "subject"]).itertuples(index=False):
         h.update(f"{row.subject}|{row.scanner}".encode())
         for path in (row.short, row.long):
-            stat = os.stat(path)
-            h.update(f"|{os.path.basename(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+            h.update(f"|{os.path.basename(path)}|{_content_hash(path)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -138,9 +149,14 @@ def source_spec(
     )
 
 
+def model_file(spec: SourceSpec) -> str:
+    """The finished model of ``spec``, relative to the cache root (the same key in an artifact store)."""
+    return f"pretrained/{spec.key()}/model.safetensors"
+
+
 def _entry(spec: SourceSpec, cache_dir: str | os.PathLike | None) -> Path:
     """The cache folder of ``spec``: its finished model is ``model.safetensors`` there."""
-    return Path(cache_dir or cache_root()) / "pretrained" / spec.key()
+    return (Path(cache_dir or cache_root()) / model_file(spec)).parent
 
 
 def is_pretrained(spec: SourceSpec, cache_dir: str | os.PathLike | None = None) -> bool:
@@ -164,6 +180,7 @@ def pretrained_model(
     progress: bool = True,
     on_epoch: Callable[[EpochResult], None] | None = None,
     weights: str | os.PathLike | None = None,
+    train: bool = True,
 ):
     """The pre-trained source model, from the cache or freshly trained (and then cached).
 
@@ -183,10 +200,15 @@ def pretrained_model(
         on_epoch: called after each epoch (e.g. to print), besides checkpointing.
         weights: a user's own pre-trained model (see :func:`imported_model`) used instead of
             pre-training; the data arguments are then not used. Defaults to None.
+        train: pre-train the model when the cache lacks it. Defaults to True; a search's trials
+            pass False (their driver pre-trains every source model before them).
 
     Returns:
         ``(model, metadata)``: the ``Backbone`` in eval mode with the best weights, and the
         checkpoint metadata (spec, validation metrics, epochs, seconds).
+
+    Raises:
+        CheckpointError: ``train`` is False and the cache has no such model (the spec is named).
     """
     from backbones import build_backbone
     from autopeft.data import Protocol, eval_volumes, read_manifest, split_scanner, train_loader
@@ -206,6 +228,11 @@ def pretrained_model(
         if final.exists():
             meta = load_checkpoint(model, final, expect={"backbone": backbone, "preset": preset})
             return model.eval(), meta
+        if not train:
+            raise CheckpointError(
+                f"source model {spec.key()} is missing from {entry.parent} and is not pre-trained here: a search "
+                "pre-trains every source model before its trials (and puts them in its --storage-path for other "
+                "nodes). Resume the search, or run 'autopeft pretrain' with the search's settings.")
 
         splits = split_scanner(manifest, spec.source, purpose="pretrain", protocol=protocol, fold=fold, seed=seed)
         crop = model.preset.crop_size

@@ -113,8 +113,10 @@ def _search(args: argparse.Namespace, sampler_seed: int, run_dir: Path) -> dict[
 
 def _noise(args: argparse.Namespace, run_dir: Path, work: Path) -> dict[str, Any]:
     """PETITE's plan on every fold x seed, on test subjects, from the first search's settings."""
-    from autopeft.cli._common import resolve_manifest
-    from autopeft.search.engine import SearchConfig, _pretrain_sources
+    from autopeft.data import resolve_manifest
+    from autopeft.search._cluster import task_options
+    from autopeft.search._sources import prepare_sources
+    from autopeft.search.engine import SearchConfig
     from autopeft.search.results import reference_plans
     from autopeft.search.trial import TrialSetup, run_plan, running_means, scores_to_json
 
@@ -126,7 +128,7 @@ def _noise(args: argparse.Namespace, run_dir: Path, work: Path) -> dict[str, Any
                        pairs=tuple((s, t) for s in scanners for t in scanners if s != t), folds=tuple(range(args.noise_folds)),
                        epochs=int(config.epochs), seed=config.seed, protocol=dict(config.protocol),
                        pretrain_epochs=config.pretrain_epochs, device=config.device, threads=1, run_dir=str(run_dir))
-    _pretrain_sources(config, setup)
+    prepare_sources(config, setup, options=task_options(config), progress=True)
     plan = dict(reference_plans(config.backbone, setup.epochs))["PETITE"]
     runs = []
     for fold in range(args.noise_folds):

@@ -188,7 +188,7 @@ def _run_grid(setup, plans: list, counter, grid_dir: Path) -> list[dict[str, Any
 def _engine_run(args: argparse.Namespace, settings: dict[str, Any], variant: str, sampler_seed: int, run_dir: Path) -> Path:
     """One engine run in ``run_dir``: reused when complete, resumed when interrupted."""
     from autopeft.search.engine import SearchConfig, run_search
-    from autopeft.search.trial import INFEASIBLE, TERMINAL, records
+    from autopeft.runs import INFEASIBLE, TERMINAL, records
 
     if (run_dir / "run.json").is_file():
         done = sum(r.get("state") in TERMINAL and r.get("state") != INFEASIBLE for r in records(run_dir))
@@ -211,7 +211,7 @@ def _engine_run(args: argparse.Namespace, settings: dict[str, Any], variant: str
 def _trial_rows(run_dir: Path, trials: int, epochs: int) -> list[dict[str, Any]]:
     """The run's first ``trials`` trained plans (by number; the over-budget draws among them kept
     at cost 0) in the order they ended, with their cost."""
-    from autopeft.search.trial import INFEASIBLE, records
+    from autopeft.runs import INFEASIBLE, records
 
     rows, trained = [], 0
     for r in sorted(records(run_dir), key=lambda r: r["number"]):

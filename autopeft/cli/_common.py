@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from autopeft.errors import DataError
+from autopeft.data.manifest import resolve_manifest  # noqa: F401  (re-exported for the commands)
 from autopeft.tables import print_table  # noqa: F401  (re-exported for the commands)
 
 
@@ -37,23 +36,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fold", type=int, default=0, help="cross-validation fold of the subject splits")
     parser.add_argument("--seed", type=int, default=0, help="seeds initialisation, splits and crops")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-
-
-def resolve_manifest(data: str | None, *, progress: bool = True) -> Path:
-    """The manifest path for ``--data`` (a directory or a CSV), or the built-in data set."""
-    if data is None:
-        from autopeft.data.simulator import builtin_data
-
-        return builtin_data(progress=progress)
-    path = Path(data).expanduser()
-    if path.is_dir():
-        path = path / "manifest.csv"
-    if not path.is_file():
-        raise DataError(
-            f"--data {data}: no manifest found at {path}. Pass a directory holding manifest.csv or "
-            "the CSV itself, or leave --data out to use the built-in simulated data."
-        )
-    return path
 
 
 def resolve_device(device: str | None) -> str:

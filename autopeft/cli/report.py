@@ -22,7 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the folder 'autopeft search' wrote (its --out)")
     parser.add_argument("--out", default=None, help="where to write the HTML file (default: RUN_DIR/report.html)")
     parser.add_argument("--no-slices", action="store_true",
-                        help="skip the example slices (they load the cached source model and predict two volumes)")
+                        help="leave out the example slices (drawn from the examples/ the search kept)")
 
 
 def run(args: argparse.Namespace) -> int:

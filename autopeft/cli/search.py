@@ -20,14 +20,18 @@ outputs (in --out, default runs/<backbone>-<time>):
   confirmation.csv  per test subject: plan, pair, fold, seed, PSNR/SSIM/NRMSE; summary.json: the CIs and tests
   best_plan.yaml    the recommended plan and why ('autopeft finetune --plan' and apply_plan read it)
   pareto/           plans on the PSNR vs % params front; best_weights/: its trained parts per pair
-  trials/           one JSON record per trial (states: FINISHED, STOPPED early, FAILED, INFEASIBLE)
+  trials/           one JSON record per trial (states: FINISHED, STOPPED early, FAILED, INFEASIBLE), written by
+                    this process only: trials on other Ray nodes hand their results back through Ray
+  weights/          each trial's trained parts; examples/: the report's example slices
+  ray/              Ray Tune's storage, unless --storage-path (needed on a cluster of several machines)
 
 examples:
   autopeft search --backbone unetr --budget 1%
   autopeft search --backbone cvtgan --budget 0.5% --trials 40 --time-budget 30m --objective multi
   autopeft search --resume runs/unetr-20250101-120000        # after Ctrl-C or a killed process
   autopeft search --backbone unetr --budget 1% --dashboard   # Ray's dashboard on 127.0.0.1:8265
-  autopeft search --backbone unetr --budget 1% --address auto --gpus-per-trial 0.5   # on a Ray cluster
+  autopeft search --backbone unetr --budget 1% --address auto --gpus-per-trial 0.5 \
+      --storage-path /shared/autopeft                          # on a Ray cluster (see README: Running on a cluster)
   autopeft search --backbone unetr --budget 1% --data data/mybids --weights unetr_mct.pt --source "Biograph mCT"
 
 With --data the default scanners are the data's own: all of them on a GPU, on a CPU the two with
@@ -67,7 +71,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (also its torch threads)")
     parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractions allowed (default: 1 when a GPU is found)")
     parser.add_argument("--concurrency", type=int, default=None, help="trials at once (default: what the resources allow)")
-    parser.add_argument("--address", default=None, help="join a Ray cluster ('auto'); default: a local Ray")
+    parser.add_argument("--address", default=None, help="join a Ray cluster ('auto', or HEAD:6379); default: a local Ray")
+    parser.add_argument("--storage-path", default=None, metavar="DIR_OR_URI",
+                        help="Ray Tune's storage and the shared artifacts (source models, importance maps, shipped scans): a "
+                        "folder every node mounts, or a URI such as s3://bucket/path (default: RUN_DIR/ray, one machine only)")
+    parser.add_argument("--trial-resources", default=None, metavar="JSON",
+                        help="custom Ray resources each trial asks for, e.g. '{\"autopeft_worker\": 1}' to keep trials on the "
+                        "nodes started with --resources '{\"autopeft_worker\": N}'")
+    parser.add_argument("--max-failures", type=int, default=2,
+                        help="retries of a trial whose worker process or node dies (it goes on from its last pair)")
     parser.add_argument("--data", default=None, help="a directory with manifest.csv, or the CSV (default: built-in simulated data)")
     from autopeft.cli._common import add_weights_argument
 
@@ -92,9 +104,9 @@ def run(args: argparse.Namespace) -> int:
     from autopeft.cli._flags import flag_errors, flags_of
     from autopeft.errors import ConfigError
     from autopeft.search import Budget
-    from autopeft.search.engine import SearchConfig, _budget_seconds, resolve_defaults, run_search
+    from autopeft.search.engine import SearchConfig, parse_duration, run_search
 
-    time_budget = _budget_seconds(args.time_budget)
+    time_budget = parse_duration(args.time_budget)
     if args.resume:
         run_search(resume_dir=args.resume, trials=args.trials, time_budget_s=time_budget)
         return 0
@@ -104,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
                      progress="--quiet", prior_signal="--priors")
     with flag_errors(flags):  # the settings' own checks, named by their flags
         Budget.parse(args.budget)
-        config = resolve_defaults(_config(args, time_budget))
-    run_search(config)
+        # The engine fills the defaults once it knows the cluster's resources (GPUs may be elsewhere).
+        run_search(_config(args, time_budget))
     return 0
 
 
@@ -122,7 +134,26 @@ def _config(args: argparse.Namespace, time_budget: float | None):
         out=args.out, objective=args.objective, sampler=args.sampler, priors=args.priors != "off",
         prior_signal="shpeft" if args.priors in ("on", "off") else args.priors, prior_candidates=args.prior_candidates,
         warm_start=args.warm_start, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-        concurrency=args.concurrency, address=args.address, data=args.data, pretrain_epochs=args.pretrain_epochs,
+        concurrency=args.concurrency, address=args.address, storage_path=args.storage_path,
+        trial_resources=_resources(args.trial_resources), max_failures=args.max_failures, data=args.data, pretrain_epochs=args.pretrain_epochs,
         references=not args.no_references, asha=not args.no_asha, device=args.device, progress=not args.quiet,
         dashboard=args.dashboard, confirm=args.confirm, confirm_folds=args.confirm_folds, confirm_seeds=args.confirm_seeds,
     )
+
+
+def _resources(text: str | None) -> dict[str, float]:
+    """``--trial-resources``: a JSON object of resource name -> amount."""
+    import json
+
+    from autopeft.errors import ConfigError
+
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--trial-resources must be a JSON object such as '{{\"autopeft_worker\": 1}}', but got {text!r} "
+                          f"({err.msg}).") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--trial-resources must be a JSON object of resource name -> amount, but got {text!r}.")
+    return {str(k): v for k, v in value.items()}

@@ -43,6 +43,7 @@ __all__ = [
     "read_scanner_profiles",
     "check_scans",
     "default_scanners",
+    "resolve_manifest",
 ]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("subject", "scanner", "short", "long")
@@ -80,11 +81,17 @@ class ScanSummary:
     long_range: tuple[float, float]
 
 
-def _manifest_file(path: str | os.PathLike[str]) -> Path:
-    """Resolves ``path`` to the manifest file: a folder means the ``manifest.csv`` inside it."""
+def _manifest_file(path: str | os.PathLike[str], *, flag: str | None = None) -> Path:
+    """Resolves ``path`` to the manifest file: a folder means the ``manifest.csv`` inside it.
+    ``flag``: the command-line option that gave ``path``, named in the error."""
     candidate = Path(path).expanduser()
     if candidate.is_dir():
         candidate = candidate / _MANIFEST_NAME
+    if not candidate.is_file() and flag is not None:
+        raise DataError(
+            f"{flag} {path}: no manifest found at {candidate}. Pass a directory holding {_MANIFEST_NAME} or "
+            "the CSV itself, or leave --data out to use the built-in simulated data."
+        )
     if not candidate.is_file():
         raise DataError(
             f"manifest {candidate} does not exist. Give the path of a CSV file with the header "
@@ -450,3 +457,13 @@ def default_scanners(
     chosen = sorted(chosen, key=_natural_key)
     listed = ", ".join(f"{sid} ({counts[sid]} subjects)" for sid in chosen)
     return chosen, f"scanners: {listed}: {why}, from {where}"
+
+
+def resolve_manifest(data: str | os.PathLike[str] | None, *, progress: bool = True) -> Path:
+    """The manifest path for ``--data`` (a directory or a CSV), or the built-in data set (simulated
+    into the cache on first use)."""
+    if data is None:
+        from autopeft.data.simulator import builtin_data
+
+        return builtin_data(progress=progress)
+    return _manifest_file(data, flag="--data")

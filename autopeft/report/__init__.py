@@ -24,10 +24,9 @@ from typing import Any
 
 from autopeft._io import atomic_write_text
 from autopeft.report._run import STATE_STYLE, RunData, load_run
+from autopeft.runs import VERSIONED_PACKAGES, versions
 
 __all__ = ["write_report", "load_run", "RunData"]
-
-_VERSIONED = ("autopeft", "torch", "monai", "optuna", "ray", "plotly", "pandas")
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1200px;
@@ -39,19 +38,6 @@ table { border-collapse: collapse; font-size: 0.9em; margin: 8px 0; }
 th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; } nav a { margin-right: 14px; } .states span { margin-right: 14px; }
 """
-
-
-def versions() -> dict[str, str]:
-    """Installed versions of the packages a search depends on."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in _VERSIONED:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "not installed"
-    return found
 
 
 def _esc(text: Any) -> str:
@@ -137,7 +123,7 @@ def _settings(run: RunData) -> str:
     recorded = run.meta.get("versions")
     now = versions()
     lines = []
-    for name in _VERSIONED:
+    for name in VERSIONED_PACKAGES:
         then = (recorded or {}).get(name)
         lines.append(f"<tr><th>{name}</th><td>{_esc(then or '-')}</td><td>{_esc(now[name])}</td></tr>")
     slots_path = run.run_dir / "slots.json"
@@ -157,8 +143,7 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
     Args:
         run_dir: a folder written by ``autopeft search``.
         out: where to write. Defaults to ``<run_dir>/report.html``.
-        slices: draw example slices (loads the pre-trained source model from the cache and runs
-            two whole-volume predictions). Defaults to True.
+        slices: show the example slices the search kept (``examples/``). Defaults to True.
 
     Returns:
         The path written.

@@ -77,7 +77,7 @@ def load_run(run_dir: str | Path) -> RunData:
     Raises:
         ConfigError: the folder has no ``run.json`` (it is not a search's output).
     """
-    from autopeft.search.trial import records
+    from autopeft.runs import records
 
     folder = Path(run_dir).expanduser().resolve()
     meta_path = folder / "run.json"

@@ -9,11 +9,12 @@ Optuna engine that fine-tunes sampled plans across scanner pairs.
 from autopeft.search.options import PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS
 
 __all__ = ["Budget", "PlanCount", "PlanCounter", "SearchSpace", "load_space", "space_files", "SearchConfig", "run_search",
-           "PRIOR_CANDIDATES", "PRIOR_SIGNALS", "SAMPLERS"]
+           "resolve_defaults", "PRIOR_CANDIDATES", "PRIOR_SIGNALS", "SAMPLERS"]
 
 # Names loaded on first use: they import torch (and the engine Ray), which the CLI's --help does not need.
 _LAZY = {"Budget": "budget", "PlanCount": "budget", "PlanCounter": "budget", "SearchSpace": "space",
-         "load_space": "space", "space_files": "space", "SearchConfig": "engine", "run_search": "engine"}
+         "load_space": "space", "space_files": "space", "SearchConfig": "engine", "run_search": "engine",
+         "resolve_defaults": "engine"}
 
 
 def __getattr__(name: str):

@@ -7,9 +7,10 @@ final; and every plan over the budget cost a Ray trial to be recorded. Here:
 - a plan over the budget is drawn again inside :meth:`StudySearcher.suggest`: the draw is told to
   the study as FAIL, with its budget constraint and the reason kept (``trial.set_constraint``,
   user attributes), and never becomes a Ray trial nor carries an objective value;
-- the fate of a trial is decided in one place, :func:`trial_state`: every pair done is FINISHED
-  (Optuna COMPLETE with the objective), fewer pairs is STOPPED (Optuna PRUNED, its running values
-  reported as intermediate values, step = pairs done), an error is FAILED (Optuna FAIL).
+- the fate of a trial is decided in one place, :func:`autopeft.runs.trial_state` (which the run's
+  records follow too): every pair done is FINISHED (Optuna COMPLETE with the objective), fewer
+  pairs is STOPPED (Optuna PRUNED, its running values reported as intermediate values, step =
+  pairs done), an error is FAILED (Optuna FAIL).
 """
 
 from __future__ import annotations
@@ -19,18 +20,9 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from autopeft.search.trial import FAILED, FINISHED, STOPPED
+from autopeft.runs import FINISHED, STOPPED, trial_state
 
-__all__ = ["StudySearcher", "trial_state"]
-
-
-def trial_state(result: Mapping[str, Any] | None, error: bool) -> str:
-    """FINISHED, STOPPED or FAILED, from a trial's last reported metrics (the one rule)."""
-    if error:
-        return FAILED
-    if not result or int(result.get("pairs_done", 0)) < int(result.get("pairs_total", 1)):
-        return STOPPED
-    return FINISHED
+__all__ = ["StudySearcher"]
 
 
 class StudySearcher(Searcher):
@@ -89,8 +81,8 @@ class StudySearcher(Searcher):
         """The running value after each pair as an intermediate value (step = pairs done). Ray
         hands the result that made the scheduler stop a trial to on_trial_complete only, hence
         this is called from both, once per step."""
-        if len(self._metrics) > 1 or trial_id not in self._open or not result:
-            return  # Optuna takes intermediate values for single-objective studies only
+        if len(self._metrics) > 1 or trial_id not in self._open or not result or result.get("error"):
+            return  # Optuna takes intermediate values for single-objective studies only; a failure has none
         ot_trial = self._open[trial_id]
         value, step = result.get(self._metrics[0]), int(result.get("pairs_done", 0))
         if value is not None and step not in self._reported.setdefault(trial_id, set()):

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from autopeft._io import atomic_write, atomic_write_json
-from autopeft.search.trial import FINISHED, TrialSetup, records, run_plan, scores_to_json
+from autopeft.runs import FINISHED, records
+from autopeft.search.trial import TrialSetup, run_plan, scores_to_json
 
 __all__ = ["confirmation_candidates", "run_confirmation", "confirmation_rows"]
 
@@ -73,12 +74,13 @@ def _confirm_job(setup: TrialSetup, plan_dict: Mapping[str, Any], fold: int, see
     from autopeft.peft import Plan
 
     torch.set_num_threads(max(1, setup.threads))
-    scores = run_plan(replace(setup, folds=(fold,)), Plan.from_dict(plan_dict), split="test", train_seed=seed)
+    scores = run_plan(replace(setup, folds=(fold,)).on_node(), Plan.from_dict(plan_dict), split="test", train_seed=seed)
     return scores_to_json(scores)
 
 
 def run_confirmation(run_dir: Path, setup: TrialSetup, *, k: int, folds: Sequence[int], seeds: Sequence[int],
-                     concurrency: int = 1, cpus: float = 1.0, gpus: float = 0.0, progress: bool = True) -> dict[str, Any]:
+                     concurrency: int = 1, task_options: Mapping[str, Any] | None = None,
+                     progress: bool = True) -> dict[str, Any]:
     """Confirm the ``k`` best plans and the references on test subjects; write the outputs.
 
     Args:
@@ -88,8 +90,7 @@ def run_confirmation(run_dir: Path, setup: TrialSetup, *, k: int, folds: Sequenc
         folds: folds to re-run on (their source models must be pre-trained).
         seeds: fine-tuning seeds; the first should be the search's (it reproduces the trials).
         concurrency: jobs at once (Ray tasks when above 1, else in this process).
-        cpus: CPUs per Ray task. Defaults to 1.
-        gpus: GPUs per Ray task. Defaults to 0.
+        task_options: ``ray.remote`` options of one job (a trial's resources). Defaults to 1 CPU.
         progress: progress bar and one line per job.
 
     Returns:
@@ -124,7 +125,7 @@ def run_confirmation(run_dir: Path, setup: TrialSetup, *, k: int, folds: Sequenc
         if concurrency > 1 and len(missing) > 1:
             import ray
 
-            task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_confirm_job)
+            task = ray.remote(**dict(task_options or {"num_cpus": 1}))(_confirm_job)
             waiting = list(missing)
             pending: dict[Any, tuple] = {}
             while waiting or pending:

@@ -16,7 +16,8 @@ from typing import Any
 
 from autopeft._io import atomic_write, atomic_write_json
 from autopeft.tables import print_table
-from autopeft.search.trial import FINISHED, records, run_plan, running_means, scores_to_json
+from autopeft.runs import FINISHED, records, weights_dir
+from autopeft.search.trial import run_plan, running_means, scores_to_json
 
 __all__ = ["plan_summary", "run_references", "finish_run", "pareto_front"]
 
@@ -134,7 +135,7 @@ def finish_run(run_dir: Path, setup, config, space, priors: bool) -> dict[str, A
     if finished:
         best = max(finished, key=lambda r: r["psnr"])
         _write_best_plan(run_dir, setup, best, f"the best validation PSNR ({best['psnr']:.3f} dB) of {len(finished)} finished trials")
-        weights = run_dir / "weights" / f"{best['number']:04d}"
+        weights = weights_dir(run_dir, best["number"])
         if weights.is_dir():
             shutil.copytree(weights, run_dir / "best_weights", dirs_exist_ok=True)
         front = pareto_front(finished)

@@ -7,13 +7,12 @@ subjects are never read here; only the confirmation at the end of a search score
 each pair it reports the running means of PSNR, SSIM and NRMSE: the number of pairs done is the
 fidelity the scheduler stops on.
 
-Every trial keeps a record, ``<run>/trials/<number>.json`` (written atomically), so that a search
-can be resumed and an early-stopped trial is never read as a finished one.
+A trial writes nothing itself: it hands its scores back through ``report`` (Ray Tune's
+``tune.report`` in a search), and the driver keeps the record (:mod:`autopeft.runs`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -22,11 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrialSetup", "setup_from_config", "PairScore", "run_plan", "new_record", "read_record", "write_record", "records"]
-
-# Terminal states of a trial record; RUNNING is the only other one.
-FINISHED, STOPPED, FAILED, INFEASIBLE, INTERRUPTED = "FINISHED", "STOPPED", "FAILED", "INFEASIBLE", "INTERRUPTED"
-TERMINAL = (FINISHED, STOPPED, FAILED, INFEASIBLE)
+__all__ = ["TrialSetup", "setup_from_config", "PairScore", "run_plan", "source_model", "running_means", "scores_to_json",
+           "scores_from_json"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +45,11 @@ class TrialSetup:
         baseline: No-FT's validation PSNR per ``(source, target, fold)``: a trial's objective is
             its mean PSNR gain over it. Empty until the references have run.
         weights: a user's pre-trained model used as every pair's source model (no pre-training).
+        artifacts: the artifact store every node reads (``autopeft.artifacts``; a search's
+            ``--storage-path``), or None where every node shares this machine's cache.
+        data_key: the scans' key in that store, when nodes cannot read ``manifest_path``.
+        pretrain: whether a missing source model may be pre-trained where this runs (False in a
+            search's trials: the driver pre-trains them first).
     """
 
     backbone: str
@@ -65,6 +66,54 @@ class TrialSetup:
     run_dir: str = ""
     baseline: tuple[tuple[str, str, int, float], ...] = ()
     weights: str | None = None
+    artifacts: str | None = None
+    data_key: str | None = None
+    pretrain: bool = True
+
+    @property
+    def sources(self) -> list[tuple[str, int]]:
+        """(source, fold) of every source model the pairs need."""
+        return [(source, fold) for fold in self.folds for source in sorted({s for s, _ in self.pairs})]
+
+    def source_specs(self) -> dict:
+        """Each source model's ``autopeft.pretraining.SourceSpec`` by (source, fold); none with ``weights``."""
+        from autopeft.data import read_manifest
+        from autopeft.pretraining import source_spec
+
+        if self.weights:
+            return {}
+        manifest = read_manifest(self.manifest_path)
+        return {(source, fold): source_spec(self.backbone, source, manifest=manifest, preset=self.preset, fold=fold,
+                                            epochs=self.pretrain_epochs, seed=self.seed, protocol=self.make_protocol())
+                for source, fold in self.sources}
+
+    def source_files(self) -> dict[tuple[str, int], str]:
+        """Each source model's file by (source, fold), relative to the cache."""
+        from autopeft.pretraining import model_file
+
+        return {unit: model_file(spec) for unit, spec in self.source_specs().items()}
+
+    def importance_files(self) -> list[str]:
+        """The SH-PEFT importance maps of every unit at ``seed``, relative to the cache."""
+        from autopeft.finetuning import importance_file
+
+        specs = self.source_specs()
+        return [importance_file(self.job(s, t, f), asdict(specs[(s, f)])) for s, t, f in self.units if (s, f) in specs]
+
+    def on_node(self) -> TrialSetup:
+        """This setup as the node it runs on sees it: with an artifact store, the scans (when
+        shipped), source models and importance maps are brought into the node's cache first."""
+        if self.artifacts is None:
+            return self
+        from dataclasses import replace
+
+        from autopeft.artifacts import ArtifactStore
+
+        store = ArtifactStore(self.artifacts)
+        setup = replace(self, manifest_path=str(store.data(self.data_key))) if self.data_key else self
+        for relative in [*setup.source_files().values(), *setup.importance_files()]:
+            store.fetch(relative)  # a missing source model is named by the trial's first load
+        return setup
 
     @property
     def units(self) -> list[tuple[str, str, int]]:
@@ -101,7 +150,7 @@ class TrialSetup:
             backbone=self.backbone, preset=self.preset, manifest_path=self.manifest_path, source=str(source),
             target=str(target), fold=int(fold), seed=self.seed, train_seed=train_seed,
             protocol=tuple(sorted(self.protocol.items())), pretrain_epochs=self.pretrain_epochs, device=self.device,
-            weights=self.weights,
+            weights=self.weights, pretrain=self.pretrain,
         )
 
 
@@ -156,7 +205,7 @@ class PairScore:
 
 
 def source_model(setup: TrialSetup, source: str, fold: int, *, progress: bool = False):
-    """The cached pre-trained source model (trained now if missing)."""
+    """The cached pre-trained source model (trained now if missing and ``setup.pretrain``)."""
     from autopeft.finetuning import source_model as job_source_model
 
     return job_source_model(setup.job(source, source, fold), progress=progress)
@@ -229,44 +278,6 @@ def running_means(scores: Sequence[PairScore]) -> dict[str, float]:
     number of targets per source, as here, that equals the plain mean)."""
     n = max(len(scores), 1)
     return {k: sum(getattr(s, k) for s in scores) / n for k in ("psnr", "ssim", "nrmse")}
-
-
-# Records --------------------------------------------------------------------------------------
-def new_record(config: Mapping[str, Any], setup: TrialSetup, *, state: str, reason: str = "") -> dict[str, Any]:
-    """A trial's record before it trains (or, for an over-budget draw, its only record)."""
-    return {
-        "number": int(config["number"]), "state": state, "plan": config["plan"], "params": config["params"],
-        "trainable": config["trainable"], "fraction": config["fraction"], "prior": config.get("prior"),
-        "warm_start": config.get("warm_start", False), "split": "val", "pairs_total": len(setup.units), "pairs_done": 0,
-        "fidelity": 0.0, "psnr": None, "ssim": None, "nrmse": None, "gain": None, "pairs": [], "reason": reason,
-        "started": time.time(), "seconds": 0.0,
-    }
-
-
-def record_path(run_dir: str | os.PathLike, number: int) -> Path:
-    return Path(run_dir) / "trials" / f"{number:04d}.json"
-
-
-def write_record(run_dir: str | os.PathLike, number: int, record: Mapping[str, Any]) -> None:
-    """Write a trial record atomically (temporary file + ``os.replace``)."""
-    path = record_path(run_dir, number)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(dict(record), indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_record(run_dir: str | os.PathLike, number: int) -> dict[str, Any] | None:
-    path = record_path(run_dir, number)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def records(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every trial record of a run, by trial number."""
-    folder = Path(run_dir) / "trials"
-    if not folder.is_dir():
-        return []
-    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
 
 
 def scores_to_json(scores: Sequence[PairScore]) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from _fakes import make_dataset
 from autopeft.errors import ConfigError
 from autopeft.report import load_run, write_report
 from autopeft.report._figures import importance_figure
-from autopeft.search.trial import FAILED, FINISHED, INFEASIBLE, STOPPED, new_record, write_record
+from autopeft.runs import FAILED, FINISHED, INFEASIBLE, STOPPED, new_record, write_record
 
 pytestmark = pytest.mark.slow  # the micro run trains source models and fine-tunes; Chromium
 
@@ -38,6 +38,7 @@ def build_micro_run(root: Path) -> Path:
     from autopeft.search.budget import PlanCounter
     from autopeft.search.engine import SearchConfig
     from autopeft.search.results import finish_run, run_references
+    from autopeft.search.examples import write_examples
     from autopeft.search.space import load_space
     from autopeft.search.trial import TrialSetup, run_plan, source_model
     from backbones import build_backbone
@@ -67,7 +68,7 @@ def build_micro_run(root: Path) -> Path:
         # The trial's config as the engine hands it to Ray, and the record the engine starts from it.
         trial_config = {"number": number, "plan": plan.to_dict(), "params": dict(trial.params),
                         "trainable": count.trainable, "fraction": count.fraction}
-        record = new_record(trial_config, setup, state="RUNNING")
+        record = new_record(trial_config, len(setup.units), state="RUNNING")
         trial.set_user_attr("state", outcome)  # as the engine's searcher does before closing a trial
         if outcome == INFEASIBLE:
             record.update(state=INFEASIBLE, reason="trains 40% of the parameters, over the budget")
@@ -90,7 +91,8 @@ def build_micro_run(root: Path) -> Path:
         write_record(run_dir, number, record)
     # The reference rows on the first pair only: three more fine-tunes per pair would double the fixture.
     run_references(replace(setup, pairs=setup.pairs[:1]), config, run_dir)
-    finish_run(run_dir, setup, config, space, False)
+    summary = finish_run(run_dir, setup, config, space, False)
+    assert write_examples(run_dir, setup, summary["best"], split="val")  # as the search does at its end
     return run_dir
 
 
@@ -116,7 +118,7 @@ def test_report_holds_every_section(micro_run, report_html):
     # Too few finished trials for importances: a note, not an error.
     importance = report_html.split("<section id='importance'>")[1].split("</section>")[0]
     assert "need at least" in importance and "class=\"note\"" in importance
-    # Example slices were drawn from the saved weights, against No-FT.
+    # Example slices were drawn from what the search kept (examples/), against No-FT.
     slices = report_html.split("<section id='slices'>")[1].split("</section>")[0]
     assert "No-FT prediction" in slices and "Full-FT weights" in slices and "plotly-graph-div" in slices
     # States are shown as such, in the trials table and the figures' legends.
@@ -165,6 +167,14 @@ def test_importances_drawn_with_enough_finished_trials(micro_run, tmp_path):
     figure = importance_figure(load_run(run_dir))
     assert not isinstance(figure, str), figure
     assert "importances" in figure.layout.title.text
+
+
+def test_the_report_runs_no_model_a_run_without_examples_gets_a_note(micro_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(micro_run, run_dir, ignore=shutil.ignore_patterns("examples", "report.html"))
+    text = write_report(run_dir).read_text(encoding="utf-8")
+    slices = text.split("<section id='slices'>")[1].split("</section>")[0]
+    assert "No example slices: the run holds none (examples/)" in slices and "plotly-graph-div" not in slices
 
 
 def test_report_of_a_folder_that_is_not_a_run_says_so(tmp_path):

@@ -13,7 +13,7 @@ import yaml
 from _fakes import make_dataset
 from autopeft.data import read_manifest, split_scanner
 from autopeft.search.engine import SearchConfig, run_search
-from autopeft.search.trial import FAILED, FINISHED, INFEASIBLE, records
+from autopeft.runs import FAILED, FINISHED, INFEASIBLE, records
 
 pytestmark = pytest.mark.slow  # Ray Tune searches
 

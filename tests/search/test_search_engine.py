@@ -10,7 +10,7 @@ import pytest
 
 from _fakes import make_dataset
 from autopeft.search.engine import SearchConfig, run_search
-from autopeft.search.trial import FAILED, FINISHED, INFEASIBLE, INTERRUPTED, STOPPED, TERMINAL, records, write_record
+from autopeft.runs import FAILED, FINISHED, INFEASIBLE, INTERRUPTED, STOPPED, TERMINAL, records, write_record
 
 pytestmark = pytest.mark.slow  # Ray Tune searches
 
@@ -142,9 +142,9 @@ def test_resume_repeats_no_finished_trial_and_reruns_the_interrupted_one(ray_ses
 
 
 def test_plans_over_the_budget_do_not_count_as_trials_and_the_draws_are_capped(ray_session, data, tmp_path, monkeypatch):
-    from autopeft.search import engine
+    from autopeft.search import _tune
 
-    monkeypatch.setattr(engine, "MAX_INFEASIBLE_DRAWS_PER_TRIAL", 3)
+    monkeypatch.setattr(_tune, "MAX_INFEASIBLE_DRAWS_PER_TRIAL", 3)
     space = tmp_path / "space.yaml"
     space.write_text("backbone: cvtgan\ngroups:\n  dec:\n    sites: 'decoder.*.block*'\n    methods: {ssf: {}}\nbitfit: [true]\nlr: [2.0e-3]\n")
     # Every plan of this space trains more than 10 parameters: each draw is skipped, none trains,
