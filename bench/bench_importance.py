@@ -65,7 +65,7 @@ def main() -> None:
 
     import torch
 
-    from autopeft.cli._common import resolve_manifest
+    from autopeft.data import resolve_manifest
     from autopeft.data import read_manifest, split_scanner
     from backbones import build_backbone
 

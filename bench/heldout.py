@@ -118,16 +118,12 @@ def _noise(args: argparse.Namespace, run_dir: Path, work: Path) -> dict[str, Any
     from autopeft.search._sources import prepare_sources
     from autopeft.search.engine import SearchConfig
     from autopeft.search.results import reference_plans
-    from autopeft.search.trial import TrialSetup, run_plan, running_means, scores_to_json
+    from autopeft.search.trial import run_plan, running_means, scores_to_json, setup_from_config
 
     meta = json.loads((run_dir / "run.json").read_text())
     config = SearchConfig(**meta["config"])
-    scanners = [str(s) for s in config.scanners]
-    setup = TrialSetup(backbone=config.backbone, preset=config.preset,
-                       manifest_path=str(resolve_manifest(config.data, progress=False)),
-                       pairs=tuple((s, t) for s in scanners for t in scanners if s != t), folds=tuple(range(args.noise_folds)),
-                       epochs=int(config.epochs), seed=config.seed, protocol=dict(config.protocol),
-                       pretrain_epochs=config.pretrain_epochs, device=config.device, threads=1, run_dir=str(run_dir))
+    setup = setup_from_config({**meta["config"], "folds": args.noise_folds},
+                              manifest_path=resolve_manifest(config.data, progress=False), run_dir=run_dir, threads=1)
     prepare_sources(config, setup, options=task_options(config), progress=True)
     plan = dict(reference_plans(config.backbone, setup.epochs))["PETITE"]
     runs = []

@@ -145,11 +145,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 # The grid ----------------------------------------------------------------------------------------
 def _write_json(path: Path, data: Any) -> None:
-    """Atomically (temporary file + ``os.replace``): an interruption never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    from autopeft._io import atomic_write_json
+
+    atomic_write_json(path, data, default=str)
 
 
 def _run_grid(setup, plans: list, counter, grid_dir: Path) -> list[dict[str, Any]]:
@@ -320,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from autopeft.search.grid import grid_plans
     from autopeft.search.options import PRIOR_SIGNALS
     from autopeft.search.priors import PlanPrior, spearman
-    from autopeft.search.trial import TrialSetup
+    from autopeft.search.trial import setup_from_config
     from autopeft.stats import paired_difference
     from backbones import build_backbone
 
@@ -347,10 +345,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not plans:
         raise SystemExit(f"no plan of the grid fits the budget {settings['budget']}: raise --budget.")
     scanners = settings["scanners"]
-    setup = TrialSetup(backbone=args.backbone, preset=settings["preset"], manifest_path=manifest_path,
-                       pairs=tuple((s, t) for s in scanners for t in scanners if s != t), folds=tuple(range(args.folds)),
-                       epochs=settings["epochs"], seed=args.seed, pretrain_epochs=args.pretrain_epochs,
-                       device=settings["device"], threads=1, run_dir="")
+    setup = setup_from_config({"backbone": args.backbone, "preset": settings["preset"], "scanners": scanners,
+                               "folds": args.folds, "epochs": settings["epochs"], "seed": args.seed,
+                               "pretrain_epochs": args.pretrain_epochs, "device": settings["device"]},
+                              manifest_path=manifest_path, threads=1)
     sources = _source_keys(setup, progress=True)  # pre-trains missing source models, once, here
     # Everything that changes a score is in the key (the source models' cache keys carry the data
     # and its pipeline version): a different evaluation gets a different folder, never stale results.
