@@ -84,6 +84,10 @@ def start_ray(config) -> None:
     options: dict[str, Any] = {"include_dashboard": config.dashboard}
     if config.dashboard:
         options["dashboard_host"] = "127.0.0.1"  # this machine only; forward the port with ssh -L
+    from autopeft._plugins import PLUGINS_ENV
+
+    if os.environ.get(PLUGINS_ENV):  # workers on other nodes do not inherit the driver's environment
+        options["runtime_env"] = {"env_vars": {PLUGINS_ENV: os.environ[PLUGINS_ENV]}}
     context = ray.init(address=config.address, log_to_driver=False, configure_logging=False,
                        **options, **({} if config.address else {"num_cpus": os.cpu_count()}))
     if config.dashboard:
