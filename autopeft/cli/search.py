@@ -8,8 +8,9 @@ scores the targets' validation subjects; ASHA stops weak trials after fewer pair
 every pair x fold x fine-tuning seed and scored on the targets' test subjects, which nothing read
 before: the final table gives test PSNR/SSIM/NRMSE as mean [95% CI] and paired differences against
 Full-FT and PETITE on the same subjects (Wilcoxon signed-rank p). Plans over the
-budget never train (recorded as infeasible). The plans with the best SH-PEFT importance prior run
-first (--priors off to compare). Without flags beyond --backbone and --budget it uses the built-in
+budget never train (recorded as infeasible). An importance prior (squared gradients of the source
+model on the target's training scans, or SH-PEFT's hybrid importance) picks the first plans and,
+for every later trial, the best of a few draws of the sampler (--priors off to compare). Without flags beyond --backbone and --budget it uses the built-in
 simulated data and, on a CPU, the tiny preset with a run sized to end within about 20 minutes on
 2 cores; on a GPU the paper preset. It prints what it chose.
 
@@ -63,8 +64,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="Optuna sampler: TPE, a Gaussian process (GPSampler) or random search")
     parser.add_argument("--priors", default="on", choices=("on", "off", *PRIOR_SIGNALS),
                         help="importance priors: the warm start, then the best prior among --prior-candidates draws of the "
-                             "sampler for every trial. shpeft: SH-PEFT's hybrid importance; sensitivity: squared gradients "
-                             "(SPT/GPS); on: shpeft; off: the sampler alone")
+                             "sampler for every trial. sensitivity: squared gradients (SPT/GPS); shpeft: SH-PEFT's hybrid "
+                             "importance; on: the default, sensitivity; off: the sampler alone")
     parser.add_argument("--prior-candidates", type=int, default=PRIOR_CANDIDATES,
                         help="sampler draws per trial from which the prior picks (1: the prior only warm-starts)")
     parser.add_argument("--warm-start", type=int, default=None, help="plans enqueued first by prior (default: trials/4, 2 to 8)")
@@ -125,6 +126,7 @@ def _config(args: argparse.Namespace, time_budget: float | None):
     from pathlib import Path
 
     from autopeft.search.engine import SearchConfig
+    from autopeft.search.options import DEFAULT_PRIOR_SIGNAL
 
     return SearchConfig(
         weights=str(Path(args.weights).expanduser().resolve()) if args.weights else None, source=args.source,
@@ -132,7 +134,7 @@ def _config(args: argparse.Namespace, time_budget: float | None):
         scanners=[s.strip() for s in args.scanners.split(",") if s.strip()] if args.scanners else None,
         trials=args.trials, time_budget_s=time_budget, epochs=args.epochs, folds=args.folds, seed=args.seed,
         out=args.out, objective=args.objective, sampler=args.sampler, priors=args.priors != "off",
-        prior_signal="shpeft" if args.priors in ("on", "off") else args.priors, prior_candidates=args.prior_candidates,
+        prior_signal=DEFAULT_PRIOR_SIGNAL if args.priors in ("on", "off") else args.priors, prior_candidates=args.prior_candidates,
         warm_start=args.warm_start, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         concurrency=args.concurrency, address=args.address, storage_path=args.storage_path,
         trial_resources=_resources(args.trial_resources), max_failures=args.max_failures, data=args.data, pretrain_epochs=args.pretrain_epochs,

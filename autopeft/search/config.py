@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from autopeft.errors import ConfigError
-from autopeft.search.options import PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS
+from autopeft.search.options import DEFAULT_PRIOR_SIGNAL, PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS
 
 __all__ = ["SearchConfig", "resolve_defaults", "parse_duration"]
 
@@ -44,7 +44,7 @@ class SearchConfig:
     objective: str = "single"
     sampler: str = "tpe"
     priors: bool = True
-    prior_signal: str = "shpeft"
+    prior_signal: str = DEFAULT_PRIOR_SIGNAL
     prior_candidates: int = PRIOR_CANDIDATES
     warm_start: int | None = None
     cpus_per_trial: float = 1.0
