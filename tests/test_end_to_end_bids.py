@@ -72,7 +72,8 @@ def test_bids_to_search_to_predict_to_bundle(ray_env, tmp_path, capsys):
     assert main(["predict", "--model", str(bundle), "--input", results[0]["input"], "--out", str(tmp_path / "p2"), "--quiet"]) == 0
     a = np.asarray(nib.load(results[0]["output"]).dataobj)
     b = np.asarray(nib.load(next((tmp_path / "p2").glob("*.nii.gz"))).dataobj)
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # Merged weights sum in another float32 order: the export's own check allows 1e-4 (bundle._MERGE_ATOL).
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
 
     # search --weights: a user's own model of one scanner, fine-tuned from it to the other.
     from autopeft.search.engine import SearchConfig, run_search

@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
     time_budget = parse_duration(args.time_budget)
     if args.resume:
-        run_search(resume_dir=args.resume, trials=args.trials, time_budget_s=time_budget)
+        _with_report(lambda: run_search(resume_dir=args.resume, trials=args.trials, time_budget_s=time_budget),
+                     progress=not args.quiet)
         return 0
     if not args.backbone or not args.budget:
         raise ConfigError("--backbone and --budget are required for a new search (or give --resume RUN_DIR).")
@@ -118,8 +119,32 @@ def run(args: argparse.Namespace) -> int:
     with flag_errors(flags):  # the settings' own checks, named by their flags
         Budget.parse(args.budget)
         # The engine fills the defaults once it knows the cluster's resources (GPUs may be elsewhere).
-        run_search(_config(args, time_budget))
+        config = _config(args, time_budget)
+        _with_report(lambda: run_search(config), progress=not args.quiet)
     return 0
+
+
+def _with_report(search, *, progress: bool) -> None:
+    """Run ``search`` and draw its run's ``report.html``, also after Ctrl-C. A report that cannot
+    be drawn loses nothing (the results are on disk): its error is printed with the retry command."""
+    from autopeft.report import write_report
+    from autopeft.search.engine import SearchInterrupted
+
+    def draw(run_dir, interrupted: bool) -> None:
+        try:
+            path = write_report(run_dir)
+        except Exception as err:  # noqa: BLE001 - reported to the user, with the retry command
+            print(f"report not written ({type(err).__name__}: {err}); retry with: autopeft report {run_dir}", flush=True)
+            return
+        if progress or interrupted:
+            print(f"report: {path}" + (" (search interrupted; continue it with --resume)" if interrupted else ""), flush=True)
+
+    try:
+        run_dir = search()
+    except SearchInterrupted as stop:
+        draw(stop.run_dir, True)
+        raise
+    draw(run_dir, False)
 
 
 def _config(args: argparse.Namespace, time_budget: float | None):

@@ -17,8 +17,9 @@ Flow of :func:`run_search`, one unit per step:
    validation PSNR gain over No-FT, ASHA stops on the pairs done, the driver's callback keeps the
    records and weights;
 7. finish: ``results.csv``, ``best_plan.yaml``, the Pareto plans and best weights, the confirmation
-   of the ``confirm`` best plans on test subjects (:mod:`~autopeft.search.confirm`), the example
-   slices and ``report.html``.
+   of the ``confirm`` best plans on test subjects (:mod:`~autopeft.search.confirm`) and the example
+   slices. ``report.html`` is drawn from the run directory by the caller (``autopeft search``
+   does), as the report sits above the search.
 
 Everything before the confirmation sees validation subjects only. The run directory is written by
 this process only (:mod:`autopeft.runs`).
@@ -38,7 +39,7 @@ from autopeft.search.budget import Budget
 from autopeft.search.config import SearchConfig, parse_duration, resolve_defaults
 from autopeft.search.trial import TrialSetup
 
-__all__ = ["SearchConfig", "run_search", "resolve_defaults", "parse_duration"]
+__all__ = ["SearchConfig", "SearchInterrupted", "run_search", "resolve_defaults", "parse_duration"]
 
 _ARTIFACTS = "autopeft-artifacts"  # the artifact store's folder under a --storage-path
 
@@ -186,15 +187,23 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
         if config.confirm > 0:
             _confirm(config, setup, run_dir, summary)
         _examples(run_dir, setup, summary, confirmed=config.confirm > 0)
-    except KeyboardInterrupt:
-        # Ctrl-C that Ray Tune did not absorb: keep what finished (results, best plan, report), then stop.
+    except KeyboardInterrupt as interrupt:
+        # Ctrl-C that Ray Tune did not absorb: keep what finished (results, best plan), then stop,
+        # saying where the run is so that the caller can draw its report.
         finish_run(run_dir, setup, config, space, prior_model is not None)
-        _write_report(run_dir, config.progress, interrupted=True)
-        raise
-    _write_report(run_dir, config.progress)
+        raise SearchInterrupted(run_dir) from interrupt
     if config.progress:
         print(f"search done in {(time.time() - started) / 60:.1f} min", flush=True)
     return run_dir
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a search, after its finished trials were written up; ``run_dir`` says where
+    (continue with ``run_search(resume_dir=run_dir)``)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
 
 
 def _baseline(run_dir: Path) -> tuple[tuple[str, str, int, float], ...]:
@@ -232,20 +241,6 @@ def _examples(run_dir: Path, setup: TrialSetup, summary: dict[str, Any], *, conf
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     write_examples(run_dir, setup, summary.get("best"), split="test" if confirmed else "val")
-
-
-def _write_report(run_dir: Path, progress: bool, *, interrupted: bool = False) -> None:
-    """``report.html``; a report that cannot be drawn must not lose the search's results, which
-    are on disk already, so its error is printed with the command that retries it."""
-    from autopeft.report import write_report
-
-    try:
-        path = write_report(run_dir)
-    except Exception as err:  # noqa: BLE001 - reported to the user, with the retry command
-        print(f"report not written ({type(err).__name__}: {err}); retry with: autopeft report {run_dir}", flush=True)
-        return
-    if progress or interrupted:
-        print(f"report: {path}" + (" (search interrupted; continue it with --resume)" if interrupted else ""), flush=True)
 
 
 def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, total: int, run_dir: Path, resumed: bool,
