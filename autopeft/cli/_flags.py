@@ -19,8 +19,9 @@ _FIELD = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 
 
 def flags_of(config_class: type, **renamed: str) -> dict[str, str]:
-    """Field -> flag of a config dataclass: ``--`` and the field with dashes, unless ``renamed``."""
-    return {f.name: renamed.get(f.name, "--" + f.name.replace("_", "-")) for f in dataclasses.fields(config_class)}
+    """Field -> flag of a config dataclass: ``--`` and the field with dashes, unless ``renamed``
+    (which may also name arguments that are not fields, such as ``resume_dir``)."""
+    return {**{f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(config_class)}, **renamed}
 
 
 def in_flags(message: str, flags: Mapping[str, str]) -> str:

@@ -107,16 +107,16 @@ def run(args: argparse.Namespace) -> int:
     from autopeft.search import Budget
     from autopeft.search.engine import SearchConfig, parse_duration, run_search
 
-    time_budget = parse_duration(args.time_budget)
-    if args.resume:
-        _with_report(lambda: run_search(resume_dir=args.resume, trials=args.trials, time_budget_s=time_budget),
-                     progress=not args.quiet)
-        return 0
-    if not args.backbone or not args.budget:
-        raise ConfigError("--backbone and --budget are required for a new search (or give --resume RUN_DIR).")
     flags = flags_of(SearchConfig, time_budget_s="--time-budget", references="--no-references", asha="--no-asha",
-                     progress="--quiet", prior_signal="--priors")
+                     progress="--quiet", prior_signal="--priors", resume_dir="--resume")
     with flag_errors(flags):  # the settings' own checks, named by their flags
+        time_budget = parse_duration(args.time_budget)
+        if args.resume:
+            _with_report(lambda: run_search(resume_dir=args.resume, trials=args.trials, time_budget_s=time_budget),
+                         progress=not args.quiet)
+            return 0
+        if not args.backbone or not args.budget:
+            raise ConfigError("--backbone and --budget are required for a new search (or give --resume RUN_DIR).")
         Budget.parse(args.budget)
         # The engine fills the defaults once it knows the cluster's resources (GPUs may be elsewhere).
         config = _config(args, time_budget)

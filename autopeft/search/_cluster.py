@@ -160,7 +160,7 @@ def check_nodes(cluster: Cluster, config, *, storage: str, default_storage: bool
                           "(s3://bucket/path, gs://...).")
     weights_blind = [a["host"] for a in answers if weights and weights[0][0] in a["unreadable"]]
     if weights_blind:
-        raise ConfigError(f"--weights {config.weights}: Ray node(s) {', '.join(weights_blind)} cannot read it; put it on "
+        raise ConfigError(f"`weights` {config.weights}: Ray node(s) {', '.join(weights_blind)} cannot read it; put it on "
                           "a path every node mounts.")
     data_blind = [(a["host"], a["unreadable"]) for a in answers if a["unreadable"]]
     if not data_blind:

@@ -50,7 +50,7 @@ def open_session(config: SearchConfig | None, resume_dir: str | os.PathLike | No
         run_dir = Path(resume_dir).expanduser().resolve()
         meta = read_meta(run_dir)
         if meta is None:
-            raise ConfigError(f"--resume {resume_dir}: no run.json there; give the folder a search wrote (its --out).")
+            raise ConfigError(f"`resume_dir` {resume_dir}: no run.json there; give the folder a search wrote (its `out`).")
         config = SearchConfig(**meta["config"])
         if trials is not None:
             config.trials = trials
@@ -64,7 +64,7 @@ def open_session(config: SearchConfig | None, resume_dir: str | os.PathLike | No
     run_dir = (Path(config.out).expanduser().resolve() if config.out
                else Path("runs").resolve() / f"{config.backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
     if (run_dir / "run.json").exists():
-        raise ConfigError(f"--out {run_dir} already holds a search; continue it with --resume {run_dir} or choose another --out.")
+        raise ConfigError(f"`out` {run_dir} already holds a search; continue it with `resume_dir` {run_dir} or choose another `out`.")
     meta = {"study_name": f"autopeft-{config.backbone}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}", "sessions": 1}
     return Session(run_dir, meta, config, resumed=False)
 

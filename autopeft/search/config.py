@@ -160,6 +160,6 @@ def parse_duration(text: str | float | None) -> float | None:
     try:
         return float(raw[:-1]) * units[raw[-1]] if raw[-1] in units else float(raw)
     except (ValueError, IndexError):
-        raise ConfigError(f"--time-budget {text!r} must be like 30m, 2h, 90s or a number of seconds.") from None
+        raise ConfigError(f"`time_budget_s` {text!r} must be like 30m, 2h, 90s or a number of seconds.") from None
 
 
