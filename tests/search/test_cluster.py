@@ -114,7 +114,7 @@ def test_a_worker_node_dying_mid_trial_is_retried_from_its_checkpoint_and_the_se
     # alone as reference keeps the driver's share short).
     driver = cluster.search(*_search_args(run_dir, cluster.data, **{"--trials": "2", "--max-failures": "1", "--epochs": "8",
                                                                   "--no-references": None}), log="search-fault.log")
-    first = _wait_for(lambda: next((r for r in records(run_dir) if r["state"] == RUNNING and r["pairs_done"] >= 1), None),
+    first = _wait_for(lambda: next((r for r in records(run_dir) if r["state"] == RUNNING and r["pairs_done"] == 1), None),
                       driver, log)
     raylets = cluster.processes(name="raylet/raylet", other_namespace=True)
     assert len(raylets) == 1, raylets

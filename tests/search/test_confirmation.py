@@ -12,8 +12,9 @@ import yaml
 
 from _fakes import make_dataset
 from autopeft.data import read_manifest, split_scanner
-from autopeft.search.engine import SearchConfig, run_search
+from autopeft.report import write_report
 from autopeft.runs import FAILED, FINISHED, INFEASIBLE, records
+from autopeft.search.engine import SearchConfig, run_search
 
 pytestmark = pytest.mark.slow  # Ray Tune searches
 
@@ -62,7 +63,7 @@ def test_confirmation_scores_the_best_plans_and_references_on_test_subjects(ray_
     assert recommended["test"]["psnr"]["mean"] == pytest.approx(units.mean())
     plan = yaml.safe_load((run_dir / "best_plan.yaml").read_text())
     assert f"trial #{recommended['number']}" in plan["description"] and "confirmed on test subjects" in plan["description"]
-    html = (run_dir / "report.html").read_text()
+    html = write_report(run_dir).read_text()  # as `autopeft search` draws it after run_search
     assert "Confirmed on test subjects" in html and "Validation PSNR against test PSNR" in html
 
     # Resuming redoes nothing that the confirmation kept.
