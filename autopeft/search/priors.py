@@ -91,15 +91,15 @@ class PlanPrior:
         self.signal = signal
         self._task: dict[str, torch.Tensor] = {}
         self._hybrid: dict[str, torch.Tensor] = {}
-        signal_maps: dict[str, torch.Tensor] = {}
+        sensitivity: dict[str, torch.Tensor] = {}
         for task, hybrid in maps:  # each pair's maps scaled to sum to 1, then averaged
             grand = sum(float(v.sum()) for v in hybrid.values()) or 1.0
-            weighed = hybrid if signal == "shpeft" else task
-            weighed_total = sum(float(v.sum()) for v in weighed.values()) or 1.0
+            task_total = sum(float(v.sum()) for v in task.values()) or 1.0
             for name in hybrid:
                 self._task[name] = self._task.get(name, 0) + task[name].float() / (grand * len(maps))
                 self._hybrid[name] = self._hybrid.get(name, 0) + hybrid[name].float() / (grand * len(maps))
-                signal_maps[name] = signal_maps.get(name, 0) + weighed[name].float() / (weighed_total * len(maps))
+                if signal == "sensitivity":  # the squared gradients, each pair's scaled to sum to 1 on their own
+                    sensitivity[name] = sensitivity.get(name, 0) + task[name].float() / (task_total * len(maps))
         name_of = {id(p): n for n, p in template.named_parameters()}
         self._site_params: dict[str, list[str]] = {}
         self._site_of: dict[str, str] = {}  # a tensor belongs to the first site holding it, as PlanCounter counts
@@ -107,7 +107,7 @@ class PlanPrior:
             names = [name_of[id(p)] for p in site.module.parameters()]
             self._site_params[site.name] = [n for n in names if n in self._hybrid and n not in self._site_of]
             self._site_of.update((n, site.name) for n in self._site_params[site.name])
-        self._signal = signal_maps
+        self._signal = self._hybrid if signal == "shpeft" else sensitivity  # what weighs sites and covered weights
         self._mass = {n: float(v.sum()) for n, v in self._signal.items()}
         self._site_mass = {site: sum(self._mass[n] for n in names) for site, names in self._site_params.items()}
         grand = sum(self._mass.values())
