@@ -243,7 +243,8 @@ def _confirmed(setup, plan: dict[str, Any], seeds: list[int], folder: Path) -> d
 
 def _best_so_far(rows: list[dict[str, Any]], confirm, no_ft_test: float) -> list[dict[str, Any]]:
     """The steps of a run's best-so-far curve: after each trial that ended, the pair-epochs spent
-    and the test gain of the best FINISHED plan by validation so far (0: No-FT, before any)."""
+    and the test gain of the best FINISHED plan by validation so far (0: No-FT, before any). A step
+    where the best changes also holds that plan, its test PSNR and its share of parameters."""
     steps, cost, best = [{"cost": 0, "trial": None, "val_gain": None, "test_gain": 0.0}], 0, None
     for r in rows:
         cost += r["cost"]
@@ -253,8 +254,13 @@ def _best_so_far(rows: list[dict[str, Any]], confirm, no_ft_test: float) -> list
             steps.append({"cost": cost, "trial": r["number"], "val_gain": r["gain"], "test_gain": test["mean"] - no_ft_test,
                           "test_psnr": test["mean"], "test_sd": test["sd"], "fraction": r["fraction"], "plan": r["plan"]})
         else:
-            steps.append({**steps[-1], "cost": cost})
+            steps.append({k: steps[-1][k] for k in ("trial", "val_gain", "test_gain")} | {"cost": cost})
     return steps
+
+
+def _last_best(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The step where the run's final best plan became best ({} when it finished none)."""
+    return next((s for s in reversed(steps) if "plan" in s), {})
 
 
 def _first_cost(steps: list[dict[str, Any]], level: float) -> int | None:
@@ -418,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cost_to_grid_best=_first_cost(steps, grid_best_gain - tolerance),
                 cost_to_best_known=_first_cost(steps, best_known - tolerance),
                 best_test_gain=steps[-1]["test_gain"], best_vs_grid_db=steps[-1]["test_gain"] - grid_best_gain,
-                best_fraction=steps[-1].get("fraction"), best_plan=steps[-1].get("plan"))
+                best_fraction=_last_best(steps).get("fraction"), best_plan=_last_best(steps).get("plan"))
             for name in ("cost_to_grid_best", "cost_to_best_known"):
                 run[name.replace("cost", "share")] = None if run[name] is None else run[name] / grid_cost
 
