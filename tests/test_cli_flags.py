@@ -17,6 +17,8 @@ def test_the_library_names_fields_not_flags():
         SearchConfig(backbone="unetr", budget="1%", objective="pareto")
     with pytest.raises(ConfigError, match=r"^`cpus_per_trial` must be > 0"):
         SearchConfig(backbone="unetr", budget="1%", cpus_per_trial=0)
+    with pytest.raises(ConfigError, match=r"^`prior_signal` must be one of sensitivity, shpeft, but got 'grad'\.$"):
+        SearchConfig(backbone="unetr", budget="1%", prior_signal="grad")
 
 
 @pytest.mark.parametrize(
@@ -29,6 +31,9 @@ def test_the_library_names_fields_not_flags():
         (["search", "--backbone", "unetr", "--budget", "1%", "--scanners", "1"], "--scanners must hold at least two scanners"),
         (["search", "--backbone", "unetr", "--budget", "1%", "--scanners", "1,2", "--weights", "w.pt", "--source", "3"],
          "--source (3) must be one of --scanners (1,2)."),
+        (["search", "--backbone", "unetr", "--budget", "1%", "--prior-candidates", "0"], "--prior-candidates must be at least 1, but got 0."),
+        (["search", "--backbone", "unetr", "--budget", "1%", "--time-budget", "5x"], "--time-budget '5x' must be like 30m, 2h, 90s"),
+        (["search", "--resume", "no-such-run"], "--resume no-such-run: no run.json there"),
     ],
 )
 def test_the_commands_name_flags(argv, message, capsys):
