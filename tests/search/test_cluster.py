@@ -22,7 +22,8 @@ from _fakes import make_dataset
 from _two_nodes import TwoNodes, usable
 from autopeft.runs import FINISHED, INFEASIBLE, INTERRUPTED, RUNNING, TERMINAL, records
 
-pytestmark = pytest.mark.skipif(not usable(), reason="needs root (unshare -m, mount -t tmpfs) and the ray command beside this Python")
+pytestmark = [pytest.mark.slow,  # two Ray nodes, training
+              pytest.mark.skipif(not usable(), reason="needs root (unshare -m, mount -t tmpfs) and the ray command beside this Python")]
 
 
 @pytest.fixture(scope="module")
