@@ -22,7 +22,7 @@ import hashlib
 import resource
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,6 +244,7 @@ def finetune_plan(
     source: tuple[nn.Module, dict[str, Any]] | None = None,
     progress: bool = False,
     on_epoch: Callable[[EpochResult], None] | None = None,
+    score_epochs: Collection[int] = (),
 ) -> tuple[nn.Module, FinetuneResult]:
     """Fine-tune ``plan`` as the job says and score it on ``splits``: the one recipe.
 
@@ -256,6 +257,8 @@ def finetune_plan(
         source: the pre-trained ``(model, metadata)`` when the caller has it loaded (not modified).
         progress: show a progress bar.
         on_epoch: called after each epoch.
+        score_epochs: epochs (1-based) after which the first split is also scored, before the
+            last: ``on_epoch`` then gets the means in ``EpochResult.metrics``.
 
     Returns:
         ``(model, result)``: the fine-tuned ``Backbone`` and its scores.
@@ -276,7 +279,7 @@ def finetune_plan(
         prepare=plan_preparer(plan, importance=importance), epochs=schedule.epochs, lr=schedule.lr,
         protocol=job.make_protocol(), fold=job.fold, seed=job.fine_tuning_seed, split_seed=job.seed,
         device=job.device, progress=progress, on_epoch=on_epoch, crops_per_volume=schedule.crops_per_volume,
-        splits=splits,
+        splits=splits, score_epochs=score_epochs,
     )
     return model, result
 
@@ -307,6 +310,7 @@ def finetune(
     crops_per_volume: int = 1,
     split_seed: int | None = None,
     splits: Sequence[str] = ("test",),
+    score_epochs: Collection[int] = (),
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``target`` and score it on the target's held-out subjects.
 
@@ -331,6 +335,9 @@ def finetune(
         split_seed: seeds the train / val / test split. Defaults to ``seed``.
         splits: held-out splits to score (``val``, ``test``); the first gives ``metrics``.
             Defaults to ``("test",)``.
+        score_epochs: epochs (1-based) after which the first split is also scored, before the
+            last (a scheduler's rungs inside a pair): ``on_epoch`` gets the means in
+            ``EpochResult.metrics``.
     """
     from autopeft.data import Protocol, eval_volumes, split_scanner, train_loader
 
@@ -355,8 +362,13 @@ def finetune(
         trainer = Trainer(model, TrainSettings(epochs=epochs, lr=lr), device=device)
         bar = tqdm(total=epochs, desc=f"fine-tune {method} on scanner {target}", disable=not progress, unit="epoch")
 
+        held_out: list[dict] = []  # read at the first epoch scored, once
+
         def record(result: EpochResult) -> None:
-            history.append({"epoch": result.epoch, "loss": result.loss, "seconds": result.seconds})
+            if result.epoch in score_epochs and result.epoch < epochs:
+                held_out[:] = held_out or eval_volumes(subjects[splits[0]])
+                result.metrics = mean_scores(evaluate_subjects(model, held_out, roi_size=crop, device=device))
+            history.append({"epoch": result.epoch, "loss": result.loss, "seconds": result.seconds, **result.metrics})
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}")
             if on_epoch is not None:
@@ -368,7 +380,7 @@ def finetune(
         seconds_per_epoch = (time.perf_counter() - started) / epochs
     else:
         seconds_per_epoch = 0.0
-    # Held-out volumes are read only now, after training, and only for the splits asked for.
+    # Held-out volumes are read after training (or at the first epoch scored), only for the splits asked for.
     volumes = {name: eval_volumes(subjects[name]) for name in splits}
     scored = {name: evaluate_subjects(model, volumes[name], roi_size=crop, device=device) for name in splits}
     return FinetuneResult(

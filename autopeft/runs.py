@@ -61,6 +61,7 @@ def new_record(config: Mapping[str, Any], pairs_total: int, *, state: str, reaso
         "number": int(config["number"]), "state": state, "plan": config["plan"], "params": config["params"],
         "trainable": config["trainable"], "fraction": config["fraction"], "prior": config.get("prior"),
         "warm_start": config.get("warm_start", False), "split": "val", "pairs_total": int(pairs_total), "pairs_done": 0,
+        "epochs_done": 0,
         "fidelity": 0.0, "psnr": None, "ssim": None, "nrmse": None, "gain": None, "pairs": [], "reason": reason,
         "started": time.time(), "seconds": 0.0,
     }

@@ -13,8 +13,9 @@ per group of blocks; ``blocks``: ``<backbone>-blocks.yaml``, one per encoder/dec
    variant of ``VARIANTS`` (samplers, priors on / off / warm start only, the two prior signals),
    ``--repeats`` times with sampler seeds seed, seed+1, ... on the same evaluation.
 
-Cost = fine-tuning pair-epochs: per trained trial, the pairs it ran times its epochs (a trial ASHA
-stopped counts the pairs it ran; an over-budget draw never trains and costs 0). The priors' own cost
+Cost = fine-tuning pair-epochs: per trained trial, the pair-epochs it ran (a trial ASHA stopped
+counts those it ran, mid-pair ones included with ``--fidelity epochs``; an over-budget draw never
+trains and costs 0). The priors' own cost
 (one gradient pass over one epoch of each pair's batches) is reported beside it.
 
 Every choice is made on validation subjects: the grid's best, each run's best so far (its FINISHED
@@ -79,6 +80,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-priors": {"sampler": "tpe", "priors": False},
     "gp": {"sampler": "gp", "priors": False},
     "random": {"sampler": "random", "priors": False},
+    # The default search with ASHA judging on pair-epochs (mid-pair scores) instead of pairs.
+    "epoch-rung": {"sampler": "tpe", "priors": True, "prior_signal": "sensitivity", "fidelity": "epochs"},
 }
 PAIRED_AGAINST = "no-priors"
 QUICK = {"scanners": "1,5", "epochs": 4, "trials": 8}
@@ -103,6 +106,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seeds the evaluation (splits, crops, initialisation). Default: 0.")
     parser.add_argument("--repeats", type=int, default=1, help="engine runs per variant, with sampler seeds seed, seed+1, ... Default: 1.")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"engine variants to run, from {', '.join(VARIANTS)}. Default: all.")
+    parser.add_argument("--paired-against", default=PAIRED_AGAINST, choices=list(VARIANTS),
+                        help=f"the variant every other is compared with, paired by sampler seed. Default: {PAIRED_AGAINST}.")
     parser.add_argument("--concurrency", type=int, default=1, help="engine trials at once. 1 keeps the cost order exact "
                         "(with more, trials are ordered by when they end). Default: 1.")
     parser.add_argument("--no-asha", action="store_true", help="let every engine trial run all its pairs.")
@@ -220,7 +225,9 @@ def _trial_rows(run_dir: Path, trials: int, epochs: int) -> list[dict[str, Any]]
             trained += r.get("state") != INFEASIBLE
     for r in rows:
         plan_epochs = int((r.get("plan") or {}).get("train", {}).get("epochs", epochs))
-        r["cost"] = int(r.get("pairs_done") or 0) * plan_epochs  # INFEASIBLE: 0 pairs done, 0 cost
+        # Records before epochs_done existed ran whole pairs only. INFEASIBLE: nothing done, 0 cost.
+        done = r.get("epochs_done")
+        r["cost"] = int(done) if done is not None else int(r.get("pairs_done") or 0) * plan_epochs
         r["ended"] = float(r.get("started") or 0.0) + float(r.get("seconds") or 0.0)
     return sorted(rows, key=lambda r: (r["ended"], r["number"]))
 
@@ -402,6 +409,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "sampler_seed": sampler_seed, "run_dir": str(run_dir), "seconds": time.time() - phase, "rows": rows,
                 "steps": _best_so_far(rows, confirm, no_ft_test),
                 "slot_busy_share": slots[-1]["busy_share"] if slots else None,
+                "trial_phase_seconds": sum(s["phase_seconds"] for s in slots) if slots else None,
                 "states": {s: sum(r["state"] == s for r in rows) for s in sorted({r["state"] for r in rows})},
             })
 
@@ -441,7 +449,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "grid": spearman(grid_scores, [r["gain"] for r in grid]), "n_grid": len(grid)}
 
     variants_out = {}
-    reference = {run["sampler_seed"]: run for run in runs.get(PAIRED_AGAINST, [])}
+    against = args.paired_against
+    reference = {run["sampler_seed"]: run for run in runs.get(against, [])}
     for variant, variant_runs in runs.items():
         paired = [(run["regret_area_db"], reference[run["sampler_seed"]]["regret_area_db"])
                   for run in variant_runs if run["sampler_seed"] in reference]
@@ -453,10 +462,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "best_test_gain_db": _spread([r["best_test_gain"] for r in variant_runs]),
             "best_vs_grid_db": _spread([r["best_vs_grid_db"] for r in variant_runs]),
             "slot_busy_share": _spread([r["slot_busy_share"] for r in variant_runs]),
+            "total_pair_epochs": _spread([r["total_cost"] for r in variant_runs]),
+            "trial_phase_seconds": _spread([r["trial_phase_seconds"] for r in variant_runs]),
             "beats_grid": f"{sum(r['best_vs_grid_db'] > 0 for r in variant_runs)}/{len(variant_runs)}",
             "within_goal": f"{sum(r['share_to_grid_best'] is not None and r['share_to_grid_best'] <= args.goal for r in variant_runs)}/{len(variant_runs)}",
-            f"regret_area_minus_{PAIRED_AGAINST}": (paired_difference([a for a, _ in paired], [b for _, b in paired])
-                                                    if variant != PAIRED_AGAINST and len(paired) >= 2 else None),
+            "regret_area_minus_paired": (paired_difference([a for a, _ in paired], [b for _, b in paired])
+                                         if variant != against and len(paired) >= 2 else None),
             "runs": [{k: v for k, v in run.items() if k != "rows"} for run in variant_runs],
         }
     result = {
@@ -469,7 +480,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "evaluation": evaluation, "evaluation_changed_during_run": changed, "budget": settings["budget"],
         "trials_per_run": args.trials, "repeats": args.repeats, "concurrency": args.concurrency, "asha": not args.no_asha,
         "tolerance_db": tolerance, "tolerance_floor_db": args.tolerance, "noise_sd_db": grid_best_test["sd"],
-        "confirm_seeds": seeds, "goal_share": args.goal, "horizon_pair_epochs": horizon,
+        "confirm_seeds": seeds, "goal_share": args.goal, "horizon_pair_epochs": horizon, "paired_against": against,
+        # Every run's first trial trains in full (the scheduler has nothing to judge it against), so no
+        # run reaches any plan for less than one whole plan's cost.
+        "least_possible_share": len(setup.units) * settings["epochs"] / grid_cost,
         "split": "choices on validation subjects; gains, regret and costs to reach on test subjects",
         "best_known_is_in_sample": "the best known test gain is the maximum over this bench's own confirmed plans",
         "psnr_definition": "peak 1 on [0,1]-scaled volumes; mean over pairs of the targets' validation (val) or test subjects",
@@ -517,14 +531,18 @@ def _print(result: dict[str, Any]) -> None:
           f"{result['tolerance_db']:.3f} dB; regret horizon {result['horizon_pair_epochs']} pair-epochs")
     print(f"\nper variant, median [min, max] over {result['repeats']} repeats (test subjects):")
     print(f"{'variant':<12} {'regret area dB':<24} {'% grid to grid best':<26} {'% grid to best known':<26} "
-          f"{'best test gain dB':<26} {'beats grid':>10} {'slots busy %':<20} {'area vs ' + PAIRED_AGAINST}")
+          f"{'best test gain dB':<26} {'beats grid':>10} {'slots busy %':<20} {'pair-epochs':<18} {'trial phase s':<20} "
+          f"{'area vs ' + result['paired_against']}")
     for variant, data in result["engine"].items():
-        paired = data[f"regret_area_minus_{PAIRED_AGAINST}"]
+        paired = data["regret_area_minus_paired"]
         paired_text = "-" if paired is None else (f"{paired['mean']:+.3f} [{_fmt(paired['ci'][0], '+.3f')}, "
                                                   f"{_fmt(paired['ci'][1], '+.3f')}] p={_fmt(paired['p'], '.2f')}")
         print(f"{variant:<12} {_span(data['regret_area_db'], '.3f'):<24} {_span(data['share_to_grid_best'], '.0f', 100):<26} "
               f"{_span(data['share_to_best_known'], '.0f', 100):<26} {_span(data['best_test_gain_db'], '+.3f'):<26} "
-              f"{data['beats_grid']:>10} {_span(data['slot_busy_share'], '.0f', 100):<20} {paired_text}")
+              f"{data['beats_grid']:>10} {_span(data['slot_busy_share'], '.0f', 100):<20} "
+              f"{_span(data['total_pair_epochs'], '.0f'):<18} {_span(data['trial_phase_seconds'], '.0f'):<20} {paired_text}")
+    print(f"(no run can reach a plan for less than {100 * result['least_possible_share']:.0f}% of the grid: its first "
+          "trial trains in full)")
     print(f"(priors also cost {result['prior_overhead_pair_epochs']} pair-epochs of gradient passes, once per evaluation)")
     for signal, c in result["spearman_prior_vs_val_gain"].items():
         print(f"Spearman({signal} prior, validation gain): {_fmt(c['all'], '.3f')} over {c['n_all']} fully trained plans; "

@@ -1,8 +1,9 @@
 """Serve a search run's Optuna study in optuna-dashboard (live: it reads study.db as trials land).
 
 The dashboard shows every trial's parameters, values and user attributes (the 'state' attribute
-tells FINISHED from STOPPED early; ASHA-stopped trials are COMPLETE in Optuna with a partial
-value), with history, importance and parallel-coordinate plots. It listens on 127.0.0.1 (this
+tells FINISHED from STOPPED early: ASHA-stopped trials are PRUNED in Optuna, their running gains
+kept as intermediate values; over-budget draws are FAIL, with no value, their budget constraint
+kept), with history, importance and parallel-coordinate plots. It listens on 127.0.0.1 (this
 machine only) unless --host says otherwise; the study database is opened read-write, so do not
 expose it to a network you do not trust. Stop it with Ctrl-C.
 

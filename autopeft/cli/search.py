@@ -59,7 +59,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="run directory (default: runs/<backbone>-<time>)")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted search in RUN_DIR")
     parser.add_argument("--objective", default="single", choices=("single", "multi"), help="single: max mean validation PSNR gain over No-FT; multi: that gain vs %% params Pareto front")
-    from autopeft.search.options import PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS
+    from autopeft.search.options import DEFAULT_FIDELITY, FIDELITIES, PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS
 
     parser.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="Optuna sampler: TPE, a Gaussian process (GPSampler) or random search")
     parser.add_argument("--priors", default="on", choices=("on", "off", *PRIOR_SIGNALS),
@@ -89,6 +89,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the source models (default: the preset's)")
     parser.add_argument("--no-references", action="store_true", help="skip the No-FT / Full-FT / PETITE reference rows")
     parser.add_argument("--no-asha", action="store_true", help="let every trial run all its pairs")
+    parser.add_argument("--fidelity", default=DEFAULT_FIDELITY, choices=FIDELITIES,
+                        help="what ASHA judges trials on: pairs (after each pair, pairs in a rotated order per trial) or "
+                             "epochs (pair-epochs; trials also score mid-pair at ASHA's rungs). Default: %(default)s")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--confirm", type=int, default=3, metavar="K",
@@ -163,7 +166,8 @@ def _config(args: argparse.Namespace, time_budget: float | None):
         warm_start=args.warm_start, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         concurrency=args.concurrency, address=args.address, storage_path=args.storage_path,
         trial_resources=_resources(args.trial_resources), max_failures=args.max_failures, data=args.data, pretrain_epochs=args.pretrain_epochs,
-        references=not args.no_references, asha=not args.no_asha, device=args.device, progress=not args.quiet,
+        references=not args.no_references, asha=not args.no_asha, fidelity=args.fidelity, device=args.device,
+        progress=not args.quiet,
         dashboard=args.dashboard, confirm=args.confirm, confirm_folds=args.confirm_folds, confirm_seeds=args.confirm_seeds,
     )
 

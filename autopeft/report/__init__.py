@@ -103,7 +103,7 @@ def _trials_table(run: RunData) -> str:
         return '<p class="note">No trial records (trials/) yet.</p>'
     rows = [{
         "#": r["number"], "state": r.get("state", "RUNNING"),
-        "pairs": f"{r.get('pairs_done', 0)}/{r.get('pairs_total', 0)}",
+        "pairs": f"{r.get('pairs_done', 0)}/{r.get('pairs_total', 0)}", "pair-epochs": r.get("epochs_done"),
         "% Param": 100 * float(r.get("fraction") or 0.0), "val PSNR": r.get("psnr"), "gain dB": r.get("gain"),
         "SSIM": r.get("ssim"),
         "NRMSE": r.get("nrmse"), "prior": r.get("prior"), "warm start": "yes" if r.get("warm_start") else "",
@@ -112,7 +112,7 @@ def _trials_table(run: RunData) -> str:
     frame = pd.DataFrame(rows)
     colour = {state: style[1] for state, style in STATE_STYLE.items()}
     styler = (frame.style.format({"% Param": "{:.3f}", "val PSNR": "{:.3f}", "gain dB": "{:+.3f}", "SSIM": "{:.4f}", "NRMSE": "{:.4f}",
-                                  "prior": "{:.3g}", "seconds": "{:.0f}"}, na_rep="-")
+                                  "prior": "{:.3g}", "seconds": "{:.0f}", "pair-epochs": "{:.0f}"}, na_rep="-")
               .map(lambda s: f"color: {colour.get(s, '#222')}; font-weight: bold", subset=["state"]).hide(axis="index"))
     return styler.to_html()
 

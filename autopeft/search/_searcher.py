@@ -10,7 +10,8 @@ final; and every plan over the budget cost a Ray trial to be recorded. Here:
 - the fate of a trial is decided in one place, :func:`autopeft.runs.trial_state` (which the run's
   records follow too): every pair done is FINISHED (Optuna COMPLETE with the objective), fewer
   pairs is STOPPED (Optuna PRUNED, its running values reported as intermediate values, step =
-  pairs done), an error is FAILED (Optuna FAIL).
+  the fidelity done: pairs, or pair-epochs with ``--fidelity epochs``), an error is FAILED
+  (Optuna FAIL).
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ class StudySearcher(Searcher):
         on_infeasible: called with the config of each over-budget draw (to record it).
         guide: called with the study before each ask; it may enqueue the plan to train next
             (:class:`autopeft.search.priors.PriorGuide`). Defaults to the sampler alone.
+        step: the result field that counts the fidelity done, the intermediate values' step (the
+            scheduler's time attribute). Defaults to ``pairs_done``.
     """
 
     def __init__(self, study, define: Callable[[Any], dict[str, Any]], *, metric: str | list[str], mode: str | list[str],
                  max_infeasible: int, on_infeasible: Callable[[dict[str, Any]], None],
-                 guide: Callable[[Any], Any] | None = None) -> None:
+                 guide: Callable[[Any], Any] | None = None, step: str = "pairs_done") -> None:
         super().__init__(metric=metric if isinstance(metric, str) else None, mode=mode if isinstance(mode, str) else None)
         self._study = study
         self._define = define
@@ -51,6 +54,7 @@ class StudySearcher(Searcher):
         self._max_infeasible = max_infeasible
         self._on_infeasible = on_infeasible
         self._guide = guide
+        self._step = step
         self._open: dict[str, Any] = {}  # Ray trial id -> its Optuna trial
         self._reported: dict[str, set[int]] = {}
         self.infeasible = 0
@@ -78,13 +82,13 @@ class StudySearcher(Searcher):
         self._report(trial_id, result)
 
     def _report(self, trial_id: str, result: Mapping[str, Any] | None) -> None:
-        """The running value after each pair as an intermediate value (step = pairs done). Ray
+        """Each running value as an intermediate value (step = the fidelity done). Ray
         hands the result that made the scheduler stop a trial to on_trial_complete only, hence
         this is called from both, once per step."""
         if len(self._metrics) > 1 or trial_id not in self._open or not result or result.get("error"):
             return  # Optuna takes intermediate values for single-objective studies only; a failure has none
         ot_trial = self._open[trial_id]
-        value, step = result.get(self._metrics[0]), int(result.get("pairs_done", 0))
+        value, step = result.get(self._metrics[0]), int(result.get(self._step, 0))
         if value is not None and step not in self._reported.setdefault(trial_id, set()):
             ot_trial.report(float(value), step=step)
             self._reported[trial_id].add(step)
@@ -100,6 +104,7 @@ class StudySearcher(Searcher):
         state = trial_state(result, error)
         ot_trial.set_user_attr("state", state)
         ot_trial.set_user_attr("pairs_done", int((result or {}).get("pairs_done", 0)))
+        ot_trial.set_user_attr("epochs_done", int((result or {}).get("epochs_done", 0)))
         ot_trial.set_user_attr("fidelity", float((result or {}).get("fidelity", 0.0)))
         if state == FINISHED:
             values = [float(result[m]) for m in self._metrics]

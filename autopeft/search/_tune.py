@@ -32,14 +32,14 @@ from autopeft.runs import (
 )
 from autopeft.search.trial import TrialSetup
 
-__all__ = ["TuneRun", "run_trials", "RecordKeeper", "TrialLimiter", "MAX_INFEASIBLE_DRAWS_PER_TRIAL"]
+__all__ = ["TuneRun", "run_trials", "scheduler_for", "RecordKeeper", "TrialLimiter", "MAX_INFEASIBLE_DRAWS_PER_TRIAL"]
 
 # Over-budget draws allowed per trial asked for before the search gives up on the space: a space
 # whose plans almost never fit the budget would otherwise draw forever.
 MAX_INFEASIBLE_DRAWS_PER_TRIAL = 25
 
 _PAIRS_FILE = "pairs.json"
-_REPORTED = ("psnr", "ssim", "nrmse", "gain", "pairs_done", "pairs_total", "fidelity")
+_REPORTED = ("psnr", "ssim", "nrmse", "gain", "pairs_done", "epochs_done", "pairs_total", "fidelity")
 
 
 def _trainable(config: dict[str, Any], setup: TrialSetup) -> None:
@@ -71,13 +71,15 @@ def _trainable(config: dict[str, Any], setup: TrialSetup) -> None:
 
         if previous and len(previous) == len(setup.units):  # it had finished: report that, train nothing
             report({**running_means(previous), "gain": setup.gain_of(previous), "pairs_done": len(previous),
-                    "pairs_total": len(previous), "fidelity": 1.0, "pairs": scores_to_json(previous)})
+                    "epochs_done": len(previous) * setup.epochs, "pairs_total": len(previous), "fidelity": 1.0,
+                    "pairs": scores_to_json(previous)})
             return
         try:
             run_plan(setup, plan, report=report, save_dir=work, skip=len(previous), previous=previous,
                      offset=int(config["number"]))
         except Exception as err:  # noqa: BLE001 - the plan's own failure: reported, so that Tune does not retry it
-            failed = {"pairs_done": len(previous), "pairs_total": len(setup.units), "fidelity": 0.0, "gain": float("-inf"),
+            failed = {"pairs_done": len(previous), "epochs_done": len(previous) * setup.epochs,
+                      "pairs_total": len(setup.units), "fidelity": 0.0, "gain": float("-inf"),
                       **{k: v for k, v in last.items() if v is not None}}
             tune.report({**failed, "fraction": config["fraction"], "error": f"{type(err).__name__}: {err}"[:500],
                          "node": node})
@@ -239,10 +241,40 @@ class TuneRun:
         )
 
 
-def run_trials(run: TuneRun) -> None:
-    """Ray Tune over the remaining trials (nothing when none remain)."""
+def scheduler_for(config, setup: TrialSetup):
+    """The trial scheduler of a search, the result field it counts fidelity in, and ``setup`` with
+    the pair-epochs where trials must score mid-pair.
+
+    ``--fidelity pairs``: ASHA judges after each pair (rungs 1, 2, 4, ... pairs). ``epochs``: ASHA
+    judges on pair-epochs, rungs grace x 2^k, the first a quarter of the way into a trial's first
+    pair (judged earlier, a short fine-tuning's score says little); trials score on validation at
+    the rungs inside a pair. Without ASHA (``--no-asha``, a multi-objective study, a single
+    pair under ``pairs``): FIFO, every trial runs to the end.
+    """
+    from dataclasses import replace
+
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    units, epochs = len(setup.units), int(setup.epochs)
+    if config.fidelity == "epochs":
+        max_t, grace, time_attr = units * epochs, max(1, epochs // 4), "epochs_done"
+    else:
+        max_t, grace, time_attr = units, 1, "pairs_done"
+    if not config.asha or config.objective == "multi" or max_t <= grace:
+        return FIFOScheduler(), time_attr, setup
+    # ASHA's rungs at this reduction factor (its own list is private): grace, 2 grace, ... < max_t.
+    rungs, at = [], grace
+    while at < max_t:
+        rungs.append(at)
+        at *= 2
+    if time_attr == "epochs_done":
+        setup = replace(setup, score_at=tuple(r for r in rungs if r % epochs))
+    # On the fidelity done, not Tune's iteration count: a retried trial goes on from its checkpoint.
+    return ASHAScheduler(time_attr=time_attr, max_t=max_t, grace_period=grace, reduction_factor=2), time_attr, setup
+
+
+def run_trials(run: TuneRun) -> None:
+    """Ray Tune over the remaining trials (nothing when none remain)."""
     from autopeft.search._searcher import StudySearcher
 
     if run.remaining <= 0:
@@ -259,16 +291,14 @@ def run_trials(run: TuneRun) -> None:
         if line is not None:
             line(record)
 
+    scheduler, time_attr, setup = scheduler_for(config, run.setup)
     searcher = StudySearcher(run.study, run.define, metric=metric, mode=mode,
                              max_infeasible=MAX_INFEASIBLE_DRAWS_PER_TRIAL * run.remaining, on_infeasible=infeasible,
-                             guide=run.guide)
+                             guide=run.guide, step=time_attr)
     search_alg = TrialLimiter(searcher, max_concurrent=config.concurrency, deadline_at=run.deadline, wanted=run.remaining)
-    units = len(run.setup.units)
-    # On the pairs done, not Tune's iteration count: a retried trial goes on from its checkpoint.
-    scheduler = (ASHAScheduler(time_attr="pairs_done", max_t=units, grace_period=1, reduction_factor=2)
-                 if config.asha and not multi and units > 1 else FIFOScheduler())
+    units = len(setup.units)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_trainable, setup=run.setup), run.resources),
+        tune.with_resources(tune.with_parameters(_trainable, setup=setup), run.resources),
         # The limiter ends the run (plans launched, deadline); this is the most trials it allows.
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=run.remaining, reuse_actors=True,
                                     **({} if multi else {"metric": metric, "mode": mode})),

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from autopeft.errors import ConfigError
-from autopeft.search.options import DEFAULT_PRIOR_SIGNAL, PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS
+from autopeft.search.options import (
+    DEFAULT_FIDELITY, DEFAULT_PRIOR_SIGNAL, FIDELITIES, PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS,
+)
 
 __all__ = ["SearchConfig", "resolve_defaults", "parse_duration"]
 
@@ -61,6 +63,7 @@ class SearchConfig:
     protocol: dict[str, int] = field(default_factory=dict)
     references: bool = True
     asha: bool = True
+    fidelity: str = DEFAULT_FIDELITY
     device: str | None = None
     progress: bool = True
     dashboard: bool = False
@@ -78,6 +81,8 @@ class SearchConfig:
             raise ConfigError(f"`sampler` must be one of {', '.join(SAMPLERS)}, but got {self.sampler!r}.")
         if self.prior_signal not in PRIOR_SIGNALS:
             raise ConfigError(f"`prior_signal` must be one of {', '.join(PRIOR_SIGNALS)}, but got {self.prior_signal!r}.")
+        if self.fidelity not in FIDELITIES:
+            raise ConfigError(f"`fidelity` must be one of {', '.join(FIDELITIES)}, but got {self.fidelity!r}.")
         if self.prior_candidates < 1:
             raise ConfigError(f"`prior_candidates` must be at least 1, but got {self.prior_candidates}.")
         if self.trials is not None and self.trials < 1:

@@ -14,8 +14,8 @@ Flow of :func:`run_search`, one unit per step:
 5. fine-tune the reference plans (No-FT always: its per-pair validation PSNR is the baseline of
    the objective; Full-FT and PETITE's plan for the results table);
 6. run the trials through Ray Tune (:mod:`~autopeft.search._tune`): the objective is the mean
-   validation PSNR gain over No-FT, ASHA stops on the pairs done, the driver's callback keeps the
-   records and weights;
+   validation PSNR gain over No-FT, ASHA stops on the pairs (or pair-epochs) done, the driver's
+   callback keeps the records and weights;
 7. finish: ``results.csv``, ``best_plan.yaml``, the Pareto plans and best weights, the confirmation
    of the ``confirm`` best plans on test subjects (:mod:`~autopeft.search.confirm`) and the example
    slices. ``report.html`` is drawn from the run directory by the caller (``autopeft search``
@@ -250,8 +250,13 @@ def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, tot
     print(f"  scanners {', '.join(config.scanners)}: {len(setup.pairs)} source->target pairs x {config.folds} fold(s), "
           f"{config.epochs} fine-tuning epochs each; protocol {setup.make_protocol()}")
     limit = f"no trial launched after {config.time_budget_s / 60:.1f} min" if config.time_budget_s else "no time limit"
+    from ray.tune.schedulers import ASHAScheduler
+
+    from autopeft.search._tune import scheduler_for
+
+    asha = isinstance(scheduler_for(config, setup)[0], ASHAScheduler)
     print(f"  {config.trials} trials, {config.objective}-objective, sampler {config.sampler}, priors {(config.prior_signal + ' x' + str(config.prior_candidates)) if config.priors else 'off'}, "
-          f"ASHA {'on' if config.asha and config.objective == 'single' and len(setup.units) > 1 else 'off'}, {limit}")
+          f"ASHA {'on ' + config.fidelity if asha else 'off'}, {limit}")
     extra = "".join(f", {amount:g} {name}" for name, amount in config.trial_resources.items())
     print(f"  Ray {'cluster ' + config.address if config.address else 'on this machine'}: {cluster.describe()}; "
           f"{config.cpus_per_trial:g} CPU and {config.gpus_per_trial:g} GPU{extra} per trial, at most {config.concurrency} at once, "

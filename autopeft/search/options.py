@@ -1,6 +1,6 @@
 """The search's named choices, without heavy imports (the CLI's ``--help`` reads them)."""
 
-__all__ = ["DEFAULT_PRIOR_SIGNAL", "PRIOR_CANDIDATES", "PRIOR_SIGNALS", "SAMPLERS"]
+__all__ = ["DEFAULT_FIDELITY", "DEFAULT_PRIOR_SIGNAL", "FIDELITIES", "PRIOR_CANDIDATES", "PRIOR_SIGNALS", "SAMPLERS"]
 
 # Optuna samplers a search can use, compared on equal cost by bench/rediscovery.py.
 SAMPLERS = ("tpe", "gp", "random")
@@ -12,3 +12,6 @@ PRIOR_SIGNALS = ("sensitivity", "shpeft")
 DEFAULT_PRIOR_SIGNAL = "sensitivity"
 # Sampler draws per proposal from which the prior picks; fixed before any benchmark, not tuned.
 PRIOR_CANDIDATES = 4
+# What ASHA counts a trial's progress in: pairs done, or pair-epochs (scoring mid-pair at its rungs).
+FIDELITIES = ("pairs", "epochs")
+DEFAULT_FIDELITY = "pairs"

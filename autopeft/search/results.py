@@ -117,13 +117,13 @@ def finish_run(run_dir: Path, setup, config, space, priors: bool) -> dict[str, A
         table.append({
             "number": r["number"], "state": r["state"], "fidelity": round(float(r.get("fidelity") or 0.0), 4),
             "pairs_done": r.get("pairs_done", 0), "pairs_total": r.get("pairs_total", 0),
-            "plan": plan_summary(r["plan"]), "trainable": r.get("trainable"),
+            "epochs_done": r.get("epochs_done"), "plan": plan_summary(r["plan"]), "trainable": r.get("trainable"),
             "params_pct": round(100 * float(r.get("fraction") or 0.0), 4), "split": "val",
             "psnr": r.get("psnr"), "gain": r.get("gain"), "ssim": r.get("ssim"), "nrmse": r.get("nrmse"),
             "prior": r.get("prior"), "warm_start": r.get("warm_start", False),
             "seconds": round(float(r.get("seconds") or 0.0), 1), "reason": r.get("reason", ""),
         })
-    frame = pd.DataFrame(table, columns=["number", "state", "fidelity", "pairs_done", "pairs_total", "plan", "trainable",
+    frame = pd.DataFrame(table, columns=["number", "state", "fidelity", "pairs_done", "pairs_total", "epochs_done", "plan", "trainable",
                                          "params_pct", "split", "psnr", "gain", "ssim", "nrmse", "prior", "warm_start",
                                          "seconds", "reason"])
     atomic_write(run_dir / "results.csv", lambda tmp: frame.to_csv(tmp, index=False))

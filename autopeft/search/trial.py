@@ -4,8 +4,9 @@ The trial loads each pair's cached pre-trained source model (the driver pre-trai
 before any trial starts) and runs the one fine-tuning recipe (``autopeft.finetuning.finetune_plan``):
 fine-tune on the target's few training subjects, score the target's *validation* subjects. Test
 subjects are never read here; only the confirmation at the end of a search scores them. After
-each pair it reports the running means of PSNR, SSIM and NRMSE: the number of pairs done is the
-fidelity the scheduler stops on.
+each pair it reports the running means of PSNR, SSIM and NRMSE, and the pairs and pair-epochs
+done: the fidelity the scheduler stops on (``--fidelity pairs`` or ``epochs``). With
+``score_at`` it also scores the pair it is training at those pair-epochs, mid-pair.
 
 A trial writes nothing itself: it hands its scores back through ``report`` (Ray Tune's
 ``tune.report`` in a search), and the driver keeps the record (:mod:`autopeft.runs`).
@@ -50,6 +51,9 @@ class TrialSetup:
         data_key: the scans' key in that store, when nodes cannot read ``manifest_path``.
         pretrain: whether a missing source model may be pre-trained where this runs (False in a
             search's trials: the driver pre-trains them first).
+        score_at: pair-epochs done (counted over the trial's pairs in its order) after which the
+            pair in training is scored on validation and reported mid-pair: the scheduler's rungs
+            with ``--fidelity epochs``. Empty: a report after each pair only.
     """
 
     backbone: str
@@ -69,6 +73,7 @@ class TrialSetup:
     artifacts: str | None = None
     data_key: str | None = None
     pretrain: bool = True
+    score_at: tuple[int, ...] = ()
 
     @property
     def sources(self) -> list[tuple[str, int]]:
@@ -228,8 +233,10 @@ def run_plan(
     Args:
         setup: the trial set-up.
         plan: an ``autopeft.peft.Plan`` (trained by ``autopeft.finetuning.finetune_plan``).
-        report: called after each pair with running means (``psnr``, ``ssim``, ``nrmse``),
-            ``pairs_done``, ``fidelity`` (pairs done / pairs) and ``pairs`` (every pair's scores).
+        report: called after each pair with running means (``psnr``, ``ssim``, ``nrmse``, ``gain``),
+            ``pairs_done``, ``epochs_done`` (pair-epochs), ``fidelity`` (pairs done / pairs) and
+            ``pairs`` (every pair's scores); also at ``setup.score_at`` mid-pair, the means then
+            counting the pair in training at its current score.
         save_dir: where to save the trained parts per pair (``<source>-<target>-fold<k>/``).
         skip: pairs already done (their scores in ``previous``), for resuming a record.
         previous: scores of the pairs skipped.
@@ -252,10 +259,25 @@ def run_plan(
 
     scores = list(previous)
     units = setup.units_from(offset)
+    epochs_done = skip * setup.epochs
     for source, target, fold in units[skip:]:
         started = time.perf_counter()
         job = setup.job(source, target, fold, train_seed=train_seed)
-        model, result = finetune_plan(plan, job, splits=(split,))
+        before = epochs_done
+        mid_pair = [at - before for at in setup.score_at if before < at < before + setup.epochs]
+
+        def report_mid_pair(epoch, _unit=(source, target, fold), _before=before, _started=started) -> None:
+            if report is None or not epoch.metrics:
+                return
+            partial = PairScore(*_unit, epoch.metrics["psnr"], epoch.metrics["ssim"], epoch.metrics["nrmse"],
+                                time.perf_counter() - _started, split=split)
+            report({**running_means([*scores, partial]), "gain": setup.gain_of([*scores, partial]),
+                    "pairs_done": len(scores), "epochs_done": _before + epoch.epoch, "pairs_total": len(units),
+                    "fidelity": len(scores) / len(units), "pairs": scores_to_json(scores)})
+
+        model, result = finetune_plan(plan, job, splits=(split,), score_epochs=mid_pair,
+                                      on_epoch=report_mid_pair if mid_pair else None)
+        epochs_done += len(result.history)
         metrics = result.metrics
         if not all(math.isfinite(metrics[k]) for k in ("psnr", "ssim", "nrmse")):
             raise FloatingPointError(f"pair {source}->{target} (fold {fold}) scored {metrics}: the fine-tuned model outputs NaN.")
@@ -266,7 +288,8 @@ def run_plan(
                                 subjects=result.subjects[split]))
         if report is not None:
             report({**running_means(scores), "gain": setup.gain_of(scores), "pairs_done": len(scores),
-                    "pairs_total": len(units), "fidelity": len(scores) / len(units), "pairs": scores_to_json(scores)})
+                    "epochs_done": epochs_done, "pairs_total": len(units), "fidelity": len(scores) / len(units),
+                    "pairs": scores_to_json(scores)})
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

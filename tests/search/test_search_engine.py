@@ -93,6 +93,25 @@ def test_the_study_holds_the_truth_pruned_stopped_trials_and_the_recommended_bes
     assert study.best_value == pytest.approx(summary["best"]["gain"])
 
 
+def test_epoch_fidelity_judges_on_pair_epochs_and_scores_mid_pair(ray_session, data, tmp_path):
+    # 2 pairs x 4 epochs: ASHA's rungs at 1, 2 and 4 pair-epochs; 1 and 2 fall inside the first pair.
+    run_dir = run_search(_config(data, tmp_path / "run", trials=6, epochs=4, priors=False, budget="3%", fidelity="epochs"))
+    rows = {r["number"]: r for r in records(run_dir)}
+    states = {t.number: t for t in _study(run_dir).trials}
+    trained = [r for r in rows.values() if r["state"] in (FINISHED, STOPPED)]
+    assert any(r["state"] == STOPPED for r in trained), "ASHA stops some of 6 trials"
+    for record in trained:
+        trial = states[record["number"]]
+        steps = sorted(trial.intermediate_values)
+        if record["state"] == FINISHED:
+            assert record["epochs_done"] == 8 and trial.state == optuna.trial.TrialState.COMPLETE
+            assert steps[:2] == [1, 2] and steps[-1] == 8, "scored mid-pair at the rungs, then after each pair"
+        else:
+            assert record["epochs_done"] in (1, 2, 4) and trial.state == optuna.trial.TrialState.PRUNED
+            assert steps[-1] == record["epochs_done"]
+            assert trial.intermediate_values[steps[-1]] == pytest.approx(record["gain"])
+
+
 def _no_ft_psnr(run_dir) -> float:
     no_ft = next(r for r in json.loads((run_dir / "references.json").read_text()) if r["label"] == "No-FT")
     return no_ft["psnr"]

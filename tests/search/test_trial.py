@@ -1,5 +1,5 @@
 """setup_from_config: the one TrialSetup a search's settings make (the engine's, the report's,
-predict's and export's)."""
+predict's and export's); scheduler_for: the rungs a search judges trials at."""
 
 from __future__ import annotations
 
@@ -28,3 +28,25 @@ def test_a_users_source_model_pairs_only_from_its_scanner_and_readers_choose_the
     setup = setup_from_config(settings, manifest_path="m.csv", device="cuda", threads=1)
     assert setup.pairs == (("2", "1"), ("2", "3")) and setup.weights == "mine.pt"
     assert (setup.device, setup.threads) == ("cuda", 1)
+
+
+def test_scheduler_for_sets_the_rungs_and_the_mid_pair_scores():
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from autopeft.search._tune import scheduler_for
+    from autopeft.search.engine import SearchConfig
+    from autopeft.search.trial import TrialSetup
+
+    setup = TrialSetup(backbone="cvtgan", preset="tiny", manifest_path="m.csv", pairs=(("1", "2"), ("2", "1")), epochs=20)
+    pairs = SearchConfig(backbone="cvtgan", budget="1%")
+    scheduler, time_attr, same = scheduler_for(pairs, setup)
+    assert isinstance(scheduler, ASHAScheduler) and time_attr == "pairs_done" and same.score_at == ()
+    epochs = SearchConfig(backbone="cvtgan", budget="1%", fidelity="epochs")
+    scheduler, time_attr, scored = scheduler_for(epochs, setup)
+    # 40 pair-epochs, first rung a quarter into the first pair: 5, 10, 20; the pair's end needs no extra score.
+    assert isinstance(scheduler, ASHAScheduler) and time_attr == "epochs_done" and scored.score_at == (5, 10)
+    single = TrialSetup(backbone="cvtgan", preset="tiny", manifest_path="m.csv", pairs=(("1", "2"),), epochs=20)
+    assert isinstance(scheduler_for(pairs, single)[0], FIFOScheduler)  # one pair: nothing to judge on
+    assert isinstance(scheduler_for(epochs, single)[0], ASHAScheduler)  # ... but its epochs are
+    assert isinstance(scheduler_for(SearchConfig(backbone="cvtgan", budget="1%", fidelity="epochs", asha=False), setup)[0],
+                      FIFOScheduler)
