@@ -73,14 +73,15 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "cvtgan-2-4-d1": {"backbone": "cvtgan", "scanners": "2,4", "data_seed": 1, "role": "held out"},
     "unetr-3-4-d2": {"backbone": "unetr", "scanners": "3,4", "data_seed": 2, "role": "held out"},
 }
+# Every variant names its fidelity: their cached runs keep their meaning when the default changes.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "priors": {"sampler": "tpe", "priors": True, "prior_signal": "shpeft"},
-    "sensitivity": {"sampler": "tpe", "priors": True, "prior_signal": "sensitivity"},
-    "warm-only": {"sampler": "tpe", "priors": True, "prior_signal": "shpeft", "prior_candidates": 1},
-    "no-priors": {"sampler": "tpe", "priors": False},
-    "gp": {"sampler": "gp", "priors": False},
-    "random": {"sampler": "random", "priors": False},
-    # The default search with ASHA judging on pair-epochs (mid-pair scores) instead of pairs.
+    "priors": {"sampler": "tpe", "priors": True, "prior_signal": "shpeft", "fidelity": "pairs"},
+    "sensitivity": {"sampler": "tpe", "priors": True, "prior_signal": "sensitivity", "fidelity": "pairs"},
+    "warm-only": {"sampler": "tpe", "priors": True, "prior_signal": "shpeft", "prior_candidates": 1, "fidelity": "pairs"},
+    "no-priors": {"sampler": "tpe", "priors": False, "fidelity": "pairs"},
+    "gp": {"sampler": "gp", "priors": False, "fidelity": "pairs"},
+    "random": {"sampler": "random", "priors": False, "fidelity": "pairs"},
+    # sensitivity with ASHA judging on pair-epochs (mid-pair scores) instead of pairs.
     "epoch-rung": {"sampler": "tpe", "priors": True, "prior_signal": "sensitivity", "fidelity": "epochs"},
 }
 PAIRED_AGAINST = "no-priors"

@@ -2,7 +2,8 @@
 
 Each trial samples a plan from the search space (Optuna TPE inside Ray Tune), fine-tunes it from
 the cached pre-trained source model on every (source -> target) pair of the chosen scanners and
-scores the targets' validation subjects; ASHA stops weak trials after fewer pairs. Every choice
+scores the targets' validation subjects; ASHA stops weak trials early, judged on the pair-epochs
+they trained (--fidelity pairs: after each pair). Every choice
 (scheduler, sampler, priors, best plan, Pareto front) sees validation subjects only. At the end the
 --confirm best plans and the references (No-FT, Full-FT, PETITE's plan) are re-run from scratch on
 every pair x fold x fine-tuning seed and scored on the targets' test subjects, which nothing read
@@ -90,8 +91,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-references", action="store_true", help="skip the No-FT / Full-FT / PETITE reference rows")
     parser.add_argument("--no-asha", action="store_true", help="let every trial run all its pairs")
     parser.add_argument("--fidelity", default=DEFAULT_FIDELITY, choices=FIDELITIES,
-                        help="what ASHA judges trials on: pairs (after each pair, pairs in a rotated order per trial) or "
-                             "epochs (pair-epochs; trials also score mid-pair at ASHA's rungs). Default: %(default)s")
+                        help="what ASHA judges trials on: epochs (pair-epochs; trials also score mid-pair at ASHA's rungs) or pairs "
+                             "(after each pair, pairs in a rotated order per trial). Default: %(default)s")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--confirm", type=int, default=3, metavar="K",

@@ -14,7 +14,7 @@ Flow of :func:`run_search`, one unit per step:
 5. fine-tune the reference plans (No-FT always: its per-pair validation PSNR is the baseline of
    the objective; Full-FT and PETITE's plan for the results table);
 6. run the trials through Ray Tune (:mod:`~autopeft.search._tune`): the objective is the mean
-   validation PSNR gain over No-FT, ASHA stops on the pairs (or pair-epochs) done, the driver's
+   validation PSNR gain over No-FT, ASHA stops on the pair-epochs (or pairs) done, the driver's
    callback keeps the records and weights;
 7. finish: ``results.csv``, ``best_plan.yaml``, the Pareto plans and best weights, the confirmation
    of the ``confirm`` best plans on test subjects (:mod:`~autopeft.search.confirm`) and the example

@@ -38,7 +38,7 @@ def test_scheduler_for_sets_the_rungs_and_the_mid_pair_scores():
     from autopeft.search.trial import TrialSetup
 
     setup = TrialSetup(backbone="cvtgan", preset="tiny", manifest_path="m.csv", pairs=(("1", "2"), ("2", "1")), epochs=20)
-    pairs = SearchConfig(backbone="cvtgan", budget="1%")
+    pairs = SearchConfig(backbone="cvtgan", budget="1%", fidelity="pairs")
     scheduler, time_attr, same = scheduler_for(pairs, setup)
     assert isinstance(scheduler, ASHAScheduler) and time_attr == "pairs_done" and same.score_at == ()
     epochs = SearchConfig(backbone="cvtgan", budget="1%", fidelity="epochs")
