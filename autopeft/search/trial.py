@@ -269,6 +269,10 @@ def run_plan(
         def report_mid_pair(epoch, _unit=(source, target, fold), _before=before, _started=started) -> None:
             if report is None or not epoch.metrics:
                 return
+            if not all(math.isfinite(epoch.metrics[k]) for k in ("psnr", "ssim", "nrmse")):
+                # Ends the trial now, as at a pair's end, rather than hand the scheduler a NaN.
+                raise FloatingPointError(f"pair {_unit[0]}->{_unit[1]} (fold {_unit[2]}) scored {epoch.metrics} after "
+                                         f"epoch {epoch.epoch}: the fine-tuned model outputs NaN.")
             partial = PairScore(*_unit, epoch.metrics["psnr"], epoch.metrics["ssim"], epoch.metrics["nrmse"],
                                 time.perf_counter() - _started, split=split)
             report({**running_means([*scores, partial]), "gain": setup.gain_of([*scores, partial]),
