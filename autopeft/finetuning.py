@@ -352,6 +352,15 @@ def finetune(
     torch.manual_seed(seed)  # before prepare: weights that PEFT adds start the same in every process
     trainable, total = prepare(model)
     history: list[dict[str, Any]] = []
+    # Held-out volumes are read only when first scored (after training, or at the first epoch in
+    # ``score_epochs``), only for the splits asked for, and once.
+    volumes: dict[str, list[dict]] = {}
+
+    def held_out(name: str) -> list[dict]:
+        if name not in volumes:
+            volumes[name] = eval_volumes(subjects[name])
+        return volumes[name]
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if epochs > 0 and trainable > 0:
@@ -362,12 +371,9 @@ def finetune(
         trainer = Trainer(model, TrainSettings(epochs=epochs, lr=lr), device=device)
         bar = tqdm(total=epochs, desc=f"fine-tune {method} on scanner {target}", disable=not progress, unit="epoch")
 
-        held_out: list[dict] = []  # read at the first epoch scored, once
-
         def record(result: EpochResult) -> None:
             if result.epoch in score_epochs and result.epoch < epochs:
-                held_out[:] = held_out or eval_volumes(subjects[splits[0]])
-                result.metrics = mean_scores(evaluate_subjects(model, held_out, roi_size=crop, device=device))
+                result.metrics = mean_scores(evaluate_subjects(model, held_out(splits[0]), roi_size=crop, device=device))
             history.append({"epoch": result.epoch, "loss": result.loss, "seconds": result.seconds, **result.metrics})
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}")
@@ -380,9 +386,7 @@ def finetune(
         seconds_per_epoch = (time.perf_counter() - started) / epochs
     else:
         seconds_per_epoch = 0.0
-    # Held-out volumes are read after training (or at the first epoch scored), only for the splits asked for.
-    volumes = {name: eval_volumes(subjects[name]) for name in splits}
-    scored = {name: evaluate_subjects(model, volumes[name], roi_size=crop, device=device) for name in splits}
+    scored = {name: evaluate_subjects(model, held_out(name), roi_size=crop, device=device) for name in splits}
     return FinetuneResult(
         method=method,
         target=str(target),

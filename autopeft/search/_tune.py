@@ -48,7 +48,7 @@ def _trainable(config: dict[str, Any], setup: TrialSetup) -> None:
     import torch
 
     from autopeft.peft import Plan
-    from autopeft.search.trial import run_plan, running_means, scores_from_json, scores_to_json
+    from autopeft.search.trial import progress_metrics, run_plan, scores_from_json
 
     torch.set_num_threads(max(1, setup.threads))  # oversubscribing 2 cores makes tiny steps 5-10x slower
     node = ray.get_runtime_context().get_node_id()
@@ -70,9 +70,7 @@ def _trainable(config: dict[str, Any], setup: TrialSetup) -> None:
                         checkpoint=tune.Checkpoint.from_directory(str(work)))
 
         if previous and len(previous) == len(setup.units):  # it had finished: report that, train nothing
-            report({**running_means(previous), "gain": setup.gain_of(previous), "pairs_done": len(previous),
-                    "epochs_done": len(previous) * setup.epochs, "pairs_total": len(previous), "fidelity": 1.0,
-                    "pairs": scores_to_json(previous)})
+            report(progress_metrics(setup, previous, total=len(previous), epochs_done=len(previous) * setup.epochs))
             return
         try:
             run_plan(setup, plan, report=report, save_dir=work, skip=len(previous), previous=previous,

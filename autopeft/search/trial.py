@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrialSetup", "setup_from_config", "PairScore", "run_plan", "source_model", "running_means", "scores_to_json",
-           "scores_from_json"]
+__all__ = ["TrialSetup", "setup_from_config", "PairScore", "run_plan", "progress_metrics", "source_model", "running_means",
+           "scores_to_json", "scores_from_json"]
 
 
 @dataclass(frozen=True)
@@ -264,40 +264,50 @@ def run_plan(
         started = time.perf_counter()
         job = setup.job(source, target, fold, train_seed=train_seed)
         before = epochs_done
-        mid_pair = [at - before for at in setup.score_at if before < at < before + setup.epochs]
+        # Scored mid-pair only for someone to report to: the scheduler's rungs inside this pair.
+        mid_pair = [at - before for at in setup.score_at if before < at < before + setup.epochs] if report is not None else []
 
         def report_mid_pair(epoch, _unit=(source, target, fold), _before=before, _started=started) -> None:
-            if report is None or not epoch.metrics:
+            if not epoch.metrics:
                 return
-            if not all(math.isfinite(epoch.metrics[k]) for k in ("psnr", "ssim", "nrmse")):
-                # Ends the trial now, as at a pair's end, rather than hand the scheduler a NaN.
-                raise FloatingPointError(f"pair {_unit[0]}->{_unit[1]} (fold {_unit[2]}) scored {epoch.metrics} after "
-                                         f"epoch {epoch.epoch}: the fine-tuned model outputs NaN.")
+            # Ends the trial now, as at a pair's end, rather than hand the scheduler a NaN.
+            _require_finite(epoch.metrics, *_unit, when=f" after epoch {epoch.epoch}")
             partial = PairScore(*_unit, epoch.metrics["psnr"], epoch.metrics["ssim"], epoch.metrics["nrmse"],
                                 time.perf_counter() - _started, split=split)
-            report({**running_means([*scores, partial]), "gain": setup.gain_of([*scores, partial]),
-                    "pairs_done": len(scores), "epochs_done": _before + epoch.epoch, "pairs_total": len(units),
-                    "fidelity": len(scores) / len(units), "pairs": scores_to_json(scores)})
+            report(progress_metrics(setup, scores, total=len(units), epochs_done=_before + epoch.epoch, training=partial))
 
         model, result = finetune_plan(plan, job, splits=(split,), score_epochs=mid_pair,
                                       on_epoch=report_mid_pair if mid_pair else None)
         epochs_done += len(result.history)
         metrics = result.metrics
-        if not all(math.isfinite(metrics[k]) for k in ("psnr", "ssim", "nrmse")):
-            raise FloatingPointError(f"pair {source}->{target} (fold {fold}) scored {metrics}: the fine-tuned model outputs NaN.")
+        _require_finite(metrics, source, target, fold)
         if save_dir is not None and result.trainable > 0 and not plan.full_ft:
             save_trained(model, plan, Path(save_dir) / f"{source}-{target}-fold{fold}")
         scores.append(PairScore(source, target, fold, metrics["psnr"], metrics["ssim"], metrics["nrmse"],
                                 time.perf_counter() - started, split=split, seed=job.fine_tuning_seed,
                                 subjects=result.subjects[split]))
         if report is not None:
-            report({**running_means(scores), "gain": setup.gain_of(scores), "pairs_done": len(scores),
-                    "epochs_done": epochs_done, "pairs_total": len(units), "fidelity": len(scores) / len(units),
-                    "pairs": scores_to_json(scores)})
+            report(progress_metrics(setup, scores, total=len(units), epochs_done=epochs_done))
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return scores
+
+
+def _require_finite(metrics: Mapping[str, float], source: str, target: str, fold: int, *, when: str = "") -> None:
+    if not all(math.isfinite(metrics[k]) for k in ("psnr", "ssim", "nrmse")):
+        raise FloatingPointError(f"pair {source}->{target} (fold {fold}) scored {metrics}{when}: the fine-tuned model outputs NaN.")
+
+
+def progress_metrics(setup: TrialSetup, scores: Sequence[PairScore], *, total: int, epochs_done: int,
+                     training: PairScore | None = None) -> dict[str, Any]:
+    """What a trial reports: running means and gain over the pairs done (with ``training``, the
+    pair in training at its current score, counted too), ``pairs_done``, ``epochs_done``,
+    ``pairs_total``, ``fidelity`` and ``pairs`` (every done pair's scores)."""
+    counted = [*scores, training] if training is not None else list(scores)
+    return {**running_means(counted), "gain": setup.gain_of(counted), "pairs_done": len(scores),
+            "epochs_done": epochs_done, "pairs_total": total, "fidelity": len(scores) / total,
+            "pairs": scores_to_json(scores)}
 
 
 def running_means(scores: Sequence[PairScore]) -> dict[str, float]:
