@@ -206,14 +206,15 @@ def _target_train(job: FinetuneJob) -> list[dict[str, Any]]:
                          fold=job.fold, seed=job.seed)["train"]
 
 
-def importance_file(job: FinetuneJob, meta: dict[str, Any]) -> str:
+def importance_file(job: FinetuneJob, meta: dict[str, Any], *, train: list[dict[str, Any]] | None = None) -> str:
     """Where the job's importance maps are cached, relative to the cache root: keyed by the source
-    model (``meta``, its checkpoint metadata), the target's training subjects and the seed."""
+    model (``meta``, its checkpoint metadata), the target's training subjects (``train``, read
+    from the job's split when not given) and the seed."""
     import json
 
     from autopeft.pretraining import SourceSpec
 
-    train = _target_train(job)
+    train = _target_train(job) if train is None else train
     spec = SourceSpec(**{k: meta[k] for k in SourceSpec.__dataclass_fields__})
     subjects = hashlib.sha256(json.dumps([job.target, [r["subject"] for r in train]]).encode()).hexdigest()[:12]
     return f"importance/{spec.key()}-tgt{job.target}-{subjects}-seed{job.fine_tuning_seed}.safetensors"
@@ -230,8 +231,9 @@ def target_importance(job: FinetuneJob, model: nn.Module | None = None, meta: di
 
     if model is None or meta is None:
         model, meta = source_model(job)
-    path = cache_root() / importance_file(job, meta)
-    return importance_pair_on_scans(copy.deepcopy(model), _target_train(job), seed=job.fine_tuning_seed, device=job.device, cache_file=path)
+    train = _target_train(job)
+    path = cache_root() / importance_file(job, meta, train=train)
+    return importance_pair_on_scans(copy.deepcopy(model), train, seed=job.fine_tuning_seed, device=job.device, cache_file=path)
 
 
 def finetune_plan(

@@ -78,11 +78,11 @@ def weights_dir(run_dir: str | os.PathLike, number: int) -> Path:
 
 def write_record(run_dir: str | os.PathLike, number: int, record: Mapping[str, Any]) -> None:
     """Write a trial record atomically (temporary file + ``os.replace``)."""
-    from autopeft.checkpoints import atomic_write_text
+    from autopeft._io import atomic_write_json
 
     path = record_path(run_dir, number)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(dict(record), indent=1, default=str))
+    atomic_write_json(path, dict(record), default=str)
 
 
 def read_record(run_dir: str | os.PathLike, number: int) -> dict[str, Any] | None:
@@ -105,9 +105,9 @@ def read_meta(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def write_meta(run_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:
-    from autopeft.checkpoints import atomic_write_text
+    from autopeft._io import atomic_write_json
 
-    atomic_write_text(Path(run_dir) / "run.json", json.dumps(dict(meta), indent=1))
+    atomic_write_json(Path(run_dir) / "run.json", dict(meta))
 
 
 def versions() -> dict[str, str]:

@@ -9,7 +9,7 @@ __all__ = ["warm_start", "plan_definer"]
 
 
 def warm_start(study, space, prior_model, budget, config, *, preset_lr: float, train: dict[str, Any]) -> int:
-    """Enqueue the plans with the best SH-PEFT prior (``config.warm_start`` of them, or trials/4
+    """Enqueue the plans with the best importance prior (``config.warm_start`` of them, or trials/4
     between 2 and 8); returns how many."""
     from autopeft.search._session import search_seed
     from autopeft.search.priors import top_plans

@@ -260,12 +260,13 @@ def scheduler_for(config, setup: TrialSetup):
         max_t, grace, time_attr = units, 1, "pairs_done"
     if not config.asha or config.objective == "multi" or max_t <= grace:
         return FIFOScheduler(), time_attr, setup
-    # ASHA's rungs at this reduction factor (its own list is private): grace, 2 grace, ... < max_t.
-    rungs, at = [], grace
-    while at < max_t:
-        rungs.append(at)
-        at *= 2
     if time_attr == "epochs_done":
+        # ASHA's rungs at this reduction factor (its own list is private): grace, 2 grace, ... < max_t;
+        # those inside a pair need a mid-pair score.
+        rungs, at = [], grace
+        while at < max_t:
+            rungs.append(at)
+            at *= 2
         setup = replace(setup, score_at=tuple(r for r in rungs if r % epochs))
     # On the fidelity done, not Tune's iteration count: a retried trial goes on from its checkpoint.
     return ASHAScheduler(time_attr=time_attr, max_t=max_t, grace_period=grace, reduction_factor=2), time_attr, setup
@@ -316,7 +317,7 @@ def run_trials(run: TuneRun) -> None:
 
 def _record_slots(run_dir: Path, config, phase_started: float, phase_ended: float) -> None:
     """Slot utilisation of this session's trial phase: trial seconds over slots x wall time."""
-    from autopeft.checkpoints import atomic_write_text
+    from autopeft._io import atomic_write_json
 
     busy = 0.0
     for record in records(run_dir):
@@ -328,7 +329,7 @@ def _record_slots(run_dir: Path, config, phase_started: float, phase_ended: floa
              "busy_share": busy / (wall * max(config.concurrency or 1, 1))}
     path = run_dir / "slots.json"
     sessions = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
-    atomic_write_text(path, json.dumps(sessions + [slots], indent=1))
+    atomic_write_json(path, sessions + [slots])
     if config.progress:
         print(f"trial slots {100 * slots['busy_share']:.0f}% busy over the trial phase ({slots['phase_seconds'] / 60:.1f} min, "
               f"{config.concurrency} slot(s))", flush=True)

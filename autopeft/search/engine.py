@@ -10,7 +10,7 @@ Flow of :func:`run_search`, one unit per step:
 3. have every source model once, before any trial (:mod:`~autopeft.search._sources`: Ray tasks,
    put in the artifact store for the other nodes);
 4. open the Optuna study in ``<run>/study.db``; on a first session enqueue the plans with the best
-   SH-PEFT prior (:mod:`~autopeft.search._plans`), on a resumed one the interrupted plans again;
+   importance prior (:mod:`~autopeft.search._plans`), on a resumed one the interrupted plans again;
 5. fine-tune the reference plans (No-FT always: its per-pair validation PSNR is the baseline of
    the objective; Full-FT and PETITE's plan for the results table);
 6. run the trials through Ray Tune (:mod:`~autopeft.search._tune`): the objective is the mean
@@ -245,15 +245,15 @@ def _examples(run_dir: Path, setup: TrialSetup, summary: dict[str, Any], *, conf
 
 def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, total: int, run_dir: Path, resumed: bool,
                     cluster, storage: str) -> None:
+    from ray.tune.schedulers import ASHAScheduler
+
+    from autopeft.search._tune import scheduler_for
+
     print(("resuming" if resumed else "search") + f" in {run_dir}")
     print(f"  backbone {config.backbone}/{config.preset} on {config.device}; space {config.space}; budget {budget.describe(total)}")
     print(f"  scanners {', '.join(config.scanners)}: {len(setup.pairs)} source->target pairs x {config.folds} fold(s), "
           f"{config.epochs} fine-tuning epochs each; protocol {setup.make_protocol()}")
     limit = f"no trial launched after {config.time_budget_s / 60:.1f} min" if config.time_budget_s else "no time limit"
-    from ray.tune.schedulers import ASHAScheduler
-
-    from autopeft.search._tune import scheduler_for
-
     asha = isinstance(scheduler_for(config, setup)[0], ASHAScheduler)
     print(f"  {config.trials} trials, {config.objective}-objective, sampler {config.sampler}, priors {(config.prior_signal + ' x' + str(config.prior_candidates)) if config.priors else 'off'}, "
           f"ASHA {'on ' + config.fidelity if asha else 'off'}, {limit}")
