@@ -43,7 +43,7 @@ def write_examples(run_dir: Path, setup, best: dict[str, Any] | None, *, split: 
     from safetensors.torch import save_file
 
     from autopeft import metrics
-    from autopeft.checkpoints import atomic_write_text
+    from autopeft._io import atomic_write, atomic_write_json
     from autopeft.data import eval_volumes, split_scanner
     from autopeft.evaluation import predict_volume
     from autopeft.peft import load_trained
@@ -70,11 +70,8 @@ def write_examples(run_dir: Path, setup, best: dict[str, Any] | None, *, split: 
             "psnr": {name: float(metrics.psnr(pred.unsqueeze(0), long.unsqueeze(0)))
                      for name, pred in (("no_ft", no_ft), ("best", best_pred))}}
     out = run_dir / EXAMPLES_DIR
-    out.mkdir(exist_ok=True)
-    tmp = out / f".{_TENSORS}.tmp"
-    save_file(planes, str(tmp))
-    tmp.replace(out / _TENSORS)
-    atomic_write_text(out / _META, json.dumps(meta, indent=1))
+    atomic_write(out / _TENSORS, lambda tmp: save_file(planes, str(tmp)))
+    atomic_write_json(out / _META, meta)
     return True
 
 
