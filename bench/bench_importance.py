@@ -65,8 +65,7 @@ def main() -> None:
 
     import torch
 
-    from autopeft.data import resolve_manifest
-    from autopeft.data import read_manifest, split_scanner
+    from autopeft.data import read_manifest, resolve_manifest, split_scanner
     from backbones import build_backbone
 
     if args.threads:
