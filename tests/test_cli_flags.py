@@ -19,6 +19,8 @@ def test_the_library_names_fields_not_flags():
         SearchConfig(backbone="unetr", budget="1%", cpus_per_trial=0)
     with pytest.raises(ConfigError, match=r"^`prior_signal` must be one of sensitivity, shpeft, but got 'grad'\.$"):
         SearchConfig(backbone="unetr", budget="1%", prior_signal="grad")
+    with pytest.raises(ConfigError, match=r"^`fidelity` must be one of pairs, epochs, but got 'steps'\.$"):
+        SearchConfig(backbone="unetr", budget="1%", fidelity="steps")
 
 
 @pytest.mark.parametrize(
