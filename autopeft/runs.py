@@ -26,12 +26,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "RUNNING", "FINISHED", "STOPPED", "FAILED", "INFEASIBLE", "INTERRUPTED", "TERMINAL", "trial_state", "new_record",
+    "RUNNING", "FINISHED", "STOPPED", "FAILED", "INFEASIBLE", "INTERRUPTED", "TERMINAL", "trial_state", "ranked_finished", "new_record",
     "record_path", "weights_dir", "write_record", "read_record", "records", "read_meta", "write_meta", "versions",
     "VERSIONED_PACKAGES",
 ]
@@ -54,13 +54,21 @@ def trial_state(result: Mapping[str, Any] | None, error: bool) -> str:
     return FINISHED
 
 
+def ranked_finished(trial_records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """FINISHED trials with a score, best first: by validation PSNR (mean over every pair), ties to
+    the earlier trial. The one rule for "the best plan": the recommended plan, the plans the
+    confirmation re-runs, the best baseline of the portfolio and the console's best all read it."""
+    finished = [r for r in trial_records if r.get("state") == FINISHED and r.get("psnr") is not None]
+    return sorted(finished, key=lambda r: (-float(r["psnr"]), int(r["number"])))
+
+
 def new_record(config: Mapping[str, Any], pairs_total: int, *, state: str, reason: str = "") -> dict[str, Any]:
     """A trial's record before it trains (or, for an over-budget draw, its only record), from the
     trial config the search's ``define`` step made."""
     return {
         "number": int(config["number"]), "state": state, "plan": config["plan"], "params": config["params"],
         "trainable": config["trainable"], "fraction": config["fraction"], "prior": config.get("prior"),
-        "warm_start": config.get("warm_start", False), "split": "val", "pairs_total": int(pairs_total), "pairs_done": 0,
+        "warm_start": config.get("warm_start", False), "portfolio": config.get("portfolio"), "split": "val", "pairs_total": int(pairs_total), "pairs_done": 0,
         "epochs_done": 0,
         "fidelity": 0.0, "psnr": None, "ssim": None, "nrmse": None, "gain": None, "pairs": [], "reason": reason,
         "started": time.time(), "seconds": 0.0,

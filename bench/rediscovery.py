@@ -205,7 +205,9 @@ def _engine_run(args: argparse.Namespace, settings: dict[str, Any], variant: str
         backbone=args.backbone, budget=settings["budget"], preset=settings["preset"], scanners=settings["scanners"],
         space=settings["space"], trials=args.trials, epochs=settings["epochs"], folds=args.folds, seed=args.seed,
         sampler_seed=sampler_seed, out=str(run_dir), data=settings["manifest"], pretrain_epochs=args.pretrain_epochs,
-        references=False, confirm=0, asha=not args.no_asha, device=settings["device"], cpus_per_trial=1.0,
+        # No baseline portfolio: the variants compare search strategies from an empty study, as
+        # the committed results were measured.
+        references=False, portfolio=False, confirm=0, asha=not args.no_asha, device=settings["device"], cpus_per_trial=1.0,
         concurrency=args.concurrency, progress=False, **VARIANTS[variant],
     )
     print(f"engine {variant} (sampler seed {sampler_seed}): {args.trials} trials in {run_dir}", flush=True)
@@ -329,6 +331,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from autopeft.peft import Plan
     from autopeft.pretraining import manifest_digest
     from autopeft.search.budget import Budget, PlanCounter
+    from autopeft.search.confirm import confirmation_seeds
     from autopeft.search.grid import grid_plans
     from autopeft.search.options import PRIOR_SIGNALS
     from autopeft.search.priors import PlanPrior, spearman
@@ -387,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in grid:
         r["gain"] = r["psnr"] - no_ft["psnr"]
     grid_best = max(grid, key=lambda r: r["psnr"])  # chosen on validation, as a user of the grid would
-    seeds = [args.seed + i for i in range(args.confirm_seeds)]
+    seeds = list(confirmation_seeds(args.seed, args.confirm_seeds))  # none the search trained with
     confirm = lambda plan_dict: _confirmed(setup, plan_dict, seeds, work / "confirmed")  # noqa: E731
     no_ft_test = confirm(no_ft_plan)["mean"]
     grid_best_test = confirm(grid_best["plan"])

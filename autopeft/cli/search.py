@@ -1,14 +1,20 @@
 """Search how to fine-tune a backbone for new scanners under a parameter budget.
 
-Each trial samples a plan from the search space (Optuna TPE inside Ray Tune), fine-tunes it from
+The search first trains its baseline portfolio: each of PETITE's Table-1 rows that fits the budget
+(LayerNorm, BitFit, LoRA, Adapters, SSF, VPT, PETITE's winner) at 3 learning rates spanning the
+space's range, as ordinary trials (--no-portfolio skips them): the obvious hand-made answer, tuned
+as the search is, which the search must beat. Each later trial samples a plan from the search
+space (Optuna TPE inside Ray Tune), fine-tunes it from
 the cached pre-trained source model on every (source -> target) pair of the chosen scanners and
 scores the targets' validation subjects; ASHA stops weak trials early, judged on the pair-epochs
 they trained (--fidelity pairs: after each pair). Every choice
 (scheduler, sampler, priors, best plan, Pareto front) sees validation subjects only. At the end the
---confirm best plans and the references (No-FT, Full-FT, PETITE's plan) are re-run from scratch on
-every pair x fold x fine-tuning seed and scored on the targets' test subjects, which nothing read
-before: the final table gives test PSNR/SSIM/NRMSE as mean [95% CI] and paired differences against
-Full-FT and PETITE on the same subjects (Wilcoxon signed-rank p). Plans over the
+--confirm best plans, the best Table-1 row (lr tuned) and the references (No-FT; Full-FT, its
+learning rate chosen on validation from 3; PETITE's plan as published) are re-run from scratch on
+every pair x fold x fine-tuning seed (seeds the search never trained with) and scored on the
+targets' test subjects, which nothing read before: the final table gives test PSNR/SSIM/NRMSE as
+mean [95% CI] (bootstrap over folds, then subjects) and paired differences against Full-FT,
+PETITE and the best Table-1 row on the same subjects (Wilcoxon signed-rank p). Plans over the
 budget never train (recorded as infeasible). An importance prior (squared gradients of the source
 model on the target's training scans, or SH-PEFT's hybrid importance) picks the first plans and,
 for every later trial, the best of a few draws of the sampler (--priors off to compare). Without flags beyond --backbone and --budget it uses the built-in
@@ -89,18 +95,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default=None, help="with --weights: the scanner your model was pre-trained on; the pairs are it -> every other scanner")
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the source models (default: the preset's)")
     parser.add_argument("--no-references", action="store_true", help="skip the No-FT / Full-FT / PETITE reference rows")
+    parser.add_argument("--no-portfolio", action="store_true",
+                        help="skip the baseline portfolio (PETITE's Table-1 rows within the budget at 3 learning rates, "
+                             "trained first)")
     parser.add_argument("--no-asha", action="store_true", help="let every trial run all its pairs")
     parser.add_argument("--fidelity", default=DEFAULT_FIDELITY, choices=FIDELITIES,
                         help="what ASHA judges trials on: epochs (pair-epochs; trials also score mid-pair at ASHA's rungs) or pairs "
-                             "(after each pair, pairs in a rotated order per trial). Default: %(default)s")
+                             "(after each pair; every trial trains the pairs in the same order). Default: %(default)s")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--confirm", type=int, default=3, metavar="K",
                         help="re-run the K best plans by validation and the references on test subjects at the end; 0 skips it (default: 3)")
     parser.add_argument("--confirm-folds", type=int, default=None, metavar="N",
-                        help="folds the confirmation re-runs on (default: 3 on a GPU, the search's --folds on a CPU)")
+                        help="folds the confirmation re-runs on (default: 3 on a GPU, 2 on a CPU, or --folds if more)")
     parser.add_argument("--confirm-seeds", type=int, default=None, metavar="N",
-                        help="fine-tuning seeds per fold in the confirmation, from --seed on (default: 3 on a GPU, 2 on a CPU)")
+                        help="fine-tuning seeds per fold in the confirmation, from --seed + 1 on: none that the search "
+                             "trained with (default: 3 on a GPU, 2 on a CPU)")
     parser.add_argument("--dashboard", action="store_true",
                         help="start Ray's dashboard on 127.0.0.1 and print its URL (sign in with the token in ~/.ray/auth_token)")
 
@@ -111,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from autopeft.search import Budget
     from autopeft.search.engine import SearchConfig, parse_duration, run_search
 
-    flags = flags_of(SearchConfig, time_budget_s="--time-budget", references="--no-references", asha="--no-asha",
+    flags = flags_of(SearchConfig, time_budget_s="--time-budget", references="--no-references", portfolio="--no-portfolio", asha="--no-asha",
                      progress="--quiet", prior_signal="--priors", resume_dir="--resume")
     with flag_errors(flags):  # the settings' own checks, named by their flags
         time_budget = parse_duration(args.time_budget)
@@ -167,7 +177,7 @@ def _config(args: argparse.Namespace, time_budget: float | None):
         warm_start=args.warm_start, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         concurrency=args.concurrency, address=args.address, storage_path=args.storage_path,
         trial_resources=_resources(args.trial_resources), max_failures=args.max_failures, data=args.data, pretrain_epochs=args.pretrain_epochs,
-        references=not args.no_references, asha=not args.no_asha, fidelity=args.fidelity, device=args.device,
+        references=not args.no_references, portfolio=not args.no_portfolio, asha=not args.no_asha, fidelity=args.fidelity, device=args.device,
         progress=not args.quiet,
         dashboard=args.dashboard, confirm=args.confirm, confirm_folds=args.confirm_folds, confirm_seeds=args.confirm_seeds,
     )

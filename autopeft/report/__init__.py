@@ -65,7 +65,7 @@ def _table1(run: RunData) -> str:
     from autopeft.search.results import CONFIRMED_COLUMNS, VALIDATION_COLUMNS, confirmed_rows, validation_rows
 
     if run.confirmation and run.confirmation.get("plans"):
-        columns = {k: v for k, v in CONFIRMED_COLUMNS.items() if k not in ("vs_full", "vs_petite")}
+        columns = {k: v for k, v in CONFIRMED_COLUMNS.items() if k not in ("vs_full", "vs_petite", "vs_baseline")}
         return _rows_html(confirmed_rows(run.confirmation), columns)
     rows = validation_rows(run.references, run.finished, run.best)
     if not rows:
@@ -74,7 +74,8 @@ def _table1(run: RunData) -> str:
 
 
 def _confirmed(run: RunData) -> str:
-    """The confirmation: test mean [95% CI] and paired differences against Full-FT and PETITE."""
+    """The confirmation: test mean [95% CI] and paired differences against Full-FT, PETITE and the
+    best Table-1 row with its learning rate tuned (the baseline portfolio's best)."""
     from autopeft.search.results import CONFIRMED_COLUMNS, confirmed_rows
 
     confirmation = run.confirmation
@@ -83,15 +84,27 @@ def _confirmed(run: RunData) -> str:
                 'interrupted before it): every figure in this report is on validation subjects, the ones the search '
                 'chose on, and so biased upward. Continue it with <code>autopeft search --resume RUN_DIR</code>.</p>')
     recommended = confirmation.get("recommended") or {}
-    columns = {k: v for k, v in CONFIRMED_COLUMNS.items() if k in ("method", "params", "val_psnr", "psnr", "vs_full", "vs_petite")}
+    columns = {k: v for k, v in CONFIRMED_COLUMNS.items()
+               if k in ("method", "params", "val_psnr", "psnr", "vs_full", "vs_petite", "vs_baseline")}
+    baseline = confirmation.get("baseline")
+    versus = ""
+    if baseline and recommended and baseline.get("number") != recommended.get("number") and recommended.get("vs_baseline"):
+        from autopeft.search.confirm import format_ci
+
+        diff = recommended["vs_baseline"]["psnr"]
+        versus = (f"<p>Recommended against the best Table-1 row, lr tuned ({_esc(baseline.get('portfolio') or '')}, "
+                  f"#{baseline['number']}), paired on the same test subjects: {_esc(format_ci(diff))} dB, p={diff['p']:.2g}.</p>")
+    elif baseline and recommended:
+        versus = ("<p>The recommended plan <b>is</b> the best Table-1 row, lr tuned "
+                  f"({_esc(baseline.get('portfolio') or '')}): the search found nothing better on validation.</p>")
     return (f"<p class='caption'>Split: <b>test</b> subjects, read by nothing before this stage. Folds "
             f"{_esc(', '.join(map(str, confirmation['folds'])))} × fine-tuning seeds {_esc(', '.join(map(str, confirmation['seeds'])))}, "
-            f"{confirmation['subjects']} test subjects (one unit per subject of each target: its scores over sources, folds and "
+            f"{confirmation['subjects']} test subjects (a cell per fold and subject of each target: its scores over sources and "
             f"seeds are averaged first). Mean [{_esc(confirmation['ci'])}]. Differences are paired on the same subjects; "
             f"p: {_esc(confirmation['test'])}. The validation PSNR column is what the search saw (in-sample).</p>"
             + _rows_html(confirmed_rows(confirmation), columns)
             + (f"<p><b>Recommended: trial #{recommended.get('number')}</b>: {_esc(confirmation.get('why', ''))}.</p>"
-               if recommended else ""))
+               if recommended else "") + versus)
 
 
 def _trials_table(run: RunData) -> str:

@@ -185,7 +185,7 @@ def pair_heatmap(run: RunData, *, top: int = 5):
     import plotly.graph_objects as go
 
     rows: list[tuple[str, list[dict[str, Any]]]] = [(ref["label"], ref.get("pairs") or []) for ref in run.references]
-    for record in sorted(run.finished, key=lambda r: -r["psnr"])[:top]:
+    for record in run.finished[:top]:
         rows.append((f"trial #{record['number']}", record.get("pairs") or []))
     rows = [(label, pairs) for label, pairs in rows if pairs]
     if not rows:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from autopeft.errors import ConfigError
+from autopeft.runs import ranked_finished
 
 # Order, colour and marker of each trial state in every figure and table of the report.
 STATE_STYLE: dict[str, tuple[str, str, str]] = {
@@ -47,11 +48,11 @@ class RunData:
     @property
     def finished(self) -> list[dict[str, Any]]:
         """Trials that ran every pair and scored (the only ones that compete for best)."""
-        return [r for r in self.records if r.get("state") == "FINISHED" and r.get("psnr") is not None]
+        return ranked_finished(self.records)
 
     @property
     def best(self) -> dict[str, Any] | None:
-        return max(self.finished, key=lambda r: r["psnr"], default=None)
+        return next(iter(self.finished), None)
 
     def state_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["warm_start", "plan_definer"]
@@ -24,12 +24,21 @@ def warm_start(study, space, prior_model, budget, config, *, preset_lr: float, t
     return len(plans)
 
 
-def plan_definer(space, counter, budget, prior_model, *, train: dict[str, Any]) -> Callable[[Any], dict[str, Any]]:
+def plan_definer(space, counter, budget, prior_model, *, train: dict[str, Any],
+                 portfolio: Sequence[Any] = ()) -> Callable[[Any], dict[str, Any]]:
     """The define-by-run step: an ``optuna.Trial`` -> the trial config a Ray trial runs (plan,
-    counts, prior), with the budget constraint and user attributes set on the Optuna trial."""
+    counts, prior), with the budget constraint and user attributes set on the Optuna trial.
+
+    A trial enqueued by :func:`autopeft.search.portfolio.enqueue_portfolio` (its ``portfolio``
+    user attribute indexes ``portfolio``) trains that Table-1 row as written; its params, the
+    row's projection onto the space, are still suggested so that the study records them."""
 
     def define(trial) -> dict[str, Any]:
         plan = space.suggest(trial, train=train)
+        index = trial.user_attrs.get("portfolio")
+        entry = portfolio[int(index)] if index is not None and int(index) < len(portfolio) else None
+        if entry is not None:
+            plan = entry.plan
         count = counter.count(plan)
         limit = budget.limit(count.total)
         trial.set_constraint("budget", float(count.trainable - limit))
@@ -40,7 +49,8 @@ def plan_definer(space, counter, budget, prior_model, *, train: dict[str, Any]) 
             trial.set_user_attr("prior", prior)
         config = {"number": trial.number, "plan": plan.to_dict(), "params": dict(trial.params),
                   "trainable": count.trainable, "fraction": count.fraction, "feasible": count.trainable <= limit,
-                  "prior": prior, "warm_start": bool(trial.user_attrs.get("warm_start", False))}
+                  "prior": prior, "warm_start": bool(trial.user_attrs.get("warm_start", False)),
+                  "portfolio": entry.name if entry is not None else None}
         if not config["feasible"]:  # kept in the study and, through the searcher, in the record
             config["reason"] = f"trains {100 * count.fraction:.3f}% of the parameters, over the budget"
             trial.set_user_attr("reason", config["reason"])

@@ -27,8 +27,8 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from autopeft.runs import (
-    FAILED, FINISHED, INFEASIBLE, RUNNING, STOPPED, new_record, read_record, records, trial_state, weights_dir,
-    write_record,
+    FAILED, FINISHED, INFEASIBLE, RUNNING, STOPPED, new_record, ranked_finished, read_record, records, trial_state,
+    weights_dir, write_record,
 )
 from autopeft.search.trial import TrialSetup
 
@@ -73,8 +73,7 @@ def _trainable(config: dict[str, Any], setup: TrialSetup) -> None:
             report(progress_metrics(setup, previous, total=len(previous), epochs_done=len(previous) * setup.epochs))
             return
         try:
-            run_plan(setup, plan, report=report, save_dir=work, skip=len(previous), previous=previous,
-                     offset=int(config["number"]))
+            run_plan(setup, plan, report=report, save_dir=work, skip=len(previous), previous=previous)
         except Exception as err:  # noqa: BLE001 - the plan's own failure: reported, so that Tune does not retry it
             failed = {"pairs_done": len(previous), "epochs_done": len(previous) * setup.epochs,
                       "pairs_total": len(setup.units), "fidelity": 0.0, "gain": float("-inf"),
@@ -225,7 +224,7 @@ class TuneRun:
         """One console line: the trial's event and the search's counts so far."""
         done = records(self.run_dir)
         counts = {state: sum(r.get("state") == state for r in done) for state in (FINISHED, STOPPED, FAILED, INFEASIBLE, RUNNING)}
-        best = max((r for r in done if r.get("state") == FINISHED), key=lambda r: r["psnr"], default=None)
+        best = next(iter(ranked_finished(done)), None)
         left = f", {max(self.deadline - time.time(), 0) / 60:.1f} min left to launch" if self.deadline else ""
         best_text = (f"best {best['psnr']:.3f} dB (validation) at {100 * best['fraction']:.3f}% (#{best['number']})"
                      if best else "no finished trial yet")

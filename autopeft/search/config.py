@@ -15,7 +15,7 @@ __all__ = ["SearchConfig", "resolve_defaults", "parse_duration"]
 # The CPU default: the time budget counts from the start (a first run pre-trains its two source
 # models there) and trials launched before it end within a few minutes, so the run ends within 20.
 # The confirmation (about 2 minutes on the CPU default) comes after the deadline, hence 13 minutes.
-CPU_DEFAULTS = {"scanners": ["1", "5"], "trials": 48, "time_budget_s": 13 * 60.0, "confirm_seeds": 2}
+CPU_DEFAULTS = {"scanners": ["1", "5"], "trials": 48, "time_budget_s": 13 * 60.0, "confirm_folds": 2, "confirm_seeds": 2}
 GPU_DEFAULTS = {"scanners": ["1", "2", "3", "4", "5"], "trials": 64, "time_budget_s": None, "confirm_folds": 3,
                 "confirm_seeds": 3}
 
@@ -62,6 +62,7 @@ class SearchConfig:
     pretrain_epochs: int | None = None
     protocol: dict[str, int] = field(default_factory=dict)
     references: bool = True
+    portfolio: bool = True  # PETITE's Table-1 rows within the budget, lr-tuned, as the first trials
     asha: bool = True
     fidelity: str = DEFAULT_FIDELITY
     device: str | None = None
@@ -109,8 +110,8 @@ class SearchConfig:
 def resolve_defaults(config: SearchConfig, *, cluster_gpus: float | None = None) -> SearchConfig:
     """Fill the ``None`` fields for where the trials run: GPUs get the paper preset, all five
     scanners, 64 trials and a confirmation over 3 folds x 3 seeds; CPUs the tiny preset, two
-    scanners, 48 trials, no trial launched after 13 minutes and a confirmation over the search's
-    folds x 2 seeds (sized so the default run ends within 20 minutes on 2 cores).
+    scanners, 48 trials, no trial launched after 13 minutes and a confirmation over 2 folds (or the
+    search's, if more) x 2 seeds (sized so the default run ends within 20 minutes on 2 cores).
 
     Args:
         config: the settings as given.
@@ -118,6 +119,7 @@ def resolve_defaults(config: SearchConfig, *, cluster_gpus: float | None = None)
     """
     import torch
 
+    from autopeft.data import Protocol
     from backbones import registered_backbones
 
     gpus = torch.cuda.device_count() if cluster_gpus is None else cluster_gpus
@@ -136,7 +138,9 @@ def resolve_defaults(config: SearchConfig, *, cluster_gpus: float | None = None)
         "space": config.space or config.backbone,
         "scanners": config.scanners or list(defaults["scanners"]),
         "trials": config.trials or defaults["trials"],
-        "confirm_folds": config.confirm_folds or defaults.get("confirm_folds", config.folds),
+        # At least 2 folds where the protocol has them: a CI over one fold leaves out the
+        # fold-to-fold variance (training subjects and source model change with the fold).
+        "confirm_folds": config.confirm_folds or min(max(defaults["confirm_folds"], config.folds), Protocol(**config.protocol).folds),
         "confirm_seeds": config.confirm_seeds or defaults["confirm_seeds"],
     }
     presets = registered_backbones().get(config.backbone)

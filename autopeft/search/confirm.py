@@ -29,37 +29,77 @@ from pathlib import Path
 from typing import Any
 
 from autopeft._io import atomic_write, atomic_write_json
-from autopeft.runs import FINISHED, records
+from autopeft.runs import ranked_finished, records
 from autopeft.search.trial import TrialSetup, run_plan, scores_to_json
 
-__all__ = ["confirmation_candidates", "run_confirmation", "confirmation_rows"]
+__all__ = ["confirmation_candidates", "confirmation_seeds", "run_confirmation", "confirmation_rows", "replay_check"]
 
 METRICS = ("psnr", "ssim", "nrmse")
 
 
 def confirmation_candidates(run_dir: Path, k: int, setup: TrialSetup) -> list[dict[str, Any]]:
-    """The ``k`` best finished trials by validation PSNR (best first), then the references.
+    """The ``k`` best finished trials by validation (:func:`autopeft.runs.ranked_finished`, best
+    first), the best finished trial of the baseline portfolio when it is not among them, then the
+    references: No-FT, Full-FT (its learning rate chosen on validation) and PETITE's plan as
+    published.
 
-    Each candidate: ``{"label", "number" (None for references), "plan", "fraction", "val"}``
-    (``val``: the validation means the search saw; None for references it did not measure).
+    Each candidate: ``{"label", "number" (None for references), "plan", "fraction", "val",
+    "baseline"}`` (``val``: the validation means the search saw, None for references it did not
+    measure; ``baseline``: the best Table-1 row with its learning rate tuned, the portfolio's best).
     """
+    from autopeft.peft import Plan
     from autopeft.search.budget import PlanCounter
     from autopeft.search.results import reference_plans
     from backbones import build_backbone
 
-    finished = sorted((r for r in records(run_dir) if r.get("state") == FINISHED and r.get("psnr") is not None),
-                      key=lambda r: (-r["psnr"], r["number"]))
+    ranked = ranked_finished(records(run_dir))
+    baseline = next((r for r in ranked if r.get("portfolio")), None)
+    chosen = ranked[:k] + ([baseline] if baseline is not None and baseline not in ranked[:k] else [])
     candidates = [{"label": f"#{r['number']}", "number": r["number"], "plan": r["plan"], "fraction": r["fraction"],
-                   "val": {**{m: r[m] for m in METRICS}, "gain": r.get("gain")}} for r in finished[:k]]
+                   "val": {**{m: r[m] for m in METRICS}, "gain": r.get("gain")}, "portfolio": r.get("portfolio"),
+                   "baseline": r is baseline} for r in chosen]
     ref_path = run_dir / "references.json"
     measured = {row["label"]: row for row in json.loads(ref_path.read_text(encoding="utf-8"))} if ref_path.is_file() else {}
     counter = PlanCounter(build_backbone(setup.backbone, setup.preset))
-    for label, plan in reference_plans(setup.backbone, setup.epochs):
+    references = reference_plans(setup.backbone, setup.preset, setup.epochs)
+    rungs = [plan for _, plan in references if plan.full_ft]
+    for label, plan in references:
+        if plan.full_ft:
+            if plan is not rungs[len(rungs) // 2]:
+                continue  # one Full-FT: the rung chosen on validation, else the middle one (the preset's rate)
+            label = "Full-FT"
+            if measured.get(label, {}).get("chosen"):
+                plan = Plan.from_dict(measured[label]["plan"])
         row = measured.get(label)
         candidates.append({"label": label, "number": None, "plan": plan.to_dict(),
                            "fraction": counter.count(plan).fraction if plan.trains_anything else 0.0,
-                           "val": {m: row[m] for m in METRICS} if row else None})
+                           "val": {m: row[m] for m in METRICS} if row else None, "portfolio": None, "baseline": False})
     return candidates
+
+
+def confirmation_seeds(search_seed: int, count: int) -> tuple[int, ...]:
+    """``count`` fine-tuning seeds disjoint from the one every trial and reference of the search
+    trained with (``search_seed``): the seeds after it."""
+    return tuple(search_seed + 1 + i for i in range(count))
+
+
+def replay_check(run_dir: Path, setup: TrialSetup, number: int) -> dict[str, Any] | None:
+    """Re-run trial ``number`` exactly as the search ran it (its seed, fold 0, validation
+    subjects) and compare with its record: a reproducibility check, kept out of every reported
+    figure. None when the record has no fold-0 pair."""
+    from autopeft.peft import Plan
+    from autopeft.runs import read_record
+
+    record = read_record(run_dir, number)
+    recorded = {(p["source"], p["target"]): p["psnr"] for p in (record or {}).get("pairs") or [] if int(p.get("fold", 0)) == 0}
+    if not recorded:
+        return None
+    scores = run_plan(replace(setup, folds=(0,)), Plan.from_dict(record["plan"]), split="val")
+    replayed = {(s.source, s.target): s.psnr for s in scores}
+    diffs = [abs(replayed[pair] - psnr) for pair, psnr in recorded.items() if pair in replayed]
+    return {"number": number, "split": "val", "fold": 0, "seed": setup.seed,
+            "recorded_psnr": sum(recorded.values()) / len(recorded), "replayed_psnr": sum(replayed.values()) / len(replayed),
+            "max_abs_diff_db": max(diffs) if diffs else None}
 
 
 def _job_path(run_dir: Path, label: str, fold: int, seed: int) -> Path:
@@ -88,7 +128,8 @@ def run_confirmation(run_dir: Path, setup: TrialSetup, *, k: int, folds: Sequenc
         setup: the search's trial set-up (its folds are replaced by ``folds``).
         k: finished plans to confirm, best by validation first.
         folds: folds to re-run on (their source models must be pre-trained).
-        seeds: fine-tuning seeds; the first should be the search's (it reproduces the trials).
+        seeds: fine-tuning seeds, none of them one the search trained with (:func:`confirmation_seeds`):
+            a winner's lucky seed must not carry into its test mean.
         concurrency: jobs at once (Ray tasks when above 1, else in this process).
         task_options: ``ray.remote`` options of one job (a trial's resources). Defaults to 1 CPU.
         progress: progress bar and one line per job.
@@ -143,7 +184,7 @@ def run_confirmation(run_dir: Path, setup: TrialSetup, *, k: int, folds: Sequenc
     rows = confirmation_rows(run_dir)
     import pandas as pd
 
-    frame = pd.DataFrame(rows, columns=["label", "number", "source", "target", "fold", "seed", "subject", *METRICS])
+    frame = pd.DataFrame(rows, columns=["label", "number", "split", "source", "target", "fold", "seed", "subject", *METRICS])
     atomic_write(run_dir / "confirmation.csv", lambda tmp: frame.to_csv(tmp, index=False))
     summary = summarise(frame, candidates, k=k, folds=folds, seeds=seeds)
     summary["seconds"] = round(time.time() - started, 1)
@@ -157,7 +198,8 @@ def confirmation_rows(run_dir: Path) -> list[dict[str, Any]]:
         job = json.loads(path.read_text(encoding="utf-8"))
         for pair in job["pairs"]:
             for subject in pair["subjects"]:
-                rows.append({"label": job["label"], "number": job["number"], "source": pair["source"],
+                rows.append({"label": job["label"], "number": job["number"], "split": pair.get("split", "test"),
+                             "source": pair["source"],
                              "target": pair["target"], "fold": job["fold"], "seed": job["seed"],
                              "subject": subject["subject"], **{m: subject[m] for m in METRICS}})
     return rows
@@ -165,35 +207,50 @@ def confirmation_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 def summarise(frame, candidates: Sequence[Mapping[str, Any]], *, k: int, folds: Sequence[int],
               seeds: Sequence[int]) -> dict[str, Any]:
-    """Per plan: test mean and CI per metric, paired differences vs Full-FT and PETITE."""
-    from autopeft.stats import CI_METHOD, TEST_METHOD, mean_ci, paired_difference
+    """Per plan: test mean and CI per metric, paired differences against Full-FT, PETITE and the
+    best Table-1 row with its learning rate tuned (``vs_baseline``), all on the same subjects.
 
-    # One unit per (target, subject): scores over sources, folds and seeds averaged first.
-    units = frame.groupby(["label", "target", "subject"], sort=True)[list(METRICS)].mean()
-    per_label = {label: units.xs(label, level="label") for label in units.index.get_level_values("label").unique()}
+    A unit is one (target, subject): its scores over sources and seeds are averaged per fold; the
+    CIs resample folds, then units (:func:`autopeft.stats.grid_mean_ci`), so that they carry the
+    fold-to-fold variance as well as the subject-to-subject one.
+    """
+    from autopeft.stats import GRID_CI_METHOD, TEST_METHOD, grid_mean_ci, paired_grid_difference
+
+    cells = frame.groupby(["label", "fold", "target", "subject"], sort=True)[list(METRICS)].mean()
+    grids = {label: {m: cells.xs(label, level="label")[m].unstack(["target", "subject"]) for m in METRICS}
+             for label in cells.index.get_level_values("label").unique()}
+    baseline = next((c["label"] for c in candidates if c.get("baseline")), None)
     plans = []
     for candidate in candidates:
         label = candidate["label"]
-        if label not in per_label:
+        if label not in grids:
             continue
-        table = per_label[label]
+        grid = grids[label]
         entry = {"label": label, "number": candidate["number"], "plan": candidate["plan"], "fraction": candidate["fraction"],
-                 "val": candidate["val"], "test": {m: mean_ci(table[m].to_numpy()) for m in METRICS}}
-        for reference in ("Full-FT", "PETITE"):
-            if reference in per_label and reference != label:
-                other = per_label[reference]
-                both = table.index.intersection(other.index)
-                entry[f"vs_{reference}"] = {m: paired_difference(table.loc[both, m].to_numpy(), other.loc[both, m].to_numpy())
-                                            for m in METRICS}
+                 "val": candidate["val"], "portfolio": candidate.get("portfolio"), "baseline": bool(candidate.get("baseline")),
+                 "test": {m: grid_mean_ci(grid[m].dropna(axis=1).to_numpy()) for m in METRICS}}
+        for key, reference in (("vs_Full-FT", "Full-FT"), ("vs_PETITE", "PETITE"), ("vs_baseline", baseline)):
+            if reference in grids and reference != label:
+                entry[key] = {m: paired_grid_difference(*_aligned(grid[m], grids[reference][m])) for m in METRICS}
         plans.append(entry)
     searched = [p for p in plans if p["number"] is not None]
     recommended = searched[0] if searched else None  # candidates come best-by-validation first
     return {"split": "test", "k": k, "folds": list(folds), "seeds": list(seeds),
-            "subjects": int(len(next(iter(per_label.values())))) if per_label else 0,
-            "ci": CI_METHOD, "test": TEST_METHOD, "plans": plans, "recommended": recommended,
+            "subjects": int(next(iter(grids.values()))["psnr"].shape[1]) if grids else 0,
+            "ci": GRID_CI_METHOD, "test": TEST_METHOD, "plans": plans, "recommended": recommended,
+            "baseline": next((p for p in plans if p["baseline"]), None),
             "why": (f"trial #{recommended['number']} has the best validation mean PSNR "
-                    f"({recommended['val']['psnr']:.3f} dB) of the {len(searched)} best finished plans confirmed; "
+                    f"({recommended['val']['psnr']:.3f} dB) of every finished trial; "
                     "its test result is reported whatever it is") if recommended else "no finished trial to confirm"}
+
+
+def _aligned(grid, reference):
+    """Two folds x units tables cut to the folds and units both have, in the same order."""
+    rows = grid.index.intersection(reference.index)
+    columns = grid.columns.intersection(reference.columns)
+    both = [grid.loc[rows, columns], reference.loc[rows, columns]]
+    complete = both[0].notna().all() & both[1].notna().all()
+    return tuple(t.loc[:, complete].to_numpy() for t in both)
 
 
 def format_ci(stat: Mapping[str, Any] | None, digits: int = 3) -> str:

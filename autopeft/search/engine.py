@@ -9,16 +9,21 @@ Flow of :func:`run_search`, one unit per step:
    (:mod:`~autopeft.search._cluster`), shipping the scans through the artifact store if not;
 3. have every source model once, before any trial (:mod:`~autopeft.search._sources`: Ray tasks,
    put in the artifact store for the other nodes);
-4. open the Optuna study in ``<run>/study.db``; on a first session enqueue the plans with the best
-   importance prior (:mod:`~autopeft.search._plans`), on a resumed one the interrupted plans again;
+4. open the Optuna study in ``<run>/study.db``; on a first session enqueue the baseline portfolio
+   (:mod:`~autopeft.search.portfolio`: PETITE's Table-1 rows that fit the budget, each at a
+   learning-rate ladder), then the plans with the best importance prior
+   (:mod:`~autopeft.search._plans`); on a resumed one the interrupted plans again;
 5. fine-tune the reference plans (No-FT always: its per-pair validation PSNR is the baseline of
-   the objective; Full-FT and PETITE's plan for the results table);
+   the objective; Full-FT, its learning rate chosen on validation from a ladder, and PETITE's
+   plan as published, for the results table);
 6. run the trials through Ray Tune (:mod:`~autopeft.search._tune`): the objective is the mean
    validation PSNR gain over No-FT, ASHA stops on the pair-epochs (or pairs) done, the driver's
    callback keeps the records and weights;
-7. finish: ``results.csv``, ``best_plan.yaml``, the Pareto plans and best weights, the confirmation
-   of the ``confirm`` best plans on test subjects (:mod:`~autopeft.search.confirm`) and the example
-   slices. ``report.html`` is drawn from the run directory by the caller (``autopeft search``
+7. finish: ``results.csv``, ``best_plan.yaml`` (with the margin over the best baseline), the
+   Pareto plans and best weights, the confirmation of the ``confirm`` best plans and the best
+   baseline on test subjects with fine-tuning seeds the search never trained with
+   (:mod:`~autopeft.search.confirm`), an exact replay of the recommended trial as a
+   reproducibility check, and the example slices. ``report.html`` is drawn from the run directory by the caller (``autopeft search``
    does), as the report sits above the search.
 
 Everything before the confirmation sees validation subjects only. The run directory is written by
@@ -139,6 +144,7 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
     """Steps 3 to 7 of the module docstring."""
     from autopeft.search._cluster import task_options, tune_resources
     from autopeft.search._plans import plan_definer, warm_start
+    from autopeft.search.portfolio import enqueue_portfolio, portfolio
     from autopeft.search._session import make_sampler, open_study, requeue_interrupted, search_seed
     from autopeft.search._sources import prepare_sources, publish_importance
     from autopeft.search.priors import PlanPrior, PriorGuide
@@ -159,6 +165,13 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
         guide = PriorGuide(space, prior_model, budget, make_sampler=lambda seed: make_sampler(config, seed),
                            candidates=config.prior_candidates, seed=search_seed(config) + session.number, train=train_extra)
     publish_importance(setup)
+    baselines = portfolio(space, counter, budget, train=train_extra) if config.portfolio else []
+    if not session.resumed:
+        enqueue_portfolio(study, baselines)  # first: every later plan is judged against them
+        if config.progress and baselines:
+            print(f"baseline portfolio: {len(baselines)} trials first, PETITE's Table-1 rows within the budget at "
+                  f"learning rates {', '.join(f'{lr:.2g}' for lr in sorted({e.lr for e in baselines}))}: "
+                  f"{', '.join(sorted({e.label for e in baselines}))}", flush=True)
     if not session.resumed and config.priors:
         warm_start(study, space, prior_model, budget, config, preset_lr=template.preset.finetune.lr_peft, train=train_extra)
     if session.resumed:
@@ -175,7 +188,7 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
     # The time budget counts from the start of this session, pre-training and references included,
     # so that it bounds what a user waits for; the limiter still launches one wave of trials.
     deadline = started + config.time_budget_s if config.time_budget_s else None
-    define = plan_definer(space, counter, budget, prior_model, train=train_extra)
+    define = plan_definer(space, counter, budget, prior_model, train=train_extra, portfolio=baselines)
     name = f"tune-{session.number}" if config.storage_path is None else f"{session.meta['study_name']}-{session.number}"
     try:
         from autopeft.search._tune import TuneRun, run_trials
@@ -220,15 +233,22 @@ def _confirm(config: SearchConfig, setup: TrialSetup, run_dir: Path, summary: di
     references re-run on test subjects; recorded and printed."""
     from autopeft.search._cluster import task_options
     from autopeft.search._sources import prepare_sources
-    from autopeft.search.confirm import run_confirmation
+    from autopeft.search.confirm import confirmation_seeds, replay_check, run_confirmation
     from autopeft.search.results import record_confirmation
 
     folds = tuple(range(int(config.confirm_folds or 1)))
-    seeds = tuple(config.seed + i for i in range(int(config.confirm_seeds or 1)))
+    seeds = confirmation_seeds(config.seed, int(config.confirm_seeds or 1))
     prepare_sources(config, replace(setup, folds=folds), options=task_options(config), progress=config.progress)
     confirmation = run_confirmation(run_dir, setup, k=config.confirm, folds=folds, seeds=seeds,
                                     concurrency=config.concurrency or 1, task_options=task_options(config),
                                     progress=config.progress)
+    if confirmation.get("recommended") is not None:
+        replay = replay_check(run_dir, setup, confirmation["recommended"]["number"])
+        confirmation["replay"] = replay
+        if replay is not None and config.progress:
+            print(f"reproducibility check (not a reported figure): trial #{replay['number']} replayed with its own seed on "
+                  f"validation, fold 0: {replay['replayed_psnr']:.3f} dB vs {replay['recorded_psnr']:.3f} dB recorded "
+                  f"(largest pair difference {replay['max_abs_diff_db']:.4f} dB)", flush=True)
     record_confirmation(run_dir, setup, summary, confirmation)
 
 

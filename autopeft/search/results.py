@@ -16,7 +16,7 @@ from typing import Any
 
 from autopeft._io import atomic_write, atomic_write_json
 from autopeft.tables import print_table
-from autopeft.runs import FINISHED, records, weights_dir
+from autopeft.runs import ranked_finished, records, weights_dir
 from autopeft.search.trial import run_plan, running_means, scores_to_json
 
 __all__ = ["plan_summary", "run_references", "finish_run", "pareto_front"]
@@ -47,13 +47,20 @@ def plan_summary(plan: Mapping[str, Any]) -> str:
     return text + (f" lr={lr:.2g}" if lr else "")
 
 
-def reference_plans(backbone: str, epochs: int) -> list[tuple[str, Any]]:
-    """(label, plan) of the references every search measures: No-FT, Full-FT and PETITE's plan
-    for the backbone (where one ships), at the search's epochs and the preset's learning rates."""
+def reference_plans(backbone: str, preset: str, epochs: int) -> list[tuple[str, Any]]:
+    """(label, plan) of the references every search measures: No-FT; Full-FT at each rung of
+    its learning-rate ladder (:func:`~autopeft.search.portfolio.full_ft_ladder`; labelled
+    ``Full-FT lr=...``, the best by validation becomes ``Full-FT``, see :func:`run_references`);
+    PETITE's plan for the backbone (where one ships) as published, at the preset's PEFT rate."""
     from autopeft.peft import Plan, load_plan, named_plans
+    from autopeft.search.portfolio import full_ft_ladder
+    from backbones import build_backbone
 
-    plans = [("No-FT", Plan.from_dict({"backbone": backbone, "name": "No-FT"})),
-             ("Full-FT", Plan.from_dict({"backbone": backbone, "name": "Full-FT", "full_ft": True, "train": {"epochs": epochs}}))]
+    schedule = build_backbone(backbone, preset).preset.finetune
+    plans = [("No-FT", Plan.from_dict({"backbone": backbone, "name": "No-FT"}))]
+    for lr in full_ft_ladder(schedule.lr_full):
+        plans.append((f"Full-FT lr={lr:.2g}", Plan.from_dict({"backbone": backbone, "name": "Full-FT", "full_ft": True,
+                                                            "train": {"epochs": epochs, "lr": lr}})))
     petite = f"petite-{backbone}"
     if petite in named_plans():
         plans.append(("PETITE", Plan.from_dict(dict(load_plan(petite).to_dict(), train={"epochs": epochs}))))
@@ -61,9 +68,13 @@ def reference_plans(backbone: str, epochs: int) -> list[tuple[str, Any]]:
 
 
 def run_references(setup, config, run_dir: Path) -> list[dict[str, Any]]:
-    """Fine-tune No-FT, Full-FT and PETITE's plan for this backbone on the same pairs (No-FT
-    alone without ``config.references``), in the driver, score them on the validation subjects
-    (as trials are) and keep them in ``references.json`` (a resumed search reuses them)."""
+    """Fine-tune the references (:func:`reference_plans`; No-FT alone without
+    ``config.references``) on the search's pairs, in the driver, score them on the validation
+    subjects (as trials are) and keep them in ``references.json`` (a resumed search reuses them).
+
+    Full-FT is tuned as the search is: of its ladder, the rung with the best validation PSNR is
+    the ``Full-FT`` reference (``chosen``), the others stay in the file as ``Full-FT lr=...``.
+    """
     import torch
 
     from autopeft.search.budget import PlanCounter
@@ -73,7 +84,7 @@ def run_references(setup, config, run_dir: Path) -> list[dict[str, Any]]:
     counter = PlanCounter(build_backbone(setup.backbone, setup.preset))
     rows = []
     # No-FT always (only an evaluation: the baseline of the objective); the others when asked.
-    wanted = reference_plans(setup.backbone, setup.epochs)
+    wanted = reference_plans(setup.backbone, setup.preset, setup.epochs)
     for label, plan in (wanted if config.references else wanted[:1]):
         if config.progress:
             print(f"reference {label}: fine-tuning on {len(setup.units)} pair(s), scored on validation subjects", flush=True)
@@ -81,7 +92,14 @@ def run_references(setup, config, run_dir: Path) -> list[dict[str, Any]]:
         count = counter.count(plan)
         rows.append({"label": label, "plan": plan.to_dict(), "fraction": count.fraction if plan.trains_anything else 0.0,
                      "trainable": count.trainable if plan.trains_anything else 0, "split": "val",
-                     **running_means(scores), "pairs": scores_to_json(scores)})
+                     "lr": (plan.train or {}).get("lr"), **running_means(scores), "pairs": scores_to_json(scores)})
+    rungs = [row for row in rows if row["plan"].get("full_ft")]
+    if rungs:
+        chosen = max(rungs, key=lambda row: row["psnr"])  # chosen on validation, as the search chooses
+        chosen.update(label="Full-FT", chosen=True)
+        if config.progress:
+            tried = ", ".join(f"{r['lr']:.2g}: {r['psnr']:.3f} dB" for r in rungs)
+            print(f"reference Full-FT: lr {chosen['lr']:.2g} chosen on validation ({tried})", flush=True)
     atomic_write_json(run_dir / "references.json", rows)
     return rows
 
@@ -120,21 +138,23 @@ def finish_run(run_dir: Path, setup, config, space, priors: bool) -> dict[str, A
             "epochs_done": r.get("epochs_done"), "plan": plan_summary(r["plan"]), "trainable": r.get("trainable"),
             "params_pct": round(100 * float(r.get("fraction") or 0.0), 4), "split": "val",
             "psnr": r.get("psnr"), "gain": r.get("gain"), "ssim": r.get("ssim"), "nrmse": r.get("nrmse"),
-            "prior": r.get("prior"), "warm_start": r.get("warm_start", False),
+            "prior": r.get("prior"), "warm_start": r.get("warm_start", False), "portfolio": r.get("portfolio") or "",
             "seconds": round(float(r.get("seconds") or 0.0), 1), "reason": r.get("reason", ""),
         })
     frame = pd.DataFrame(table, columns=["number", "state", "fidelity", "pairs_done", "pairs_total", "epochs_done", "plan", "trainable",
-                                         "params_pct", "split", "psnr", "gain", "ssim", "nrmse", "prior", "warm_start",
+                                         "params_pct", "split", "psnr", "gain", "ssim", "nrmse", "prior", "warm_start", "portfolio",
                                          "seconds", "reason"])
     atomic_write(run_dir / "results.csv", lambda tmp: frame.to_csv(tmp, index=False))
-    finished = [r for r in trial_rows if r["state"] == FINISHED and r.get("psnr") is not None]
+    finished = ranked_finished(trial_rows)
     summary: dict[str, Any] = {"finished": len(finished), "trials": len(trial_rows), "split": "val", "best": None, "pareto": []}
     slots = run_dir / "slots.json"
     if slots.is_file():  # per session: trial seconds over slots x wall time of the trial phase
         summary["slots"] = json.loads(slots.read_text(encoding="utf-8"))
     if finished:
-        best = max(finished, key=lambda r: r["psnr"])
-        _write_best_plan(run_dir, setup, best, f"the best validation PSNR ({best['psnr']:.3f} dB) of {len(finished)} finished trials")
+        best = finished[0]
+        summary["baseline"] = versus_baseline(finished)
+        _write_best_plan(run_dir, setup, best, f"the best validation PSNR ({best['psnr']:.3f} dB) of {len(finished)} finished trials",
+                         summary["baseline"])
         weights = weights_dir(run_dir, best["number"])
         if weights.is_dir():
             shutil.copytree(weights, run_dir / "best_weights", dirs_exist_ok=True)
@@ -143,18 +163,45 @@ def finish_run(run_dir: Path, setup, config, space, priors: bool) -> dict[str, A
         for r in front:
             Plan.from_dict(dict(r["plan"], name=f"pareto-{r['number']}")).to_yaml(run_dir / "pareto" / f"plan-{r['number']:04d}.yaml")
         summary.update(best=best, pareto=front)
+    if summary.get("baseline") and getattr(config, "progress", True):
+        print(summary["baseline"]["text"], flush=True)
     if not getattr(config, "confirm", 0):
         _print_validation_table(run_dir, setup, summary)
     atomic_write_json(run_dir / "summary.json", summary, default=str)
     return summary
 
 
-def _write_best_plan(run_dir: Path, setup, best: Mapping[str, Any], why: str) -> None:
+def versus_baseline(finished: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Whether the search beat its own best baseline on validation: the best plan against the
+    best finished trial of the portfolio (a Table-1 row, lr tuned), in mean validation PSNR over
+    every pair. None when no portfolio trial finished. ``finished`` ranked best first."""
+    baseline = next((r for r in finished if r.get("portfolio")), None)
+    if baseline is None:
+        return None
+    best = finished[0]
+    margin = float(best["psnr"]) - float(baseline["psnr"])
+    beat = best["number"] != baseline["number"] and margin > 0
+    if beat:
+        text = (f"The search beat its best Table-1 baseline on validation: #{best['number']} {best['psnr']:.3f} dB vs "
+                f"#{baseline['number']} ({baseline['portfolio']}) {baseline['psnr']:.3f} dB, +{margin:.3f} dB (in-sample).")
+    elif best["number"] == baseline["number"]:
+        text = (f"The search did NOT beat its best Table-1 baseline on validation: the best plan is the baseline itself, "
+                f"#{best['number']} ({baseline['portfolio']}), {best['psnr']:.3f} dB.")
+    else:
+        text = (f"The search did NOT beat its best Table-1 baseline on validation: #{best['number']} {best['psnr']:.3f} dB "
+                f"ties #{baseline['number']} ({baseline['portfolio']}) at {baseline['psnr']:.3f} dB.")
+    return {"number": baseline["number"], "label": baseline["portfolio"], "psnr": baseline["psnr"], "split": "val",
+            "margin_db": margin, "beat": beat, "text": text}
+
+
+def _write_best_plan(run_dir: Path, setup, best: Mapping[str, Any], why: str,
+                     baseline: Mapping[str, Any] | None = None) -> None:
     from autopeft.peft import Plan
 
+    versus = f"; {baseline['text']}" if baseline else "; no Table-1 baseline of the portfolio finished."
     plan = dict(best["plan"], name=f"best-{setup.backbone}",
                 description=f"autopeft search {run_dir.name}: recommended trial #{best['number']}, chosen for {why}; "
-                f"{100 * best['fraction']:.3f}% of the parameters; reproduce it with autopeft finetune --plan "
+                f"{100 * best['fraction']:.3f}% of the parameters{versus} Reproduce it with autopeft finetune --plan "
                 f"{run_dir / 'best_plan.yaml'} --split val (fold and --seed {setup.seed} of the search)")
     Plan.from_dict(plan).to_yaml(run_dir / "best_plan.yaml")
 
@@ -170,14 +217,33 @@ def record_confirmation(run_dir: Path, setup, summary: dict[str, Any], confirmat
         best = next((r for r in records(run_dir) if r["number"] == recommended["number"]), None)
         if best is not None:
             _write_best_plan(run_dir, setup, best, f"{confirmation['why']}; confirmed on test subjects: PSNR "
-                             f"{format_ci(recommended['test']['psnr'])} dB (mean [95% CI])")
+                             f"{format_ci(recommended['test']['psnr'])} dB (mean [95% CI])", summary.get("baseline"))
     atomic_write_json(run_dir / "summary.json", summary, default=str)
     print(f"\n{setup.backbone}/{setup.preset}: TEST subjects (untouched by the search), {_units_text(setup, confirmation)}")
     print_table(confirmed_rows(confirmation), CONFIRMED_COLUMNS, left=("method", "plan"))
     print(f"mean [{confirmation['ci']}]; paired differences on the same subjects, p: {confirmation['test']}.")
     if recommended is not None:
         print(f"recommended: #{recommended['number']} ({confirmation['why']}); plan: {run_dir / 'best_plan.yaml'}")
+        print(_versus_baseline_text(confirmation))
     print(f"per-subject scores: {run_dir / 'confirmation.csv'}")
+
+
+def _versus_baseline_text(confirmation: Mapping[str, Any]) -> str:
+    """What the search added over the best Table-1 row with its learning rate tuned, on test."""
+    from autopeft.search.confirm import format_ci
+
+    recommended, baseline = confirmation.get("recommended") or {}, confirmation.get("baseline")
+    if baseline is None:
+        return "no Table-1 row of the portfolio finished: nothing to compare the recommended plan with"
+    if baseline["number"] == recommended.get("number"):
+        return (f"the recommended plan IS the best Table-1 row, lr tuned ({baseline.get('portfolio')}): the search found "
+                "nothing better on validation")
+    diff = (recommended.get("vs_baseline") or {}).get("psnr")
+    if not diff:
+        return f"best Table-1 row, lr tuned: #{baseline['number']} ({baseline.get('portfolio')})"
+    verdict = ("better" if diff["ci"][0] > 0 else "worse" if diff["ci"][1] < 0 else "no different, within the CI")
+    return (f"recommended vs the best Table-1 row, lr tuned (#{baseline['number']} {baseline.get('portfolio')}), test "
+            f"PSNR paired on the same subjects: {format_ci(diff)} dB, p={diff['p']:.2g}: {verdict}")
 
 
 def _units_text(setup, confirmation: Mapping[str, Any]) -> str:
@@ -188,7 +254,9 @@ def _units_text(setup, confirmation: Mapping[str, Any]) -> str:
 
 CONFIRMED_COLUMNS = {"method": "Method", "params": "% Param", "val_psnr": "val PSNR", "psnr": "test PSNR [95% CI]",
                      "ssim": "test SSIM", "nrmse": "test NRMSE", "vs_full": "vs Full-FT dB [CI] p",
-                     "vs_petite": "vs PETITE dB [CI] p", "plan": "Plan"}
+                     "vs_petite": "vs PETITE dB [CI] p", "vs_baseline": "vs best Table-1 row dB [CI] p", "plan": "Plan"}
+# How the references and the portfolio's best read in the tables: which are tuned, which are not.
+_REFERENCE_NAMES = {"Full-FT": "Full-FT (lr tuned)", "PETITE": "PETITE (as published)"}
 VALIDATION_COLUMNS = {"method": "Method", "params": "% Param", "psnr": "val PSNR", "ssim": "val SSIM",
                       "nrmse": "val NRMSE", "plan": "Plan"}
 
@@ -209,14 +277,16 @@ def confirmed_rows(confirmation: Mapping[str, Any]) -> list[dict[str, str]]:
     plans = sorted(confirmation.get("plans") or [], key=lambda e: e["number"] is not None)
     rows = []
     for entry in plans:
-        label = entry["label"]
+        label = _REFERENCE_NAMES.get(entry["label"], entry["label"])
         if entry["number"] is not None:
             label = f"autopeft #{entry['number']}" + (" (recommended)" if entry["number"] == recommended else "")
+            if entry.get("baseline"):
+                label += f" = best Table-1 row, lr tuned: {entry.get('portfolio')}"
         rows.append({"method": label, "params": "-" if not entry.get("fraction") else f"{100 * entry['fraction']:.3f}%",
                      "val_psnr": f"{entry['val']['psnr']:.3f}" if entry.get("val") else "-",
                      "psnr": format_ci(entry["test"]["psnr"]), "ssim": format_ci(entry["test"]["ssim"], 4),
                      "nrmse": format_ci(entry["test"]["nrmse"], 4), "vs_full": diff(entry, "vs_Full-FT"),
-                     "vs_petite": diff(entry, "vs_PETITE"),
+                     "vs_petite": diff(entry, "vs_PETITE"), "vs_baseline": diff(entry, "vs_baseline"),
                      "plan": plan_summary(entry["plan"]) if entry["number"] is not None else ""})
     return rows
 

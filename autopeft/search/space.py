@@ -252,6 +252,62 @@ class SearchSpace:
             params["shpeft_lambda"] = self.shpeft_lambda.params_entry(choice.get("shpeft_lambda", self.shpeft_lambda.choices[0]))
         return params
 
+    def lr_values(self, steps: int) -> tuple[float, ...]:
+        """Learning rates that span the space's: ``steps`` log-spaced rates inside a range
+        (:func:`autopeft.search.portfolio.lr_ladder`; evenly spaced on a linear range), every
+        choice of a categorical, the value of a fixed one."""
+        if self.lr.kind in ("fixed", "categorical"):
+            return tuple(float(c) for c in self.lr.choices)
+        if self.lr.log:
+            from autopeft.search.portfolio import lr_ladder
+
+            return lr_ladder(self.lr.low, self.lr.high, steps)
+        width = (self.lr.high - self.lr.low) / steps
+        return tuple(float(self.lr.low + width * (i + 0.5)) for i in range(steps))
+
+    def params_near(self, plan: Plan, *, lr: float | None = None) -> tuple[dict[str, Any], bool]:
+        """The Optuna params of the space's plan nearest to ``plan``, and whether it is ``plan``.
+
+        Per group: the method and hyperparameters ``plan`` gives the group's sites when the group
+        offers them (exact), else the group's option of the same method agreeing on the most
+        hyperparameters, else the group's idle choice. Exact only when every group, BitFit and the
+        learning rate are; ``plan`` must not be Full-FT.
+        """
+        exact = not plan.full_ft
+        choice: dict[str, Any] = {}
+        for group in self.groups:
+            entries = [_entry_for(plan, site.name) for site in group.sites]
+            if set(entries) == {None}:
+                continue  # the plan leaves the group frozen: its idle choice
+            picked, group_exact = self._nearest_choice(group, entries)
+            exact &= group_exact
+            if picked is not None:
+                choice[group.name] = picked
+        choice["bitfit"] = plan.bitfit
+        exact &= plan.bitfit in self.bitfit.discrete_values()
+        if lr is not None:
+            choice["lr"] = lr
+        return self.params_for(choice), exact
+
+    def _nearest_choice(self, group: _Group, entries: list) -> tuple[tuple[str, dict[str, Any]] | None, bool]:
+        """(method, hyperparameters) of ``group`` nearest to the plan's entries on its sites (the
+        entry on most sites), and whether it is exactly the plan's (one entry on every site,
+        offered by the group)."""
+        exact = len(set(entries)) == 1  # one setting on every site of the group, none left frozen
+        placed = [e for e in entries if e is not None]
+        target = dict(max(sorted(set(placed), key=repr), key=placed.count))
+        best, best_score = None, -1
+        for method, values in self.group_choices(group):
+            if method != target["method"]:
+                continue
+            entry = _normalised(self.backbone, self._site_entry(group, method, values))
+            score = sum(entry.get(k) == v for k, v in target.items())
+            if entry == target:
+                return (method, values), exact
+            if score > best_score:
+                best, best_score = (method, values), score
+        return best, False
+
     def default_lr(self, fallback: float | None = None) -> float:
         """The learning rate warm-start plans use: the range's ``default``, else ``fallback``
         clipped into the range, else its geometric middle."""
@@ -302,6 +358,26 @@ class SearchSpace:
         if any(get_method(o.method).needs_importance for g in self.groups for o in g.options):
             lines.append(f"  shpeft_lambda  {self.shpeft_lambda.describe()}")
         return "\n".join(lines)
+
+
+def _frozen(entry: Mapping[str, Any]) -> tuple:
+    """A plan entry as a hashable, comparable value (lists as tuples)."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in entry.items()))
+
+
+def _entry_for(plan: Plan, site: str) -> tuple | None:
+    """The entry of ``plan`` that sits on ``site`` (its first matching pattern, as apply_plan
+    reads it), frozen; None where the plan leaves the site alone."""
+    for pattern, spec in plan.sites.items():
+        if fnmatch.fnmatchcase(site, pattern):
+            return _frozen(spec.to_dict())
+    return None
+
+
+def _normalised(backbone: str, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A space's plan entry with every default filled in, as a plan stores it."""
+    spec = Plan.from_dict({"backbone": backbone, "sites": {"_": dict(entry)}}, source="space").sites["_"]
+    return dict(_frozen(spec.to_dict()))
 
 
 def space_files() -> dict[str, Path]:

@@ -122,16 +122,9 @@ class TrialSetup:
 
     @property
     def units(self) -> list[tuple[str, str, int]]:
-        """(source, target, fold) in their fixed order (a trial starts at its own offset)."""
+        """(source, target, fold) in the one order every trial trains them: the scheduler compares
+        trials at a rung on the same pairs, never one trial's easy pair with another's hard one."""
         return [(s, t, f) for f in self.folds for s, t in self.pairs]
-
-    def units_from(self, offset: int) -> list[tuple[str, str, int]]:
-        """The units rotated to start at ``offset``: trials start at different pairs, so that no
-        pair is always the one the scheduler judges first, and a mean over the pairs done is an
-        unbiased guess of the mean over all of them."""
-        units = self.units
-        start = offset % len(units) if units else 0
-        return units[start:] + units[:start]
 
     def gain_of(self, scores: Sequence[PairScore]) -> float | None:
         """Mean PSNR gain over No-FT of ``scores`` (None without a baseline for every pair)."""
@@ -226,7 +219,6 @@ def run_plan(
     previous: Sequence[PairScore] = (),
     split: str = "val",
     train_seed: int | None = None,
-    offset: int = 0,
 ) -> list[PairScore]:
     """Fine-tune ``plan`` on every (source, target, fold) of ``setup`` and score it.
 
@@ -244,7 +236,6 @@ def run_plan(
             Defaults to ``val``.
         train_seed: seeds the fine-tuning; the split and the source models keep ``setup.seed``.
             Defaults to ``setup.seed``.
-        offset: the unit to start from (:meth:`TrialSetup.units_from`). Defaults to 0.
 
     Returns:
         One score per pair.
@@ -258,7 +249,7 @@ def run_plan(
     from autopeft.peft import save_trained
 
     scores = list(previous)
-    units = setup.units_from(offset)
+    units = setup.units
     epochs_done = skip * setup.epochs
     for source, target, fold in units[skip:]:
         started = time.perf_counter()

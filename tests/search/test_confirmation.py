@@ -24,47 +24,77 @@ PROTOCOL = {"pretrain_train": 2, "pretrain_val": 1, "finetune_train": 1, "finetu
 def _config(data, out, **overrides) -> SearchConfig:
     values = dict(backbone="cvtgan", budget="3%", preset="tiny", scanners=["1", "2"], trials=3, epochs=1, data=str(data),
                   out=str(out), pretrain_epochs=1, protocol=PROTOCOL, cpus_per_trial=1, concurrency=2, device="cpu",
-                  references=True, progress=False, priors=False, sampler="random", confirm=2, confirm_seeds=2)
+                  references=True, portfolio=False, progress=False, priors=False, sampler="random", confirm=2,
+                  confirm_seeds=2)
     values.update(overrides)
     return SearchConfig(**values)
 
 
-def test_confirmation_scores_the_best_plans_and_references_on_test_subjects(ray_session, tmp_path):
-    data = make_dataset(tmp_path / "data", {"1": 5, "2": 5}, shape=(20, 18, 16), long_factor=1.5)
-    run_dir = run_search(_config(data, tmp_path / "run"))
+def test_confirmation_scores_the_best_plans_the_best_baseline_and_references_on_test_subjects(ray_session, tmp_path):
+    import optuna
+    import pandas as pd
+
+    data = make_dataset(tmp_path / "data", {"1": 6, "2": 6}, shape=(20, 18, 16), long_factor=1.5)
+    # 0.4% of 3D CVT-GAN tiny: of PETITE's Table-1 rows only LayerNorm fits, so the portfolio is
+    # LayerNorm at 3 learning rates (trials 0-2), then one plan of the sampler.
+    protocol = dict(PROTOCOL, folds=2)
+    run_dir = run_search(_config(data, tmp_path / "run", budget="0.4%", trials=4, protocol=protocol, portfolio=True))
     summary = json.loads((run_dir / "summary.json").read_text())
     confirmation = summary["confirmation"]
-    finished = sorted((r for r in records(run_dir) if r["state"] == FINISHED), key=lambda r: -r["psnr"])
-    assert finished
+    rows = {r["number"]: r for r in records(run_dir)}
+    assert [rows[n]["portfolio"] for n in range(3)] == [f"LayerNorm lr={lr:.2g}" for lr in (2.2e-4, 1e-3, 4.6e-3)]
+    meta = json.loads((run_dir / "run.json").read_text())
+    study = optuna.load_study(study_name=meta["study_name"], storage=f"sqlite:///{run_dir / 'study.db'}")
+    assert [t.user_attrs.get("portfolio_name") for t in study.trials[:3]] == [rows[n]["portfolio"] for n in range(3)]
+
+    ranked = sorted((r for r in rows.values() if r["state"] == FINISHED), key=lambda r: (-r["psnr"], r["number"]))
+    baseline = next(r for r in ranked if r["portfolio"])
+    searched = ranked[:2] + ([baseline] if baseline not in ranked[:2] else [])
     labels = [p["label"] for p in confirmation["plans"]]
-    # The K best by validation, best first, then the references, each on test subjects.
-    assert labels == [f"#{r['number']}" for r in finished[:2]] + ["No-FT", "Full-FT", "PETITE"]
-    assert confirmation["split"] == "test" and confirmation["seeds"] == [0, 1] and confirmation["folds"] == [0]
+    # The K best by validation, best first, the best baseline, then the references, on test subjects.
+    assert labels == [f"#{r['number']}" for r in searched] + ["No-FT", "Full-FT", "PETITE"]
+    assert confirmation["baseline"]["number"] == baseline["number"]
+    # Seeds the search never trained with (it trained with --seed 0); folds 0 and 1.
+    assert confirmation["split"] == "test" and confirmation["seeds"] == [1, 2] and confirmation["folds"] == [0, 1]
     assert confirmation["subjects"] == 4  # 2 test subjects x 2 targets
     recommended = confirmation["recommended"]
-    assert recommended["number"] == finished[0]["number"]  # best by validation, whatever its test result
-    assert recommended["val"]["psnr"] == pytest.approx(finished[0]["psnr"])
+    assert recommended["number"] == ranked[0]["number"]  # best by validation, whatever its test result
+    assert recommended["val"]["psnr"] == pytest.approx(ranked[0]["psnr"])
+    if recommended["number"] != baseline["number"]:
+        diff = recommended["vs_baseline"]["psnr"]
+        assert diff["n"] == 4 and diff["folds"] == 2 and diff["ci"][0] <= diff["mean"] <= diff["ci"][1]
     for plan in confirmation["plans"]:
         low, high = plan["test"]["psnr"]["ci"]
-        assert low <= plan["test"]["psnr"]["mean"] <= high
+        assert low <= plan["test"]["psnr"]["mean"] <= high and plan["test"]["psnr"]["folds"] == 2
         if plan["label"] != "Full-FT":
             diff = plan["vs_Full-FT"]["psnr"]
             assert diff["n"] == 4 and diff["ci"][0] <= diff["mean"] <= diff["ci"][1]
             assert math.isnan(diff["p"]) or 0 <= diff["p"] <= 1
-    # Per-subject rows: K plans and Full-FT/PETITE over 2 seeds, No-FT over one; 2 pairs x 2 subjects each.
-    import pandas as pd
-
+    # Full-FT's rate was chosen on validation from its ladder; the confirmation runs that rate.
+    references = json.loads((run_dir / "references.json").read_text())
+    rungs = [r for r in references if r["plan"].get("full_ft")]
+    chosen = next(r for r in rungs if r.get("chosen"))
+    assert len(rungs) == 3 and chosen["label"] == "Full-FT" and chosen["psnr"] == max(r["psnr"] for r in rungs)
+    full = next(p for p in confirmation["plans"] if p["label"] == "Full-FT")
+    assert full["plan"]["train"]["lr"] == chosen["lr"]
+    # Per-subject rows: searched plans and Full-FT/PETITE over 2 seeds, No-FT over one; 2 folds x
+    # 2 pairs x 2 subjects each; every row says its split.
     frame = pd.read_csv(run_dir / "confirmation.csv")
-    k = len(finished[:2])
-    assert len(frame) == (k * 2 + 2 * 2 + 1) * 2 * 2
-    assert set(frame["subject"]) == {os.path.basename(p).split("_")[0] for p in _test_files_for(data, PROTOCOL)}
-    # Recomputed from the rows: the recommended plan's test mean over subject units.
-    units = frame[frame["label"] == f"#{recommended['number']}"].groupby(["target", "subject"])["psnr"].mean()
-    assert recommended["test"]["psnr"]["mean"] == pytest.approx(units.mean())
+    assert len(frame) == (len(searched) * 2 + 2 * 2 + 1) * 2 * 2 * 2 and set(frame["split"]) == {"test"}
+    assert set(frame["subject"]) == {os.path.basename(p).split("_")[0] for p in _test_files_for(data, protocol)}
+    # Recomputed from the rows: the recommended plan's test mean over (fold, subject) cells.
+    cells = frame[frame["label"] == f"#{recommended['number']}"].groupby(["fold", "target", "subject"])["psnr"].mean()
+    assert recommended["test"]["psnr"]["mean"] == pytest.approx(cells.mean())
+    # The exact replay of the recommended trial, a reproducibility check outside the figures.
+    replay = confirmation["replay"]
+    assert replay["number"] == recommended["number"] and replay["max_abs_diff_db"] < 1e-2
     plan = yaml.safe_load((run_dir / "best_plan.yaml").read_text())
     assert f"trial #{recommended['number']}" in plan["description"] and "confirmed on test subjects" in plan["description"]
+    assert "Table-1 baseline on validation" in plan["description"]
+    assert summary["baseline"]["number"] == baseline["number"]
     html = write_report(run_dir).read_text()  # as `autopeft search` draws it after run_search
     assert "Confirmed on test subjects" in html and "Validation PSNR against test PSNR" in html
+    assert "best Table-1 row, lr tuned" in html
 
     # Resuming redoes nothing that the confirmation kept.
     kept = {p: p.stat().st_mtime_ns for p in (run_dir / "confirmation").glob("*.json")}

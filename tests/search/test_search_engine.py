@@ -26,7 +26,7 @@ def data(tmp_path_factory):
 def _config(data, out, **overrides) -> SearchConfig:
     values = dict(backbone="cvtgan", budget="5%", preset="tiny", scanners=["1", "2"], trials=4, epochs=1, data=str(data),
                   out=str(out), pretrain_epochs=1, protocol=PROTOCOL, cpus_per_trial=1, concurrency=2, device="cpu",
-                  references=False, progress=False, confirm=0)
+                  references=False, portfolio=False, progress=False, confirm=0)
     values.update(overrides)
     return SearchConfig(**values)
 
