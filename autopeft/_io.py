@@ -137,12 +137,12 @@ def adopt_legacy(root: str | os.PathLike, legacy: str | os.PathLike, current: st
         Whether an entry was moved.
     """
     legacy, current = Path(legacy), Path(current)
-    if legacy == current or current.exists() or not legacy.exists():
-        return False
     try:
         path_inside(root, legacy)
         path_inside(root, current)
-    except ValueError:
+        if legacy == current or current.exists() or not legacy.exists():
+            return False
+    except ValueError:  # outside root, or not a path at all (a NUL in the name)
         return False
     try:
         current.parent.mkdir(parents=True, exist_ok=True)
