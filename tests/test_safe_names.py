@@ -115,3 +115,157 @@ def test_a_legacy_cache_entry_is_moved_once_and_said_once(tmp_path, capsys, monk
     outside.mkdir()
     assert not adopt_legacy(root, root / ".." / "elsewhere", root / "new3", what="source models")
     assert outside.is_dir() and not (root / "new3").exists()
+
+
+# Through the modules, without Ray or training -----------------------------------------------------
+def _files(root):
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+def _bids(root, scanners, *, subjects=1, shape=(8, 8, 8)):
+    """A BIDS-PET dataset: ``subjects`` scans per scanner name (the sidecars' ManufacturersModelName),
+    six 5-minute frames each."""
+    import numpy as np
+
+    from autopeft.data.bids import write_dataset_files, write_pet_scan
+
+    rng = np.random.default_rng(0)
+    labels = []
+    for s, scanner in enumerate(scanners):
+        for i in range(subjects):
+            label = f"s{s}n{i:02d}"
+            labels.append(label)
+            base = rng.random(shape).astype(np.float32) + 0.5
+            frames = np.stack([base * (1 + 0.1 * rng.standard_normal(shape)) for _ in range(6)], axis=-1).astype(np.float32)
+            sidecar = {"ManufacturersModelName": scanner, "Manufacturer": "Test", "FrameTimesStart": [300 * k for k in range(6)],
+                       "FrameDuration": [300] * 6}
+            write_pet_scan(root, f"sub-{label}/pet/sub-{label}_trc-FDG_pet.nii.gz", frames, np.diag([2.0, 2.0, 2.0, 1.0]),
+                           sidecar, 300.0)
+    write_dataset_files(root, name="hostile", participants=labels, readme="scanner names from outside")
+    return root
+
+
+SCANNERS = ["Philips Gemini / Allegro", "Siemens Biograph HiRez / TruePoint", "Evil/" + "../" * 8 + "escaped", "..",
+            "a\\b", "with space", "-rf", "Müller Ωmega", "x" * 300, "Philips Gemini  Allegro"]
+
+
+def test_data_bids_keeps_every_scan_inside_out_one_folder_per_scanner(tmp_path, capsys):
+    from autopeft.cli import main
+    from autopeft.data import read_manifest
+
+    # Deep enough that eight '..' from the derived folder stay inside tmp_path, where we look.
+    sandbox = tmp_path.joinpath(*[f"l{i}" for i in range(10)])
+    bids = _bids(sandbox / "bids", SCANNERS)
+    given = {p: p.read_bytes() for p in _files(bids)}
+    out = sandbox / "derived"
+    assert main(["data", "--bids", str(bids), "--short", "0-5", "--long", "0-30", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert {p for p in _files(tmp_path)} == set(given) | _files(out)  # nothing outside --out was written
+    assert all(p.read_bytes() == given[p] for p in given)  # inputs untouched
+    frame = read_manifest(out)
+    assert set(frame["scanner"]) == set(SCANNERS)  # the names themselves, readable
+    folders = {os.path.dirname(p) for p in frame["short"]}
+    assert len(folders) == len(SCANNERS)  # two names never share a folder ("a / b" and "a  b" did)
+    assert all(os.path.dirname(folder) == str(out) for folder in folders)
+    import json
+
+    assert set(json.loads((out / "scanners.json").read_text(encoding="utf-8"))) == set(SCANNERS)
+    assert "Philips Gemini / Allegro" in printed and "Müller Ωmega" in printed
+
+
+def test_source_model_keys_keep_plain_names_and_make_others_one_component(tmp_path):
+    from _fakes import make_dataset
+    from autopeft.data import read_manifest
+    from autopeft.pretraining import model_file, source_spec
+
+    frame = read_manifest(make_dataset(tmp_path / "d", {"1": 1}))
+    plain = source_spec("unetr", "Biograph_mCT", manifest=frame)
+    assert plain.key() == plain.legacy_key() and "srcBiograph_mCT-fold0" in plain.key()
+    for name in SCANNERS:
+        spec = source_spec("unetr", name, manifest=frame)
+        assert spec.source == name  # the readable name stays in the spec (and the checkpoint's metadata)
+        relative = model_file(spec)
+        assert relative.count("/") == 2 and ".." not in relative.split("/")
+        assert f"src{path_component(name)}-fold0" in spec.key()
+
+
+def test_a_source_model_under_its_old_raw_name_key_is_moved_not_trained_again(tmp_path, capsys, monkeypatch):
+    from _fakes import make_dataset
+    from autopeft.checkpoints import save_checkpoint
+    from autopeft.data import read_manifest
+    from autopeft.pretraining import is_pretrained, pretrained_model, source_spec
+    from backbones import build_backbone
+
+    monkeypatch.setattr(_io, "_ADOPTED", set())
+    manifest = make_dataset(tmp_path / "d", {"1": 1})
+    cache = tmp_path / "cache"
+    keys = set()
+    # A space made a folder with a space; a '/' made two nested folders.
+    for name in ("Siemens Biograph mCT class", "Philips Gemini / Allegro"):
+        spec = source_spec("unetr", name, manifest=read_manifest(manifest), epochs=1)
+        legacy = cache / "pretrained" / spec.legacy_key() / "model.safetensors"
+        legacy.parent.mkdir(parents=True)
+        save_checkpoint(build_backbone("unetr", "tiny"), legacy, {"backbone": "unetr", "preset": "tiny", "source": name})
+        assert is_pretrained(spec, cache)
+        keys.add(spec.key())
+        assert {p.name for p in (cache / "pretrained").iterdir()} == keys  # moved; emptied folders removed
+        # train=False: a model that had to be trained again would be an error.
+        _, meta = pretrained_model("unetr", name, manifest_path=manifest, epochs=1, cache_dir=cache, train=False, progress=False)
+        assert meta["source"] == name
+    assert capsys.readouterr().err.count("re-keyed") == 1  # said once
+
+
+def test_predict_names_outputs_by_path_components_inside_out(tmp_path):
+    import csv
+
+    from _fakes import make_dataset
+    from autopeft.inference import LoadedModel, predict_scans, scan_inputs
+    from backbones import build_backbone
+
+    manifest = make_dataset(tmp_path / "d", {"1": 1}, shape=(8, 8, 8))
+    row = next(csv.DictReader(open(manifest)))
+    subjects = ["../../../escaped", "/abs", "-rf", "a\\b", "Müller", "y" * 300]
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["subject", "scanner", "short", "long"])
+        for subject in subjects:
+            writer.writerow([subject, "1", row["short"], row["long"]])
+    model = build_backbone("unetr", "tiny").eval()
+    loaded = LoadedModel(model, tuple(model.preset.crop_size), "unetr", "tiny")
+    out = tmp_path / "pred"
+    results = predict_scans(loaded, scan_inputs(manifest), out, progress=False)
+    assert [r["name"] for r in results] == [f"{s}_pred" for s in subjects]
+    assert {os.path.dirname(r["output"]) for r in results} == {str(out)}
+    assert len({r["output"] for r in results}) == len(subjects)
+    assert _files(tmp_path) == _files(tmp_path / "d") | _files(out)
+
+
+def test_confirmation_records_and_artifact_keys_stay_inside(tmp_path):
+    from autopeft.artifacts import ArtifactStore
+    from autopeft.search.confirm import _job_path
+
+    assert _job_path(tmp_path, "#3", 0, 1) == tmp_path / "confirmation" / "trial3-fold0-seed1.json"  # as before
+    assert _job_path(tmp_path, "No-FT", 0, 1).name == "No-FT-fold0-seed1.json"
+    hostile = _job_path(tmp_path, "../../../etc/passwd", 0, 1)
+    assert hostile.parent == tmp_path / "confirmation"
+    store = ArtifactStore(str(tmp_path / "store"), cache=tmp_path / "cache")
+    for key in ("../x", "/etc/passwd", "pretrained/../../x", "a//b"):
+        with pytest.raises(DataError, match="artifact `key` must be a relative path"):
+            store.has(key)
+    with pytest.raises(DataError, match="must lie inside"):
+        store.fetch("pretrained/..\\..\\x/../../../y")
+
+
+def test_trained_parts_of_runs_made_before_are_still_found(tmp_path):
+    from autopeft.runs import find_pair, pair_folder
+
+    weights = tmp_path / "run" / "best_weights"
+    assert pair_folder("1", "2", 0) == "1-2-fold0"  # plain names: the folders of before
+    old = weights / "Siemens Biograph mCT class-HRRT-fold0"
+    old.mkdir(parents=True)
+    assert find_pair(weights, "Siemens Biograph mCT class", "HRRT", 0) == old
+    new = weights / pair_folder("Siemens Biograph mCT class", "HRRT", 0)
+    new.mkdir()
+    assert find_pair(weights, "Siemens Biograph mCT class", "HRRT", 0) == new
+    (tmp_path / "run" / "outside-x-fold0").mkdir()
+    assert find_pair(weights, "../outside", "x", 0) == weights / pair_folder("../outside", "x", 0)  # never outside
