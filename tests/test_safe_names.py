@@ -215,6 +215,24 @@ def test_a_source_model_under_its_old_raw_name_key_is_moved_not_trained_again(tm
     assert capsys.readouterr().err.count("re-keyed") == 1  # said once
 
 
+def test_importance_maps_are_keyed_by_path_components():
+    from dataclasses import asdict
+
+    from autopeft.finetuning import FinetuneJob, importance_file
+    from autopeft.pretraining import SourceSpec
+
+    spec = SourceSpec(backbone="unetr", preset="tiny", source="../../src", fold=0, epochs=1, lr=1e-3, seed=0, data="d" * 16,
+                      protocol="8+4", crops=4)
+    train = [{"subject": "../s"}]
+    for target in SCANNERS:
+        job = FinetuneJob(backbone="unetr", preset="tiny", manifest_path="m.csv", source=spec.source, target=target)
+        relative = importance_file(job, asdict(spec), train=train)
+        assert relative.startswith("importance/") and relative.count("/") == 1
+        assert f"-tgt{path_component(target)}-" in relative
+    plain = FinetuneJob(backbone="unetr", preset="tiny", manifest_path="m.csv", source="1", target="2")
+    assert "-tgt2-" in importance_file(plain, asdict(spec), train=train)
+
+
 def test_predict_names_outputs_by_path_components_inside_out(tmp_path):
     import csv
 
@@ -269,3 +287,104 @@ def test_trained_parts_of_runs_made_before_are_still_found(tmp_path):
     assert find_pair(weights, "Siemens Biograph mCT class", "HRRT", 0) == new
     (tmp_path / "run" / "outside-x-fold0").mkdir()
     assert find_pair(weights, "../outside", "x", 0) == weights / pair_folder("../outside", "x", 0)  # never outside
+
+
+# The whole way through the command line, with a real search (Ray) --------------------------------
+SOURCE = "Evil/" + "../" * 8 + "escaped"  # what wrote a checkpoint outside the cache (#24)
+TARGET = "Philips Gemini / Allegro"
+SUBJECTS = ["../../../escaped", "/abs/sub", "-rf", "a\\b", "Müller Ωmega", "with space", "y" * 300, ".."]
+
+
+@pytest.mark.slow  # starts Ray, pre-trains and fine-tunes tiny models
+def test_hostile_names_through_every_command_write_only_inside_cache_run_and_out(tmp_path, monkeypatch, capsys):
+    import csv
+    import json
+
+    import ray
+
+    from autopeft.cli import main
+
+    sandbox = tmp_path.joinpath(*[f"l{i}" for i in range(10)])  # eight '..' from any folder here stay in tmp_path
+    cache, run, pred, bundle, saved, mine, work = (sandbox / n for n in ("cache", "run", "pred", "bundle", "saved", "mine", "cwd"))
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)  # a default output in the working directory would show here
+    monkeypatch.setenv("AUTOPEFT_CACHE", str(cache))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # tests only: no token file for a throwaway local cluster
+    if ray.is_initialized():
+        ray.shutdown()  # its workers would keep another cache
+
+    # 16 subjects per scanner: the default protocol's pre-training and fine-tuning splits.
+    bids = _bids(sandbox / "bids", [SOURCE, TARGET], subjects=16, shape=(16, 16, 16))
+    given = {p: p.read_bytes() for p in _files(bids)}
+    derived = sandbox / "derived"
+    assert main(["data", "--bids", str(bids), "--short", "0-5", "--long", "0-30", "--out", str(derived), "--quiet"]) == 0
+    # A manifest of the user's, with subjects named as badly as the scanners.
+    data = sandbox / "edited"
+    data.mkdir()
+    with open(derived / "manifest.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(data / "manifest.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["subject", "scanner", "short", "long"])
+        for i, row in enumerate(rows):
+            writer.writerow([f"{SUBJECTS[i % len(SUBJECTS)]} {i}", row["scanner"], derived / row["short"], derived / row["long"]])
+    (data / "scanners.json").write_bytes((derived / "scanners.json").read_bytes())
+    assert main(["data", "--manifest", str(data / "manifest.csv")]) == 0
+    assert main(["pretrain", "--backbone", "unetr", "--source", SOURCE, "--data", str(data), "--epochs", "1", "--out", str(mine),
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"pre-trained on scanner {SOURCE}" in printed and TARGET in printed
+    # The search and the fine-tuning start from it (--weights): one pair, nothing pre-trained again.
+    weights = ["--weights", str(mine / "model.safetensors")]
+
+    plan = sandbox / "plan.yaml"
+    plan.write_text("backbone: unetr\nname: ../../escaped plan\nsites:\n  decoder.*:\n    method: ssf\n", encoding="utf-8")
+    assert main(["finetune", "--backbone", "unetr", "--source", SOURCE, "--target", TARGET, "--data", str(data),
+                 *weights, "--epochs", "1", "--plan", str(plan), "--save", str(saved), "--quiet"]) == 0
+    assert "../../escaped plan" in capsys.readouterr().out
+    [kept] = saved.iterdir()
+    assert json.loads((kept / "meta.json").read_text(encoding="utf-8"))["plan"] == "../../escaped plan"
+
+    try:
+        assert main(["search", "--backbone", "unetr", "--budget", "1%", "--data", str(data), "--trials", "2", "--epochs", "1",
+                     *weights, "--source", SOURCE, "--no-references", "--no-asha", "--device", "cpu", "--out", str(run),
+                     "--quiet", "--confirm", "1", "--confirm-folds", "1", "--confirm-seeds", "1", "--priors", "off"]) == 0
+    finally:
+        ray.shutdown()
+    printed = capsys.readouterr().out
+    assert SOURCE in printed and TARGET in printed  # the settings and the tables name the scanners readably
+    report = (run / "report.html").read_text(encoding="utf-8")
+    assert "Philips Gemini / Allegro" in report or "Philips Gemini \\/ Allegro" in report
+    trained = [p for p in (run / "best_weights").iterdir()]
+    assert trained and all(p.parent == run / "best_weights" for p in trained)
+    assert [(m["source"], m["target"]) for m in (json.loads((p / "meta.json").read_text()) for p in trained)] == [(SOURCE, TARGET)]
+    assert json.loads((run / "examples" / "slices.json").read_text())["target"] in (SOURCE, TARGET)
+
+    assert main(["predict", "--model", str(run), "--target", TARGET, "--input", str(data / "manifest.csv"),
+                 "--out", str(pred), "--quiet"]) == 0
+    assert TARGET in capsys.readouterr().out
+    results = json.loads((pred / "predictions.json").read_text(encoding="utf-8"))
+    assert len(results) == 16 and {os.path.dirname(r["output"]) for r in results} == {str(pred)}
+    assert {r["name"] for r in results} == {f"{row[0]}_pred" for row in _manifest_rows(data) if row[1] == TARGET}
+    assert main(["export", str(run), "--target", TARGET, "--out", str(bundle)]) == 0
+    assert TARGET in capsys.readouterr().out
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    assert metadata["autopeft"]["target"] == TARGET
+
+    allowed = (cache, run, pred, bundle, saved, mine, derived, data, bids)
+    strays = [p for p in _files(tmp_path) if not any(root in p.parents for root in allowed) and p != plan]
+    assert not strays, strays[:5]
+    assert not any(work.iterdir())
+    assert set(_files(bids)) == set(given) and all(p.read_bytes() == given[p] for p in given)
+    for root in (cache, run):  # every name autopeft made there is a plain path component (Ray names its own)
+        names = {part for p in root.rglob("*") if "ray" not in p.relative_to(root).parts[:1]
+                 for part in p.relative_to(root).parts}
+        assert all(re.fullmatch(r"[A-Za-z0-9_.+=-][A-Za-z0-9._+=-]*", name) for name in names if not name.startswith(".")), \
+            sorted(n for n in names if not re.fullmatch(r"[A-Za-z0-9_.+=-]+", n))[:5]
+
+
+def _manifest_rows(folder):
+    import csv
+
+    with open(folder / "manifest.csv", newline="", encoding="utf-8") as handle:
+        return [row for row in csv.reader(handle)][1:]
