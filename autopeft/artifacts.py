@@ -11,9 +11,10 @@ store is, so the code that reads the cache does not know where a file came from:
 
 Keys hash file contents (``manifest_digest``, the source model's spec), never paths or times, so a
 copy on another node keys the same; names in them went through ``autopeft._io.path_component``, and
-a key with ``..`` or a local copy outside the cache is refused. Every file is written under a temporary name and moved into
-place, so readers see it whole or not at all, and two processes producing the same artifact both
-succeed (same bytes); a data set's manifest is written last and marks it complete.
+a key with ``..`` or a local copy outside the cache is refused. Every file is written under a
+temporary name and moved into place, so readers see it whole or not at all, and two processes
+producing the same artifact both succeed (same bytes); a data set's manifest is written last and
+marks it complete.
 """
 
 from __future__ import annotations

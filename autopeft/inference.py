@@ -4,8 +4,8 @@
 
 - a search's run directory (``run.json``): the recommended plan's trained parts for the target
   (``weights/<N>/<source>-<target>-fold<k>/`` of the confirmed recommendation N, else
-  ``best_weights/``; named by ``autopeft.runs.pair_folder``), on the run's own source model (from the cache, the user's imported
-  ``--weights`` included; never retrained here);
+  ``best_weights/``; named by ``autopeft.runs.pair_folder``), on the run's own source model (from
+  the cache, the user's imported ``--weights`` included; never retrained here);
 - a trained-plan folder (``trained.safetensors`` + ``plan.yaml`` + ``meta.json``, as
   ``autopeft finetune --save`` and a run's ``best_weights/`` hold), on its run's source model or on
   the pre-trained model given as ``weights``;

@@ -333,8 +333,8 @@ def imported_model(
     source = weights_file(weights)
     digest = file_sha256(source)
     root = Path(cache_dir or cache_root()) / "pretrained"
-    entry = _io.path_inside(root, root / f"imported-{_io.path_component(backbone)}-{_io.path_component(preset)}-{digest[:16]}",
-                            what="the imported model's cache folder")
+    name = f"imported-{_io.path_component(backbone)}-{_io.path_component(preset)}-{digest[:16]}"
+    entry = _io.path_inside(root, root / name, what="the imported model's cache folder")
     final = entry / "model.safetensors"
     model = build_backbone(backbone, preset)
     with _locked(entry):

@@ -33,8 +33,8 @@ from typing import Any
 
 __all__ = [
     "RUNNING", "FINISHED", "STOPPED", "FAILED", "INFEASIBLE", "INTERRUPTED", "TERMINAL", "trial_state", "new_record",
-    "record_path", "weights_dir", "pair_folder", "find_pair", "write_record", "read_record", "records", "read_meta", "write_meta", "versions",
-    "VERSIONED_PACKAGES",
+    "record_path", "weights_dir", "pair_folder", "find_pair", "write_record", "read_record", "records", "read_meta",
+    "write_meta", "versions", "VERSIONED_PACKAGES",
 ]
 
 RUNNING, FINISHED, STOPPED, FAILED, INFEASIBLE, INTERRUPTED = (

@@ -97,9 +97,9 @@ def _run_settings(plan_paths: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from autopeft._io import path_component, path_inside
     from autopeft.data import Protocol
     from autopeft.finetuning import FinetuneJob, finetune_plan, source_model
-    from autopeft._io import path_component, path_inside
     from autopeft.peft import load_plan, save_trained
 
     if str(args.source) == str(args.target):

@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from autopeft._io import path_component
 
     # Scanner names may be any text: the default file name holds them as path components.
-    out = Path(args.out or "-".join(["importance", *map(path_component, (args.backbone, args.source, args.target))]) + ".json")
+    names = "-".join(path_component(name) for name in (args.backbone, args.source, args.target))
+    out = Path(args.out or f"importance-{names}.json")
     payload = {"backbone": args.backbone, "preset": args.preset, "source": str(args.source), "target": str(args.target),
                "fold": args.fold, "variant": args.variant, "lambda": args.lam, "seconds": seconds,
                "train_subjects": [r["subject"] for r in train], "sites": sites}

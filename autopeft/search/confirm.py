@@ -65,7 +65,8 @@ def confirmation_candidates(run_dir: Path, k: int, setup: TrialSetup) -> list[di
 def _job_path(run_dir: Path, label: str, fold: int, seed: int) -> Path:
     # A label may come from a plan file: through path_component (the file keeps the label itself).
     slug = path_component(label.replace("#", "trial").replace(" ", "_"))
-    return path_inside(run_dir, run_dir / "confirmation" / f"{slug}-fold{fold}-seed{seed}.json", what="a confirmation record")
+    path = run_dir / "confirmation" / f"{slug}-fold{fold}-seed{seed}.json"
+    return path_inside(run_dir, path, what="a confirmation record")
 
 
 def _confirm_job(setup: TrialSetup, plan_dict: Mapping[str, Any], fold: int, seed: int) -> list[dict[str, Any]]:
