@@ -92,8 +92,8 @@ class SourceSpec:
     pipeline: int = 0  # autopeft.data.loading.PIPELINE_VERSION the model was trained with
 
     def key(self) -> str:
-        """The cache folder's name: one path component, names through :func:`autopeft._io.path_component`
-        (the readable names stay in the checkpoint's metadata)."""
+        """The cache folder's name: one path component, each name in it through
+        :func:`autopeft._io.path_component` (the readable names stay in the checkpoint's metadata)."""
         return self._key(_io.path_component)
 
     def _key(self, name: Callable[[str], str]) -> str:

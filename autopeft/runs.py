@@ -6,8 +6,9 @@ Layout of ``<run>/``::
     study.db            the Optuna study (SQLite)
     references.json     No-FT / Full-FT / PETITE on validation subjects
     trials/NNNN.json    one record per trial (:func:`new_record`; states below)
-    weights/NNNN/       a trial's trained parts, per pair (:func:`pair_folder`: ``<source>-<target>-fold<k>/``,
-                        names through ``autopeft._io.path_component``; readable in its meta.json)
+    weights/NNNN/       a trial's trained parts, per pair (:func:`pair_folder`:
+                        ``<source>-<target>-fold<k>/``, names through ``autopeft._io.path_component``;
+                        the names themselves in its meta.json)
     results.csv, best_plan.yaml, pareto/, best_weights/, summary.json, slots.json
     examples/           example slices of the best plan (drawn by the search, shown by the report)
     confirmation/       per (plan, fold, seed) test scores; confirmation.csv

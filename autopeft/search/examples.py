@@ -3,10 +3,10 @@
 The best plan's trained parts (``best_weights/<source>-<target>-fold<k>/``, named by
 ``autopeft.runs.pair_folder``) are loaded onto the pre-trained source model; it and No-FT (the
 source model itself) predict one held-out subject of the target, a test subject once the
-confirmation has read them, else a validation one. The axial
-middle planes of the short scan, the long scan and both predictions are kept in
-``<run>/examples/slices.safetensors`` with ``slices.json`` (subject, pair, split, PSNR over the
-whole volume): the report draws them and runs no model.
+confirmation has read them, else a validation one. The axial middle planes of the short scan, the
+long scan and both predictions are kept in ``<run>/examples/slices.safetensors`` with
+``slices.json`` (subject, pair, split, PSNR over the whole volume): the report draws them and runs
+no model.
 """
 
 from __future__ import annotations
