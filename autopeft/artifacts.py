@@ -10,9 +10,11 @@ store is, so the code that reads the cache does not know where a file came from:
     <store>/data/<manifest digest>/manifest.csv        the scans, one folder per manifest row
 
 Keys hash file contents (``manifest_digest``, the source model's spec), never paths or times, so a
-copy on another node keys the same. Every file is written under a temporary name and moved into
-place, so readers see it whole or not at all, and two processes producing the same artifact both
-succeed (same bytes); a data set's manifest is written last and marks it complete.
+copy on another node keys the same; names in them went through ``autopeft._io.path_component``, and
+a key with ``..`` or a local copy outside the cache is refused. Every file is written under a
+temporary name and moved into place, so readers see it whole or not at all, and two processes
+producing the same artifact both succeed (same bytes); a data set's manifest is written last and
+marks it complete.
 """
 
 from __future__ import annotations
@@ -63,7 +65,21 @@ class ArtifactStore:
         return self._cache or cache_root()
 
     def _remote(self, key: str) -> str:
+        parts = str(key).split("/")
+        # Keys are made by autopeft (names through path_component); a store or manifest edited by
+        # someone else must still not reach outside the store.
+        if str(key).startswith("/") or any(part in ("", ".", "..") for part in parts):
+            from autopeft.errors import DataError
+
+            raise DataError(f"artifact `key` must be a relative path without empty, '.' or '..' parts, but got {key!r}.")
         return f"{self._base}/{key}"
+
+    def _local(self, relative: str, folder: Path | None = None) -> Path:
+        """``folder / relative`` (``folder``: the cache), checked to lie inside ``folder``."""
+        from autopeft._io import path_inside
+
+        folder = self.cache if folder is None else folder
+        return path_inside(folder, folder / relative, what="an artifact's local copy")
 
     def has(self, key: str) -> bool:
         from pyarrow import fs
@@ -101,11 +117,11 @@ class ArtifactStore:
     # The local cache mirrors the store: a cache-relative path is a key.
     def publish(self, relative: str) -> None:
         """Put the cache's file ``relative`` (e.g. ``pretrained/<key>/model.safetensors``) in the store."""
-        self.put(self.cache / relative, relative)
+        self.put(self._local(relative), relative)
 
     def fetch(self, relative: str) -> bool:
         """Bring the store's ``relative`` into this node's cache; False when the store lacks it."""
-        return self.get(relative, self.cache / relative)
+        return self.get(relative, self._local(relative))
 
     def put_data(self, manifest_path: str | os.PathLike) -> str:
         """Ship a data set (its manifest, scans and ``scanners.json``) into the store; returns its key."""
@@ -135,7 +151,7 @@ class ArtifactStore:
 
     def data(self, key: str) -> Path:
         """This node's copy of the data set ``key`` (fetched on first use); its manifest path."""
-        folder = self.cache / key
+        folder = self._local(key)
         if (folder / "manifest.csv").is_file():
             return folder / "manifest.csv"
         tmp = folder / f".manifest.tmp-{uuid.uuid4().hex[:8]}"
@@ -144,7 +160,7 @@ class ArtifactStore:
         with open(tmp, newline="", encoding="utf-8") as handle:
             for row in list(csv.DictReader(handle)):
                 for column in ("short", "long"):
-                    self.get(f"{key}/{row[column]}", folder / row[column])
+                    self.get(f"{key}/{row[column]}", self._local(row[column], folder))
         self.get(f"{key}/scanners.json", folder / "scanners.json")
         _local_replace(tmp, folder / "manifest.csv")  # last, as in the store
         return folder / "manifest.csv"

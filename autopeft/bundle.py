@@ -199,7 +199,7 @@ def export_run(
     for folder in ("configs", "models", "docs"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in network.state_dict().items()}
-    atomic_write(out / _WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(out / _WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}), inside=out)
 
     name = f"autopeft {loaded.backbone}/{loaded.preset} {loaded.source} -> {loaded.target}"
     plan_data = Plan.from_dict(plan.to_dict()).to_dict()
@@ -252,9 +252,10 @@ def export_run(
         "run": "$predict_with_bundle(@bundle_root, @input, @output_dir)",
     }
     readme = _readme(name, loaded, fraction, unmerged_sites, psnr_text, what, merge_diff)
-    atomic_write_text(out / "configs" / "metadata.json", json.dumps(metadata, indent=2) + "\n")
-    atomic_write_text(out / "configs" / "inference.json", json.dumps(inference, indent=2) + "\n")
-    atomic_write_text(out / "docs" / "README.md", readme)
+    # Scanner names go into the files' contents only (JSON, the README), never into their paths.
+    atomic_write_text(out / "configs" / "metadata.json", json.dumps(metadata, indent=2) + "\n", inside=out)
+    atomic_write_text(out / "configs" / "inference.json", json.dumps(inference, indent=2) + "\n", inside=out)
+    atomic_write_text(out / "docs" / "README.md", readme, inside=out)
 
     rebuilt = load_bundle(out).model
     parser_diff = _max_diff(reference, rebuilt, volume, roi)

@@ -209,15 +209,22 @@ def _target_train(job: FinetuneJob) -> list[dict[str, Any]]:
 def importance_file(job: FinetuneJob, meta: dict[str, Any], *, train: list[dict[str, Any]] | None = None) -> str:
     """Where the job's importance maps are cached, relative to the cache root: keyed by the source
     model (``meta``, its checkpoint metadata), the target's training subjects (``train``, read
-    from the job's split when not given) and the seed."""
+    from the job's split when not given) and the seed; names through ``path_component``."""
+    return _importance_file(job, meta, train=train, legacy=False)
+
+
+def _importance_file(job: FinetuneJob, meta: dict[str, Any], *, train: list[dict[str, Any]] | None, legacy: bool) -> str:
+    """:func:`importance_file`, or with ``legacy`` the name an earlier autopeft gave it (names as they were)."""
     import json
 
+    from autopeft._io import path_component
     from autopeft.pretraining import SourceSpec
 
     train = _target_train(job) if train is None else train
     spec = SourceSpec(**{k: meta[k] for k in SourceSpec.__dataclass_fields__})
     subjects = hashlib.sha256(json.dumps([job.target, [r["subject"] for r in train]]).encode()).hexdigest()[:12]
-    return f"importance/{spec.key()}-tgt{job.target}-{subjects}-seed{job.fine_tuning_seed}.safetensors"
+    key, target = (spec.legacy_key(), job.target) if legacy else (spec.key(), path_component(job.target))
+    return f"importance/{key}-tgt{target}-{subjects}-seed{job.fine_tuning_seed}.safetensors"
 
 
 def target_importance(job: FinetuneJob, model: nn.Module | None = None, meta: dict[str, Any] | None = None):
@@ -226,13 +233,16 @@ def target_importance(job: FinetuneJob, model: nn.Module | None = None, meta: di
     (:func:`importance_file`)."""
     import copy
 
+    from autopeft._io import adopt_legacy, path_inside
     from autopeft.importance import importance_pair_on_scans
     from autopeft.pretraining import cache_root
 
     if model is None or meta is None:
         model, meta = source_model(job)
     train = _target_train(job)
-    path = cache_root() / importance_file(job, meta, train=train)
+    root = cache_root() / "importance"
+    path = path_inside(root, cache_root() / importance_file(job, meta, train=train), what="the importance maps' cache file")
+    adopt_legacy(root, cache_root() / _importance_file(job, meta, train=train, legacy=True), path, what="importance maps")
     return importance_pair_on_scans(copy.deepcopy(model), train, seed=job.fine_tuning_seed, device=job.device, cache_file=path)
 
 

@@ -4,8 +4,8 @@
 
 - a search's run directory (``run.json``): the recommended plan's trained parts for the target
   (``weights/<N>/<source>-<target>-fold<k>/`` of the confirmed recommendation N, else
-  ``best_weights/``), on the run's own source model (from the cache, the user's imported
-  ``--weights`` included; never retrained here);
+  ``best_weights/``; named by ``autopeft.runs.pair_folder``), on the run's own source model (from
+  the cache, the user's imported ``--weights`` included; never retrained here);
 - a trained-plan folder (``trained.safetensors`` + ``plan.yaml`` + ``meta.json``, as
   ``autopeft finetune --save`` and a run's ``best_weights/`` hold), on its run's source model or on
   the pre-trained model given as ``weights``;
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autopeft._io import atomic_write
+from autopeft._io import atomic_write, path_component, path_inside
 from autopeft.errors import CheckpointError, ConfigError, DataError
 
 __all__ = ["LoadedModel", "ScanInput", "load_model", "recommended_weights", "scan_inputs", "predict_scans", "predict_with_bundle", "run_setup", "run_pairs"]
@@ -113,11 +113,13 @@ def recommended_weights(run_dir: str | os.PathLike) -> tuple[Path, int | None]:
 
 def run_pairs(run_dir: str | os.PathLike, setup=None) -> list[tuple[str, str, int, Path]]:
     """``(source, target, fold, folder)`` of every trained part of the recommended plan
-    (:func:`recommended_weights`)."""
+    (:func:`recommended_weights`; folders named by ``autopeft.runs.pair_folder``)."""
+    from autopeft.runs import find_pair
+
     setup = setup or run_setup(run_dir)
     weights, _ = recommended_weights(run_dir)
-    return [(s, t, f, weights / f"{s}-{t}-fold{f}") for f in setup.folds for s, t in setup.pairs
-            if _is_trained_dir(weights / f"{s}-{t}-fold{f}")]
+    found = [(s, t, f, find_pair(weights, s, t, f)) for f in setup.folds for s, t in setup.pairs]
+    return [(s, t, f, folder) for s, t, f, folder in found if _is_trained_dir(folder)]
 
 
 def _cached_source_model(setup, source: str, fold: int):
@@ -286,11 +288,12 @@ def predict_scans(
     overlap: float = 0.25,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Predicts every scan and writes ``out_dir/<name>.nii.gz`` (module docstring).
+    """Predicts every scan and writes ``out_dir/<name>.nii.gz`` (module docstring; the name through
+    ``autopeft._io.path_component``).
 
     Returns:
-        Per scan: ``input``, ``output``, ``scale`` (the factor to [0, 1]) and, with a long scan,
-        ``psnr``, ``ssim``, ``nrmse`` as the evaluation computes them.
+        Per scan: ``name`` (as given), ``input``, ``output``, ``scale`` (the factor to [0, 1]) and,
+        with a long scan, ``psnr``, ``ssim``, ``nrmse`` as the evaluation computes them.
 
     Raises:
         ConfigError: an output path would be an input's, or two outputs would share a name.
@@ -301,7 +304,8 @@ def predict_scans(
     from autopeft.evaluation import METRICS, predict_volume
 
     out = Path(out_dir).expanduser().resolve()
-    targets = [out / f"{scan.name}.nii.gz" for scan in scans]
+    # A name may be a manifest's subject: a path component, checked to stay in --out.
+    targets = [path_inside(out, out / f"{path_component(scan.name)}.nii.gz", what="a prediction") for scan in scans]
     inputs = {Path(p).resolve() for scan in scans for p in (scan.short, scan.long) if p}
     clash = [str(t) for t in targets if t in inputs]
     if clash:
@@ -318,7 +322,7 @@ def predict_scans(
         scaled = (volume * factor).clamp_(0.0, 1.0)
         pred = predict_volume(model, scaled, roi_size=loaded.roi_size, overlap=overlap, device=device).clamp(0, 1)
         _write(target, (pred[0] / factor).numpy(), image)
-        row: dict[str, Any] = {"input": scan.short, "output": str(target), "scale": float(factor)}
+        row: dict[str, Any] = {"name": scan.name, "input": scan.short, "output": str(target), "scale": float(factor)}
         if scan.long:
             long_voxels, _ = _read(scan.long)
             if long_voxels.shape != voxels.shape:

@@ -6,7 +6,8 @@ source scanner, fold, epochs, seed and a hash of the data manifest (so a differe
 reuses a model). An interrupted pre-training resumes from its last finished epoch: after every epoch
 the weights (``last.safetensors``) and optimizer state (``last.state``) are written atomically.
 
-Layout of one cache entry ``<cache>/pretrained/<key>/``::
+Layout of one cache entry ``<cache>/pretrained/<key>/`` (names in the key through
+:func:`autopeft._io.path_component`; the readable ones in the metadata)::
 
     model.safetensors   best epoch by validation PSNR (net + discriminator), with JSON metadata
     history.json        per-epoch loss and validation metrics
@@ -91,10 +92,20 @@ class SourceSpec:
     pipeline: int = 0  # autopeft.data.loading.PIPELINE_VERSION the model was trained with
 
     def key(self) -> str:
+        """The cache folder's name: one path component, each name in it through
+        :func:`autopeft._io.path_component` (the readable names stay in the checkpoint's metadata)."""
+        return self._key(_io.path_component)
+
+    def _key(self, name: Callable[[str], str]) -> str:
         return (
-            f"{self.backbone}-{self.preset}-src{self.source}-fold{self.fold}-e{self.epochs}"
+            f"{name(self.backbone)}-{name(self.preset)}-src{name(self.source)}-fold{self.fold}-e{self.epochs}"
             f"-c{self.crops}-lr{self.lr:g}-seed{self.seed}-p{self.protocol}-v{self.pipeline}-{self.data}"
         )
+
+    def legacy_key(self) -> str:
+        """The key autopeft gave this model before names went through ``path_component`` (the
+        names as they were): a cache entry there is moved to :meth:`key` when first asked for."""
+        return self._key(str)
 
 
 @contextmanager
@@ -155,8 +166,12 @@ def model_file(spec: SourceSpec) -> str:
 
 
 def _entry(spec: SourceSpec, cache_dir: str | os.PathLike | None) -> Path:
-    """The cache folder of ``spec``: its finished model is ``model.safetensors`` there."""
-    return (Path(cache_dir or cache_root()) / model_file(spec)).parent
+    """The cache folder of ``spec``: its finished model is ``model.safetensors`` there. An entry an
+    earlier autopeft made under :meth:`SourceSpec.legacy_key` is moved here first."""
+    root = Path(cache_dir or cache_root()) / "pretrained"
+    entry = (Path(cache_dir or cache_root()) / model_file(spec)).parent
+    _io.adopt_legacy(root, root / spec.legacy_key(), entry, what="source models")
+    return _io.path_inside(root, entry, what="the source model's cache folder")
 
 
 def is_pretrained(spec: SourceSpec, cache_dir: str | os.PathLike | None = None) -> bool:
@@ -317,7 +332,9 @@ def imported_model(
 
     source = weights_file(weights)
     digest = file_sha256(source)
-    entry = Path(cache_dir or cache_root()) / "pretrained" / f"imported-{backbone}-{preset}-{digest[:16]}"
+    root = Path(cache_dir or cache_root()) / "pretrained"
+    name = f"imported-{_io.path_component(backbone)}-{_io.path_component(preset)}-{digest[:16]}"
+    entry = _io.path_inside(root, root / name, what="the imported model's cache folder")
     final = entry / "model.safetensors"
     model = build_backbone(backbone, preset)
     with _locked(entry):

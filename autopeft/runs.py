@@ -6,7 +6,9 @@ Layout of ``<run>/``::
     study.db            the Optuna study (SQLite)
     references.json     No-FT / Full-FT / PETITE on validation subjects
     trials/NNNN.json    one record per trial (:func:`new_record`; states below)
-    weights/NNNN/       a trial's trained parts, per pair (``<source>-<target>-fold<k>/``)
+    weights/NNNN/       a trial's trained parts, per pair (:func:`pair_folder`:
+                        ``<source>-<target>-fold<k>/``, names through ``autopeft._io.path_component``;
+                        the names themselves in its meta.json)
     results.csv, best_plan.yaml, pareto/, best_weights/, summary.json, slots.json
     examples/           example slices of the best plan (drawn by the search, shown by the report)
     confirmation/       per (plan, fold, seed) test scores; confirmation.csv
@@ -31,9 +33,15 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+<<<<<<< HEAD
     "RUNNING", "FINISHED", "STOPPED", "FAILED", "INFEASIBLE", "INTERRUPTED", "TERMINAL", "trial_state", "ranked_finished", "new_record",
     "record_path", "weights_dir", "write_record", "read_record", "records", "read_meta", "write_meta", "versions",
     "VERSIONED_PACKAGES",
+=======
+    "RUNNING", "FINISHED", "STOPPED", "FAILED", "INFEASIBLE", "INTERRUPTED", "TERMINAL", "trial_state", "new_record",
+    "record_path", "weights_dir", "pair_folder", "find_pair", "write_record", "read_record", "records", "read_meta",
+    "write_meta", "versions", "VERSIONED_PACKAGES",
+>>>>>>> names
 ]
 
 RUNNING, FINISHED, STOPPED, FAILED, INFEASIBLE, INTERRUPTED = (
@@ -82,6 +90,32 @@ def record_path(run_dir: str | os.PathLike, number: int) -> Path:
 def weights_dir(run_dir: str | os.PathLike, number: int) -> Path:
     """Where trial ``number``'s trained parts are kept, one folder per pair."""
     return Path(run_dir) / "weights" / f"{number:04d}"
+
+
+def pair_folder(source: str, target: str, fold: int) -> str:
+    """The folder name of a pair's trained parts: ``<source>-<target>-fold<k>``, each scanner name
+    through :func:`autopeft._io.path_component` (kept as it is when it is a plain name)."""
+    from autopeft._io import path_component
+
+    return f"{path_component(source)}-{path_component(target)}-fold{int(fold)}"
+
+
+def find_pair(weights: str | os.PathLike, source: str, target: str, fold: int) -> Path:
+    """A pair's trained-parts folder in ``weights`` (a ``weights/NNNN/`` or ``best_weights/``):
+    :func:`pair_folder`, or the raw-name folder an earlier autopeft wrote, when only that exists and
+    lies inside ``weights``. The path may not exist."""
+    from autopeft._io import path_inside
+
+    weights = Path(weights)
+    current = weights / pair_folder(source, target, fold)
+    legacy = weights / f"{source}-{target}-fold{fold}"
+    if legacy != current and not current.exists():
+        try:
+            if legacy.is_dir():
+                return path_inside(weights, legacy, what="a pair's trained parts")
+        except ValueError:  # outside weights/, or no path at all: only the current name counts
+            pass
+    return current
 
 
 def write_record(run_dir: str | os.PathLike, number: int, record: Mapping[str, Any]) -> None:

@@ -97,6 +97,7 @@ def _run_settings(plan_paths: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from autopeft._io import path_component, path_inside
     from autopeft.data import Protocol
     from autopeft.finetuning import FinetuneJob, finetune_plan, source_model
     from autopeft.peft import load_plan, save_trained
@@ -132,7 +133,10 @@ def run(args: argparse.Namespace) -> int:
         rows.append(_row(label, "yes" if plan.bitfit else "-", f"{100 * result.fraction:.3f}%", result.metrics,
                          result.seconds_per_epoch, result.peak_memory_mb))
         if args.save and result.history:
-            save_trained(model, plan, Path(args.save) / label)
+            # A plan's name comes from its YAML file: a path component inside --save.
+            folder = path_inside(args.save, Path(args.save) / path_component(label), what="--save's trained-plan folder")
+            save_trained(model, plan, folder, info={"plan": label, "source": str(args.source), "target": str(args.target),
+                                                    "fold": args.fold})
     rows.insert(0, _row("Identity (input)", "-", "-", identity, 0.0, 0.0))
     split = {"test": "test", "val": "validation"}[args.split]
     print(f"\n{args.backbone}/{preset}: scanner {args.source} -> {args.target} (fold {args.fold}, seed {args.seed}; {split} "

@@ -67,7 +67,11 @@ def run(args: argparse.Namespace) -> int:
          "params": sum(p.numel() for p in s.module.parameters())}
         for s in model.sites()
     ]
-    out = Path(args.out or f"importance-{args.backbone}-{args.source}-{args.target}.json")
+    from autopeft._io import path_component
+
+    # Scanner names may be any text: the default file name holds them as path components.
+    names = "-".join(path_component(name) for name in (args.backbone, args.source, args.target))
+    out = Path(args.out or f"importance-{names}.json")
     payload = {"backbone": args.backbone, "preset": args.preset, "source": str(args.source), "target": str(args.target),
                "fold": args.fold, "variant": args.variant, "lambda": args.lam, "seconds": seconds,
                "train_subjects": [r["subject"] for r in train], "sites": sites}

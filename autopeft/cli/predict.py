@@ -11,8 +11,10 @@ Each short scan is scaled to [0, 1] exactly as in training (times 0.3 / its tiss
 predicted by MONAI's sliding-window inference (windows of the preset's crop, Gaussian blending),
 clipped to [0, 1] as the evaluation scores it, and divided by the same factor: the output is in the
 input's units, on its grid, with its affine and header, as OUT/<name>_pred.nii.gz (<name>: the
-input's file name, or the manifest's subject). An input is never overwritten. With long scans
-(a manifest) it prints PSNR / SSIM / NRMSE per scan, computed as the search's evaluation does.
+input's file name, or the manifest's subject; a name other than letters, digits, '.', '_' and '-'
+gets a readable stem and a short hash, and predictions.json keeps it as it is). An input is never
+overwritten. With long scans (a manifest) it prints PSNR / SSIM / NRMSE per scan, computed as the
+search's evaluation does.
 
 examples:
   autopeft predict --model runs/unetr-20250101-120000 --target 5 --input new_scans/ --out predictions/

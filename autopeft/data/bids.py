@@ -11,9 +11,10 @@ converted by Clinica has the same layout (ADNI FDG: six 5-minute frames 30-60 mi
   frame for a 5-minute window of 5-minute frames);
 - the *long* scan: the duration-weighted mean of the frames inside the long window;
 
-as 3D NIfTI on the scan's own grid (its affine and header), plus ``manifest.csv`` and
-``scanners.json`` (matrix, spacing, model name and reconstruction per scanner), so that every other
-command takes the result with ``--data``.
+as 3D NIfTI on the scan's own grid (its affine and header), in one folder per scanner (its name
+through ``autopeft._io.path_component``), plus ``manifest.csv`` and ``scanners.json`` (matrix,
+spacing, model name and reconstruction per scanner), so that every other command takes the result
+with ``--data``.
 
 Windows are ``A-B`` in minutes from the start of the first frame (``reference="start"``, the
 default) or after injection (``reference="injection"``: ``FrameTimesStart - InjectionStart``), or
@@ -42,7 +43,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from autopeft._io import atomic_write, atomic_write_text
+from autopeft._io import atomic_write, atomic_write_text, path_component, path_inside
 from autopeft.data.manifest import _natural_key, _problems_message
 from autopeft.errors import ConfigError, DataError
 
@@ -137,10 +138,6 @@ def _select(window: Window, starts: np.ndarray, ends: np.ndarray, origin: str) -
 def _weighted_mean(frames: np.ndarray, durations: np.ndarray, chosen: np.ndarray) -> np.ndarray:
     weights = durations[chosen] / durations[chosen].sum()
     return np.tensordot(frames[..., chosen], weights.astype(np.float64), axes=([3], [0])).astype(np.float32)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-") or "scanner"
 
 
 @dataclass
@@ -282,11 +279,12 @@ def derive_pairs(
     writer.writerow(["subject", "scanner", "short", "long", "bids_file", "short_frames", "long_frames"])
     for (item, short_idx, long_idx, (image, durations)), subject in zip(derived, ids):
         frames = np.asarray(image.dataobj, dtype=np.float32)
-        folder = out / _slug(item.scanner)
+        # Scanner names are sidecar text: a path component each (the manifest keeps the name itself).
+        folder = path_inside(out, out / path_component(item.scanner), what="a scanner's folder of derived scans")
         folder.mkdir(exist_ok=True)
         names = []
         for kind, idx in (("short", short_idx), ("long", long_idx)):
-            target = folder / f"{subject}_{kind}.nii.gz"
+            target = path_inside(out, folder / f"{path_component(subject)}_{kind}.nii.gz", what="a derived scan")
             _save_3d(target, _weighted_mean(frames, durations, idx), image)
             names.append(os.path.relpath(target, out))
         writer.writerow([subject, item.scanner, *names, os.path.relpath(item.path, root),

@@ -75,13 +75,16 @@ def _trained_tensors(model: nn.Module, trainable_names: list[str]) -> dict[str, 
     return {name: t.detach().cpu().clone().contiguous() for name, t in tensors.items()}
 
 
-def save_trained(model: nn.Module, plan: Plan, directory: str | os.PathLike) -> Path:
+def save_trained(model: nn.Module, plan: Plan, directory: str | os.PathLike, *,
+                 info: dict[str, Any] | None = None) -> Path:
     """Write the trained part of ``model`` with its plan to ``directory`` (created if needed).
 
     Args:
         model: a backbone ``apply_plan`` was applied to (not merged).
         plan: the plan that was applied (checked against the model's record).
         directory: the output folder.
+        info: more metadata for ``meta.json``, e.g. the readable source and target scanner names
+            that the folder's name holds only as path components. Defaults to None.
 
     Returns:
         The folder.
@@ -112,6 +115,7 @@ def save_trained(model: nn.Module, plan: Plan, directory: str | os.PathLike) -> 
         "base_fingerprint": _frozen_fingerprint(model, set(state.trainable_names)),
         "base_param_count": state.base_param_count,
     }
+    meta.update({k: v for k, v in (info or {}).items() if k not in meta})
     atomic_write_json(folder / META_FILE, meta, sort_keys=True)
     return folder
 

@@ -44,12 +44,14 @@ def prepare_sources(config, setup: TrialSetup, *, options: dict[str, Any], progr
         progress: progress bar and one line per model.
     """
     from autopeft.artifacts import ArtifactStore
-    from autopeft.pretraining import cache_root
+    from autopeft.pretraining import is_pretrained, model_file
 
     store = ArtifactStore(setup.artifacts) if setup.artifacts else None
-    files = setup.source_files()
+    specs = setup.source_specs()
+    files = {unit: model_file(spec) for unit, spec in specs.items()}
+    # is_pretrained also moves an entry an earlier autopeft keyed by the raw scanner name.
     missing = [unit for unit, relative in files.items()
-               if not (cache_root() / relative).is_file() and not (store is not None and store.fetch(relative))]
+               if not is_pretrained(specs[unit]) and not (store is not None and store.fetch(relative))]
     # In Ray tasks when the store exists (the nodes with the trial's resources may be other machines)
     # or when several can train side by side; a single one on one machine trains here, with its bar.
     if missing and (store is not None or (len(missing) > 1 and (config.concurrency or 1) > 1)):

@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from autopeft._io import atomic_write, atomic_write_json
+from autopeft._io import atomic_write, atomic_write_json, path_component, path_inside
 from autopeft.runs import ranked_finished, records
 from autopeft.search.trial import TrialSetup, run_plan, scores_to_json
 
@@ -103,8 +103,10 @@ def replay_check(run_dir: Path, setup: TrialSetup, number: int) -> dict[str, Any
 
 
 def _job_path(run_dir: Path, label: str, fold: int, seed: int) -> Path:
-    slug = label.replace("#", "trial").replace(" ", "_")
-    return run_dir / "confirmation" / f"{slug}-fold{fold}-seed{seed}.json"
+    # A label may come from a plan file: through path_component (the file keeps the label itself).
+    slug = path_component(label.replace("#", "trial").replace(" ", "_"))
+    path = run_dir / "confirmation" / f"{slug}-fold{fold}-seed{seed}.json"
+    return path_inside(run_dir, path, what="a confirmation record")
 
 
 def _confirm_job(setup: TrialSetup, plan_dict: Mapping[str, Any], fold: int, seed: int) -> list[dict[str, Any]]:

@@ -1,11 +1,12 @@
 """Example slices of the best plan (PETITE's Fig. 4), drawn by the search for its report.
 
-The best plan's trained parts (``best_weights/<source>-<target>-fold<k>/``) are loaded onto the
-pre-trained source model; it and No-FT (the source model itself) predict one held-out subject of
-the target, a test subject once the confirmation has read them, else a validation one. The axial
-middle planes of the short scan, the long scan and both predictions are kept in
-``<run>/examples/slices.safetensors`` with ``slices.json`` (subject, pair, split, PSNR over the
-whole volume): the report draws them and runs no model.
+The best plan's trained parts (``best_weights/<source>-<target>-fold<k>/``, named by
+``autopeft.runs.pair_folder``) are loaded onto the pre-trained source model; it and No-FT (the
+source model itself) predict one held-out subject of the target, a test subject once the
+confirmation has read them, else a validation one. The axial middle planes of the short scan, the
+long scan and both predictions are kept in ``<run>/examples/slices.safetensors`` with
+``slices.json`` (subject, pair, split, PSNR over the whole volume): the report draws them and runs
+no model.
 """
 
 from __future__ import annotations
@@ -20,17 +21,20 @@ EXAMPLES_DIR = "examples"
 _TENSORS, _META = "slices.safetensors", "slices.json"
 
 
-def _pick_pair(run_dir: Path) -> tuple[Path, str, str, int] | None:
+def _pick_pair(run_dir: Path, setup) -> tuple[Path, str, str, int] | None:
+    """The first pair of the run (in the set-up's order) with trained parts in ``best_weights/``:
+    found by the names the writer used (``autopeft.runs.find_pair``), never parsed back out of a
+    folder name (scanner names may hold '-')."""
+    from autopeft.peft.checkpoint import META_FILE
+    from autopeft.runs import find_pair
+
     weights = run_dir / "best_weights"
     if not weights.is_dir():
         return None
-    for folder in sorted(p for p in weights.iterdir() if p.is_dir()):
-        try:
-            pair, fold = folder.name.rsplit("-fold", 1)
-            source, target = pair.split("-", 1)
-            return folder, source, target, int(fold)
-        except ValueError:
-            continue
+    for source, target, fold in setup.units:
+        folder = find_pair(weights, source, target, fold)
+        if (folder / META_FILE).is_file():
+            return folder, source, target, fold
     return None
 
 
@@ -49,7 +53,7 @@ def write_examples(run_dir: Path, setup, best: dict[str, Any] | None, *, split: 
     from autopeft.peft import load_trained
     from autopeft.search.trial import source_model
 
-    picked = _pick_pair(run_dir)
+    picked = _pick_pair(run_dir, setup)
     if best is None or picked is None:
         return False
     folder, source, target, fold = picked

@@ -229,7 +229,8 @@ def run_plan(
             ``pairs_done``, ``epochs_done`` (pair-epochs), ``fidelity`` (pairs done / pairs) and
             ``pairs`` (every pair's scores); also at ``setup.score_at`` mid-pair, the means then
             counting the pair in training at its current score.
-        save_dir: where to save the trained parts per pair (``<source>-<target>-fold<k>/``).
+        save_dir: where to save the trained parts per pair (``autopeft.runs.pair_folder``:
+            ``<source>-<target>-fold<k>/``).
         skip: pairs already done (their scores in ``previous``), for resuming a record.
         previous: scores of the pairs skipped.
         split: the held-out split scored: ``val`` (the search) or ``test`` (the confirmation).
@@ -245,8 +246,10 @@ def run_plan(
     """
     import torch
 
+    from autopeft._io import path_inside
     from autopeft.finetuning import finetune_plan
     from autopeft.peft import save_trained
+    from autopeft.runs import pair_folder
 
     scores = list(previous)
     units = setup.units
@@ -273,7 +276,8 @@ def run_plan(
         metrics = result.metrics
         _require_finite(metrics, source, target, fold)
         if save_dir is not None and result.trainable > 0 and not plan.full_ft:
-            save_trained(model, plan, Path(save_dir) / f"{source}-{target}-fold{fold}")
+            folder = path_inside(save_dir, Path(save_dir) / pair_folder(source, target, fold), what="a pair's trained parts")
+            save_trained(model, plan, folder, info={"source": source, "target": target, "fold": fold})
         scores.append(PairScore(source, target, fold, metrics["psnr"], metrics["ssim"], metrics["nrmse"],
                                 time.perf_counter() - started, split=split, seed=job.fine_tuning_seed,
                                 subjects=result.subjects[split]))
