@@ -33,15 +33,9 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-<<<<<<< HEAD
-    "RUNNING", "FINISHED", "STOPPED", "FAILED", "INFEASIBLE", "INTERRUPTED", "TERMINAL", "trial_state", "ranked_finished", "new_record",
-    "record_path", "weights_dir", "write_record", "read_record", "records", "read_meta", "write_meta", "versions",
-    "VERSIONED_PACKAGES",
-=======
-    "RUNNING", "FINISHED", "STOPPED", "FAILED", "INFEASIBLE", "INTERRUPTED", "TERMINAL", "trial_state", "new_record",
-    "record_path", "weights_dir", "pair_folder", "find_pair", "write_record", "read_record", "records", "read_meta",
-    "write_meta", "versions", "VERSIONED_PACKAGES",
->>>>>>> names
+    "RUNNING", "FINISHED", "STOPPED", "FAILED", "INFEASIBLE", "INTERRUPTED", "TERMINAL", "trial_state", "ranked_finished",
+    "new_record", "record_path", "weights_dir", "pair_folder", "find_pair", "write_record", "read_record", "records",
+    "read_meta", "write_meta", "versions", "VERSIONED_PACKAGES",
 ]
 
 RUNNING, FINISHED, STOPPED, FAILED, INFEASIBLE, INTERRUPTED = (
