@@ -7,8 +7,9 @@ SH-PEFT; BitFit, LayerNorm and Full-FT already are), checks on a test volume tha
 model's outputs equal the unmerged one's, and writes::
 
     configs/metadata.json   MONAI bundle metadata: network_data_format (1 channel, the preset's
-                            window, float32, [0, 1]), versions, the plan, % trained, the
-                            confirmed test PSNR +- CI where the run has one (summary.json)
+                            window, float32, [0, 1]), versions, the plan, % trained, and where
+                            the run confirmed the plan, this pair's test PSNR +- CI over the
+                            target's test subjects (confirmation.csv)
     configs/inference.json  network_def (autopeft.bundle.bundle_network), the sliding-window
                             inferer, the [0, 1] scaling and its inverse, and a runnable "run"
     models/model.safetensors
@@ -108,16 +109,40 @@ def _max_diff(reference: torch.Tensor, model: nn.Module, volume: torch.Tensor, r
     return float((reference - _predict(model, volume, roi)).abs().max())
 
 
-def _confirmed_psnr(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        return None
+def _confirmed_psnr(run_dir: Path, trial: int | None, source: str, target: str) -> dict[str, Any] | None:
+    """The exported model's own confirmed test PSNR: the recommended plan's rows of
+    ``confirmation.csv`` for this source -> target only (the bundle holds that pair's model, not
+    the plan's mean over every pair), each test subject averaged over folds and seeds, then mean
+    and 95% CI over subjects (:func:`autopeft.stats.mean_ci`). None when the run did not confirm
+    the exported trial or has no rows for the pair."""
+    import math
+
+    import pandas as pd
+
+    from autopeft.stats import mean_ci
+
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-        psnr = summary["confirmation"]["recommended"]["test"]["psnr"]
-    except (KeyError, TypeError, json.JSONDecodeError):
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        number = summary["confirmation"]["recommended"]["number"]
+        frame = pd.read_csv(run_dir / "confirmation.csv", dtype={"source": str, "target": str, "subject": str})
+        rows = frame[(frame["number"] == number) & (frame["source"] == source) & (frame["target"] == target)]
+    except (OSError, KeyError, TypeError, ValueError):  # no confirmation, or not the files it writes
         return None
-    return psnr if isinstance(psnr, dict) and "mean" in psnr else None
+    if trial is None or number != trial or rows.empty:
+        return None
+    stat = mean_ci(rows.groupby("subject")["psnr"].mean().to_numpy())
+    ci = stat["ci"] if all(math.isfinite(v) for v in stat["ci"]) else None  # one subject: no interval
+    return {"mean": stat["mean"], "ci": ci, "subjects": stat["n"], "split": "test", "source": source, "target": target,
+            "trial": int(number), "folds": sorted(int(f) for f in rows["fold"].unique()),
+            "seeds": sorted(int(s) for s in rows["seed"].unique())}
+
+
+def _psnr_text(psnr: dict[str, Any] | None) -> str:
+    if not psnr:
+        return "not confirmed in this run"
+    ci = f" (95% CI {psnr['ci'][0]:.3f}-{psnr['ci'][1]:.3f})" if psnr.get("ci") else ""
+    return (f"{psnr['mean']:.3f} dB{ci} on scanner {psnr['target']}'s {psnr['subjects']} test subjects "
+            f"({psnr['source']} -> {psnr['target']}; {len(psnr['folds'])} folds x {len(psnr['seeds'])} seeds)")
 
 
 def _versions() -> dict[str, str]:
@@ -154,8 +179,9 @@ def export_run(
 
     Returns:
         What was done: ``merge_diff`` and ``bundle_diff`` (max output differences on the test
-        volume), ``test_volume``, ``unmerged`` sites, ``trained_percent``, ``test_psnr`` (or None),
-        and the files written.
+        volume), ``test_volume``, ``unmerged`` sites, ``trained_percent``, ``test_psnr`` (the pair's
+        confirmed test PSNR, :func:`_confirmed_psnr`, or None), ``test_psnr_text``, and the files
+        written.
 
     Raises:
         ConfigError: ``out_dir`` holds something else, or the target is ambiguous.
@@ -195,7 +221,7 @@ def export_run(
         raise CheckpointError(f"the merged model does not fit the bundle's network_def: {err}") from err
     bundle_diff = _max_diff(reference, network, volume, roi)
 
-    psnr = _confirmed_psnr(run_dir)
+    psnr = _confirmed_psnr(run_dir, loaded.extra.get("trial"), str(loaded.source), str(loaded.target))
     for folder in ("configs", "models", "docs"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in network.state_dict().items()}
@@ -212,8 +238,7 @@ def export_run(
                    "outputs divided by the same factor (autopeft.inference)",
         "merge_check": {"volume": what, "max_abs_diff": merge_diff, "bundle_max_abs_diff": bundle_diff},
     }
-    psnr_text = (f"{psnr['mean']:.3f} dB" + (f" (95% CI {psnr['ci'][0]:.3f}-{psnr['ci'][1]:.3f})" if psnr.get("ci") else "")
-                 if psnr else "not confirmed in this run")
+    psnr_text = _psnr_text(psnr)
     metadata = {
         "schema": SCHEMA_URL,
         "version": "0.1.0",
@@ -232,7 +257,8 @@ def export_run(
         "image_classes": "single-channel PET short scan, scaled to [0, 1]",
         "pred_classes": "single-channel long-scan estimate, [0, 1] scale",
         "intended_use": "research; check it on your own scanner's scans before any use",
-        "eval_metrics": {"test_psnr_db": psnr.get("mean")} if psnr else {},
+        "eval_metrics": ({"test_psnr_db": psnr["mean"], "split": "test", "pair": f"{psnr['source']} -> {psnr['target']}"}
+                         if psnr else {}),
         "references": ["PETITE, MICCAI 2024", "UNETR (Hatamizadeh et al., WACV 2022)"],
         "network_data_format": _data_format(roi),
         "autopeft": autopeft_info,
@@ -261,7 +287,8 @@ def export_run(
     parser_diff = _max_diff(reference, rebuilt, volume, roi)
     return {"out": str(out), "name": name, "merge_diff": merge_diff, "bundle_diff": bundle_diff,
             "parser_diff": parser_diff, "test_volume": what, "unmerged": unmerged_sites,
-            "trained_percent": 100 * fraction, "test_psnr": psnr, "source": loaded.source, "target": loaded.target}
+            "trained_percent": 100 * fraction, "test_psnr": psnr, "test_psnr_text": psnr_text, "source": loaded.source,
+            "target": loaded.target}
 
 
 def _readme(name: str, loaded, fraction: float, unmerged: list[str], psnr_text: str, what: str, diff: float) -> str:

@@ -321,7 +321,7 @@ def finetune(
     on_epoch: Callable[[EpochResult], None] | None = None,
     crops_per_volume: int = 1,
     split_seed: int | None = None,
-    splits: Sequence[str] = ("test",),
+    splits: Sequence[str] = ("val",),
     score_epochs: Collection[int] = (),
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``target`` and score it on the target's held-out subjects.
@@ -346,7 +346,7 @@ def finetune(
         crops_per_volume: random crops per training volume and epoch. Defaults to 1.
         split_seed: seeds the train / val / test split. Defaults to ``seed``.
         splits: held-out splits to score (``val``, ``test``); the first gives ``metrics``.
-            Defaults to ``("test",)``.
+            Defaults to ``("val",)``: test subjects are scored only when asked for.
         score_epochs: epochs (1-based) after which the first split is also scored, before the
             last (a scheduler's rungs inside a pair): ``on_epoch`` gets the means in
             ``EpochResult.metrics``.

@@ -39,6 +39,37 @@ def test_finetune_runs_plans_and_saves(data_dir, tmp_path, capsys):
     assert not (tmp_path / "saved" / "unetr-noft").exists()  # nothing trained, nothing saved
 
 
+def test_finetune_scores_validation_unless_told_test(tmp_path, capsys):
+    import torch
+
+    from autopeft.data import split_scanner
+    from autopeft.finetuning import finetune
+    from backbones import build_backbone
+
+    manifest = make_dataset(tmp_path / "data", {"1": 1, "2": 16}, shape=(20, 18, 16), long_factor=1.5)
+    torch.manual_seed(0)
+    model = build_backbone("unetr", "tiny")
+    torch.save(model.state_dict(), tmp_path / "mine.pt")  # a user's model: nothing is pre-trained
+    # Nothing may read the target's test subjects unless asked: their scans are gone.
+    held_out = split_scanner(manifest, "2", purpose="finetune", fold=0, seed=0)
+    for row in held_out["test"]:
+        for column in ("short", "long"):
+            (tmp_path / "data" / row[column]).unlink()
+    common = ["finetune", "--backbone", "unetr", "--source", "1", "--target", "2", "--data", str(manifest),
+              "--weights", str(tmp_path / "mine.pt"), "--method", "none", "--quiet"]
+    assert main(common) == 0
+    assert "validation subjects of the target" in capsys.readouterr().out
+    with pytest.raises(RuntimeError) as info:  # asked for test, it reads them: the check above can fail
+        main([*common, "--split", "test"])
+    missing = {row["short"] for row in held_out["test"]}
+    assert any(path in str(info.value.__cause__) for path in missing)
+    # The library's building block defaults to validation too.
+    result = finetune(model, "2", manifest=manifest, method="none", prepare=lambda m: (0, 1), epochs=0, lr=0.0,
+                      progress=False)
+    assert set(result.subjects) == {"val"}
+    assert {r["subject"] for r in result.subjects["val"]} == {r["subject"] for r in held_out["val"]}
+
+
 def test_bad_plan_name_fails_before_training(data_dir, capsys):
     code = main(["finetune", "--backbone", "unetr", "--source", "1", "--target", "2", "--data", str(data_dir),
                  "--plan", "no-such-plan", "--quiet"])

@@ -40,8 +40,9 @@ def data(tmp_path_factory):
     return make_dataset(root, {"1": 3, "2": 8}, shape=(20, 18, 16), long_factor=1.5)
 
 
-def _run_dir(root, data, plan_data, *, confirmation=None, backbone="unetr"):
-    """A run directory as a search writes it, with a fine-tuned (here: randomly moved) trained part."""
+def _run_dir(root, data, plan_data, *, confirmed=None, backbone="unetr"):
+    """A run directory as a search writes it, with a fine-tuned (here: randomly moved) trained part;
+    ``confirmed``: the recommended trial's number, its test PSNR confirmed (:func:`_confirm`)."""
     root.mkdir(parents=True)
     config = {"backbone": backbone, "preset": "tiny", "scanners": ["1", "2"], "folds": 1, "epochs": 1, "seed": 0,
               "protocol": PROTOCOL, "pretrain_epochs": 1, "data": str(data)}
@@ -54,9 +55,25 @@ def _run_dir(root, data, plan_data, *, confirmation=None, backbone="unetr"):
             if name in plan_state(model).trainable_names:
                 p.add_(0.02 * torch.randn(p.shape, generator=generator))
     save_trained(model, plan_state(model).plan, root / "best_weights" / "1-2-fold0")
-    if confirmation is not None:
-        (root / "summary.json").write_text(json.dumps({"confirmation": confirmation}))
+    if confirmed is not None:
+        _confirm(root, confirmed)
     return root, model.eval()
+
+
+def _confirm(root, number, best=None):
+    """summary.json and confirmation.csv of a confirmation that recommended trial ``number`` (``best``
+    by validation, the same when not given): test PSNR 31.0-32.0 for 1 -> 2 (two subjects, two
+    seeds), 40 for a pair the bundle does not hold."""
+    import pandas as pd
+
+    rows = [{"label": f"#{number}", "number": number, "source": source, "target": target, "fold": 0, "seed": seed,
+             "subject": subject, "psnr": psnr, "ssim": 0.9, "nrmse": 0.1}
+            for source, target, subject, seed, psnr in (("1", "2", "a", 0, 31.0), ("1", "2", "a", 1, 31.2),
+                                                        ("1", "2", "b", 0, 31.8), ("1", "2", "b", 1, 32.0),
+                                                        ("2", "1", "c", 0, 40.0))]
+    pd.DataFrame(rows).to_csv(root / "confirmation.csv", index=False)
+    recommended = {"label": f"#{number}", "number": number, "test": {"psnr": {"mean": 34.0}}}  # the plan's, over pairs
+    (root / "summary.json").write_text(json.dumps({"confirmation": {"recommended": recommended}, "best": {"number": number if best is None else best}}))
 
 
 def test_predict_writes_outputs_on_the_input_grid_with_the_evaluations_psnr(data, tmp_path):
@@ -115,19 +132,21 @@ def test_predict_never_overwrites_an_input_and_asks_for_the_target(data, tmp_pat
 
 
 def test_export_merges_checks_and_writes_a_bundle_monai_accepts(data, tmp_path, capsys):
-    confirmation = {"recommended": {"number": 0, "test": {"psnr": {"mean": 31.5, "ci": [31.2, 31.8]}}}}
-    run, tuned = _run_dir(tmp_path / "run", data, MIXED, confirmation=confirmation)
+    run, tuned = _run_dir(tmp_path / "run", data, MIXED, confirmed=0)
     assert main(["export", str(run), "--target", "2", "--out", str(tmp_path / "bundle")]) == 0
     out = capsys.readouterr().out
     assert "not merged (not linear, kept as modules): encoder.cnn.* (adapter)" in out
-    assert "merged outputs equal the unmerged model's on held-out scan" in out and "31.500 dB (95% CI 31.200-31.800)" in out
+    assert "merged outputs equal the unmerged model's on held-out scan" in out
+    assert "31.500 dB (95% CI 31.100-31.900) on scanner 2's 2 test subjects (1 -> 2; 1 folds x 2 seeds)" in out
     bundle = tmp_path / "bundle"
     assert {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} == {
         "configs/metadata.json", "configs/inference.json", "models/model.safetensors", "docs/README.md"}
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     image = meta["network_data_format"]["inputs"]["image"]
     assert image["num_channels"] == 1 and image["spatial_shape"] == [32, 32, 32] and image["dtype"] == "float32"
-    assert meta["autopeft"]["test_psnr"]["mean"] == 31.5 and meta["autopeft"]["plan"]["sites"]
+    assert meta["autopeft"]["test_psnr"]["mean"] == pytest.approx(31.5) and meta["autopeft"]["plan"]["sites"]
+    assert {k: meta["autopeft"]["test_psnr"][k] for k in ("split", "source", "target")} == {"split": "test", "source": "1", "target": "2"}
+    assert meta["eval_metrics"] == {"test_psnr_db": pytest.approx(31.5), "split": "test", "pair": "1 -> 2"}
     assert 0 < meta["autopeft"]["trained_percent"] < 10 and meta["autopeft"]["unmerged_sites"] == ["encoder.cnn.* (adapter)"]
     for field in ("version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version", "task",
                   "description", "authors", "copyright", "changelog"):
@@ -209,8 +228,8 @@ def test_a_trained_plan_folder_loads_inside_its_run_or_with_the_weights_it_came_
 def test_a_confirmed_run_exports_the_recommended_trials_weights_not_the_best_by_validation(data, tmp_path):
     import shutil
 
-    confirmation = {"recommended": {"number": 7, "test": {"psnr": {"mean": 30.0, "ci": [29.0, 31.0]}}}}
-    run, recommended = _run_dir(tmp_path / "run", data, MERGEABLE, confirmation=confirmation)
+    run, recommended = _run_dir(tmp_path / "run", data, MERGEABLE)
+    _confirm(run, 7, best=3)
     shutil.move(str(run / "best_weights"), str(run / "weights" / "0007"))
     other, _ = _run_dir(tmp_path / "other", data, MIXED)  # best by validation: another plan
     shutil.copytree(other / "best_weights", run / "best_weights")
@@ -221,4 +240,5 @@ def test_a_confirmed_run_exports_the_recommended_trials_weights_not_the_best_by_
         assert torch.allclose(loaded.model(x), recommended(x), atol=1e-6)
     done = export_run(run, tmp_path / "bundle", target="2")
     meta = json.loads((tmp_path / "bundle" / "configs" / "metadata.json").read_text())
-    assert done["unmerged"] == [] and meta["autopeft"]["trial"] == 7 and meta["autopeft"]["test_psnr"]["mean"] == 30.0
+    assert done["unmerged"] == [] and meta["autopeft"]["trial"] == 7
+    assert meta["autopeft"]["test_psnr"]["mean"] == pytest.approx(31.5) and meta["autopeft"]["test_psnr"]["trial"] == 7

@@ -2,8 +2,8 @@
 
 The dashboard shows every trial's parameters, values and user attributes (the 'state' attribute
 tells FINISHED from STOPPED early: ASHA-stopped trials are PRUNED in Optuna, their running gains
-kept as intermediate values; over-budget draws are FAIL, with no value, their budget constraint
-kept), with history, importance and parallel-coordinate plots. It listens on 127.0.0.1 (this
+kept as intermediate values; over-budget draws are PRUNED too, with no value, their 'state'
+INFEASIBLE and their budget constraint kept), with history, importance and parallel-coordinate plots. It listens on 127.0.0.1 (this
 machine only) unless --host says otherwise; the study database is opened read-write, so do not
 expose it to a network you do not trust. Stop it with Ctrl-C.
 

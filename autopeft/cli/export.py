@@ -8,8 +8,9 @@ a held-out scan of the target (printed). Methods that are not linear (VPT, adapt
 folded in: their sites stay as modules and the export says which.
 
 The bundle (--out):
-  configs/metadata.json    network_data_format, versions, the plan, % trained, the confirmed test
-                           PSNR +- CI where the run has one (summary.json "confirmation")
+  configs/metadata.json    network_data_format, versions, the plan, % trained, and where the run
+                           confirmed the plan, the test PSNR +- CI of this source -> target pair
+                           over the target's test subjects (confirmation.csv)
   configs/inference.json   network_def (autopeft.bundle.bundle_network), sliding-window inferer
   models/model.safetensors
   docs/README.md
@@ -48,12 +49,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"check: merged outputs equal the unmerged model's on {done['test_volume']} "
           f"(max |diff| {done['merge_diff']:.2e}); the bundle rebuilt by monai.bundle.ConfigParser gives the "
           f"run's outputs (max |diff| {done['parser_diff']:.2e})")
-    psnr = done["test_psnr"]
-    if psnr:
-        ci = f" (95% CI {psnr['ci'][0]:.3f}-{psnr['ci'][1]:.3f})" if psnr.get("ci") else ""
-        print(f"confirmed test PSNR {psnr['mean']:.3f} dB{ci} recorded in configs/metadata.json")
+    if done["test_psnr"]:
+        print(f"confirmed test PSNR {done['test_psnr_text']} recorded in configs/metadata.json")
     else:
-        print("the run has no confirmed test PSNR (summary.json 'confirmation'); metadata leaves it out")
+        print("the run has no confirmed test PSNR for this model (confirmation.csv); metadata leaves it out")
     print(f"bundle: {done['out']}\n  verify: python -m monai.bundle verify_net_in_out network_def "
           f"--meta_file {done['out']}/configs/metadata.json --config_file {done['out']}/configs/inference.json")
     return 0

@@ -2,11 +2,13 @@
 
 The source model comes from the pre-training cache (trained first if missing, see 'autopeft
 pretrain'). Each plan is applied to a fresh copy of it, fine-tuned on the target scanner's few
-fine-tuning subjects by the same recipe a search's trials use, and scored on the target's test
-subjects (--split test, the default) or validation subjects (--split val, what a search chose on)
-by sliding-window inference over whole volumes: PSNR (dB, peak 1 on [0,1] data), 3D SSIM (7^3
-window) and NRMSE (RMSE / target range), beside the identity baseline (the short scan itself taken as the prediction). Also printed:
-% of the network's parameters trained, seconds per epoch and peak memory.
+fine-tuning subjects by the same recipe a search's trials use, and scored on the target's
+validation subjects (--split val, the default: compare and choose plans there) or, when asked,
+its test subjects (--split test: once a choice is made; choosing on them makes their score
+optimistic) by sliding-window inference over whole volumes: PSNR (dB, peak 1 on [0,1] data),
+3D SSIM (7^3 window) and NRMSE (RMSE / target range), beside the identity baseline (the short scan
+itself taken as the prediction). Also printed: % of the network's parameters trained, seconds per
+epoch and peak memory.
 
 plans (--plan, comma-separated):
   a named plan   e.g. unetr-lora, petite-unetr, cvtgan-vpt (see autopeft/plans/), or a YAML file
@@ -20,13 +22,13 @@ PEFT, 1e-4 Full-FT; tiny: CPU-scaled). SH-PEFT plans use the plan's train.shpeft
 
 A plan from a search (RUN_DIR/best_plan.yaml, RUN_DIR/pareto/*.yaml) brings the run's settings
 with it: its data, preset, subject counts and source-model epochs are read from RUN_DIR/run.json.
-With the run's --fold and --seed and --split val it reproduces the trial's validation scores.
+With the run's --fold and --seed it reproduces the trial's validation scores.
 
 examples:
   autopeft finetune --backbone unetr --source 1 --target 5 --method none,full
   autopeft finetune --backbone cvtgan --source 1 --target 5 --plan table1
   autopeft finetune --backbone unetr --source 1 --target 5 --plan my_plan.yaml --save out/
-  autopeft finetune --backbone cvtgan --source 1 --target 5 --plan runs/cvtgan-20260101-120000/best_plan.yaml --split val
+  autopeft finetune --backbone cvtgan --source 1 --target 5 --plan runs/cvtgan-20260101-120000/best_plan.yaml --split test
 """
 
 from __future__ import annotations
@@ -64,8 +66,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the source model")
     parser.add_argument("--save", default=None, metavar="DIR",
                         help="save each plan's trained part (safetensors + plan YAML) under DIR/<plan>/")
-    parser.add_argument("--split", default="test", choices=("test", "val"),
-                        help="held-out subjects to score: test, or val (those a search chooses on) (default: test)")
+    parser.add_argument("--split", default="val", choices=("val", "test"),
+                        help="held-out subjects to score: val (those plans are compared and chosen on), or test "
+                             "(only for a plan already chosen) (default: val)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

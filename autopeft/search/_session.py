@@ -115,7 +115,8 @@ def requeue_interrupted(run_dir: Path, study) -> None:
             study.tell(trial.number, values if len(values) > 1 else values[0])
             continue
         if state in (STOPPED, FAILED, INFEASIBLE):
-            study.tell(trial.number, state=TrialState.PRUNED if state == STOPPED else TrialState.FAIL)
+            # An over-budget draw is PRUNED, as the searcher tells it (its constraint steers the sampler).
+            study.tell(trial.number, state=TrialState.PRUNED if state in (STOPPED, INFEASIBLE) else TrialState.FAIL)
             continue
         study.tell(trial.number, state=TrialState.FAIL)
         if record is not None:

@@ -274,6 +274,7 @@ def scheduler_for(config, setup: TrialSetup):
 def run_trials(run: TuneRun) -> None:
     """Ray Tune over the remaining trials (nothing when none remain)."""
     from autopeft.search._searcher import StudySearcher
+    from autopeft.search._session import make_sampler, search_seed
 
     if run.remaining <= 0:
         return
@@ -292,7 +293,8 @@ def run_trials(run: TuneRun) -> None:
     scheduler, time_attr, setup = scheduler_for(config, run.setup)
     searcher = StudySearcher(run.study, run.define, metric=metric, mode=mode,
                              max_infeasible=MAX_INFEASIBLE_DRAWS_PER_TRIAL * run.remaining, on_infeasible=infeasible,
-                             guide=run.guide, step=time_attr)
+                             guide=run.guide, step=time_attr, make_sampler=lambda seed: make_sampler(config, seed),
+                             seed=search_seed(config))
     search_alg = TrialLimiter(searcher, max_concurrent=config.concurrency, deadline_at=run.deadline, wanted=run.remaining)
     units = len(setup.units)
     tuner = tune.Tuner(
