@@ -42,7 +42,11 @@ def test_confirmation_scores_the_best_plans_the_best_baseline_and_references_on_
     summary = json.loads((run_dir / "summary.json").read_text())
     confirmation = summary["confirmation"]
     rows = {r["number"]: r for r in records(run_dir)}
-    assert [rows[n]["portfolio"] for n in range(3)] == [f"LayerNorm lr={lr:.2g}" for lr in (2.2e-4, 1e-3, 4.6e-3)]
+    from autopeft.search.space import load_space
+    from backbones import build_backbone
+
+    ladder = load_space("cvtgan", build_backbone("cvtgan", "tiny").sites()).lr_values(3)
+    assert [rows[n]["portfolio"] for n in range(3)] == [f"LayerNorm lr={lr:.2g}" for lr in ladder]
     meta = json.loads((run_dir / "run.json").read_text())
     study = optuna.load_study(study_name=meta["study_name"], storage=f"sqlite:///{run_dir / 'study.db'}")
     assert [t.user_attrs.get("portfolio_name") for t in study.trials[:3]] == [rows[n]["portfolio"] for n in range(3)]

@@ -45,11 +45,14 @@ def test_search_warm_starts_with_top_prior_plans_and_writes_outputs(ray_session,
     # The first trials are the enqueued warm-start plans, best prior first.
     assert rows[0]["warm_start"] and rows[1]["warm_start"] and not rows[2]["warm_start"]
     assert rows[0]["prior"] >= rows[1]["prior"]
-    # ... learning at the preset's PEFT rate, not the middle of the space's log range (1e-3).
-    from backbones import registered_backbones
+    # ... learning at the preset's PEFT rate (clipped into the space's range), not the middle of
+    # the space's log range.
+    from autopeft.search.space import load_space
+    from backbones import build_backbone, registered_backbones
 
     tiny_lr = registered_backbones()["cvtgan"]["tiny"].finetune.lr_peft
-    assert rows[0]["plan"]["train"]["lr"] == rows[1]["plan"]["train"]["lr"] == tiny_lr
+    expected = load_space("cvtgan", build_backbone("cvtgan", "tiny").sites()).default_lr(tiny_lr)
+    assert rows[0]["plan"]["train"]["lr"] == rows[1]["plan"]["train"]["lr"] == expected
     study = _study(run_dir)
     for trial in study.trials:
         record = rows[trial.number]
