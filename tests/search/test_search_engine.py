@@ -176,10 +176,10 @@ def test_plans_over_the_budget_do_not_count_as_trials_and_the_draws_are_capped(r
     assert len(rows) == 3 and all(r["state"] == INFEASIBLE and r["pairs_done"] == 0 for r in rows)
     assert not (run_dir / "best_plan.yaml").exists()
     # Rejected inside the sampling step: no Ray trial was started for any of them, and the study
-    # holds each as FAIL with its budget constraint and no made-up objective value.
+    # holds each as PRUNED with its budget constraint and no made-up objective value.
     assert not list((run_dir / "ray").glob("*/_trainable_*"))
     for trial in _study(run_dir).trials:
-        assert trial.state == optuna.trial.TrialState.FAIL and trial.values is None
+        assert trial.state == optuna.trial.TrialState.PRUNED and trial.values is None
         assert list(trial.constraints.values())[0] > 0 and trial.user_attrs["state"] == INFEASIBLE
 
 
