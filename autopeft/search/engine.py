@@ -268,6 +268,7 @@ def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, tot
     from ray.tune.schedulers import ASHAScheduler
 
     from autopeft.search._tune import scheduler_for
+    from autopeft.search.confirm import confirmation_seeds
 
     print(("resuming" if resumed else "search") + f" in {run_dir}")
     print(f"  backbone {config.backbone}/{config.preset} on {config.device}; space {config.space}; budget {budget.describe(total)}")
@@ -285,7 +286,9 @@ def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, tot
     print(f"  subjects per target: {protocol.finetune_train} fine-tune, {protocol.finetune_val} validation (trials and every "
           f"choice), {protocol.finetune_test} test (read only by the confirmation)")
     if config.confirm:
-        print(f"  then: the {config.confirm} best plans by validation + No-FT, Full-FT, PETITE re-run on test subjects over "
-              f"{config.confirm_folds or 1} fold(s) x {config.confirm_seeds or 1} fine-tuning seed(s)")
+        baseline = " + the best Table-1 row (lr tuned)" if config.portfolio else ""
+        seeds = ", ".join(map(str, confirmation_seeds(config.seed, int(config.confirm_seeds or 1))))
+        print(f"  then: the {config.confirm} best plans by validation{baseline} + No-FT, Full-FT (lr tuned), PETITE (as "
+              f"published) re-run on test subjects over {config.confirm_folds or 1} fold(s) x fine-tuning seed(s) {seeds}")
     else:
         print("  no confirmation on test subjects (--confirm 0): every figure is on validation subjects, in-sample")
