@@ -156,7 +156,10 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
     if config.confirm > 0 and (config.confirm_folds or 1) > protocol.folds:
         raise ConfigError(f"`confirm_folds` ({config.confirm_folds}) must be at most the protocol's {protocol.folds} folds.")
 
-    prepare_sources(config, setup, options=task_options(config), progress=config.progress)
+    # The confirmation's folds too, now: their pre-training then counts against the time budget
+    # (which bounds the whole wait) instead of coming on top of it at the end.
+    folds = tuple(sorted(set(setup.folds) | set(range(int(config.confirm_folds or 1)) if config.confirm > 0 else set())))
+    prepare_sources(config, replace(setup, folds=folds), options=task_options(config), progress=config.progress)
     study = open_study(session)
     train_extra = {"epochs": int(config.epochs)}
     prior_model = PlanPrior.for_setup(setup, template, counter, signal=config.prior_signal) if config.priors else None
@@ -180,7 +183,7 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
     # No-FT always runs (it only evaluates): its per-pair validation PSNR is the baseline of the
     # objective, the gain over No-FT. Full-FT and PETITE's plan run with references on.
     if not (run_dir / "references.json").is_file():
-        run_references(setup, config, run_dir)
+        run_references(setup, config, run_dir, task_options=task_options(config))
     setup = replace(setup, baseline=_baseline(run_dir))
 
     # --trials counts plans that train: over-budget draws are recorded but cost nothing.

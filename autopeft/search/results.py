@@ -17,7 +17,7 @@ from typing import Any
 from autopeft._io import atomic_write, atomic_write_json
 from autopeft.tables import print_table
 from autopeft.runs import ranked_finished, records, weights_dir
-from autopeft.search.trial import run_plan, running_means, scores_to_json
+from autopeft.search.trial import run_plan, running_means, scores_from_json, scores_to_json
 
 __all__ = ["plan_summary", "run_references", "finish_run", "pareto_front"]
 
@@ -67,7 +67,17 @@ def reference_plans(backbone: str, preset: str, epochs: int) -> list[tuple[str, 
     return plans
 
 
-def run_references(setup, config, run_dir: Path) -> list[dict[str, Any]]:
+def _reference_job(setup, plan_dict: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One reference on every pair, scored on validation subjects (a Ray task: one trial's CPUs)."""
+    import torch
+
+    from autopeft.peft import Plan
+
+    torch.set_num_threads(max(1, setup.threads))
+    return scores_to_json(run_plan(setup.on_node(), Plan.from_dict(plan_dict)))
+
+
+def run_references(setup, config, run_dir: Path, *, task_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Fine-tune the references (:func:`reference_plans`; No-FT alone without
     ``config.references``) on the search's pairs, in the driver, score them on the validation
     subjects (as trials are) and keep them in ``references.json`` (a resumed search reuses them).
@@ -75,20 +85,27 @@ def run_references(setup, config, run_dir: Path) -> list[dict[str, Any]]:
     Full-FT is tuned as the search is: of its ladder, the rung with the best validation PSNR is
     the ``Full-FT`` reference (``chosen``), the others stay in the file as ``Full-FT lr=...``.
     """
-    import torch
+    import ray
 
     from autopeft.search.budget import PlanCounter
     from backbones import build_backbone
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     counter = PlanCounter(build_backbone(setup.backbone, setup.preset))
     rows = []
     # No-FT always (only an evaluation: the baseline of the objective); the others when asked.
     wanted = reference_plans(setup.backbone, setup.preset, setup.epochs)
-    for label, plan in (wanted if config.references else wanted[:1]):
-        if config.progress:
-            print(f"reference {label}: fine-tuning on {len(setup.units)} pair(s), scored on validation subjects", flush=True)
-        scores = run_plan(setup, plan)
+    wanted = wanted if config.references else wanted[:1]
+    if config.progress:
+        print(f"references {', '.join(label for label, _ in wanted)}: fine-tuning on {len(setup.units)} pair(s), "
+              "scored on validation subjects", flush=True)
+    if task_options is not None and ray.is_initialized():
+        # Independent runs: Ray tasks side by side, as many at once as the trials' resources allow.
+        task = ray.remote(**dict(task_options))(_reference_job)
+        results = ray.get([task.remote(setup, plan.to_dict()) for _, plan in wanted])
+    else:
+        results = [scores_to_json(run_plan(setup, plan)) for _, plan in wanted]
+    for (label, plan), pairs in zip(wanted, results):
+        scores = scores_from_json(pairs)
         count = counter.count(plan)
         rows.append({"label": label, "plan": plan.to_dict(), "fraction": count.fraction if plan.trains_anything else 0.0,
                      "trainable": count.trainable if plan.trains_anything else 0, "split": "val",
