@@ -94,7 +94,7 @@ def replay_check(run_dir: Path, setup: TrialSetup, number: int) -> dict[str, Any
     recorded = {(p["source"], p["target"]): p["psnr"] for p in (record or {}).get("pairs") or [] if int(p.get("fold", 0)) == 0}
     if not recorded:
         return None
-    scores = run_plan(replace(setup, folds=(0,)), Plan.from_dict(record["plan"]), split="val")
+    scores = run_plan(replace(setup, folds=(0,)).on_node(), Plan.from_dict(record["plan"]), split="val")
     replayed = {(s.source, s.target): s.psnr for s in scores}
     diffs = [abs(replayed[pair] - psnr) for pair, psnr in recorded.items() if pair in replayed]
     return {"number": number, "split": "val", "fold": 0, "seed": setup.seed,
@@ -201,8 +201,7 @@ def confirmation_rows(run_dir: Path) -> list[dict[str, Any]]:
         for pair in job["pairs"]:
             for subject in pair["subjects"]:
                 rows.append({"label": job["label"], "number": job["number"], "split": pair.get("split", "test"),
-                             "source": pair["source"],
-                             "target": pair["target"], "fold": job["fold"], "seed": job["seed"],
+                             "source": pair["source"], "target": pair["target"], "fold": job["fold"], "seed": job["seed"],
                              "subject": subject["subject"], **{m: subject[m] for m in METRICS}})
     return rows
 
