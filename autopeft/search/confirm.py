@@ -142,6 +142,8 @@ def run_confirmation(run_dir: Path, setup: TrialSetup, *, k: int, folds: Sequenc
     from tqdm.auto import tqdm
 
     candidates = confirmation_candidates(run_dir, k, setup)
+    # The best baseline counts among the k best only when it is one of them.
+    baseline = next((c["label"] for c in candidates if c["baseline"] and c not in candidates[:k]), None)
     jobs = []
     for candidate in candidates:
         plan_seeds = seeds[:1] if candidate["label"] == "No-FT" else seeds  # No-FT trains nothing: one seed is all
@@ -149,8 +151,10 @@ def run_confirmation(run_dir: Path, setup: TrialSetup, *, k: int, folds: Sequenc
     missing = [job for job in jobs if not _job_path(run_dir, job[0]["label"], job[1], job[2]).is_file()]
     started = time.time()
     if progress:
-        print(f"confirmation on test subjects: {sum(c['number'] is not None for c in candidates)} best plan(s) by "
-              f"validation + {', '.join(c['label'] for c in candidates if c['number'] is None)}; folds "
+        searched = sum(c["number"] is not None and c["label"] != baseline for c in candidates)
+        print(f"confirmation on test subjects: {searched} best plan(s) by validation"
+              f"{' + the best Table-1 row, lr tuned (' + baseline + ')' if baseline else ''} + "
+              f"{', '.join(c['label'] for c in candidates if c['number'] is None)}; folds "
               f"{', '.join(map(str, folds))} x fine-tuning seeds {', '.join(map(str, seeds))}: "
               f"{len(missing)} of {len(jobs)} runs to do", flush=True)
 
