@@ -122,4 +122,6 @@ def requeue_interrupted(run_dir: Path, study) -> None:
         if record is not None:
             record.update(state=INTERRUPTED, reason="the search was interrupted while it ran; its plan runs again")
             write_record(run_dir, trial.number, record)
-        study.enqueue_trial(dict(trial.params), user_attrs={"requeued": True})
+        # A portfolio trial stays one (its row is trained as written, not its projection).
+        kept = {k: v for k, v in trial.user_attrs.items() if k in ("portfolio", "portfolio_name", "portfolio_exact", "warm_start")}
+        study.enqueue_trial(dict(trial.params), user_attrs={**kept, "requeued": True})

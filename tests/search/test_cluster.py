@@ -45,7 +45,8 @@ def cluster():
 def _search_args(run_dir: Path, data: Path, **extra: str) -> list[str]:
     values = {"--backbone": "cvtgan", "--budget": "5%", "--preset": "tiny", "--scanners": "1,2", "--epochs": "1",
               "--pretrain-epochs": "1", "--data": str(data), "--out": str(run_dir), "--cpus-per-trial": "1",
-              "--device": "cpu", "--confirm": "0", "--priors": "off", "--concurrency": "1", "--no-asha": None, **extra}
+              "--device": "cpu", "--confirm": "0", "--priors": "off", "--concurrency": "1", "--no-asha": None,
+              "--no-portfolio": None, **extra}
     return [item for pair in values.items() for item in pair if item is not None]
 
 

@@ -147,7 +147,8 @@ def test_a_search_and_its_report_run_the_method(ray_session, space_file, tmp_pat
     run_dir = run_search(SearchConfig(
         backbone="cvtgan", budget="5%", preset="tiny", space=str(space_file), scanners=["1", "2"], trials=2, epochs=1,
         data=str(data), out=str(tmp_path / "run"), pretrain_epochs=1, protocol=PROTOCOL, cpus_per_trial=1,
-        concurrency=2, device="cpu", references=False, progress=False, confirm=0, priors=False, asha=False))
+        concurrency=2, device="cpu", references=False, portfolio=False, progress=False, confirm=0, priors=False,
+        asha=False))
     rows = records(run_dir)
     assert [r["state"] for r in rows] == [FINISHED, FINISHED], [r.get("reason") for r in rows]
     assert all(spec["method"] == "normshift" for r in rows for spec in r["plan"]["sites"].values())
