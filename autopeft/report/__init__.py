@@ -76,7 +76,7 @@ def _table1(run: RunData) -> str:
 def _confirmed(run: RunData) -> str:
     """The confirmation: test mean [95% CI] and paired differences against Full-FT, PETITE and the
     best Table-1 row with its learning rate tuned (the baseline portfolio's best)."""
-    from autopeft.search.results import CONFIRMED_COLUMNS, confirmed_rows
+    from autopeft.search.results import CONFIRMED_COLUMNS, confirmed_rows, versus_baseline_text
 
     confirmation = run.confirmation
     if not confirmation or not confirmation.get("plans"):
@@ -86,17 +86,7 @@ def _confirmed(run: RunData) -> str:
     recommended = confirmation.get("recommended") or {}
     columns = {k: v for k, v in CONFIRMED_COLUMNS.items()
                if k in ("method", "params", "val_psnr", "psnr", "vs_full", "vs_petite", "vs_baseline")}
-    baseline = confirmation.get("baseline")
-    versus = ""
-    if baseline and recommended and baseline.get("number") != recommended.get("number") and recommended.get("vs_baseline"):
-        from autopeft.search.confirm import format_ci
-
-        diff = recommended["vs_baseline"]["psnr"]
-        versus = (f"<p>Recommended against the best Table-1 row, lr tuned ({_esc(baseline.get('portfolio') or '')}, "
-                  f"#{baseline['number']}), paired on the same test subjects: {_esc(format_ci(diff))} dB, p={diff['p']:.2g}.</p>")
-    elif baseline and recommended:
-        versus = ("<p>The recommended plan <b>is</b> the best Table-1 row, lr tuned "
-                  f"({_esc(baseline.get('portfolio') or '')}): the search found nothing better on validation.</p>")
+    versus = f"<p>{_esc(versus_baseline_text(confirmation))}.</p>" if recommended else ""
     return (f"<p class='caption'>Split: <b>test</b> subjects, read by nothing before this stage. Folds "
             f"{_esc(', '.join(map(str, confirmation['folds'])))} × fine-tuning seeds {_esc(', '.join(map(str, confirmation['seeds'])))}, "
             f"{confirmation['subjects']} test subjects (a cell per fold and subject of each target: its scores over sources and "

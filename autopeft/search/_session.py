@@ -17,6 +17,7 @@ from typing import Any
 from autopeft.errors import ConfigError
 from autopeft.runs import FAILED, FINISHED, INFEASIBLE, INTERRUPTED, STOPPED, read_meta, read_record, write_meta, write_record
 from autopeft.search.config import SearchConfig
+from autopeft.search.portfolio import PORTFOLIO_ATTRS
 
 __all__ = ["Session", "open_session", "open_study", "requeue_interrupted", "search_seed"]
 
@@ -123,5 +124,5 @@ def requeue_interrupted(run_dir: Path, study) -> None:
             record.update(state=INTERRUPTED, reason="the search was interrupted while it ran; its plan runs again")
             write_record(run_dir, trial.number, record)
         # A portfolio trial stays one (its row is trained as written, not its projection).
-        kept = {k: v for k, v in trial.user_attrs.items() if k in ("portfolio", "portfolio_name", "portfolio_exact", "warm_start")}
+        kept = {k: v for k, v in trial.user_attrs.items() if k in (*PORTFOLIO_ATTRS, "warm_start")}
         study.enqueue_trial(dict(trial.params), user_attrs={**kept, "requeued": True})

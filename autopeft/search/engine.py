@@ -23,8 +23,8 @@ Flow of :func:`run_search`, one unit per step:
    Pareto plans and best weights, the confirmation of the ``confirm`` best plans and the best
    baseline on test subjects with fine-tuning seeds the search never trained with
    (:mod:`~autopeft.search.confirm`), an exact replay of the recommended trial as a
-   reproducibility check, and the example slices. ``report.html`` is drawn from the run directory by the caller (``autopeft search``
-   does), as the report sits above the search.
+   reproducibility check, and the example slices. ``report.html`` is drawn from the run
+   directory by the caller (``autopeft search`` does), as the report sits above the search.
 
 Everything before the confirmation sees validation subjects only. The run directory is written by
 this process only (:mod:`autopeft.runs`).
@@ -158,7 +158,7 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
 
     # The confirmation's folds too, now: their pre-training then counts against the time budget
     # (which bounds the whole wait) instead of coming on top of it at the end.
-    folds = tuple(sorted(set(setup.folds) | set(range(int(config.confirm_folds or 1)) if config.confirm > 0 else set())))
+    folds = tuple(sorted(set(setup.folds) | set(_confirm_folds(config) if config.confirm > 0 else ())))
     prepare_sources(config, replace(setup, folds=folds), options=task_options(config), progress=config.progress)
     study = open_study(session)
     train_extra = {"epochs": int(config.epochs)}
@@ -231,18 +231,19 @@ def _baseline(run_dir: Path) -> tuple[tuple[str, str, int, float], ...]:
     return tuple((p["source"], p["target"], int(p["fold"]), float(p["psnr"])) for p in no_ft["pairs"])
 
 
+def _confirm_folds(config: SearchConfig) -> tuple[int, ...]:
+    return tuple(range(int(config.confirm_folds or 1)))
+
+
 def _confirm(config: SearchConfig, setup: TrialSetup, run_dir: Path, summary: dict[str, Any]) -> None:
-    """The confirmation stage: the source models of its folds, then the best plans and the
-    references re-run on test subjects; recorded and printed."""
+    """The confirmation stage: the best plans, the best baseline and the references re-run on test
+    subjects (their source models were pre-trained before the trials); recorded and printed."""
     from autopeft.search._cluster import task_options
-    from autopeft.search._sources import prepare_sources
     from autopeft.search.confirm import confirmation_seeds, replay_check, run_confirmation
     from autopeft.search.results import record_confirmation
 
-    folds = tuple(range(int(config.confirm_folds or 1)))
     seeds = confirmation_seeds(config.seed, int(config.confirm_seeds or 1))
-    prepare_sources(config, replace(setup, folds=folds), options=task_options(config), progress=config.progress)
-    confirmation = run_confirmation(run_dir, setup, k=config.confirm, folds=folds, seeds=seeds,
+    confirmation = run_confirmation(run_dir, setup, k=config.confirm, folds=_confirm_folds(config), seeds=seeds,
                                     concurrency=config.concurrency or 1, task_options=task_options(config),
                                     progress=config.progress)
     if confirmation.get("recommended") is not None:

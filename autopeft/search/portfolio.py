@@ -23,11 +23,13 @@ from typing import Any
 
 from autopeft.peft import Plan, load_plan, named_plans
 
-__all__ = ["TABLE1_ROWS", "PortfolioEntry", "table1_plans", "lr_ladder", "full_ft_ladder", "portfolio", "enqueue_portfolio"]
+__all__ = ["TABLE1_ROWS", "PORTFOLIO_ATTRS", "PortfolioEntry", "table1_plans", "lr_ladder", "full_ft_ladder", "portfolio", "enqueue_portfolio"]
 
 # PETITE's Table-1 PEFT rows, in the paper's order (named plans ``<backbone>-<row>``), then its
 # Mix-PEFT winner (``petite-<backbone>``). No-FT and Full-FT are references, not rows to beat.
 TABLE1_ROWS = ("layernorm", "bitfit", "lora", "adapters", "ssf", "vpt")
+# The Optuna user attributes that make an enqueued trial a portfolio trial (kept when it is requeued).
+PORTFOLIO_ATTRS = ("portfolio", "portfolio_name", "portfolio_exact")
 _ROW_LABELS = {"layernorm": "LayerNorm", "bitfit": "BitFit", "lora": "LoRA", "adapters": "Adapters", "ssf": "SSF",
                "vpt": "VPT"}
 
@@ -111,8 +113,7 @@ def enqueue_portfolio(study, entries: Sequence[PortfolioEntry]) -> None:
     """Enqueue the portfolio in the study, before any other trial: the define step trains the row
     (``portfolio`` user attribute) instead of the projection."""
     for index, entry in enumerate(entries):
-        study.enqueue_trial(entry.params, user_attrs={"portfolio": index, "portfolio_name": entry.name,
-                                                      "portfolio_exact": entry.exact})
+        study.enqueue_trial(entry.params, user_attrs=dict(zip(PORTFOLIO_ATTRS, (index, entry.name, entry.exact))))
 
 
 def full_ft_ladder(preset_lr: float, steps: int = 3) -> tuple[float, ...]:

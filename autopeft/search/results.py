@@ -241,12 +241,13 @@ def record_confirmation(run_dir: Path, setup, summary: dict[str, Any], confirmat
     print(f"mean [{confirmation['ci']}]; paired differences on the same subjects, p: {confirmation['test']}.")
     if recommended is not None:
         print(f"recommended: #{recommended['number']} ({confirmation['why']}); plan: {run_dir / 'best_plan.yaml'}")
-        print(_versus_baseline_text(confirmation))
+        print(versus_baseline_text(confirmation))
     print(f"per-subject scores: {run_dir / 'confirmation.csv'}")
 
 
-def _versus_baseline_text(confirmation: Mapping[str, Any]) -> str:
-    """What the search added over the best Table-1 row with its learning rate tuned, on test."""
+def versus_baseline_text(confirmation: Mapping[str, Any]) -> str:
+    """What the search added over the best Table-1 row with its learning rate tuned, on test (the
+    console and the report both show it)."""
     from autopeft.search.confirm import format_ci
 
     recommended, baseline = confirmation.get("recommended") or {}, confirmation.get("baseline")

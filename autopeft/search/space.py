@@ -43,6 +43,7 @@ import yaml
 
 from autopeft.errors import ConfigError, PlanError, _did_you_mean
 from autopeft.peft import Plan, get_method, registered_methods
+from autopeft.search.portfolio import lr_ladder
 from search_spaces import SPACES_DIR
 
 __all__ = ["SearchSpace", "load_space", "space_files"]
@@ -259,8 +260,6 @@ class SearchSpace:
         if self.lr.kind in ("fixed", "categorical"):
             return tuple(float(c) for c in self.lr.choices)
         if self.lr.log:
-            from autopeft.search.portfolio import lr_ladder
-
             return lr_ladder(self.lr.low, self.lr.high, steps)
         width = (self.lr.high - self.lr.low) / steps
         return tuple(float(self.lr.low + width * (i + 0.5)) for i in range(steps))
