@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 import math
 import os
 import random
@@ -87,6 +88,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="runs at once, one torch thread each. Default: 2 (the CPU's cores).")
     parser.add_argument("--preset", default="tiny", help="backbone preset. Default: tiny (the scenarios are CPU ones).")
     parser.add_argument("--device", default="cpu", help="where to train. Default: cpu.")
+    parser.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the source models. Default: the "
+                        "preset's (the declared scenarios use it; a smaller value makes other source models, for tests).")
     parser.add_argument("--out-dir", type=Path, default=None, help=f"where the table goes. Default: {TABLES} "
                         "(a temporary folder with --quick).")
     parser.add_argument("--work", type=Path, default=None, help="the resumable work folder. Default: <out-dir>/work.")
@@ -110,7 +113,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 class Evaluation:
     """A scenario's data, trial setup, backbone template, counter, budget and spaces."""
 
-    def __init__(self, spec: dict[str, Any], *, preset: str, device: str, epochs: int, budget: str) -> None:
+    def __init__(self, spec: dict[str, Any], *, preset: str, device: str, epochs: int, budget: str,
+                 pretrain_epochs: int | None = None) -> None:
         from autopeft.data.simulator import builtin_data
         from autopeft.search.budget import Budget, PlanCounter
         from autopeft.search.space import load_space
@@ -122,7 +126,8 @@ class Evaluation:
         # evaluation seed (splits, source models) stays 0.
         self.manifest = str(builtin_data(seed=int(spec["data_seed"]), progress=True))
         self.setup = setup_from_config({"backbone": spec["backbone"], "preset": preset, "scanners": spec["scanners"],
-                                        "folds": 1, "epochs": self.epochs, "seed": 0, "device": device},
+                                        "folds": 1, "epochs": self.epochs, "seed": 0, "device": device,
+                                        "pretrain_epochs": pretrain_epochs},
                                        manifest_path=self.manifest, threads=1)
         self.template = build_backbone(spec["backbone"], preset)
         self.counter = PlanCounter(self.template)
@@ -130,6 +135,15 @@ class Evaluation:
         self.budget = Budget.parse(budget)
         sites = self.template.sites()
         self.spaces = {"grouped": load_space(spec["backbone"], sites), "blocks": load_space(f"{spec['backbone']}-blocks", sites)}
+
+    def key(self) -> str:
+        """What makes a run's scores: the source models' cache keys (data, pre-training), the pairs,
+        epochs and device. The work folder is named by it, so another evaluation never reuses rows."""
+        import hashlib
+
+        sources = sorted(spec.key() for spec in self.setup.source_specs().values())
+        text = json.dumps({"sources": sources, "pairs": self.setup.pairs, "epochs": self.epochs, "device": self.setup.device})
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
 
     def count(self, plan) -> dict[str, Any]:
         c = self.counter.count(plan)
@@ -200,6 +214,8 @@ def sobol_plans(ev: Evaluation, space_name: str, n: int, *, max_draws_per_plan: 
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = ev.spaces[space_name]
+    # QMCSampler is marked experimental; the declared sample names it, so its warning says nothing new.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.QMCSampler(seed=0, scramble=True))
     study.add_trial(_frame_trial(space))
     plans, seen, skipped = [], set(), 0
@@ -322,23 +338,47 @@ def run_one(task: dict[str, Any], setup=None, work: Path | None = None) -> dict[
     return row
 
 
-def run_tasks(tasks: list[dict[str, Any]], setup, work: Path, *, workers: int, what: str) -> list[dict[str, Any]]:
+def pending_tasks(tasks: Sequence[dict[str, Any]], work: Path) -> list[dict[str, Any]]:
+    """The tasks whose row file is not in the work folder yet (a file is there only once written
+    whole: atomic writes leave at most a ``.partial-*`` file, which does not count)."""
+    return [t for t in tasks if not task_file(work, t).is_file()]
+
+
+def run_tasks(tasks: list[dict[str, Any]], setup, work: Path, *, workers: int, what: str,
+              runner: Callable[..., dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Every task's row: read from the work folder when done, trained otherwise (``workers`` at a
-    time), with done/total and an ETA printed after each run."""
+    time; 1: in this process, with ``runner``, :func:`run_one` by default), with done/total and an
+    ETA printed after each run."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     import multiprocessing
 
-    todo = [t for t in tasks if not task_file(work, t).is_file()]
+    todo = pending_tasks(tasks, work)
     done = len(tasks) - len(todo)
     print(f"{what}: {len(tasks)} runs, {done} already in {work / 'rows'}, {len(todo)} to train with {workers} worker(s)",
           flush=True)
-    if todo:
-        started, finished = time.time(), 0
+    started, finished = time.time(), 0
+
+    def progress(row: dict[str, Any]) -> None:
+        eta = (time.time() - started) / finished * (len(todo) - finished)
+        score = "NaN" if row["val_psnr"] is None else f"val {row['val_psnr']:.3f}"
+        print(f"  {done + finished}/{len(tasks)} {row['label']} {row['source']}->{row['target']} seed {row['seed']}: "
+              f"{score}, {row['seconds']:.1f} s; ETA {eta / 60:.1f} min", flush=True)
+
+    interrupted = (f"\ninterrupted: the finished runs are kept in {work / 'rows'}; run the same command again to go on.")
+    if todo and workers == 1:
+        try:
+            for task in todo:
+                row = (runner or run_one)(task, setup, work)
+                finished += 1
+                progress(row)
+        except KeyboardInterrupt:
+            raise SystemExit(interrupted)
+    elif todo:
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_worker_init, initargs=(setup, str(work), 1))
         try:
-            pending = {pool.submit(run_one, t) for t in todo[:2 * workers]}
-            queue = todo[2 * workers:]
+            queue = list(todo)
+            pending = {pool.submit(run_one, queue.pop(0)) for _ in range(min(2 * workers, len(queue)))}
             while pending:
                 ready, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in ready:
@@ -346,15 +386,10 @@ def run_tasks(tasks: list[dict[str, Any]], setup, work: Path, *, workers: int, w
                     finished += 1
                     if queue:
                         pending.add(pool.submit(run_one, queue.pop(0)))
-                    rate = (time.time() - started) / finished
-                    eta = rate * (len(todo) - finished)
-                    score = "NaN" if row["val_psnr"] is None else f"val {row['val_psnr']:.3f}"
-                    print(f"  {done + finished}/{len(tasks)} {row['label']} {row['source']}->{row['target']} seed {row['seed']}: "
-                          f"{score}, {row['seconds']:.1f} s; ETA {eta / 60:.1f} min", flush=True)
+                    progress(row)
         except KeyboardInterrupt:
             pool.shutdown(wait=False, cancel_futures=True)
-            raise SystemExit(f"\ninterrupted: {done + finished} of {len(tasks)} runs kept in {work / 'rows'}; "
-                             "run the same command again to go on.")
+            raise SystemExit(interrupted)
         pool.shutdown()
     return [json.loads(task_file(work, t).read_text(encoding="utf-8")) for t in tasks]
 
@@ -404,8 +439,27 @@ def table_runs(rows: int, second_seed: int, pairs: int) -> int:
     return (rows + second_seed) * pairs
 
 
-def project_seconds(runs: int, epochs: int, seconds_per_pair_epoch: float, workers: int) -> float:
-    return runs * epochs * seconds_per_pair_epoch / workers
+def project_seconds(runs: int, epochs: int, fixed: float, per_epoch: float, workers: int) -> float:
+    """Wall seconds of ``runs`` runs of ``epochs`` epochs, ``workers`` at a time: each costs its
+    fixed part (loading, scoring the held-out subjects at the end) and ``per_epoch`` per epoch
+    (training and the epoch's validation scoring)."""
+    return runs * (fixed + per_epoch * epochs) / workers
+
+
+def cost_model(frame, epochs: int, test_share: float) -> dict[str, float]:
+    """Per run: the fixed seconds and the seconds per epoch, from a pilot's rows (one scenario).
+
+    A run that trains nothing (No-FT) costs the fixed part alone on validation subjects: it is the
+    fixed part; the trained runs' remainder over their epochs is the per-epoch part (per pair,
+    then averaged: the pairs' targets differ in size). A table also scores test subjects once,
+    ``test_share`` = test / validation subjects times the validation scoring."""
+    per_pair = []
+    for _, rows in frame.groupby(["source", "target"]):
+        fixed = float(rows.loc[rows["kind"] == "no-ft", "seconds"].mean())
+        trained = rows[(rows["kind"] != "no-ft") & rows["error"].eq("")]
+        per_pair.append((fixed, float(((trained["seconds"] - fixed) / epochs).mean())))
+    fixed = statistics.mean(f for f, _ in per_pair)
+    return {"fixed_seconds": fixed * (1 + test_share), "seconds_per_epoch": max(statistics.mean(e for _, e in per_pair), 0.0)}
 
 
 def _table_size(ev: Evaluation, declared: dict[str, Any]) -> tuple[int, int]:
@@ -419,7 +473,7 @@ def _table_size(ev: Evaluation, declared: dict[str, Any]) -> tuple[int, int]:
 def pilot(args: argparse.Namespace, declared: dict[str, Any]) -> dict[str, Any]:
     wall = time.time()
     curves: dict[str, list[list[float]]] = {}
-    timing: dict[str, dict[str, float]] = {}
+    timing: dict[str, list[dict[str, float]]] = {}
     per_scenario = {}
     for name in PILOT["scenarios"]:
         spec = declared_scenario(name, declared)
@@ -430,7 +484,7 @@ def pilot(args: argparse.Namespace, declared: dict[str, Any]) -> dict[str, Any]:
         sampled, _ = sobol_plans(ev, "grouped", PILOT["sampled"])
         entries = [*reference_entries(ev)[:1], *rows, *sampled]
         ev.prepare_sources([0], needs_importance(entries))
-        work = args.work / f"pilot-{name}-{args.preset}-e{ev.epochs}"
+        work = args.work / f"pilot-{name}-{args.preset}-e{ev.epochs}-{ev.key()}"
         done = run_tasks(tasks_for(ev, entries, ("val",)), ev.setup, work, workers=args.workers, what=f"pilot {name}")
         frame = with_gains(done, ev.epochs)
         trained = frame[(frame["kind"] != "no-ft") & frame["error"].eq("")]
@@ -438,29 +492,31 @@ def pilot(args: argparse.Namespace, declared: dict[str, Any]) -> dict[str, Any]:
         gains["plan_id"] = trained["plan_id"]
         mean = gains.groupby("plan_id").mean()
         curves.setdefault(spec["backbone"], []).extend(mean.values.tolist())
-        t = timing.setdefault(spec["backbone"], {"seconds": 0.0, "pair_epochs": 0})
-        t["seconds"] += float(trained["seconds"].sum())
-        t["pair_epochs"] += int(len(trained) * ev.epochs)
+        protocol = ev.setup.make_protocol()
+        model = cost_model(frame, ev.epochs, protocol.finetune_test / protocol.finetune_val)
+        timing.setdefault(spec["backbone"], []).append(model)
         per_scenario[name] = {"plans": int(mean.shape[0]), "labels": sorted(set(trained["label"])),
-                              "curves": {pid: row.tolist() for pid, row in mean.iterrows()}}
+                              "curves": {pid: row.tolist() for pid, row in mean.iterrows()}, "cost_model": model}
     decision = choose_epochs(curves, full=PILOT["epochs"], candidates=PILOT["candidates"], ratio=PILOT["ratio"])
     epochs_by_rule = decision["epochs"]
-    # The projection: the pilot's own seconds per pair-epoch (training and the per-epoch validation
-    # scoring a table does too) times the runs of each lab table, over the workers.
+    # The projection: the pilot's own seconds (a fixed part per run and a part per epoch, training
+    # and the per-epoch validation scoring a table does too) times the runs of each lab table.
     projections = {}
     for name, spec in declared["scenarios"].items():
         if spec["role"] != "lab":
             continue
         spec = declared_scenario(name, declared)
-        t = timing.get(spec["backbone"])
-        if t is None:
+        models = timing.get(spec["backbone"])
+        if not models:
             continue
+        fixed = statistics.mean(m["fixed_seconds"] for m in models)
+        per_epoch = statistics.mean(m["seconds_per_epoch"] for m in models)
         ev = Evaluation(spec, preset=args.preset, device=args.device, epochs=PILOT["epochs"], budget=declared["table"]["budget"])
         plans, second = _table_size(ev, declared)
         runs = table_runs(plans, second, len(ev.setup.units))
-        spe = t["seconds"] / t["pair_epochs"]
-        projections[name] = {"runs": runs, "seconds_per_pair_epoch": spe,
-                             "hours_at": {e: project_seconds(runs, e, spe, args.workers) / 3600 for e in PILOT["candidates"]}}
+        projections[name] = {"runs": runs, "fixed_seconds": fixed, "seconds_per_epoch": per_epoch,
+                             "hours_at": {e: project_seconds(runs, e, fixed, per_epoch, args.workers) / 3600
+                                          for e in PILOT["candidates"]}}
     fits = [e for e in PILOT["candidates"]
             if e <= epochs_by_rule and all(p["hours_at"][e] <= PILOT["max_hours"] for p in projections.values())]
     epochs = epochs_by_rule if epochs_by_rule in fits else (max(fits) if fits else min(PILOT["candidates"]))
@@ -525,11 +581,12 @@ def plan_entries(ev: Evaluation, declared: dict[str, Any], quick: bool) -> tuple
 def build(args: argparse.Namespace, declared: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     wall = time.time()
     epochs = table_epochs(args)
-    ev = Evaluation(spec, preset=args.preset, device=args.device, epochs=epochs, budget=declared["table"]["budget"])
+    ev = Evaluation(spec, preset=args.preset, device=args.device, epochs=epochs, budget=declared["table"]["budget"],
+                    pretrain_epochs=args.pretrain_epochs)
     entries, counts = plan_entries(ev, declared, args.quick)
     seeds = sorted({s for e in entries for s in e["seeds"]})
     ev.prepare_sources(seeds, needs_importance(entries))
-    work = args.work / f"{spec['name']}-{args.preset}-e{epochs}{'-quick' if args.quick else ''}"
+    work = args.work / f"{spec['name']}-{args.preset}-e{epochs}{'-quick' if args.quick else ''}-{ev.key()}"
     tasks = tasks_for(ev, entries, ("val", "test"))
     rows = run_tasks(tasks, ev.setup, work, workers=args.workers, what=f"table {spec['name']}")
     frame = with_gains(rows, epochs)
@@ -540,12 +597,14 @@ def build(args: argparse.Namespace, declared: dict[str, Any], spec: dict[str, An
         "benchmark": "lab-table", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python bench/table.py " + " ".join(sys.argv[1:]), "code_version": code_version(), "machine": machine(),
         "scenario": spec, "quick": args.quick,
-        "settings": {"preset": args.preset, "device": args.device, "fold": 0, "evaluation_seed": 0, "budget": ev.budget_text,
+        "settings": {"preset": args.preset, "device": args.device, "pretrain_epochs": args.pretrain_epochs, "fold": 0, "evaluation_seed": 0, "budget": ev.budget_text,
                      "pairs": [f"{s}->{t}" for s, t in ev.setup.pairs], "workers": args.workers, "torch_threads_per_worker": 1,
                      "manifest": ev.manifest, "spaces": {k: v.source for k, v in ev.spaces.items()}},
         "epochs": epochs, "epochs_from": "--quick" if args.quick else str(args.out_dir / "pilot.json"),
         "cost": {"seconds": float(frame["seconds"].sum()), "pair_epochs": int(len(trained) * epochs),
-                 "seconds_per_pair_epoch": float(trained["seconds"].sum() / max(len(trained) * epochs, 1))},
+                 "seconds_per_pair_epoch": float(trained["seconds"].sum() / max(len(trained) * epochs, 1)),
+                 # No-FT here scores validation and test subjects as every run does: no test share to add.
+                 "per_run": cost_model(frame, epochs, 0.0)},
         "counts": {**counts, "rows": int(len(frame)), "diverged": int((frame["error"] != "").sum())},
         "wall_seconds_this_invocation": time.time() - wall, "files": {"table": out.name, "work": str(work)},
     }
@@ -592,7 +651,7 @@ def score_priors(args: argparse.Namespace, declared: dict[str, Any], spec: dict[
     table = pd.read_csv(path)
     plans = table.drop_duplicates("plan_id")[["plan_id", "plan"]]
     ev = Evaluation(spec, preset=meta["settings"]["preset"], device=args.device, epochs=int(meta["epochs"]),
-                    budget=meta["settings"]["budget"])
+                    budget=meta["settings"]["budget"], pretrain_epochs=meta["settings"].get("pretrain_epochs"))
     groups = {f"{s}->{t}": [(s, t, f)] for s, t, f in ev.setup.units}
     groups["all"] = list(ev.setup.units)  # the search's prior: every pair's maps averaged
     frames, costs = [], {}
@@ -614,7 +673,9 @@ def score_priors(args: argparse.Namespace, declared: dict[str, Any], spec: dict[
     write_csv(out, wide)
     result = {"scenario": spec["name"], "command": "python bench/table.py " + " ".join(sys.argv[1:]),
               "code_version": code_version(), "machine": machine(), "signals": list(PRIOR_SIGNALS), "cost": costs,
-              "cost_note": "each signal charged its own gradient passes, although shpeft and sensitivity read the same maps",
+              "cost_note": ("pair_epochs: each signal charged its own gradient passes (one epoch of every pair), although "
+                            "shpeft and sensitivity read the same maps; seconds: this invocation, maps already cached count "
+                            "their loading and the scoring only"),
               "plans": int(len(plans)), "pairs": list(groups)}
     from autopeft._io import atomic_write_json
 
