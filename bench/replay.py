@@ -248,7 +248,7 @@ class Table:
         self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
         self.epochs = int(self.meta["epochs"])
         self.pairs = [tuple(p.split("->")) for p in self.meta["settings"]["pairs"]]
-        frame = pd.read_csv(self.path, dtype={"source": str, "target": str, "plan_id": str})
+        frame = pd.read_csv(self.path, dtype={"source": str, "target": str, "plan_id": str, "error": str, "space": str})
         frame["error"] = frame["error"].fillna("")
         frame["space"] = frame["space"].fillna("")
         self.frame = frame
