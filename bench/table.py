@@ -114,7 +114,7 @@ class Evaluation:
     """A scenario's data, trial setup, backbone template, counter, budget and spaces."""
 
     def __init__(self, spec: dict[str, Any], *, preset: str, device: str, epochs: int, budget: str,
-                 pretrain_epochs: int | None = None) -> None:
+                 pretrain_epochs: int | None = None, data: bool = True) -> None:
         from autopeft.data.simulator import builtin_data
         from autopeft.search.budget import Budget, PlanCounter
         from autopeft.search.space import load_space
@@ -124,7 +124,8 @@ class Evaluation:
         self.spec, self.epochs = spec, int(epochs)
         # The data seed makes the scenario's data set (as bench/rediscovery.py sets it); the
         # evaluation seed (splits, source models) stays 0.
-        self.manifest = str(builtin_data(seed=int(spec["data_seed"]), progress=True))
+        # data=False: plans and counts only (the pilot's projection), no data set simulated for it.
+        self.manifest = str(builtin_data(seed=int(spec["data_seed"]), progress=True)) if data else ""
         self.setup = setup_from_config({"backbone": spec["backbone"], "preset": preset, "scanners": spec["scanners"],
                                         "folds": 1, "epochs": self.epochs, "seed": 0, "device": device,
                                         "pretrain_epochs": pretrain_epochs},
@@ -511,7 +512,8 @@ def pilot(args: argparse.Namespace, declared: dict[str, Any]) -> dict[str, Any]:
             continue
         fixed = statistics.mean(m["fixed_seconds"] for m in models)
         per_epoch = statistics.mean(m["seconds_per_epoch"] for m in models)
-        ev = Evaluation(spec, preset=args.preset, device=args.device, epochs=PILOT["epochs"], budget=declared["table"]["budget"])
+        ev = Evaluation(spec, preset=args.preset, device=args.device, epochs=PILOT["epochs"], budget=declared["table"]["budget"],
+                        data=False)
         plans, second = _table_size(ev, declared)
         runs = table_runs(plans, second, len(ev.setup.units))
         projections[name] = {"runs": runs, "fixed_seconds": fixed, "seconds_per_epoch": per_epoch,
@@ -648,7 +650,7 @@ def score_priors(args: argparse.Namespace, declared: dict[str, Any], spec: dict[
     if not path.is_file() or not meta_path.is_file():
         raise SystemExit(f"no table at {path}: build it first with `python bench/table.py --scenario {spec['name']}`.")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    table = pd.read_csv(path)
+    table = pd.read_csv(path, dtype={"plan_id": str, "source": str, "target": str})
     plans = table.drop_duplicates("plan_id")[["plan_id", "plan"]]
     ev = Evaluation(spec, preset=meta["settings"]["preset"], device=args.device, epochs=int(meta["epochs"]),
                     budget=meta["settings"]["budget"], pretrain_epochs=meta["settings"].get("pretrain_epochs"))

@@ -130,3 +130,17 @@ def test_a_lab_table_needs_the_pilot(tmp_path):
 def test_an_undeclared_scenario_is_named_with_a_hint():
     with pytest.raises(SystemExit, match="Did you mean 'cvtgan-3-5-d3'"):
         table.main(["--scenario", "cvtgan-3-5-d4"])
+
+
+def test_cost_model_and_projection_by_hand():
+    import pandas as pd
+
+    frame = pd.DataFrame({
+        "source": ["1", "1", "1", "5", "5"], "target": ["5", "5", "5", "1", "1"],
+        "kind": ["no-ft", "sampled", "table1", "no-ft", "sampled"], "error": ["", "", "", "", ""],
+        # 4 epochs: pair 1->5 costs 2 s fixed + 1 s an epoch, pair 5->1 10 s + 2 s an epoch.
+        "seconds": [2.0, 6.0, 6.0, 10.0, 18.0]})
+    model = table.cost_model(frame, 4, test_share=2.0)  # test subjects: twice the validation ones
+    assert model == {"fixed_seconds": pytest.approx(6.0 * 3), "seconds_per_epoch": pytest.approx(1.5)}
+    assert table.project_seconds(10, 8, model["fixed_seconds"], model["seconds_per_epoch"], 2) == pytest.approx(150.0)
+    assert table.table_runs(rows=5, second_seed=2, pairs=2) == 14
