@@ -82,6 +82,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=None, help="sampler seeds 0 .. n-1 per variant. Default: the declared replay.seeds.")
     parser.add_argument("--variants", default=None, help="comma-separated variant names. Default: every variant.")
     parser.add_argument("--workers", type=int, default=2, help="processes the seeds run on. Default: 2.")
+    parser.add_argument("--work", type=Path, default=RESULTS / "replay-work", help="finished runs, kept for a rerun "
+                        "after an interruption. Default: bench/results/replay-work.")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where --pooled reads replay-<scenario>.json. "
+                        "Default: bench/results.")
     parser.add_argument("--out", type=Path, default=None, help="JSON output. Default: bench/results/replay-<scenario>.json "
                         "(replay.json with --pooled).")
     args = parser.parse_args(argv)
@@ -648,9 +652,29 @@ def _worker_init(tables: str, name: str, space: str) -> None:
     _CTX["ctx"] = Context(Path(tables), name, space, load_declared())
 
 
-def _work(job: tuple[str, dict[str, Any], int]) -> tuple[str, dict[str, Any]]:
-    name, variant, seed = job
-    return name, replay_run(_CTX["ctx"], variant, seed)
+def run_file(work: Path, name: str, seed: int) -> Path:
+    return work / f"{name}-s{seed}.json"
+
+
+def _work(job: tuple[str, dict[str, Any], int, str]) -> tuple[str, dict[str, Any]]:
+    """One run, written atomically to the work folder (a rerun after Ctrl-C skips it)."""
+    from autopeft._io import atomic_write_json
+
+    name, variant, seed, work = job
+    run = replay_run(_CTX["ctx"], variant, seed)
+    atomic_write_json(run_file(Path(work), name, seed), {"variant": variant, **run})
+    return name, run
+
+
+def work_folder(root: Path, ctx: Context, space: str) -> Path:
+    """Where a scenario's finished runs are kept: keyed by the table's bytes, the code version and
+    the horizon, so that a rerun reuses runs only of the same table, code and settings."""
+    import hashlib
+
+    digest = hashlib.sha256(ctx.table.path.read_bytes())
+    digest.update(json.dumps([code_version(), ctx.horizon, space, ctx.prior_meta and ctx.prior_meta.get("cost")],
+                             default=str).encode("utf-8"))
+    return root / f"{ctx.name}-{space}-{digest.hexdigest()[:12]}"
 
 
 def signal_quality(ctx: Context, signals: Sequence[str]) -> dict[str, Any]:
@@ -714,19 +738,36 @@ def run_scenario(args: argparse.Namespace, declared: dict[str, Any]) -> dict[str
         if unknown:
             raise SystemExit(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(variants)}.")
         variants = {v: variants[v] for v in wanted}
-    jobs = [(name, variant, seed) for name, variant in variants.items() for seed in range(seeds)]
+    work = work_folder(args.work, ctx, args.space)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    jobs = []
+    for name, variant in variants.items():
+        for seed in range(seeds):
+            path = run_file(work, name, seed)
+            kept = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+            if kept is not None and kept.pop("variant") == json.loads(json.dumps(variant)):
+                runs[name].append(kept)
+            else:
+                jobs.append((name, variant, seed, str(work)))
     print(f"replay {spec['name']} ({spec['role']}), space {args.space}: {len(ctx.table.plans)} plans, E={ctx.table.epochs}, "
           f"{len(ctx.table.pairs)} pairs, horizon {ctx.horizon} pair-epochs ({h} trials); {len(variants)} variants x {seeds} "
-          f"seeds on {args.workers} process(es), trials in sequence (concurrency 1)", flush=True)
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+          f"seeds on {args.workers} process(es), trials in sequence (concurrency 1); {len(jobs)} runs to do, the rest kept "
+          f"in {work}", flush=True)
     started = time.time()
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_init, initargs=(str(ctx.tables), spec["name"], args.space)) as pool:
-        for done, (name, run) in enumerate(pool.map(_work, jobs, chunksize=1), 1):
-            runs[name].append(run)
-            if done % max(1, len(jobs) // 20) == 0 or done == len(jobs):
-                eta = (time.time() - started) / done * (len(jobs) - done)
-                print(f"  {done}/{len(jobs)} runs; ETA {eta / 60:.1f} min", flush=True)
+    if jobs:
+        pool = ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init, initargs=(str(ctx.tables), spec["name"], args.space))
+        try:
+            for done, (name, run) in enumerate(pool.map(_work, jobs, chunksize=1), 1):
+                runs[name].append(run)
+                if done % max(1, len(jobs) // 20) == 0 or done == len(jobs):
+                    eta = (time.time() - started) / done * (len(jobs) - done)
+                    print(f"  {done}/{len(jobs)} runs; ETA {eta / 60:.1f} min", flush=True)
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise SystemExit(f"\ninterrupted: finished runs are kept in {work}; run the same command again to go on.")
+        pool.shutdown()
+    runs = {name: sorted(rs, key=lambda r: r["seed"]) for name, rs in runs.items()}
     result = {
         "benchmark": "replay", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python bench/replay.py " + " ".join(sys.argv[1:]), "code_version": code_version(), "machine": machine(),
@@ -754,7 +795,7 @@ def run_scenario(args: argparse.Namespace, declared: dict[str, Any]) -> dict[str
 
 def run_pooled(args: argparse.Namespace, declared: dict[str, Any]) -> dict[str, Any]:
     lab = [n for n, s in declared["scenarios"].items() if s["role"] == "lab"]
-    files = {n: RESULTS / f"replay-{n}.json" for n in lab}
+    files = {n: args.results / f"replay-{n}.json" for n in lab}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise SystemExit(f"missing replay files: {', '.join(missing)}; run `python bench/replay.py --scenario NAME` for each.")
@@ -806,9 +847,10 @@ def _print(result: dict[str, Any]) -> None:
     for signal, q in quality.items():
         if isinstance(q, dict) and "val" in q:
             fig = q["val"]
-            print(f"{signal}: top-10 recall {fig['top_recall']['value']:.2f}, NDCG@10 {fig['ndcg']['value']:.2f}, Spearman "
-                  f"{fig['spearman']['value']:+.2f} {fig['spearman']['ci']}, partial {fig['spearman_partial_log_count']['value']:+.2f} "
-                  f"(noise ceiling {quality['noise_ceiling_spearman']:.2f})")
+            lo, hi = fig["spearman"]["ci"]
+            print(f"{signal} (validation, {quality['plans']} plans): top-10 recall {fig['top_recall']['value']:.2f}, NDCG@10 "
+                  f"{fig['ndcg']['value']:.2f}, Spearman {fig['spearman']['value']:+.2f} [{lo:+.2f}, {hi:+.2f}], partialled on "
+                  f"log count {fig['spearman_partial_log_count']['value']:+.2f}; noise ceiling {quality['noise_ceiling_spearman']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -107,3 +107,30 @@ def test_signal_quality_known_answers():
     resid = [x - np.polyval(np.polyfit(rc, x, 1), rc) for x in (rs, rg)]
     expected = np.corrcoef(*resid)[0, 1]
     assert replay.quality(s, g, c)["spearman_partial_log_count"] == pytest.approx(expected)
+
+
+def test_pooled_decision_reads_the_lab_replays(tmp_path):
+    import json
+
+    from _lab import load_declared
+
+    lab = [n for n, s in load_declared()["scenarios"].items() if s["role"] == "lab"]
+    rng = np.random.default_rng(3)
+    for name in lab:
+        base = 2.0 + rng.normal(0, 0.2, 20)
+        areas = {"no-priors": base, "shpeft": base * 0.8 + rng.normal(0, 0.02, 20),
+                 "oracle": base * 0.5 + rng.normal(0, 0.02, 20), "inverted-shpeft": base * 1.3 + rng.normal(0, 0.02, 20)}
+        runs = {v: [{"seed": i, "area_val": float(a)} for i, a in reversed(list(enumerate(x)))] for v, x in areas.items()}
+        (tmp_path / f"replay-{name}.json").write_text(json.dumps({"variants": {v: {} for v in areas}, "runs": runs}))
+    out = tmp_path / "replay.json"
+    result = replay.main(["--pooled", "--results", str(tmp_path), "--out", str(out)])
+    decision = json.loads(out.read_text())["decision"]
+    assert decision["default"] == "shpeft" == result["decision"]["default"]
+    assert decision["oracle"] == {"oracle": True}
+    assert decision["fading_too_slow"] == ["inverted-shpeft"]
+    assert decision["variants"]["shpeft"]["pooled"]["mean"] == pytest.approx(-0.2, abs=0.02)
+
+
+def test_pooled_names_the_missing_replays(tmp_path):
+    with pytest.raises(SystemExit, match="bench/replay.py --scenario"):
+        replay.main(["--pooled", "--results", str(tmp_path)])
