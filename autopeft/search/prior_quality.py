@@ -86,10 +86,9 @@ def partial_spearman(prior: Sequence[float], truth: Sequence[float], size: Seque
     rank is the same). What a prior knows beyond "bigger plans do better". NaN when undefined."""
     prior_a, truth_a, size_a = _arrays(prior, truth, size)
     r_pt, r_ps, r_ts = spearman(prior_a, truth_a), spearman(prior_a, size_a), spearman(truth_a, size_a)
-    denominator = math.sqrt(max((1 - r_ps**2) * (1 - r_ts**2), 0.0)) if not math.isnan(r_ps + r_ts) else float("nan")
-    if math.isnan(r_pt) or math.isnan(denominator) or denominator == 0:
-        return float("nan")
-    return (r_pt - r_ps * r_ts) / denominator
+    if math.isnan(r_pt + r_ps + r_ts) or max(abs(r_ps), abs(r_ts)) > 1 - 1e-9:
+        return float("nan")  # a rank perfectly tied to size leaves nothing to partial (round-off kept out)
+    return (r_pt - r_ps * r_ts) / math.sqrt((1 - r_ps**2) * (1 - r_ts**2))
 
 
 @dataclass(frozen=True)
