@@ -19,7 +19,7 @@ from autopeft.runs import FAILED, FINISHED, INFEASIBLE, INTERRUPTED, STOPPED, re
 from autopeft.search.config import SearchConfig
 from autopeft.search.portfolio import PORTFOLIO_ATTRS
 
-__all__ = ["Session", "open_session", "open_study", "requeue_interrupted", "search_seed"]
+__all__ = ["Session", "open_session", "open_study", "requeue_interrupted", "search_seed", "make_sampler"]
 
 
 @dataclass

@@ -147,7 +147,9 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
     from autopeft.search.portfolio import enqueue_portfolio, portfolio
     from autopeft.search._session import make_sampler, open_study, requeue_interrupted, search_seed
     from autopeft.search._sources import prepare_sources, publish_importance
-    from autopeft.search.priors import PlanPrior, PriorGuide
+    from autopeft.search.options import default_prior_beta
+    from autopeft.search.priors import PriorGuide
+    from autopeft.search.signals import prior_for
     from autopeft.search.results import finish_run, run_references
 
     config, run_dir = session.config, session.run_dir
@@ -162,10 +164,15 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
     prepare_sources(config, replace(setup, folds=folds), options=task_options(config), progress=config.progress)
     study = open_study(session)
     train_extra = {"epochs": int(config.epochs)}
-    prior_model = PlanPrior.for_setup(setup, template, counter, signal=config.prior_signal) if config.priors else None
+    prior_model = prior_for(config.prior_signal, setup, template, counter, space) if config.priors else None
+    if prior_model is not None and config.progress and getattr(prior_model, "cost", 0):
+        print(f"prior {config.prior_signal}: {prior_model.cost:g} pair-epochs spent scoring (cached for later searches)",
+              flush=True)
     guide = None
     if prior_model is not None and config.prior_candidates > 1:  # the prior picks among the sampler's draws
-        guide = PriorGuide(space, prior_model, budget, make_sampler=lambda seed: make_sampler(config, seed),
+        # A run.json written before the fading has no prior_beta: the declared default then.
+        beta = config.prior_beta if config.prior_beta is not None else default_prior_beta(config.trials)
+        guide = PriorGuide(space, prior_model, budget, make_sampler=lambda seed: make_sampler(config, seed), beta=beta,
                            candidates=config.prior_candidates, seed=search_seed(config) + session.number, train=train_extra)
     publish_importance(setup)
     baselines = portfolio(space, counter, budget, train=train_extra) if config.portfolio else []
@@ -280,7 +287,9 @@ def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, tot
           f"{config.epochs} fine-tuning epochs each; protocol {setup.make_protocol()}")
     limit = f"no trial launched after {config.time_budget_s / 60:.1f} min" if config.time_budget_s else "no time limit"
     asha = isinstance(scheduler_for(config, setup)[0], ASHAScheduler)
-    print(f"  {config.trials} trials, {config.objective}-objective, sampler {config.sampler}, priors {(config.prior_signal + ' x' + str(config.prior_candidates)) if config.priors else 'off'}, "
+    priors = "off" if not config.priors else f"{config.prior_signal} (pick among {config.prior_candidates} draws" + (
+        f", beta {config.prior_beta:g})" if config.prior_beta is not None else ")")
+    print(f"  {config.trials} trials, {config.objective}-objective, sampler {config.sampler}, priors {priors}, "
           f"ASHA {'on ' + config.fidelity if asha else 'off'}, {limit}")
     extra = "".join(f", {amount:g} {name}" for name, amount in config.trial_resources.items())
     print(f"  Ray {'cluster ' + config.address if config.address else 'on this machine'}: {cluster.describe()}; "
