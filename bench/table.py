@@ -37,8 +37,10 @@ built without ``tables/pilot.json``; a ``confirm`` scenario is never tabulated.
 
 Runs go two at a time (``--workers``, one torch thread each), each into its own JSON file of the
 work folder, written atomically: interrupted (Ctrl-C), the same command goes on where it stopped,
-losing at most the runs in flight. ``--priors`` charges each signal its own cost (seconds and
-pair-epochs of its gradient passes) in ``<scenario>-priors.json``.
+losing at most the runs in flight. ``--priors`` scores through the signal registry
+(``autopeft.search.signals.prior_for``; ``gradient`` and ``audit`` probe and briefly train, their
+scores cached by the library) and charges each signal its own cost (seconds, and the prior's
+``.cost`` in pair-epochs) in ``<scenario>-priors.json``.
 
 PSNR: peak 1 on [0, 1]-scaled volumes; comparable only within one scenario.
 """
@@ -622,22 +624,22 @@ def build(args: argparse.Namespace, declared: dict[str, Any], spec: dict[str, An
 
 # The priors --------------------------------------------------------------------------------------
 def signal_scorer(name: str, setup, template, counter, units: Sequence[tuple[str, str, int]]):
-    """The prior of signal ``name`` over ``units`` and its own cost in pair-epochs.
+    """The prior of signal ``name`` over ``units`` (its pair-epochs spent: ``.cost``).
 
-    Uses ``autopeft.search.priors.prior_for(name, setup, template, counter)`` and its
-    ``.cost_pair_epochs`` when the priors module has them (the signal registry being added);
-    otherwise ``PlanPrior`` with that signal, whose cost is one gradient pass over one epoch of
-    each pair's batches (one pair-epoch per pair)."""
+    ``autopeft.search.signals.prior_for`` on ``setup`` narrowed to ``units``' pairs and folds.
+    The per-candidate signals (``gradient``, ``audit``) read their (site, method) candidates from
+    the space: always the grouped one (``search_spaces/<backbone>.yaml``, as a search of it
+    would), so that one prior, one cost and one cache serve the table's plans of both spaces. Per
+    site the grouped spaces offer every method the per-block ones do, plus VPT in the encoder's
+    transformer blocks, so no per-block plan trains a candidate the grouped prior did not score."""
     from dataclasses import replace
 
-    from autopeft.search import priors
+    from autopeft.search.signals import prior_for
+    from autopeft.search.space import load_space
 
     sub = replace(setup, pairs=tuple(sorted({(s, t) for s, t, _ in units})), folds=tuple(sorted({f for _, _, f in units})))
-    make = getattr(priors, "prior_for", None)
-    if callable(make):
-        scorer = make(name, sub, template, counter)
-        return scorer, float(getattr(scorer, "cost_pair_epochs", len(units)))
-    return priors.PlanPrior.for_setup(sub, template, counter, signal=name), float(len(units))
+    space = load_space(setup.backbone, template.sites())
+    return prior_for(name, sub, template, counter, space)
 
 
 def score_priors(args: argparse.Namespace, declared: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
@@ -645,6 +647,7 @@ def score_priors(args: argparse.Namespace, declared: dict[str, Any], spec: dict[
 
     from autopeft.peft import Plan
     from autopeft.search.options import PRIOR_SIGNALS
+    from autopeft.search.priors import CandidatePrior
 
     path = args.out_dir / f"{spec['name']}.csv.gz"
     meta_path = args.out_dir / f"{spec['name']}.json"
@@ -657,14 +660,16 @@ def score_priors(args: argparse.Namespace, declared: dict[str, Any], spec: dict[
                     budget=meta["settings"]["budget"], pretrain_epochs=meta["settings"].get("pretrain_epochs"))
     groups = {f"{s}->{t}": [(s, t, f)] for s, t, f in ev.setup.units}
     groups["all"] = list(ev.setup.units)  # the search's prior: every pair's maps averaged
-    frames, costs = [], {}
+    frames, costs, notes = [], {}, {}
     for signal in PRIOR_SIGNALS:
         started, pair_epochs = time.perf_counter(), 0.0
         scored = {}
         for pair, units in groups.items():
-            scorer, cost = signal_scorer(signal, ev.setup, ev.template, ev.counter, units)
+            scorer = signal_scorer(signal, ev.setup, ev.template, ev.counter, units)
             if pair == "all":
-                pair_epochs = cost  # the search pays for every pair's pass once
+                pair_epochs = float(scorer.cost)  # what a search on every pair pays (the per-pair ones filled the cache)
+                # Per-candidate priors say which candidates went unscored (audit: VPT cannot be switched off).
+                notes[signal] = list(scorer.notes) if isinstance(scorer, CandidatePrior) else []
             scored[pair] = [float(scorer.score(Plan.from_dict(json.loads(p)))) for p in plans["plan"]]
         costs[signal] = {"seconds": time.perf_counter() - started, "pair_epochs": pair_epochs}
         for pair, values in scored.items():
@@ -676,9 +681,13 @@ def score_priors(args: argparse.Namespace, declared: dict[str, Any], spec: dict[
     write_csv(out, wide)
     result = {"scenario": spec["name"], "command": "python bench/table.py " + " ".join(sys.argv[1:]),
               "code_version": code_version(), "machine": machine(), "signals": list(PRIOR_SIGNALS), "cost": costs,
-              "cost_note": ("pair_epochs: each signal charged its own gradient passes (one epoch of every pair), although "
-                            "shpeft and sensitivity read the same maps; seconds: this invocation, maps already cached count "
-                            "their loading and the scoring only"),
+              "cost_note": ("pair_epochs: the prior's own .cost (autopeft.search.signals) on every pair: shpeft and "
+                            "sensitivity one gradient pass over one epoch per pair each (charged to both, although they "
+                            "read the same maps), gradient one per method the grouped space offers and pair, audit "
+                            "max(1, E // 4) training epochs per switchable method and pair, count and early none; "
+                            "seconds: this invocation, scores already cached count their loading and the scoring only"),
+              "candidate_space": f"search_spaces/{spec['backbone']}.yaml (grouped; gradient and audit candidates)",
+              "notes": notes,
               "plans": int(len(plans)), "pairs": list(groups)}
     from autopeft._io import atomic_write_json
 

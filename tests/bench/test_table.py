@@ -144,3 +144,31 @@ def test_cost_model_and_projection_by_hand():
     assert model == {"fixed_seconds": pytest.approx(6.0 * 3), "seconds_per_epoch": pytest.approx(1.5)}
     assert table.project_seconds(10, 8, model["fixed_seconds"], model["seconds_per_epoch"], 2) == pytest.approx(150.0)
     assert table.table_runs(rows=5, second_seed=2, pairs=2) == 14
+
+
+def test_signal_scorer_goes_through_the_registry_with_its_cost():
+    import math
+
+    from autopeft.peft import Plan
+    from autopeft.search.priors import CountPrior, EarlyPrior
+    from autopeft.search.trial import TrialSetup
+
+    ev = _light_evaluation("cvtgan", 2)
+    setup = TrialSetup(backbone="cvtgan", preset="tiny", manifest_path="", pairs=(("1", "5"), ("5", "1")), epochs=2)
+    units = [("1", "5", 0)]
+    count = table.signal_scorer("count", setup, ev.template, ev.counter, units)
+    early = table.signal_scorer("early", setup, ev.template, ev.counter, units)
+    assert isinstance(count, CountPrior) and isinstance(early, EarlyPrior)
+    assert count.cost == 0.0 and early.cost == 0.0  # the baselines read no data: nothing to charge
+    plan = Plan.from_dict({"backbone": "cvtgan", "bitfit": True, "sites": {"encoder.stem": {"method": "ssf"}}})
+    trainable = ev.counter.count(plan).trainable
+    assert trainable > 0 and count.score(plan) == math.log1p(trainable)
+    # encoder.stem is the first of the backbone's sites: weight 1; BitFit's biases reach every site.
+    sites = [s.name for s in ev.template.sites()]
+    trained = [s for s, n in ev.counter.count(plan).per_site.items() if n > 0]
+    assert "encoder.stem" in trained
+    assert early.score(plan) == sum(1 - sites.index(s) / len(sites) for s in trained)
+    from autopeft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prior_signal"):
+        table.signal_scorer("gradients", setup, ev.template, ev.counter, units)
