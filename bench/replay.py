@@ -6,8 +6,8 @@ sequentially (concurrency 1: each trial ends before the next is proposed, so cos
 
 - an in-memory Optuna study with the engine's sampler (``_session.make_sampler``, seeded as a
   first session), the baseline portfolio enqueued first (``portfolio.enqueue_portfolio``), and with
-  a prior the warm start (``_plans.warm_start``) and ``priors.PriorGuide`` (its fading ``beta``
-  when the installed ``PriorGuide`` takes one);
+  a prior the warm start (``_plans.warm_start``) and ``priors.PriorGuide`` at the variant's fading
+  ``beta``;
 - proposals through the engine's ``_searcher.StudySearcher`` (its ``suggest`` / ``on_trial_result``
   / ``on_trial_complete``): the define-by-run step ``_plans.plan_definer``, over-budget draws
   redrawn and told PRUNED, a stopped trial told PRUNED with its intermediate values, exactly as a
@@ -28,26 +28,29 @@ is the run's best FINISHED plan by validation gain. Per run: the final regret an
 (mean regret over the horizon).
 
 Variants: ``no-priors`` (TPE + portfolio), ``random``, every prior signal
-(``options.PRIOR_SIGNALS``) at each declared fading strength beta, and controls: ``oracle`` (the
-table's validation gain + Gaussian noise of the measured seed-to-seed SD), ``inverted-<signal>``
-and ``permuted-<signal>``. Paired by sampler seed against ``no-priors``: mean difference with its
+(``options.PRIOR_SIGNALS``) at each declared fading strength beta (``<signal>-bh/10``, ``-bh/3``,
+``-bh``: horizon / 10, horizon / 3 and the horizon in trials), and controls: ``oracle-bh/10`` ..
+(the table's validation gain + Gaussian noise of the measured seed-to-seed SD), and at beta
+horizon / 3 ``inverted-<signal>`` (``priors.InvertedPrior``) and ``permuted-<signal>``
+(``priors.PermutedPrior``, its per-site or per-candidate values shuffled with the sampler seed; a
+signal whose prior has none, ``count``, has no permuted variant, and the output's
+``skipped_variants`` says why). Paired by sampler seed against ``no-priors``: mean difference with its
 t 95% interval and a BCa bootstrap interval, per scenario; ``--pooled`` pools the lab scenarios
 as ``decisions.prior_default`` says and prints the decision. Also the declared signal-quality
-figures (top-10 recall, NDCG@10, Spearman, Spearman partialled on log trainable count, with
-bootstrap CIs, beside the noise ceiling).
+figures (``autopeft.search.prior_quality.quality``: top-10 recall, NDCG@10, Spearman, Spearman
+partialled on log trainable count, each with its bootstrap 95% CI, beside the noise ceiling).
 
     python bench/replay.py --scenario cvtgan-3-5-d3                 # -> bench/results/replay-cvtgan-3-5-d3.json
     python bench/replay.py --pooled                                 # the lab scenarios pooled -> bench/results/replay.json
     python bench/replay.py --scenario cvtgan-1-5 --tables /tmp/lab --seeds 4 --variants no-priors,random --out /tmp/r.json
 
-Seeds run on two processes (``--workers``). Needs the scenario's cached source models and
-importance maps for the prior signals (``bench/table.py --priors`` computes them).
+Seeds run on two processes (``--workers``). Needs the scenario's cached source models, importance
+maps and candidate scores for the prior signals (``bench/table.py --priors`` computes them).
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import sys
@@ -69,8 +72,7 @@ from _lab import scenario as declared_scenario  # noqa: E402
 
 BASELINE = "no-priors"
 KFOLDS = 5
-QUALITY_TOP = 10
-BOOTSTRAP = 1000
+QUALITY_TOP = 10  # decisions.signal_quality: top-10 recall and NDCG@10
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -193,47 +195,18 @@ def decide(per_scenario: dict[str, dict[str, list[float]]], candidates: Sequence
     return result
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
+def quality_figures(scores: Sequence[float], gains: Sequence[float], log_counts: Sequence[float], *,
+                    top: int = QUALITY_TOP) -> dict[str, Any]:
+    """``prior_quality.quality`` of a signal's scores against the plans' gains (size: log trainable
+    count), as JSON: per metric its value, the bootstrap 95% CI's low and high, and the CI's method.
+    With ``top`` plans or fewer (a quick table) k is one less than their number, and ``k`` says so:
+    BCa's jackknife scores the metric on every set of all plans but one, where top-k needs k plans."""
+    from autopeft.search.prior_quality import quality
 
-    return rankdata(x)
-
-
-def quality(scores: Sequence[float], gains: Sequence[float], log_counts: Sequence[float], *, top: int = QUALITY_TOP) -> dict[str, float]:
-    """Top-``top`` recall and NDCG@``top`` of the ``top`` best plans by gain when ranked by score,
-    Spearman(score, gain) and Spearman partialled on ``log_counts`` (rank correlations, then the
-    partial correlation formula)."""
-    s, g, c = (np.asarray(v, dtype=float) for v in (scores, gains, log_counts))
-    k = min(top, len(s))
-    by_score, by_gain = np.argsort(-s, kind="stable")[:k], np.argsort(-g, kind="stable")[:k]
-    recall = len(set(by_score) & set(by_gain)) / k
-    relevance = g - g.min()  # non-negative: the worst plan is worth 0
-    discount = 1.0 / np.log2(np.arange(2, k + 2))
-    ideal = float((relevance[by_gain] * discount).sum())
-    ndcg = float((relevance[by_score] * discount).sum()) / ideal if ideal > 0 else float("nan")
-    rs, rg, rc = _ranks(s), _ranks(g), _ranks(c)
-
-    def r(a, b):
-        return float(np.corrcoef(a, b)[0, 1]) if np.std(a) > 0 and np.std(b) > 0 else float("nan")
-
-    sg, sc, gc = r(rs, rg), r(rs, rc), r(rg, rc)
-    denominator = math.sqrt(max((1 - sc ** 2) * (1 - gc ** 2), 0.0))
-    partial = (sg - sc * gc) / denominator if denominator > 0 else float("nan")
-    return {"top_recall": recall, "ndcg": ndcg, "spearman": sg, "spearman_partial_log_count": partial}
-
-
-def quality_with_ci(scores, gains, log_counts, *, seed: int = 0) -> dict[str, Any]:
-    """:func:`quality` with percentile bootstrap 95% intervals over plans."""
-    point = quality(scores, gains, log_counts)
-    rng = np.random.default_rng(seed)
-    s, g, c = (np.asarray(v, dtype=float) for v in (scores, gains, log_counts))
-    draws = {k: [] for k in point}
-    for _ in range(BOOTSTRAP):
-        i = rng.integers(0, len(s), len(s))
-        for k, v in quality(s[i], g[i], c[i]).items():
-            draws[k].append(v)
-    return {k: {"value": point[k], "ci": [float(np.nanpercentile(draws[k], 2.5)), float(np.nanpercentile(draws[k], 97.5))]}
-            for k in point}
+    k = max(1, min(top, len(scores) - 1))
+    figures = quality(scores, gains, log_counts, k=k)
+    return {"k": k, **{name: {"value": e.value, "low": e.low, "high": e.high, "method": e.method}
+                       for name, e in figures.items()}}
 
 
 # The table and the surrogate ---------------------------------------------------------------------
@@ -407,31 +380,16 @@ class OracleSignal:
         return value + float(noise)
 
 
-class InvertedSignal:
-    """Minus the base prior: the control that should hurt."""
-
-    def __init__(self, base) -> None:
-        self.base, self.counter = base, base.counter
-
-    def score(self, plan, count=None) -> float:
-        return -float(self.base.score(plan, count))
-
-
-class PermutedSignal:
-    """The base prior's scores of the table's plans, dealt to plans at random: a plan gets the score
-    of the table plan its id maps to through a seeded permutation (same marginal, no information)."""
-
-    def __init__(self, base_scores: Sequence[float], counter, seed: int) -> None:
-        self.scores = np.random.default_rng(seed).permutation(np.asarray(base_scores, dtype=float))
-        self.counter = counter
-
-    def score(self, plan, count=None) -> float:
-        return float(self.scores[int(plan_id(plan.to_dict()), 16) % len(self.scores)])
-
-
 # One replay run ----------------------------------------------------------------------------------
-def variant_list(signals: Sequence[str], betas: dict[str, float | None]) -> dict[str, dict[str, Any]]:
-    """Every variant: name -> {sampler, prior (None, signal name, oracle, inverted/permuted), beta}."""
+def declared_betas(horizon_trials: int) -> dict[str, float]:
+    """The declared fading strengths (decisions.prior_default): name suffix -> beta."""
+    h = horizon_trials
+    return {"-bh/10": h / 10, "-bh/3": h / 3, "-bh": float(h)}
+
+
+def variant_list(signals: Sequence[str], betas: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Every variant: name -> {sampler, prior (None, signal name, oracle, inverted/permuted), beta}.
+    The controls run at the middle beta."""
     out: dict[str, dict[str, Any]] = {BASELINE: {"sampler": "tpe", "prior": None, "beta": None},
                                       "random": {"sampler": "random", "prior": None, "beta": None}}
     for signal in signals:
@@ -444,12 +402,6 @@ def variant_list(signals: Sequence[str], betas: dict[str, float | None]) -> dict
         out[f"inverted-{signal}"] = {"sampler": "tpe", "prior": f"inverted:{signal}", "beta": middle[1]}
         out[f"permuted-{signal}"] = {"sampler": "tpe", "prior": f"permuted:{signal}", "beta": middle[1]}
     return out
-
-
-def beta_supported() -> bool:
-    from autopeft.search.priors import PriorGuide
-
-    return "beta" in inspect.signature(PriorGuide).parameters
 
 
 class Context:
@@ -490,7 +442,8 @@ class Context:
         return float(self.prior_meta["cost"][signal]["pair_epochs"])
 
     def signal(self, name: str):
-        """The live scorer of a signal on every pair (importance maps from the cache)."""
+        """The live prior of a signal on every pair (``table.signal_scorer``: importance maps and
+        candidate scores read from the caches ``bench/table.py --priors`` filled)."""
         if name not in self._signals:
             from table import Evaluation, signal_scorer
 
@@ -500,7 +453,7 @@ class Context:
                 self._evaluation = Evaluation(spec, preset=settings["preset"], device="cpu", epochs=self.table.epochs,
                                               budget=settings["budget"], pretrain_epochs=settings.get("pretrain_epochs"))
             ev = self._evaluation
-            self._signals[name] = signal_scorer(name, ev.setup, self.template, self.counter, ev.setup.units)[0]
+            self._signals[name] = signal_scorer(name, ev.setup, self.template, self.counter, ev.setup.units)
         return self._signals[name]
 
     def prior(self, prior: str | None, seed: int):
@@ -508,16 +461,15 @@ class Context:
             return None
         if prior == "oracle":
             return OracleSignal(self.table, self.surrogate, self.counter, self.table.noise_sd, seed)
+        from autopeft.search.priors import InvertedPrior, PermutedPrior
+
         kind, _, signal = prior.partition(":")
         if not signal:
             return self.signal(kind)
         base = self.signal(signal)
         if kind == "inverted":
-            return InvertedSignal(base)
-        from autopeft.peft import Plan
-
-        scores = [base.score(Plan.from_dict(p["plan"])) for p in self.table.plans.values()]
-        return PermutedSignal(scores, self.counter, seed)
+            return InvertedPrior(base)
+        return PermutedPrior(base, seed)  # each sampler seed its own shuffle
 
     def outcome(self, plan_dict: dict[str, Any]) -> dict[str, Any]:
         """Validation gain curves (pairs x E), test gains and failures of a plan: recorded, or the
@@ -590,9 +542,8 @@ def replay_run(ctx: Context, variant: dict[str, Any], seed: int) -> dict[str, An
     guide = None
     if prior is not None:
         warm_start(study, ctx.space, prior, ctx.budget, config, preset_lr=ctx.template.preset.finetune.lr_peft, train=ctx.train)
-        extra = {"beta": variant["beta"]} if variant["beta"] is not None and beta_supported() else {}
         guide = PriorGuide(ctx.space, prior, ctx.budget, make_sampler=lambda s: make_sampler(config, s),
-                           candidates=config.prior_candidates, seed=session_seed, train=ctx.train, **extra)
+                           beta=variant["beta"], candidates=config.prior_candidates, seed=session_seed, train=ctx.train)
     define = plan_definer(ctx.space, ctx.counter, ctx.budget, prior, train=ctx.train, portfolio=ctx.baselines)
     infeasible: list[int] = []
     searcher = StudySearcher(study, define, metric="gain", mode="max",
@@ -653,7 +604,30 @@ def _worker_init(tables: str, name: str, space: str) -> None:
 
 
 def run_file(work: Path, name: str, seed: int) -> Path:
-    return work / f"{name}-s{seed}.json"
+    """A run's file: the variant's name with ``/`` (the betas' ``-bh/10``) percent-encoded, so that
+    every run is one file of the work folder, not a file in a sub-folder named after a prefix."""
+    from urllib.parse import quote
+
+    return work / f"{quote(name, safe='')}-s{seed}.json"
+
+
+def unpermutable(ctx: Context, variants: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The permuted variants whose signal's prior has nothing to permute, with the reason:
+    ``priors.PermutedPrior``'s own ConfigError (no signal declares this as a capability, so the
+    library's refusal decides, on the live prior; ``count``'s is a bare log count)."""
+    from autopeft.errors import ConfigError
+    from autopeft.search.priors import PermutedPrior
+
+    skipped = {}
+    for name, variant in variants.items():
+        kind, _, signal = (variant["prior"] or "").partition(":")
+        if kind != "permuted":
+            continue
+        try:
+            PermutedPrior(ctx.signal(signal), 0)
+        except ConfigError as error:
+            skipped[name] = str(error)
+    return skipped
 
 
 def _work(job: tuple[str, dict[str, Any], int, str]) -> tuple[str, dict[str, Any]]:
@@ -697,7 +671,7 @@ def signal_quality(ctx: Context, signals: Sequence[str]) -> dict[str, Any]:
             out[signal] = {"missing": f"no {signal} column in {path}; rerun --priors"}
             continue
         s = scores.loc[ids, signal].to_numpy(float)
-        out[signal] = {"val": quality_with_ci(s, val, log_count), "test": quality_with_ci(s, test, log_count)}
+        out[signal] = {"val": quality_figures(s, val, log_count), "test": quality_figures(s, test, log_count)}
     return out
 
 
@@ -729,15 +703,19 @@ def run_scenario(args: argparse.Namespace, declared: dict[str, Any]) -> dict[str
     ctx = Context(args.tables.expanduser().resolve(), spec["name"], args.space, declared)
     seeds = args.seeds or int(declared["replay"]["seeds"])
     h = ctx.horizon_trials
-    betas = {f"-b{label}": value for label, value in (("h/10", h / 10), ("h/3", h / 3), ("h", float(h)))} \
-        if beta_supported() else {"": None}  # without a fading PriorGuide the betas would be the same run
-    variants = variant_list(PRIOR_SIGNALS, betas)
+    variants = variant_list(PRIOR_SIGNALS, declared_betas(h))
     if args.variants:
         wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
         unknown = [v for v in wanted if v not in variants]
         if unknown:
             raise SystemExit(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(variants)}.")
         variants = {v: variants[v] for v in wanted}
+    for variant in variants.values():
+        ctx.prior_cost(variant["prior"])  # every prior's cost on record, before any worker starts
+    skipped = unpermutable(ctx, variants)
+    variants = {name: v for name, v in variants.items() if name not in skipped}
+    for name, why in skipped.items():
+        print(f"{name}: skipped ({why})", flush=True)
     work = work_folder(args.work, ctx, args.space)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     jobs = []
@@ -773,7 +751,7 @@ def run_scenario(args: argparse.Namespace, declared: dict[str, Any]) -> dict[str
         "command": "python bench/replay.py " + " ".join(sys.argv[1:]), "code_version": code_version(), "machine": machine(),
         "scenario": spec, "space": args.space, "table": str(ctx.table.path), "table_code_version": ctx.table.meta.get("code_version"),
         "epochs": ctx.table.epochs, "horizon_pair_epochs": ctx.horizon, "horizon_trials": h, "seeds": seeds,
-        "concurrency": 1, "beta_supported": beta_supported(),
+        "concurrency": 1, "betas": declared_betas(h), "skipped_variants": skipped,
         "reference": {"val_gain": ctx.table.reference["val"], "val_plan": ctx.table.best_val,
                       "test_gain": ctx.table.reference["test"], "test_plan": ctx.table.best_test},
         "noise_sd_db": ctx.table.noise_sd,
@@ -846,11 +824,12 @@ def _print(result: dict[str, Any]) -> None:
     quality = result["signal_quality"]
     for signal, q in quality.items():
         if isinstance(q, dict) and "val" in q:
-            fig = q["val"]
-            lo, hi = fig["spearman"]["ci"]
-            print(f"{signal} (validation, {quality['plans']} plans): top-10 recall {fig['top_recall']['value']:.2f}, NDCG@10 "
-                  f"{fig['ndcg']['value']:.2f}, Spearman {fig['spearman']['value']:+.2f} [{lo:+.2f}, {hi:+.2f}], partialled on "
-                  f"log count {fig['spearman_partial_log_count']['value']:+.2f}; noise ceiling {quality['noise_ceiling_spearman']:.2f}")
+            fig, k = q["val"], q["val"]["k"]
+            sp = fig["spearman"]
+            print(f"{signal} (validation, {quality['plans']} plans): top-{k} recall {fig['top_k_recall']['value']:.2f}, "
+                  f"NDCG@{k} {fig['ndcg_at_k']['value']:.2f}, Spearman {sp['value']:+.2f} [{sp['low']:+.2f}, {sp['high']:+.2f}] "
+                  f"({sp['method']}), partialled on log count {fig['partial_spearman']['value']:+.2f}; noise ceiling "
+                  f"{quality['noise_ceiling_spearman']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""bench/replay.py: regret and its area, ASHA on hand-made curves, the decision rule, signal quality."""
+"""bench/replay.py: regret and its area, ASHA on hand-made curves, the decision rule, signal quality,
+the variants' betas and controls."""
 
 from __future__ import annotations
 
@@ -89,24 +90,61 @@ def test_paired_intervals():
     assert out["bca_ci"][0] < out["mean"] < out["bca_ci"][1]
 
 
-def test_signal_quality_known_answers():
+def test_signal_quality_figures_are_the_librarys_with_their_intervals():
     gains = np.arange(20, dtype=float)
     counts = np.array([5, 3, 8, 1, 9, 2, 7, 4, 6, 0] * 2, dtype=float)
-    perfect = replay.quality(gains, gains, counts)
-    assert perfect["top_recall"] == 1.0 and perfect["ndcg"] == pytest.approx(1.0)
-    assert perfect["spearman"] == pytest.approx(1.0) and perfect["spearman_partial_log_count"] == pytest.approx(1.0)
-    reverse = replay.quality(-gains, gains, counts)
-    assert reverse["top_recall"] == 0.0 and reverse["spearman"] == pytest.approx(-1.0)
-    # Partialled: the correlation of the ranks' residuals after a linear fit on the count's ranks.
-    from scipy.stats import rankdata
+    perfect = replay.quality_figures(gains, gains, counts)
+    assert perfect["k"] == 10
+    assert set(perfect) == {"k", "top_k_recall", "ndcg_at_k", "spearman", "partial_spearman"}
+    assert perfect["top_k_recall"]["value"] == 1.0 and perfect["ndcg_at_k"]["value"] == pytest.approx(1.0)
+    assert perfect["spearman"]["value"] == pytest.approx(1.0)
+    for figure in ("top_k_recall", "ndcg_at_k", "spearman", "partial_spearman"):
+        assert set(perfect[figure]) == {"value", "low", "high", "method"}
+    reverse = replay.quality_figures(-gains, gains, counts)
+    assert reverse["top_k_recall"]["value"] == 0.0 and reverse["spearman"]["value"] == pytest.approx(-1.0)
+    # A quick table has 10 plans or fewer: k is one less than their number (BCa's jackknife leaves one out).
+    # Neighbours swapped: the prior's top 7 leave out plan 1, the truth's plan 0: recall 6/7; every rank
+    # off by one, sum d^2 = 8, Spearman 1 - 6 * 8 / (8 * 63) = 19/21.
+    few = replay.quality_figures([1, 0, 3, 2, 5, 4, 7, 6], list(range(8)), [5, 3, 8, 1, 9, 2, 7, 4])
+    assert few["k"] == 7 and few["top_k_recall"]["value"] == pytest.approx(6 / 7)
+    assert few["spearman"]["value"] == pytest.approx(19 / 21)
+    sp = few["spearman"]
+    assert sp["method"] in ("BCa", "percentile") and sp["low"] <= 19 / 21 <= sp["high"]
 
-    rng = np.random.default_rng(1)
-    s, g, c = rng.normal(size=40), rng.normal(size=40), rng.normal(size=40)
-    g = g + c + 0.5 * s
-    rs, rg, rc = rankdata(s), rankdata(g), rankdata(c)
-    resid = [x - np.polyval(np.polyfit(rc, x, 1), rc) for x in (rs, rg)]
-    expected = np.corrcoef(*resid)[0, 1]
-    assert replay.quality(s, g, c)["spearman_partial_log_count"] == pytest.approx(expected)
+
+def test_variants_have_the_declared_betas_and_file_names_of_their_own(tmp_path):
+    from _lab import load_declared
+
+    rule = load_declared()["decisions"]["prior_default"]
+    assert "{horizon/10, horizon/3, horizon}" in rule  # the three betas below, in the declared order
+    betas = replay.declared_betas(24)
+    assert betas == {"-bh/10": pytest.approx(2.4), "-bh/3": pytest.approx(8.0), "-bh": 24.0}
+    variants = replay.variant_list(("gradient", "count"), betas)
+    assert variants["gradient-bh/10"] == {"sampler": "tpe", "prior": "gradient", "beta": pytest.approx(2.4)}
+    assert variants["count-bh"]["beta"] == 24.0 and variants["oracle-bh/3"]["prior"] == "oracle"
+    assert variants["inverted-gradient"] == {"sampler": "tpe", "prior": "inverted:gradient", "beta": pytest.approx(8.0)}
+    assert variants["permuted-count"]["prior"] == "permuted:count"
+    assert all(v["beta"] is not None for name, v in variants.items() if v["prior"] is not None)
+    assert len(variants) == 2 + 2 * 3 + 3 + 2 * 2
+    files = {replay.run_file(tmp_path, name, 0) for name in ("gradient-bh/10", "gradient-bh/3", "gradient-bh")}
+    assert len(files) == 3 and {f.parent for f in files} == {tmp_path}
+
+
+def test_a_signal_without_values_to_permute_has_no_permuted_variant():
+    from types import SimpleNamespace
+
+    from autopeft.search.budget import PlanCounter
+    from autopeft.search.priors import CountPrior, EarlyPrior
+    from backbones import build_backbone
+
+    template = build_backbone("cvtgan", "tiny")
+    counter = PlanCounter(template)
+    live = {"count": CountPrior(counter), "early": EarlyPrior(template, counter)}
+    ctx = SimpleNamespace(signal=live.__getitem__)  # what unpermutable reads of a Context: its live priors
+    variants = replay.variant_list(("count", "early"), replay.declared_betas(24))
+    skipped = replay.unpermutable(ctx, variants)
+    assert list(skipped) == ["permuted-count"]
+    assert "no per-site or per-candidate values" in skipped["permuted-count"]
 
 
 def test_pooled_decision_reads_the_lab_replays(tmp_path):
