@@ -5,10 +5,11 @@ gradients) with forward hooks on every module. From that trace:
 
 - **blocks**: the modules at the level of the network's stages. The root is split into its
   children; a ``ModuleList``/``ModuleDict`` into its elements (DynUNet's ``downsamples``); a child
-  is split further when it holds such a list of attention blocks (a transformer encoder: MONAI's
-  ViT, Swin's ``layers1..4``: only the lists' elements become blocks, its other parts, such as a
-  patch embedding, are left out) or when its outputs go down in
-  resolution and back up (a U inside one module: MONAI's ``UNet`` nests ``SkipConnection`` s).
+  is split further into its children when it holds such a list of attention blocks (a transformer
+  encoder or stage: MONAI's ViT into its patch embedding and blocks, a Swin stage into its blocks
+  and patch merging, a CvT stage into its embedding and blocks) or when its outputs go down in
+  resolution and back up (a U inside one module: MONAI's ``UNet`` nests ``SkipConnection`` s; never a block with
+  attention, whose strided key/value projections look like one).
   Everything else is one block. A block that the forward pass never calls or that holds no weight
   layer (only norms) is not a site, nor is the last block called when it is a single weight layer:
   the output projection, as small as any PEFT module one could attach to it (its bias is reached
@@ -17,9 +18,11 @@ gradients) with forward hooks on every module. From that trace:
 - **stage**: the block output's resolution level, ``log2(input side / output side)`` (the largest
   over the three axes; for ``B x N x C`` tokens, from ``N`` against the input volume).
 - **role**, from the levels along forward order: the longest tail of blocks whose level never
-  rises is the decoder, except its first blocks when they sit at the deepest level the network
-  reaches (the bottleneck) or, when an encoder block at the same level leads into it, that one
-  block (UNETR's ``encoder4`` before ``decoder5``); every block before it is an encoder block.
+  rises is the decoder, except its first blocks at one level: at the deepest level the network
+  reaches, the last of them is the bottleneck and those before it end the encoder (CVT-GAN's
+  stage-4 blocks before its bottleneck conv); at another level, the first of them is an encoder
+  block leading into the decoder (UNETR's ``encoder4`` before ``decoder5``). Every block before
+  that tail is an encoder block.
 - **kind**: ``vit`` when the block contains attention (:data:`ATTENTION_TYPES`), else ``cnn``.
 
 Site names are ``<role>.<module path>`` (``encoder.down_1``, ``decoder.upcat_4``), so plans and
@@ -47,12 +50,14 @@ def _attention_types() -> tuple[type[nn.Module], ...]:
     from monai.networks.blocks.selfattention import SABlock
     from monai.networks.nets.swin_unetr import WindowAttention
 
-    return (SABlock, CrossAttentionBlock, WindowAttention, nn.MultiheadAttention)
+    from backbones.blocks.cvt import ConvProjectionAttention
+
+    return (SABlock, CrossAttentionBlock, WindowAttention, nn.MultiheadAttention, ConvProjectionAttention)
 
 
 ATTENTION_TYPES: tuple[type[nn.Module], ...] = _attention_types()
 """Module types that make a block a ``vit`` site: MONAI's ``SABlock`` and ``CrossAttentionBlock``,
-Swin's ``WindowAttention``, and ``nn.MultiheadAttention``."""
+Swin's ``WindowAttention``, ``nn.MultiheadAttention``, and CVT-GAN's conv-projection attention."""
 
 _WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _LIST_TYPES = (nn.ModuleList, nn.ModuleDict)
@@ -100,7 +105,7 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 def _level(shape: tuple[int, ...], crop: Sequence[int], batch: int = 1) -> int | None:
     """Resolution level of a tensor of ``shape`` against an input of spatial size ``crop``."""
     spatial = len(crop)
-    if len(shape) == spatial + 2:
+    if len(shape) == spatial + 2 and shape[0] == batch:
         # Channels first (B x C x D x H x W), or last (B x D x H x W x C: Swin's blocks) when only
         # that reading gives power-of-two ratios to the input.
         for sides in (shape[2:], shape[1:-1]):
@@ -170,11 +175,11 @@ def _is_u(module: nn.Module, trace: _Trace, crop: Sequence[int]) -> bool:
     calls = sorted(((trace.order[id(m)], m) for m in module.modules()
                     if m is not module and id(m) in trace.order and id(m) in trace.outputs), key=lambda c: c[0])
     levels = [lvl for _, m in calls if (lvl := _level(trace.outputs[id(m)], crop)) is not None]
-    if len(levels) < 3:
+    if len(levels) < 2:
         return False
+    start = _level(trace.inputs.get(id(module), ()), crop)
     deepest = max(levels)
-    first_deep = levels.index(deepest)
-    return levels[0] < deepest and min(levels[first_deep:]) < deepest and levels[-1] < deepest
+    return min(levels[0], deepest if start is None else start) < deepest and levels[-1] < deepest
 
 
 def _blocks(net: nn.Module, trace: _Trace, crop: Sequence[int]) -> list[tuple[str, nn.Module]]:
@@ -184,26 +189,22 @@ def _blocks(net: nn.Module, trace: _Trace, crop: Sequence[int]) -> list[tuple[st
     def params(module: nn.Module) -> set[int]:
         return {id(p) for p in module.parameters()}
 
-    def visit(prefix: str, module: nn.Module, lists_only: bool, elements: bool = False) -> None:
+    def visit(prefix: str, module: nn.Module) -> None:
         for name, child in module.named_children():
             path = f"{prefix}{name}"
             owned = params(child)
             if not owned or owned <= taken:
                 continue
-            if isinstance(child, _LIST_TYPES):
-                visit(f"{path}.", child, lists_only=False, elements=True)
-            elif lists_only and not elements:
-                if _holds_attention_list(child):
-                    visit(f"{path}.", child, lists_only=True)
-            elif not elements and _holds_attention_list(child):
-                visit(f"{path}.", child, lists_only=not _is_u(child, trace, crop))
-            elif _is_u(child, trace, crop) or owned & taken:
-                visit(f"{path}.", child, lists_only=False)
+            attention = any(isinstance(m, ATTENTION_TYPES) for m in child.modules())
+            # A U inside an attention block is its strided key/value projections (CvT): not stages.
+            u_shaped = not attention and _is_u(child, trace, crop)
+            if isinstance(child, _LIST_TYPES) or _holds_attention_list(child) or u_shaped or owned & taken:
+                visit(f"{path}.", child)
             else:
                 blocks.append((path, child))
                 taken.update(owned)
 
-    visit("", net, lists_only=False)
+    visit("", net)
     return blocks
 
 
@@ -220,8 +221,10 @@ def _roles(levels: list[int]) -> list[str]:
     while lead < count and levels[lead] == top:
         lead += 1
     if top == deepest and start > 0:
-        for i in range(start, lead):
-            roles[i] = "bottleneck"
+        # The blocks that reach the deepest level end the encoder; the last of them turns back.
+        for i in range(start, lead - 1):
+            roles[i] = "encoder"
+        roles[lead - 1] = "bottleneck"
     elif top == deepest and lead < count:  # a network that starts at its deepest level: an encoder
         for i in range(start, lead):
             roles[i] = "encoder"
