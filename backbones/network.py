@@ -52,7 +52,9 @@ from autopeft.errors import ConfigError, _did_you_mean
 from backbones.base import Backbone, FinetuneSchedule, Preset, PretrainSchedule, Site
 
 __all__ = ["NetworkRef", "NetworkBackbone", "is_network_spec", "register_network", "load_networks", "NETWORKS_ENV",
-           "parse_net_args", "network_ref"]
+           "parse_net_args", "network_ref", "save_run_network", "load_run_network", "RUN_FILE"]
+
+RUN_FILE = "network.json"
 
 NETWORKS_ENV = "AUTOPEFT_NETWORKS"
 _DEFAULT_CROP = (32, 32, 32)
@@ -436,3 +438,36 @@ def load_networks() -> None:
         entry = base._REGISTRY.get(ref.name)
         if entry is None or ref.preset_name not in entry[1]:
             _register(ref)
+
+
+def save_run_network(run_dir: str | os.PathLike, backbone: str, preset: str) -> None:
+    """Write the reference of ``backbone``/``preset`` into a run directory (``network.json``) when
+    it is a user's network, so that whatever reads the run later (predict, export, report, resume)
+    rebuilds it; nothing for a registered backbone."""
+    from backbones import base
+
+    entry = base._REGISTRY.get(backbone)
+    refs = getattr(entry[0], "refs", None) if entry else None
+    if not refs or preset not in refs:
+        return
+    from autopeft._io import atomic_write_text
+
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / RUN_FILE, json.dumps(json.loads(refs[preset].to_json()), indent=2) + "\n", inside=run_dir)
+
+
+def load_run_network(run_dir: str | os.PathLike) -> tuple[str, str] | None:
+    """Register the network a run directory names (``network.json``), if any; its names.
+
+    The file is the run's own record of the ``--backbone`` its search was given: building it runs
+    what that reference names (a ``module:Class`` import, a bundle's ``network_def``), as the
+    search did.
+    """
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        ref = NetworkRef.from_json(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise ConfigError(f"{path}: not a network reference autopeft wrote ({err}).") from err
+    return register_network(ref)

@@ -62,6 +62,7 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
     from autopeft.data import resolve_manifest
     from autopeft.search._cluster import Cluster, start_ray, trial_resources
     from autopeft.search._session import open_session
+    from backbones.network import load_run_network, save_run_network
 
     started = time.time()
 
@@ -69,6 +70,8 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
         start_ray(new)
         return resolve_defaults(new, cluster_gpus=Cluster.read().gpus if new.address else None)
 
+    if resume_dir is not None:
+        load_run_network(resume_dir)  # a user's network by reference: registered before any look-up
     session = open_session(config, resume_dir, trials=trials, time_budget_s=time_budget_s, resolve=resolve)
     config = session.config
     plans = _PlanSpace.load(config)
@@ -76,6 +79,7 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
     cluster = Cluster.read()
     run_dir = session.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    save_run_network(run_dir, config.backbone, config.preset)
     budget = Budget.parse(config.budget)
     manifest_path = str(resolve_manifest(config.data, progress=config.progress))
     config.data = config.data or None
@@ -107,7 +111,7 @@ class _PlanSpace:
         from backbones import build_backbone
 
         template = build_backbone(config.backbone, config.preset)
-        space = load_space(config.space, template.sites())
+        space = load_space(config.space, template.sites(), model=template)
         if space.backbone != config.backbone:
             raise ConfigError(f"`space` {config.space} is written for {space.backbone!r}, but `backbone` is {config.backbone!r}.")
         return cls(template, space, PlanCounter(template))
@@ -144,7 +148,7 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
     """Steps 3 to 7 of the module docstring."""
     from autopeft.search._cluster import task_options, tune_resources
     from autopeft.search._plans import plan_definer, warm_start
-    from autopeft.search.portfolio import enqueue_portfolio, portfolio
+    from autopeft.search.portfolio import enqueue_portfolio, portfolio, table1_plans
     from autopeft.search._session import make_sampler, open_study, requeue_interrupted, search_seed
     from autopeft.search._sources import prepare_sources, publish_importance
     from autopeft.search.priors import PlanPrior, PriorGuide
@@ -175,6 +179,9 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
             print(f"baseline portfolio: {len(baselines)} trials first, PETITE's Table-1 rows within the budget at "
                   f"learning rates {', '.join(f'{lr:.2g}' for lr in sorted({e.lr for e in baselines}))}: "
                   f"{', '.join(sorted({e.label for e in baselines}))}", flush=True)
+        elif config.progress and config.portfolio and not table1_plans(config.backbone):
+            print(f"baseline portfolio: skipped, PETITE's Table-1 rows are plans named for unetr and cvtgan, and "
+                  f"{config.backbone} has none (the references No-FT and Full-FT still run)", flush=True)
     if not session.resumed and config.priors:
         warm_start(study, space, prior_model, budget, config, preset_lr=template.preset.finetune.lr_peft, train=train_extra)
     if session.resumed:
