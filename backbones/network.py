@@ -52,7 +52,7 @@ from autopeft.errors import ConfigError, _did_you_mean
 from backbones.base import Backbone, FinetuneSchedule, Preset, PretrainSchedule, Site
 
 __all__ = ["NetworkRef", "NetworkBackbone", "is_network_spec", "register_network", "load_networks", "NETWORKS_ENV",
-           "parse_net_args", "network_ref", "save_run_network", "load_run_network", "RUN_FILE"]
+           "parse_net_args", "network_ref", "save_run_network", "load_run_network", "registered_ref", "RUN_FILE"]
 
 RUN_FILE = "network.json"
 
@@ -178,6 +178,14 @@ class NetworkRef:
             if key in accepted and key not in args:
                 args[key] = value
         return args
+
+    def network_def(self) -> dict[str, Any]:
+        """The network as a MONAI bundle's ``network_def`` (``_target_`` and arguments): the
+        user's own class, or a bundle's own ``network_def``."""
+        if self.bundle_config is not None:
+            return self.bundle_config["network_def"]
+        cls = self.network_class()
+        return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **self.constructor_args()}
 
     def build(self) -> nn.Module:
         """A fresh network (random weights)."""
@@ -387,6 +395,16 @@ class NetworkBackbone(Backbone):
             )
 
 
+def registered_ref(backbone: str, preset: str) -> NetworkRef | None:
+    """The reference registered as ``backbone``/``preset``, or None for a registered backbone."""
+    from backbones import base
+
+    base._load_builtin()
+    entry = base._REGISTRY.get(backbone)
+    refs = getattr(entry[0], "refs", None) if entry else None
+    return refs.get(preset) if refs else None
+
+
 def register_network(ref: NetworkRef) -> tuple[str, str]:
     """Register ``ref`` (idempotent) in this process and in ``$AUTOPEFT_NETWORKS`` for the processes
     it starts; returns the ``(backbone, preset)`` names to build it with."""
@@ -444,16 +462,13 @@ def save_run_network(run_dir: str | os.PathLike, backbone: str, preset: str) -> 
     """Write the reference of ``backbone``/``preset`` into a run directory (``network.json``) when
     it is a user's network, so that whatever reads the run later (predict, export, report, resume)
     rebuilds it; nothing for a registered backbone."""
-    from backbones import base
-
-    entry = base._REGISTRY.get(backbone)
-    refs = getattr(entry[0], "refs", None) if entry else None
-    if not refs or preset not in refs:
+    ref = registered_ref(backbone, preset)
+    if ref is None:
         return
     from autopeft._io import atomic_write_text
 
     run_dir = Path(run_dir)
-    atomic_write_text(run_dir / RUN_FILE, json.dumps(json.loads(refs[preset].to_json()), indent=2) + "\n", inside=run_dir)
+    atomic_write_text(run_dir / RUN_FILE, json.dumps(json.loads(ref.to_json()), indent=2) + "\n", inside=run_dir)
 
 
 def load_run_network(run_dir: str | os.PathLike) -> tuple[str, str] | None:
