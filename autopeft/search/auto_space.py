@@ -13,11 +13,12 @@ rank, reduction-factor, token and fraction ladders; a plug-in method gets its de
 per-group choice (its prompts enter at the first block of a run) and is left out of
 ``auto-blocks``, as ``unetr-blocks.yaml`` leaves it out.
 
-A method is offered on a site only where it works there: each (site, method, list-valued choice
-such as LoRA's ``targets``) is applied to a copy of the network (``apply_plan``: it must find
-layers to change and something to train); a method that is not mergeable (it adds hooks:
-adapters, prompts) must also run: the network runs forward once with the method on every site
-that took it, and site by site when that fails. What fails is left out, and :func:`auto_space` says why
+A method is offered on a site only where it works there: each method, at its first options and
+at each other value of each choice (LoRA's ``targets``, SH-PEFT's ``fraction``), is applied to a
+copy of the network (``apply_plan``: it must find layers to change, and something to train within
+what it may train); a method that is not mergeable (it adds hooks: adapters, prompts) must also
+run at its first options: the network runs forward once with the method on every site that took
+it, and site by site when that fails. What fails is left out, and :func:`auto_space` says why
 (``SearchSpace.describe`` shows the notes). A grouped space offers a method on a group when it
 works on every site of the group. Results are kept per backbone and preset in the process.
 """
@@ -85,21 +86,14 @@ def _options_for(kind: str, per_block: bool) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _structural(options: Mapping[str, Any]) -> tuple[str | None, list[Any]]:
-    """The list-valued choice of a method's options (LoRA's targets) and its values."""
-    for key, values in options.items():
-        if isinstance(values, list) and values and isinstance(values[0], list):
-            return key, values
-    return None, [None]
-
-
-def _probe_config(options: Mapping[str, Any], key: str | None, value: Any) -> dict[str, Any]:
-    config = {}
+def _probe_config(options: Mapping[str, Any], key: str | None, value: Any, method) -> dict[str, Any]:
+    """A plan entry: ``key`` at ``value``, every other choice at its first value."""
+    config: dict[str, Any] = {"method": method.name}
     for name, values in options.items():
+        if name in method.space_params:
+            continue
         if name == key:
             config[name] = value
-        elif name == "first_stage":
-            continue
         elif isinstance(values, list):
             config[name] = values[0]
         elif isinstance(values, Mapping):
@@ -109,10 +103,18 @@ def _probe_config(options: Mapping[str, Any], key: str | None, value: Any) -> di
     return config
 
 
+_ERRORS = (AutopeftError, ValueError, TypeError, RuntimeError)
+
+
 def _apply(model, entries: Mapping[str, dict[str, Any]]):
     from autopeft.peft import Plan, apply_plan
 
-    trial = copy.deepcopy(model)
+    try:  # a fresh build is much faster than a deep copy; weights do not matter here
+        from backbones import build_backbone
+
+        trial = build_backbone(model.name, model.preset.name)
+    except AutopeftError:
+        trial = copy.deepcopy(model)
     plan = Plan.from_dict({"backbone": model.name, "sites": dict(entries)})
     importance = None
     if plan.needs_importance:
@@ -121,18 +123,75 @@ def _apply(model, entries: Mapping[str, dict[str, Any]]):
     return trial
 
 
+class _SiteFailed(Exception):
+    def __init__(self, site: str | None, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.site, self.error = site, error
+
+
 def _runs(trial) -> None:
-    """One forward pass at batch 1 on the crop size (eval mode, no gradients)."""
+    """One forward pass at batch 1 on the crop size (eval mode, no gradients); a failure names
+    the innermost site that was running (:class:`_SiteFailed`)."""
     crop = tuple(trial.preset.crop_size)
     channels = getattr(getattr(trial, "ref", None), "in_channels", 1)
     reference = next(trial.parameters())
     x = torch.rand(1, channels, *crop, device=reference.device, dtype=reference.dtype)
-    with torch.no_grad():
-        trial.eval()(x)
+    running: list[str] = []
+    handles = []
+    for site in trial.sites():
+        # First before (ahead of a method's own pre-hooks), last after (behind its hooks).
+        handles.append(site.module.register_forward_pre_hook(lambda *_, n=site.name: running.append(n), prepend=True))
+        handles.append(site.module.register_forward_hook(lambda *_: running.pop() and None))
+    try:
+        with torch.no_grad():
+            trial.eval()(x)
+    except _ERRORS as err:
+        raise _SiteFailed(running[-1] if running else None, err) from err
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _working_sites(model, sites: list, config: dict[str, Any], method, notes: dict[str, list[str]], what: str,
+                   *, run: bool = True) -> list:
+    """The sites where ``config`` injects (and runs, for a method that is not mergeable, when
+    ``run``): all of them in one plan, and those an error names left out one at a time (site by
+    site when an error names none)."""
+    remaining = list(sites)
+    while remaining:
+        try:
+            trial = _apply(model, {s.name: config for s in remaining})
+            if run and not method.mergeable:
+                # A mergeable method swaps layers for linear equivalents: where it injects, it runs.
+                # The others (adapters, prompts: hooks) must show it in a forward pass.
+                _runs(trial)
+            return remaining
+        except _SiteFailed as failed:
+            named = [s for s in remaining if s.name == failed.site]
+            if not named:
+                break
+            notes[named[0].name].append(f"{what}: fails in a forward pass ({type(failed.error).__name__}: {failed.error})")
+            remaining.remove(named[0])
+        except _ERRORS as err:
+            named = [s for s in remaining if repr(s.name) in str(err)]
+            if len(named) != 1:
+                break
+            notes[named[0].name].append(f"{what}: {err}")
+            remaining.remove(named[0])
+    working = []
+    for site in remaining:  # one by one
+        try:
+            trial = _apply(model, {site.name: config})
+            if run and not method.mergeable:
+                _runs(trial)
+            working.append(site)
+        except (_SiteFailed, *_ERRORS) as err:
+            notes[site.name].append(f"{what}: {type(err).__name__}: {err}")
+    return working
 
 
 def _feasible(model) -> dict[str, dict[str, Any]]:
-    """Per site: method -> options that work there, and per site the reasons for what does not."""
+    """Per site: method -> options that work there; per site, notes on what does not."""
     key = (model.name, model.preset.name)
     if key in _CACHE:
         return _CACHE[key]
@@ -140,70 +199,50 @@ def _feasible(model) -> dict[str, dict[str, Any]]:
     sites = list(model.sites())
     works: dict[str, dict[str, dict[str, Any]]] = {s.name: {} for s in sites}
     notes: dict[str, list[str]] = {s.name: [] for s in sites}
-    for method_name in sorted({m for s in sites for m in _options_for(s.kind, per_block=False)}):
-        method = methods[method_name]
-        for kind in ("vit", "cnn"):
-            options = _options_for(kind, per_block=False).get(method_name)
-            kind_sites = [s for s in sites if s.kind == kind]
-            if options is None or not kind_sites:
-                continue
+    for kind in ("vit", "cnn"):
+        kind_sites = [s for s in sites if s.kind == kind]
+        if not kind_sites:
+            continue
+        for method_name, options in _options_for(kind, per_block=False).items():
+            method = methods[method_name]
             if method.trains_nothing:
                 for site in kind_sites:
                     works[site.name][method_name] = dict(options)
                 continue
-            key_name, values = _structural(options)
-            kept: dict[str, list[Any]] = {s.name: [] for s in kind_sites}
-            for value in values:
-                config = {"method": method_name, **_probe_config(options, key_name, value)}
-                injected = []
-                for site in kind_sites:
-                    try:
-                        _apply(model, {site.name: config})
-                        injected.append(site)
-                    except (AutopeftError, ValueError, TypeError, RuntimeError) as err:
-                        notes[site.name].append(f"{method_name}{'' if value is None else f' {key_name}={value}'}: {err}")
-                try:  # all at once; one by one when that fails
-                    # A mergeable method only swaps layers for linear equivalents: where it injects,
-                    # it runs. The others (adapters, prompts: hooks) must show it in a forward pass.
-                    if injected and not method.mergeable:
-                        _runs(_apply(model, {s.name: config for s in injected}))
-                    passed = injected
-                except (AutopeftError, ValueError, TypeError, RuntimeError):
-                    passed = []
-                    for site in injected:
-                        try:
-                            _runs(_apply(model, {site.name: config}))
-                            passed.append(site)
-                        except (AutopeftError, ValueError, TypeError, RuntimeError) as err:
-                            notes[site.name].append(f"{method_name}: fails in a forward pass ({type(err).__name__}: {err})")
-                for site in passed:
-                    kept[site.name].append(value)
-            for site in kind_sites:
-                if kept[site.name]:
-                    chosen = dict(options)
-                    if key_name is not None:
-                        chosen[key_name] = kept[site.name]
-                    works[site.name][method_name] = chosen
+            varied = [k for k, v in options.items() if isinstance(v, list) and len(v) > 1 and k not in method.space_params]
+            base = _working_sites(model, kind_sites, _probe_config(options, None, None, method), method, notes, method_name)
+            kept = {s.name: dict(options) for s in base}
+            for param in varied:
+                for value in options[param][1:]:
+                    what = f"{method_name} {param}={value}"
+                    fine = {s.name for s in _working_sites(model, base, _probe_config(options, param, value, method),
+                                                           method, notes, what, run=False)}
+                    for site in base:
+                        if site.name not in fine:
+                            kept[site.name][param] = [v for v in kept[site.name][param] if v != value]
+            for name, chosen in kept.items():
+                works[name][method_name] = chosen
     result = {"works": works, "notes": notes}
     _CACHE[key] = result
     return result
 
 
 def _intersect(option_sets: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Methods that work on every site, with the list-valued choices all of them take."""
+    """Methods that work on every site, with the choices all of them take."""
     first, rest = option_sets[0], option_sets[1:]
     out = {}
     for method, options in first.items():
         if not all(method in other for other in rest):
             continue
-        merged = dict(options)
-        key, values = _structural(options)
-        if key is not None:
-            common = [v for v in values if all(v in other[method].get(key, []) for other in rest)]
-            if not common:
-                continue
-            merged[key] = common
-        out[method] = merged
+        merged = {}
+        for key, values in options.items():
+            if isinstance(values, list):
+                values = [v for v in values if all(v in other[method].get(key, [v]) for other in rest)]
+                if not values:
+                    break
+            merged[key] = values
+        else:
+            out[method] = merged
     return out
 
 
