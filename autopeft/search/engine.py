@@ -126,10 +126,12 @@ def _storage(path: str) -> str:
 def _trial_setup(config: SearchConfig, manifest_path: str, run_dir: Path, *, artifacts: str | None) -> TrialSetup:
 
     from autopeft.search.trial import setup_from_config
+    from backbones.network import registered_ref
 
+    ref = registered_ref(config.backbone, config.preset)
     # Trials never pre-train: the driver has put every source model in the store before they start.
     return replace(setup_from_config(asdict(config), manifest_path=manifest_path, run_dir=run_dir),
-                   artifacts=artifacts, pretrain=False)
+                   artifacts=artifacts, pretrain=False, network=ref.to_json() if ref is not None else None)
 
 
 def _reach_nodes(config: SearchConfig, cluster, setup: TrialSetup, storage: str, default_storage: bool) -> TrialSetup:
