@@ -48,7 +48,7 @@ _MERGE_ATOL = 1e-4
 
 
 def bundle_network(backbone: str, preset: str, plan: dict[str, Any] | None = None,
-                   network: dict[str, Any] | None = None) -> nn.Module:
+                   network: str | None = None) -> nn.Module:
     """The network of an exported bundle: the backbone without its discriminator (inference does
     not use it), with ``plan`` applied and merged, so that it has the exported model's structure:
     merged methods leave plain layers (SSF may add a bias or an affine norm), the non-mergeable ones
@@ -60,7 +60,7 @@ def bundle_network(backbone: str, preset: str, plan: dict[str, Any] | None = Non
         backbone: registered backbone name.
         preset: its preset.
         plan: plan data. Defaults to None (the plain backbone).
-        network: a user's network reference (``backbones.network.NetworkRef`` data), registered
+        network: a user's network reference (``backbones.network.NetworkRef`` JSON), registered
             first. Defaults to None (a registered backbone).
     """
     from backbones import build_backbone
@@ -249,8 +249,8 @@ def export_run(
             raise CheckpointError(f"the merged model does not fit the bundle's network_def: {err}") from err
         network_def = {"_target_": "autopeft.bundle.bundle_network", "backbone": loaded.backbone,
                        "preset": loaded.preset, "plan": plan.to_dict()}
-        if ref is not None:
-            network_def["network"] = json.loads(ref.to_json())
+        if ref is not None:  # a JSON string: the parser must not instantiate a bundle's network_def inside it
+            network_def["network"] = ref.to_json()
     bundle_diff = _max_diff(reference, network, volume, roi)
 
     psnr = _confirmed_psnr(run_dir, loaded.extra.get("trial"), str(loaded.source), str(loaded.target))

@@ -69,7 +69,7 @@ def test_basicunet_search_confirm_export_predict(ray_session, data, tmp_path, ca
         # Merged into plain weights: the bundle's network is the user's own BasicUNet.
         assert inference["network_def"]["_target_"] == "monai.networks.nets.basic_unet.BasicUNet"
     else:
-        assert inference["network_def"]["network"]["spec"] == "monai:BasicUNet"
+        assert json.loads(inference["network_def"]["network"])["spec"] == "monai:BasicUNet"
 
     from autopeft.data import read_manifest
 
@@ -110,11 +110,31 @@ def test_a_bundle_folder_searched_from_its_weights_and_exported_back(ray_session
     ref = network_ref(f"bundle:{user_bundle}")
     assert ref.crop == (32, 32, 32) and ref.network_def()["_target_"] == "BasicUNet"  # from its metadata and config
     backbone, preset = register_network(ref)
+    # Linear methods only (a space file cut from the generated one): the export merges every plan.
+    import yaml
+
+    from autopeft.search.auto_space import auto_space
+    from backbones import build_backbone
+
+    space, _ = auto_space(build_backbone(backbone, preset), "auto-grouped")
+    for group in space["groups"].values():
+        group["methods"] = {m: o for m, o in group["methods"].items() if m in ("none", "lora", "ssf")}
+    space_file = tmp_path / "linear.yaml"
+    space_file.write_text(yaml.safe_dump(space))
     run_dir = run_search(_config(backbone, preset, data, tmp_path / "run", weights=str(user_bundle), source="1",
-                                 references=False, portfolio=False))
+                                 references=False, portfolio=False, space=str(space_file)))
     assert any(r["state"] == FINISHED for r in records(run_dir))
     out = tmp_path / "exported"
     assert main(["export", str(run_dir), "--target", "5", "--out", str(out)]) == 0
+    # The user's own network_def (and what it refers to), with merged weights under its own names.
+    inference = json.loads((out / "configs" / "inference.json").read_text())
+    assert inference["network_def"] == json.loads((user_bundle / "configs" / "inference.json").read_text())["network_def"]
+    assert inference["features"] == NET_ARGS["features"]
+    from monai.networks.nets import BasicUNet
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "models" / "model.safetensors"))
+    assert set(weights) == set(BasicUNet(3, 1, 1, features=NET_ARGS["features"]).state_dict())
     check = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
          str(out / "configs" / "metadata.json"), "--config_file", str(out / "configs" / "inference.json")],
