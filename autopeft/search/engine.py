@@ -90,7 +90,8 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
     default_storage = config.storage_path is None
     storage = str(run_dir / "ray") if default_storage else _storage(config.storage_path)
     setup = _trial_setup(config, manifest_path, run_dir, artifacts=None if default_storage else f"{storage}/{_ARTIFACTS}")
-    _print_settings(config, setup, budget, plans.counter.total, run_dir, session.resumed, cluster, storage)
+    _print_settings(config, setup, budget, plans.counter.total, run_dir, session.resumed, cluster, storage,
+                    space=plans.space)
     if config.address:
         setup = _reach_nodes(config, cluster, setup, storage, default_storage)
     return _search(session, setup, plans, budget, storage, started)
@@ -277,14 +278,17 @@ def _examples(run_dir: Path, setup: TrialSetup, summary: dict[str, Any], *, conf
 
 
 def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, total: int, run_dir: Path, resumed: bool,
-                    cluster, storage: str) -> None:
+                    cluster, storage: str, space: Any = None) -> None:
     from ray.tune.schedulers import ASHAScheduler
 
     from autopeft.search._tune import scheduler_for
     from autopeft.search.confirm import confirmation_seeds
 
     print(("resuming" if resumed else "search") + f" in {run_dir}")
-    print(f"  backbone {config.backbone}/{config.preset} on {config.device}; space {config.space}; budget {budget.describe(total)}")
+    from autopeft.search.auto_space import AUTO_SPACES
+
+    generated = f" ({space.source})" if space is not None and space.source.startswith(AUTO_SPACES) else ""
+    print(f"  backbone {config.backbone}/{config.preset} on {config.device}; space {config.space}{generated}; budget {budget.describe(total)}")
     print(f"  scanners {', '.join(config.scanners)}: {len(setup.pairs)} source->target pairs x {config.folds} fold(s), "
           f"{config.epochs} fine-tuning epochs each; protocol {setup.make_protocol()}")
     limit = f"no trial launched after {config.time_budget_s / 60:.1f} min" if config.time_budget_s else "no time limit"
@@ -299,9 +303,13 @@ def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, tot
     print(f"  subjects per target: {protocol.finetune_train} fine-tune, {protocol.finetune_val} validation (trials and every "
           f"choice), {protocol.finetune_test} test (read only by the confirmation)")
     if config.confirm:
-        baseline = " + the best Table-1 row (lr tuned)" if config.portfolio else ""
+        from autopeft.peft import named_plans
+        from autopeft.search.portfolio import table1_plans
+
+        baseline = " + the best Table-1 row (lr tuned)" if config.portfolio and table1_plans(config.backbone) else ""
+        petite = ", PETITE (as published)" if f"petite-{config.backbone}" in named_plans() else ""
         seeds = ", ".join(map(str, confirmation_seeds(config.seed, int(config.confirm_seeds or 1))))
-        print(f"  then: the {config.confirm} best plans by validation{baseline} + No-FT, Full-FT (lr tuned), PETITE (as "
-              f"published) re-run on test subjects over {config.confirm_folds or 1} fold(s) x fine-tuning seed(s) {seeds}")
+        print(f"  then: the {config.confirm} best plans by validation{baseline} + No-FT, Full-FT (lr tuned){petite} "
+              f"re-run on test subjects over {config.confirm_folds or 1} fold(s) x fine-tuning seed(s) {seeds}")
     else:
         print("  no confirmation on test subjects (--confirm 0): every figure is on validation subjects, in-sample")

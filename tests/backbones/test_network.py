@@ -251,3 +251,27 @@ def test_other_processes_rebuild_the_network_from_the_environment():
     model = build_backbone(backbone, preset)
     assert out.stdout.split() == [str(len(model.sites())), str(sum(p.numel() for p in model.parameters()))]
     assert json.loads(os.environ[NETWORKS_ENV])
+
+
+def test_backbones_and_space_commands_take_a_network(capsys):
+    from autopeft.cli import main
+
+    net_args = json.dumps(NETWORKS["BasicUNet"][0])
+    assert main(["backbones", "--sites", "--backbone", "monai:BasicUNet", "--net-args", net_args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)[0]
+    assert report["backbone"] == "monai:BasicUNet" and report["preset"].startswith("net-")
+    assert [s["role"] for s in report["sites"]].count("bottleneck") == 1 and len(report["sites"]) == 9
+    assert main(["space", "--backbone", "monai:BasicUNet", "--net-args", net_args, "--budget", "1%", "--sample", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "network: monai:BasicUNet" in out and "crop 32x32x32, batch 2" in out  # the settings, printed
+    assert "auto-grouped, generated from 9 sites" in out
+    assert "auto-grouped:" in out and "auto-blocks:" in out and "2 sampled plans" in out
+    # Network flags with a registered backbone, a preset with a network, a bad crop: each named.
+    assert main(["space", "--backbone", "unetr", "--net-args", net_args]) == 2
+    assert "--net-args: for a network given by reference" in capsys.readouterr().err
+    assert main(["space", "--backbone", "monai:BasicUNet", "--net-args", net_args, "--preset", "paper"]) == 2
+    assert "--preset paper: a network by reference has no presets" in capsys.readouterr().err
+    assert main(["backbones", "--backbone", "monai:BasicUNet", "--net-args", net_args, "--crop", "32,32"]) == 2
+    assert "--crop must be D,H,W" in capsys.readouterr().err
+    assert main(["backbones", "--backbone", "monai:BasicUNet", "--net-args", "{features: [1]}"]) == 2
+    assert "not a JSON object nor a file" in capsys.readouterr().err
