@@ -42,7 +42,7 @@ def _build(name: str):
     return build_backbone(backbone, preset)
 
 
-# The transformer networks' method matrix takes minutes on 2 CPU cores: slow suite.
+# The transformer networks' generated spaces take half a minute each on 2 CPU cores: slow suite.
 _HEAVY = ("UNETR", "SwinUNETR")
 
 
@@ -90,6 +90,7 @@ def _one_step(model, lr: float = 1e-2) -> None:
     optimiser.step()
 
 
+@pytest.mark.slow  # a minute for the four CNNs on 2 CPU cores, minutes for the transformers
 def test_every_method_that_fits_a_site_trains_a_step_is_counted_and_merges(network_heavy_slow):
     """Per method: on every site the generated per-block space offers it, at the space's first options."""
     name, model = network_heavy_slow
