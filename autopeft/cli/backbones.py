@@ -87,8 +87,10 @@ def describe(backbone: str | None = None, preset: str | None = None) -> list[dic
         ConfigError: for an unknown backbone, or a preset that the chosen backbones lack.
     """
     from backbones import registered_backbones
+    from backbones.network import is_network_spec
 
-    registry = registered_backbones()
+    # Networks by reference are described with --backbone SPEC and their flags, not listed.
+    registry = {name: presets for name, presets in registered_backbones().items() if not is_network_spec(name)}
     if backbone is not None and backbone not in registry:
         raise ConfigError(f"Unknown backbone {backbone!r}; registered: {', '.join(sorted(registry))}.")
     names = [backbone] if backbone is not None else list(registry)

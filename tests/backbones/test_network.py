@@ -46,6 +46,18 @@ def _build(name: str):
 _HEAVY = ("UNETR", "SwinUNETR")
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _networks_env():
+    """Registering a network exports it in $AUTOPEFT_NETWORKS for the processes it starts; the
+    other test modules' processes should not inherit this module's networks."""
+    saved = os.environ.get(NETWORKS_ENV)
+    yield
+    if saved is None:
+        os.environ.pop(NETWORKS_ENV, None)
+    else:
+        os.environ[NETWORKS_ENV] = saved
+
 @pytest.fixture(scope="module", params=list(NETWORKS))
 def network(request):
     return request.param, _build(request.param)
