@@ -42,6 +42,8 @@ examples:
   autopeft search --backbone unetr --budget 1% --address auto --gpus-per-trial 0.5 \
       --storage-path /shared/autopeft                          # on a Ray cluster (see README: Running on a cluster)
   autopeft search --backbone unetr --budget 1% --data data/mybids --weights unetr_mct.pt --source "Biograph mCT"
+  autopeft search --backbone monai:BasicUNet --net-args '{"features": [8, 8, 16, 16, 32, 8]}' --budget 1%
+  autopeft search --backbone bundle:my_bundle --weights my_bundle --source 1 --budget 1%
 
 With --data the default scanners are the data's own: all of them on a GPU, on a CPU the two with
 the most subjects (printed with the reason). --weights FILE_OR_DIR --source S starts from your own
@@ -57,7 +59,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", help="registered backbone (see 'autopeft backbones'); required unless --resume")
     parser.add_argument("--budget", help="parameter budget: 1%%, 0.005 or 250k; required unless --resume")
     parser.add_argument("--preset", default=None, help="backbone preset (default: paper on a GPU, tiny on a CPU)")
-    parser.add_argument("--space", default=None, help="search space: a shipped name (unetr, cvtgan; per block: unetr-blocks, cvtgan-blocks) or a YAML file (default: <backbone>)")
+    parser.add_argument("--space", default=None, help="search space: a shipped name (unetr, cvtgan; per block: unetr-blocks, cvtgan-blocks), a YAML file, or one generated from the sites: auto-grouped, auto-blocks (default: <backbone>, else auto-grouped)")
     parser.add_argument("--scanners", default=None, help="comma-separated scanner ids; every ordered pair is used (default: the data's own: all on a GPU, the two with the most subjects on a CPU; built-in data: 1,5 on CPU)")
     parser.add_argument("--trials", type=int, default=None, help="plans to train; plans drawn over the budget are recorded but not counted (default: 48 on CPU, 64 on GPU)")
     parser.add_argument("--time-budget", default=None, help="launch no trial after this long from the start (pre-training included; running trials finish): 30m, 2h, 900s (default: 15m on CPU when --trials is not given)")
@@ -126,6 +128,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "trained with (default: 3 on a GPU, 2 on a CPU)")
     parser.add_argument("--dashboard", action="store_true",
                         help="start Ray's dashboard on 127.0.0.1 and print its URL (sign in with the token in ~/.ray/auth_token)")
+    from autopeft.cli._common import add_network_arguments
+
+    add_network_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.backbone or not args.budget:
             raise ConfigError("--backbone and --budget are required for a new search (or give --resume RUN_DIR).")
         Budget.parse(args.budget)
+        from autopeft.cli._common import resolve_backbone
+
+        args.backbone, args.preset = resolve_backbone(args)  # its settings printed, --quiet or not
         # The engine fills the defaults once it knows the cluster's resources (GPUs may be elsewhere).
         config = _config(args, time_budget)
         _with_report(lambda: run_search(config), progress=not args.quiet)
