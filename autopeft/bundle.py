@@ -47,7 +47,8 @@ _WEIGHTS = "models/model.safetensors"
 _MERGE_ATOL = 1e-4
 
 
-def bundle_network(backbone: str, preset: str, plan: dict[str, Any] | None = None) -> nn.Module:
+def bundle_network(backbone: str, preset: str, plan: dict[str, Any] | None = None,
+                   network: str | None = None) -> nn.Module:
     """The network of an exported bundle: the backbone without its discriminator (inference does
     not use it), with ``plan`` applied and merged, so that it has the exported model's structure:
     merged methods leave plain layers (SSF may add a bias or an affine norm), the non-mergeable ones
@@ -59,9 +60,16 @@ def bundle_network(backbone: str, preset: str, plan: dict[str, Any] | None = Non
         backbone: registered backbone name.
         preset: its preset.
         plan: plan data. Defaults to None (the plain backbone).
+        network: a user's network reference (``backbones.network.NetworkRef`` JSON), registered
+            first. Defaults to None (a registered backbone).
     """
     from backbones import build_backbone
     from autopeft.peft import Plan, apply_plan, merge_plan
+
+    if network is not None:
+        from backbones.network import NetworkRef, register_network
+
+        register_network(NetworkRef.from_json(network))
 
     model = build_backbone(backbone, preset)
     if plan:
@@ -73,6 +81,15 @@ def bundle_network(backbone: str, preset: str, plan: dict[str, Any] | None = Non
         merge_plan(apply_plan(model, plan, importance=importance))
     model.discriminator = None
     return model.eval()
+
+
+def _fits(network: nn.Module, merged: nn.Module) -> bool:
+    """Whether ``merged``'s state dict loads strictly into ``network`` (same names and shapes)."""
+    try:
+        network.load_state_dict(merged.state_dict(), strict=True)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _unmerged_sites(plan) -> list[str]:
@@ -213,12 +230,27 @@ def export_run(
     if merge_diff > _MERGE_ATOL:
         raise CheckpointError(f"merging the plan changed the outputs on {what} by up to {merge_diff:.3g} (> {_MERGE_ATOL:g}); "
                               "nothing was exported. This is a bug in a method's merge: please report it.")
-    network = bundle_network(loaded.backbone, loaded.preset, plan.to_dict())
-    state = {k: v for k, v in merged.state_dict().items() if not k.startswith("discriminator.")}
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"the merged model does not fit the bundle's network_def: {err}") from err
+    from backbones.network import registered_ref
+
+    ref = registered_ref(loaded.backbone, loaded.preset)
+    network = None
+    if ref is not None and not unmerged_sites:
+        # The user's own network as network_def, when the merged weights fit it as they are (SSF
+        # merged into a layer without a bias gives it one: then autopeft's network_def below).
+        native = ref.build()
+        if _fits(native, merged.net):
+            network, network_def = native.eval(), ref.network_def()
+    if network is None:
+        network = bundle_network(loaded.backbone, loaded.preset, plan.to_dict())
+        state = {k: v for k, v in merged.state_dict().items() if not k.startswith("discriminator.")}
+        try:
+            network.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"the merged model does not fit the bundle's network_def: {err}") from err
+        network_def = {"_target_": "autopeft.bundle.bundle_network", "backbone": loaded.backbone,
+                       "preset": loaded.preset, "plan": plan.to_dict()}
+        if ref is not None:  # a JSON string: the parser must not instantiate a bundle's network_def inside it
+            network_def["network"] = ref.to_json()
     bundle_diff = _max_diff(reference, network, volume, roi)
 
     psnr = _confirmed_psnr(run_dir, loaded.extra.get("trial"), str(loaded.source), str(loaded.target))
@@ -268,8 +300,7 @@ def export_run(
         "bundle_root": ".",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "roi_size": list(roi),
-        "network_def": {"_target_": "autopeft.bundle.bundle_network", "backbone": loaded.backbone,
-                        "preset": loaded.preset, "plan": plan.to_dict()},
+        "network_def": network_def,
         "network": "$@network_def.to(@device)",
         "inferer": {"_target_": "SlidingWindowInferer", "roi_size": "@roi_size", "sw_batch_size": 4, "overlap": 0.25,
                     "mode": "gaussian", "padding_mode": "constant"},
@@ -277,6 +308,8 @@ def export_run(
         "output_dir": "$@bundle_root + '/predictions'",
         "run": "$predict_with_bundle(@bundle_root, @input, @output_dir)",
     }
+    if ref is not None and ref.bundle_config is not None:  # what the bundle's own network_def refers to
+        inference = {**{k: v for k, v in ref.bundle_config.items() if k not in inference}, **inference}
     readme = _readme(name, loaded, fraction, unmerged_sites, psnr_text, what, merge_diff)
     # Scanner names go into the files' contents only (JSON, the README), never into their paths.
     atomic_write_text(out / "configs" / "metadata.json", json.dumps(metadata, indent=2) + "\n", inside=out)

@@ -220,7 +220,8 @@ def build_backbone(name: str, preset: str | Preset = "tiny") -> Backbone:
     """
     _load_builtin()
     if name not in _REGISTRY:
-        raise ConfigError(f"Unknown backbone {name!r}{_did_you_mean(name, _REGISTRY)}; registered: {', '.join(sorted(_REGISTRY))}.")
+        hint = " (a network by reference is registered by the command that names it: --backbone with --net-args)" if ":" in name else ""
+        raise ConfigError(f"Unknown backbone {name!r}{_did_you_mean(name, _REGISTRY)}{hint}; registered: {', '.join(sorted(_REGISTRY))}.")
     factory, presets = _REGISTRY[name]
     if isinstance(preset, str):
         if preset not in presets:
@@ -238,3 +239,6 @@ def _load_builtin() -> None:
     from autopeft._plugins import load_plugins
 
     load_plugins()  # third-party backbones ($AUTOPEFT_PLUGINS), also in Ray workers
+    from backbones.network import load_networks
+
+    load_networks()  # users' networks by reference ($AUTOPEFT_NETWORKS), also in Ray workers

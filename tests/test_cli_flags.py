@@ -17,7 +17,7 @@ def test_the_library_names_fields_not_flags():
         SearchConfig(backbone="unetr", budget="1%", objective="pareto")
     with pytest.raises(ConfigError, match=r"^`cpus_per_trial` must be > 0"):
         SearchConfig(backbone="unetr", budget="1%", cpus_per_trial=0)
-    with pytest.raises(ConfigError, match=r"^`prior_signal` must be one of sensitivity, shpeft, but got 'grad'\.$"):
+    with pytest.raises(ConfigError, match=r"^`prior_signal` must be one of sensitivity, shpeft, gradient, audit, count, early, but got 'grad'\.$"):
         SearchConfig(backbone="unetr", budget="1%", prior_signal="grad")
     with pytest.raises(ConfigError, match=r"^`fidelity` must be one of pairs, epochs, but got 'steps'\.$"):
         SearchConfig(backbone="unetr", budget="1%", fidelity="steps")
@@ -34,6 +34,7 @@ def test_the_library_names_fields_not_flags():
         (["search", "--backbone", "unetr", "--budget", "1%", "--scanners", "1,2", "--weights", "w.pt", "--source", "3"],
          "--source (3) must be one of --scanners (1,2)."),
         (["search", "--backbone", "unetr", "--budget", "1%", "--prior-candidates", "0"], "--prior-candidates must be at least 1, but got 0."),
+        (["search", "--backbone", "unetr", "--budget", "1%", "--prior-beta", "-1"], "--prior-beta (the prior's fading strength) must be 0 or more, but got -1.0."),
         (["search", "--backbone", "unetr", "--budget", "1%", "--time-budget", "5x"], "--time-budget '5x' must be like 30m, 2h, 90s"),
         (["search", "--resume", "no-such-run"], "--resume no-such-run: no run.json there"),
     ],

@@ -19,6 +19,8 @@ examples:
   autopeft backbones --sites                          # ... and the sites of each
   autopeft backbones --backbone cvtgan --preset paper # the sites of one configuration
   autopeft backbones --json > backbones.json          # everything, machine-readable
+  autopeft backbones --sites --backbone monai:SwinUNETR --crop 64 \
+      --net-args '{"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "window_size": 4}'
 """
 
 from __future__ import annotations
@@ -37,14 +39,30 @@ if TYPE_CHECKING:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", metavar="NAME", help="only this backbone (implies --sites)")
+    from autopeft.cli._common import add_network_arguments
+
+    parser.add_argument("--backbone", metavar="NAME", help="only this backbone (implies --sites); or your own network: "
+                        "monai:NAME, bundle:DIR, module.path:Class (see below)")
     parser.add_argument("--preset", metavar="NAME", help="only this preset (e.g. tiny, paper)")
     parser.add_argument("--sites", action="store_true", help="also list every site with its parameter count")
     parser.add_argument("--json", action="store_true", help="print JSON (sites always included) instead of tables")
+    add_network_arguments(parser, schedule=False)
 
 
 def run(args: argparse.Namespace) -> int:
-    reports = describe(backbone=args.backbone, preset=args.preset)
+    from backbones.network import is_network_spec
+
+    if args.backbone and is_network_spec(args.backbone):
+        from autopeft.cli._common import resolve_backbone
+        from backbones import build_backbone
+
+        name, preset = resolve_backbone(args, quiet=args.json)
+        reports = [_report(build_backbone(name, preset), name, preset)]
+    else:
+        from autopeft.cli._common import resolve_backbone
+
+        resolve_backbone(args)  # refuses network flags without a network
+        reports = describe(backbone=args.backbone, preset=args.preset)
     if args.json:
         json.dump(reports, sys.stdout, indent=2)
         print()
@@ -69,8 +87,10 @@ def describe(backbone: str | None = None, preset: str | None = None) -> list[dic
         ConfigError: for an unknown backbone, or a preset that the chosen backbones lack.
     """
     from backbones import registered_backbones
+    from backbones.network import is_network_spec
 
-    registry = registered_backbones()
+    # Networks by reference are described with --backbone SPEC and their flags, not listed.
+    registry = {name: presets for name, presets in registered_backbones().items() if not is_network_spec(name)}
     if backbone is not None and backbone not in registry:
         raise ConfigError(f"Unknown backbone {backbone!r}; registered: {', '.join(sorted(registry))}.")
     names = [backbone] if backbone is not None else list(registry)
@@ -90,7 +110,10 @@ def describe(backbone: str | None = None, preset: str | None = None) -> list[dic
 
 
 def _describe_one(name: str, preset_name: str) -> dict[str, Any]:
-    model = _build_for_counting(name, preset_name)
+    return _report(_build_for_counting(name, preset_name), name, preset_name)
+
+
+def _report(model: Backbone, name: str, preset_name: str) -> dict[str, Any]:
     net_parameters = _count(model.net)
     sites = [
         {"name": s.name, "role": s.role, "kind": s.kind, "stage": s.stage, "parameters": _count(s.module)}

@@ -29,6 +29,8 @@ examples:
   autopeft finetune --backbone cvtgan --source 1 --target 5 --plan table1
   autopeft finetune --backbone unetr --source 1 --target 5 --plan my_plan.yaml --save out/
   autopeft finetune --backbone cvtgan --source 1 --target 5 --plan runs/cvtgan-20260101-120000/best_plan.yaml --split test
+  autopeft finetune --backbone monai:BasicUNet --net-args '{"features": [8, 8, 16, 16, 32, 8]}' --source 1 --target 5 \
+      --plan my_basicunet_plan.yaml
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="held-out subjects to score: val (those plans are compared and chosen on), or test "
                              "(only for a plan already chosen) (default: val)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    from autopeft.cli._common import add_network_arguments
+
+    add_network_arguments(parser)
 
 
 def _plan_names(args: argparse.Namespace) -> list[str]:
@@ -108,6 +113,14 @@ def run(args: argparse.Namespace) -> int:
 
     if str(args.source) == str(args.target):
         raise ConfigError("--target must differ from --source: fine-tuning adapts to another scanner.")
+    from autopeft.cli._common import resolve_backbone
+    from backbones.network import is_network_spec, load_run_network
+
+    from_run = _run_settings(args.plan.split(",") if args.plan else [])
+    if from_run and is_network_spec(args.backbone) and from_run.get("backbone") == args.backbone:
+        load_run_network(from_run["run_dir"])  # the search's own network configuration
+    else:
+        args.backbone, args.preset = resolve_backbone(args, quiet=args.quiet)
     names = _plan_names(args)
     plans = [load_plan(name) for name in names]  # fail on a bad name before training
     for plan in plans:

@@ -31,6 +31,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_weights_argument(parser)
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the source model")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    from autopeft.cli._common import add_network_arguments
+
+    add_network_arguments(parser, schedule=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--lambda must be >= 0, but got {args.lam}.")
     if args.top < 1:
         raise ConfigError(f"--top must be >= 1, but got {args.top}.")
+    from autopeft.cli._common import resolve_backbone
+
+    args.backbone, args.preset = resolve_backbone(args, quiet=args.quiet)
     device = resolve_device(args.device)
     manifest_path = resolve_manifest(args.data, progress=not args.quiet)
     model, _ = pretrained_model(

@@ -36,6 +36,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's)")
     parser.add_argument("--out", default=None, help="also copy the checkpoint (safetensors) to this directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    from autopeft.cli._common import add_network_arguments
+
+    add_network_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
 
     from autopeft.pretraining import pretrained_model
 
+    from autopeft.cli._common import resolve_backbone
+
+    args.backbone, args.preset = resolve_backbone(args, quiet=args.quiet)
     manifest = resolve_manifest(args.data, progress=not args.quiet) if args.weights is None else None
     model, meta = pretrained_model(
         args.backbone,

@@ -15,9 +15,10 @@ every pair x fold x fine-tuning seed (seeds the search never trained with) and s
 targets' test subjects, which nothing read before: the final table gives test PSNR/SSIM/NRMSE as
 mean [95% CI] (bootstrap over folds, then subjects) and paired differences against Full-FT,
 PETITE and the best Table-1 row on the same subjects (Wilcoxon signed-rank p). Plans over the
-budget never train (recorded as infeasible). An importance prior (squared gradients of the source
-model on the target's training scans, or SH-PEFT's hybrid importance) picks the first plans and,
-for every later trial, the best of a few draws of the sampler (--priors off to compare). Without flags beyond --backbone and --budget it uses the built-in
+budget never train (recorded as infeasible). An importance prior (--priors: squared gradients of
+the source model on the target's training scans by default) picks the first plans and, for every
+later trial, one of --prior-candidates draws of the sampler, favouring the best-scored the more
+strongly the fewer trials have finished (--prior-beta; --priors off to compare). Without flags beyond --backbone and --budget it uses the built-in
 simulated data and, on a CPU, the tiny preset with a run sized to end within about 20 minutes on
 2 cores; on a GPU the paper preset. It prints what it chose.
 
@@ -41,6 +42,8 @@ examples:
   autopeft search --backbone unetr --budget 1% --address auto --gpus-per-trial 0.5 \
       --storage-path /shared/autopeft                          # on a Ray cluster (see README: Running on a cluster)
   autopeft search --backbone unetr --budget 1% --data data/mybids --weights unetr_mct.pt --source "Biograph mCT"
+  autopeft search --backbone monai:BasicUNet --net-args '{"features": [8, 8, 16, 16, 32, 8]}' --budget 1%
+  autopeft search --backbone bundle:my_bundle --weights my_bundle --source 1 --budget 1%
 
 With --data the default scanners are the data's own: all of them on a GPU, on a CPU the two with
 the most subjects (printed with the reason). --weights FILE_OR_DIR --source S starts from your own
@@ -56,7 +59,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", help="registered backbone (see 'autopeft backbones'); required unless --resume")
     parser.add_argument("--budget", help="parameter budget: 1%%, 0.005 or 250k; required unless --resume")
     parser.add_argument("--preset", default=None, help="backbone preset (default: paper on a GPU, tiny on a CPU)")
-    parser.add_argument("--space", default=None, help="search space: a shipped name (unetr, cvtgan; per block: unetr-blocks, cvtgan-blocks) or a YAML file (default: <backbone>)")
+    parser.add_argument("--space", default=None, help="search space: a shipped name (unetr, cvtgan; per block: unetr-blocks, cvtgan-blocks), a YAML file, or one generated from the sites: auto-grouped, auto-blocks (default: <backbone>, else auto-grouped)")
     parser.add_argument("--scanners", default=None, help="comma-separated scanner ids; every ordered pair is used (default: the data's own: all on a GPU, the two with the most subjects on a CPU; built-in data: 1,5 on CPU)")
     parser.add_argument("--trials", type=int, default=None, help="plans to train; plans drawn over the budget are recorded but not counted (default: 48 on CPU, 64 on GPU)")
     parser.add_argument("--time-budget", default=None, help="launch no trial after this long from the start (pre-training included; running trials finish): 30m, 2h, 900s (default: 15m on CPU when --trials is not given)")
@@ -66,15 +69,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="run directory (default: runs/<backbone>-<time>)")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted search in RUN_DIR")
     parser.add_argument("--objective", default="single", choices=("single", "multi"), help="single: max mean validation PSNR gain over No-FT; multi: that gain vs %% params Pareto front")
-    from autopeft.search.options import DEFAULT_FIDELITY, FIDELITIES, PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS
+    from autopeft.search.options import (
+        DEFAULT_FIDELITY, DEFAULT_PRIOR_SIGNAL, FIDELITIES, PRIOR_BETA_PER_TRIAL, PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS,
+    )
 
     parser.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="Optuna sampler: TPE, a Gaussian process (GPSampler) or random search")
     parser.add_argument("--priors", default="on", choices=("on", "off", *PRIOR_SIGNALS),
-                        help="importance priors: the warm start, then the best prior among --prior-candidates draws of the "
-                             "sampler for every trial. sensitivity: squared gradients (SPT/GPS); shpeft: SH-PEFT's hybrid "
-                             "importance; on: the default, sensitivity; off: the sampler alone")
+                        help="importance priors: the warm start, then a pick among --prior-candidates draws of the sampler "
+                             "for every trial. Signals: sensitivity: squared gradients of the source weights (SPT/GPS); "
+                             "shpeft: SH-PEFT's hybrid importance; gradient: gradient energy reaching each candidate "
+                             "(block, method) module at injection; audit: each candidate's validation-PSNR drop when "
+                             "switched off after a brief fine-tuning (costs about one ASHA rung per method and pair); "
+                             f"count, early: baselines (bigger plans; early blocks first). on: the default, {DEFAULT_PRIOR_SIGNAL}; "
+                             "off: the sampler alone")
     parser.add_argument("--prior-candidates", type=int, default=PRIOR_CANDIDATES,
-                        help="sampler draws per trial from which the prior picks (1: the prior only warm-starts)")
+                        help="sampler draws per trial among which the prior picks (1: the prior only warm-starts). "
+                             "Default: %(default)s")
+    parser.add_argument("--prior-beta", type=float, default=None, metavar="BETA",
+                        help="how strongly the prior picks among the draws, fading as trials finish: a draw is picked with "
+                             "probability proportional to exp(BETA / n * z), z its prior's rank as a normal score among the "
+                             "draws, n the trials finished. 0: the sampler's choice alone; large: the best prior while n "
+                             f"is small. Default: trials x {PRIOR_BETA_PER_TRIAL:g} (piBO's), declared before any lab run, not tuned")
     parser.add_argument("--warm-start", type=int, default=None, help="plans enqueued first by prior (default: trials/4, 2 to 8)")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (also its torch threads)")
     parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractions allowed (default: 1 when a GPU is found)")
@@ -113,6 +128,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "trained with (default: 3 on a GPU, 2 on a CPU)")
     parser.add_argument("--dashboard", action="store_true",
                         help="start Ray's dashboard on 127.0.0.1 and print its URL (sign in with the token in ~/.ray/auth_token)")
+    from autopeft.cli._common import add_network_arguments
+
+    add_network_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.backbone or not args.budget:
             raise ConfigError("--backbone and --budget are required for a new search (or give --resume RUN_DIR).")
         Budget.parse(args.budget)
+        from autopeft.cli._common import resolve_backbone
+
+        args.backbone, args.preset = resolve_backbone(args)  # its settings printed, --quiet or not
         # The engine fills the defaults once it knows the cluster's resources (GPUs may be elsewhere).
         config = _config(args, time_budget)
         _with_report(lambda: run_search(config), progress=not args.quiet)
@@ -174,6 +195,7 @@ def _config(args: argparse.Namespace, time_budget: float | None):
         trials=args.trials, time_budget_s=time_budget, epochs=args.epochs, folds=args.folds, seed=args.seed,
         out=args.out, objective=args.objective, sampler=args.sampler, priors=args.priors != "off",
         prior_signal=DEFAULT_PRIOR_SIGNAL if args.priors in ("on", "off") else args.priors, prior_candidates=args.prior_candidates,
+        prior_beta=args.prior_beta,
         warm_start=args.warm_start, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         concurrency=args.concurrency, address=args.address, storage_path=args.storage_path,
         trial_resources=_resources(args.trial_resources), max_failures=args.max_failures, data=args.data, pretrain_epochs=args.pretrain_epochs,

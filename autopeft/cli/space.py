@@ -13,6 +13,8 @@ budgets:
 examples:
   autopeft space --backbone unetr --budget 1%
   autopeft space --backbone cvtgan --budget 0.5% --sample 10 --preset paper
+  autopeft space --backbone monai:BasicUNet --net-args '{"features": [8, 8, 16, 16, 32, 8]}' --budget 1%
+  autopeft space --backbone monai:BasicUNet --net-args net.json --space auto-blocks --budget 1%
 """
 
 from __future__ import annotations
@@ -21,12 +23,18 @@ import argparse
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", required=True, help="registered backbone (see 'autopeft backbones')")
+    from autopeft.cli._common import add_network_arguments
+
+    parser.add_argument("--backbone", required=True, help="registered backbone (see 'autopeft backbones'), or your own "
+                        "network: monai:NAME, bundle:DIR, module.path:Class (see below)")
     parser.add_argument("--budget", default="1%", help="parameter budget: 1%%, 0.005 or 250k")
     parser.add_argument("--preset", default="tiny", help="backbone preset the counts are for")
-    parser.add_argument("--space", default=None, help="a space YAML file (default: the shipped one for the backbone)")
+    parser.add_argument("--space", default=None, help="a shipped space name, a space YAML file, or a space generated from "
+                        "the sites: auto-grouped (one group per role x kind x stage) or auto-blocks (one per site) "
+                        "(default: the shipped one for the backbone, else auto-grouped)")
     parser.add_argument("--sample", type=int, default=5, metavar="N", help="how many random plans to show")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled plans")
+    add_network_arguments(parser, schedule=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     from autopeft.cli._flags import flag_errors
     from autopeft.errors import ConfigError
-    from autopeft.search import Budget, PlanCounter, load_space
+    from autopeft.search import Budget, PlanCounter, load_space, space_files
     from autopeft.search.results import plan_summary
     from backbones import build_backbone
 
@@ -42,14 +50,24 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--sample must be >= 0, but got {args.sample}.")
     with flag_errors({"budget": "--budget"}):
         budget = Budget.parse(args.budget)
+    from autopeft.cli._common import resolve_backbone
+    from autopeft.search.auto_space import AUTO_SPACES
+
+    args.backbone, args.preset = resolve_backbone(args)
     template = build_backbone(args.backbone, args.preset)
-    space = load_space(args.space or args.backbone, template.sites())
+    space = load_space(args.space or args.backbone, template.sites(), model=template)
     if space.backbone != args.backbone:
         raise ConfigError(f"--space {args.space} is written for {space.backbone!r}, not {args.backbone!r}.")
     counter = PlanCounter(template)
     print(space.describe())
+    for note in space.notes:
+        print(f"  left out: {note}")
     size, note = space.size()
     print(f"\nsize: {note or f'{size:,.0f} plans'}")
+    if space.notes or (args.space or args.backbone) in AUTO_SPACES or args.backbone not in space_files():
+        for style in AUTO_SPACES:
+            other, other_note = load_space(style, template.sites(), model=template).size()
+            print(f"  {style}: {other_note or f'{other:,.0f} plans'} ({len(template.sites())} sites)")
     low, high = _extremes(space, counter)
     limit = budget.limit(counter.total)
     print(f"trainable: {100 * low.fraction:.4f}% to {100 * high.fraction:.3f}% of {counter.total:,} parameters "

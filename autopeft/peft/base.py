@@ -116,6 +116,10 @@ class PeftMethod:
             turns them into config values (VPT's ``first_stage``).
         summary_fields: the config fields a one-line plan summary shows, in this order (None:
             every field; results tables, reports).
+        switchable: whether :meth:`switch_off` can give a site injected with the method back the
+            pre-trained function after training (the prior's audit, ``autopeft.search.signals``).
+            A method that is not the identity at injection must override :meth:`switch_off` or
+            declare False (VPT: prompts change the token sequence from the start).
     """
 
     name: ClassVar[str] = ""
@@ -127,6 +131,7 @@ class PeftMethod:
     trains_nothing: ClassVar[bool] = False
     space_params: ClassVar[tuple[str, ...]] = ()
     summary_fields: ClassVar[tuple[str, ...] | None] = None
+    switchable: ClassVar[bool] = True
 
     def from_space(self, values: Mapping[str, Any], sites: Sequence[Any]) -> dict[str, Any]:
         """Config values from what a search space drew for one group of ``sites`` (objects with
@@ -144,6 +149,26 @@ class PeftMethod:
     def merge(self, module: nn.Module) -> None:
         """Fold every :class:`MergeableLayer` inside ``module`` into a plain layer, in place."""
         replace_mergeable_layers(module)
+
+    def switch_off(self, params: Sequence[nn.Parameter], at_injection: Sequence[torch.Tensor]) -> None:
+        """Make one site injected with this method compute the pre-trained function again.
+
+        Args:
+            params: the parameters :meth:`inject` returned for the site, possibly trained since.
+            at_injection: their values right after injection, in the same order.
+
+        By default each parameter gets its injection-time value back. For a method that is the
+        identity at injection (:attr:`identity_at_init`) that is exactly the pre-trained function:
+        LoRA's ``B`` is 0 again, an adapter's up-projection 0, SSF's scale 1 and shift 0, SH-PEFT's
+        deltas 0, and norms and biases (LayerNorm, BitFit, Full) their pre-trained values.
+        """
+        if not self.switchable:
+            raise PlanError(f"PEFT method {self.name!r} cannot be switched off (its `switchable` is False).")
+        if len(params) != len(at_injection):
+            raise ValueError(f"`at_injection` must hold one tensor per parameter ({len(params)}), but got {len(at_injection)}.")
+        with torch.no_grad():
+            for param, value in zip(params, at_injection):
+                param.copy_(value)
 
 
 _REGISTRY: dict[str, PeftMethod] = {}
@@ -179,6 +204,9 @@ def register_method(cls: type[PeftMethod]) -> type[PeftMethod]:
     unknown = [f for f in (cls.summary_fields or ()) if f not in fields]
     if unknown:
         raise ValueError(f"`summary_fields` of PEFT method {cls.name!r} must be config fields ({', '.join(fields) or 'none'}), but got {unknown}.")
+    if cls.switchable and not cls.identity_at_init and cls.switch_off is PeftMethod.switch_off:
+        raise ValueError(f"PEFT method {cls.name!r} is not the identity at injection, so restoring its injection-time values "
+                         "does not switch it off: override `switch_off` or declare `switchable = False`.")
     _REGISTRY[cls.name] = cls()
     return cls
 

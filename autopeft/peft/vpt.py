@@ -146,6 +146,7 @@ class Vpt(PeftMethod):
     config_class = VptConfig
     mergeable = False
     identity_at_init = False
+    switchable = False  # prompts lengthen every prompted block's token sequence: no value of them is the identity
     # The first prompted stage of a group whose vit sites form several stages (earlier stages get
     # no prompts), or the first prompted block of a group of one stage (``skip_first``).
     space_params = ("first_stage",)

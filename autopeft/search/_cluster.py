@@ -86,8 +86,11 @@ def start_ray(config) -> None:
         options["dashboard_host"] = "127.0.0.1"  # this machine only; forward the port with ssh -L
     from autopeft._plugins import PLUGINS_ENV
 
-    if os.environ.get(PLUGINS_ENV):  # workers on other nodes do not inherit the driver's environment
-        options["runtime_env"] = {"env_vars": {PLUGINS_ENV: os.environ[PLUGINS_ENV]}}
+    from backbones.network import NETWORKS_ENV
+
+    forwarded = {name: os.environ[name] for name in (PLUGINS_ENV, NETWORKS_ENV) if os.environ.get(name)}
+    if forwarded:  # workers on other nodes do not inherit the driver's environment
+        options["runtime_env"] = {"env_vars": forwarded}
     context = ray.init(address=config.address, log_to_driver=False, configure_logging=False,
                        **options, **({} if config.address else {"num_cpus": os.cpu_count()}))
     if config.dashboard:

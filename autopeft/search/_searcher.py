@@ -7,7 +7,8 @@ final; and every plan over the budget cost a Ray trial to be recorded. Here:
 - a plan over the budget is drawn again inside :meth:`StudySearcher.suggest`: the draw is told to
   the study as PRUNED, with its budget constraint and the reason kept (``trial.set_constraint``,
   user attributes), and never becomes a Ray trial nor carries an objective value. PRUNED, not
-  FAIL, so that the sampler learns where the budget ends (:meth:`StudySearcher._ask`);
+  FAIL, so that the sampler learns where the budget ends. That sampling step is
+  :func:`autopeft.search.asking.ask_feasible`, Ray-free, which a benchmark's replay calls too;
 - the fate of a trial is decided in one place, :func:`autopeft.runs.trial_state` (which the run's
   records follow too): every pair done is FINISHED (Optuna COMPLETE with the objective), fewer
   pairs is STOPPED (Optuna PRUNED, its running values reported as intermediate values, step =
@@ -23,6 +24,8 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from autopeft.runs import FINISHED, STOPPED, trial_state
+from autopeft.search.asking import ask_feasible
+from autopeft.search.asking import gp_view as _gp_view  # noqa: F401 - its former home, still imported by tests
 
 __all__ = ["StudySearcher"]
 
@@ -44,7 +47,7 @@ class StudySearcher(Searcher):
         step: the result field that counts the fidelity done, the intermediate values' step (the
             scheduler's time attribute). Defaults to ``pairs_done``.
         make_sampler: ``seed -> sampler`` of the study's kind, for the view a GPSampler draws on
-            (:meth:`_ask`); a GPSampler caches its search space per study, so a view needs a
+            (:func:`autopeft.search.asking.ask`); a GPSampler caches its search space per study, so a view needs a
             sampler of its own. Defaults to None: a GPSampler draws on the study alone.
         seed: seeds the views' samplers (with the number of trials so far). Defaults to 0.
     """
@@ -68,44 +71,16 @@ class StudySearcher(Searcher):
         self.gave_up = False
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        import optuna
-
-        while self.infeasible < self._max_infeasible:
-            if self._guide is not None:
-                self._guide(self._study)
-            ot_trial = self._ask()
-            config = self._define(ot_trial)
-            if config["feasible"]:
-                self._open[trial_id] = ot_trial
-                return config
-            self.infeasible += 1
-            ot_trial.set_user_attr("state", "INFEASIBLE")
-            self._study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
-            self._on_infeasible(config)
-        self.gave_up = True
-        return Searcher.FINISHED
-
-    def _ask(self):
-        """The study's next trial, drawn where the sampler knows of the over-budget draws.
-
-        TPESampler reads COMPLETE and PRUNED trials and ranks those with a positive constraint
-        below every feasible one, so the PRUNED draws steer it as they are (a FAIL it never reads,
-        and it drew there again and again). GPSampler reads COMPLETE trials only: for it the plan
-        is drawn on an in-memory view of the study (:func:`_gp_view`) and enqueued in the study,
-        whose over-budget draws stay PRUNED, with no value.
-        """
-        import optuna
-
-        study = self._study
-        view = None
-        if self._make_sampler is not None and isinstance(study.sampler, optuna.samplers.GPSampler) \
-                and not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
-            view = _gp_view(study, self._make_sampler(self._seed * 100_003 + len(study.get_trials(deepcopy=False))))
-        if view is not None:
-            drawn = view.ask()
-            self._define(drawn)  # the define-by-run step draws the plan's parameters
-            study.enqueue_trial(dict(drawn.params))
-        return study.ask()
+        # The sampling step is Ray-free (autopeft.search.asking), shared with a benchmark's replay.
+        trial, config, infeasible = ask_feasible(self._study, self._define, tries=self._max_infeasible - self.infeasible,
+                                                 guide=self._guide, make_sampler=self._make_sampler, seed=self._seed,
+                                                 on_infeasible=self._on_infeasible)
+        self.infeasible += infeasible
+        if trial is None:
+            self.gave_up = True
+            return Searcher.FINISHED
+        self._open[trial_id] = trial
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         self._report(trial_id, result)
@@ -151,30 +126,3 @@ class StudySearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         return None
 
-
-def _gp_view(study, sampler):
-    """An in-memory copy of ``study`` for ``sampler`` (a GPSampler) to draw on, or None when it would
-    change nothing.
-
-    Each over-budget draw (PRUNED, positive constraint) becomes COMPLETE at the worst value of the
-    study's COMPLETE trials, constraint kept: GPSampler then models the constraint (constrained
-    expected improvement) and stops proposing plans over the budget. The stand-in value lives
-    in this copy only; without a COMPLETE trial there is none to take (GPSampler is still
-    drawing at random then).
-    """
-    import optuna
-
-    TrialState = optuna.trial.TrialState
-    history = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
-    complete = [t for t in history if t.state == TrialState.COMPLETE]
-    over = {t.number for t in history if t.state == TrialState.PRUNED and any(v > 0 for v in t.constraints.values())}
-    if not complete or not over:
-        return None
-    worst = [max(values) if direction == optuna.study.StudyDirection.MINIMIZE else min(values)
-             for direction, values in zip(study.directions, zip(*(t.values for t in complete)))]
-    view = optuna.create_study(directions=study.directions, sampler=sampler)
-    view.add_trials([t if t.number not in over else
-                     optuna.trial.create_trial(values=worst, params=t.params, distributions=t.distributions,
-                                               constraints=t.constraints)
-                     for t in history])
-    return view

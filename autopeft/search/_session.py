@@ -14,12 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from autopeft._io import path_component
 from autopeft.errors import ConfigError
 from autopeft.runs import FAILED, FINISHED, INFEASIBLE, INTERRUPTED, STOPPED, read_meta, read_record, write_meta, write_record
 from autopeft.search.config import SearchConfig
 from autopeft.search.portfolio import PORTFOLIO_ATTRS
 
-__all__ = ["Session", "open_session", "open_study", "requeue_interrupted", "search_seed"]
+__all__ = ["Session", "open_session", "open_study", "requeue_interrupted", "search_seed", "make_sampler"]
 
 
 @dataclass
@@ -63,7 +64,7 @@ def open_session(config: SearchConfig | None, resume_dir: str | os.PathLike | No
         raise ValueError("`config` must be given for a new search.")
     config = resolve(config)
     run_dir = (Path(config.out).expanduser().resolve() if config.out
-               else Path("runs").resolve() / f"{config.backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
+               else Path("runs").resolve() / f"{path_component(config.backbone)}-{time.strftime('%Y%m%d-%H%M%S')}")
     if (run_dir / "run.json").exists():
         raise ConfigError(f"`out` {run_dir} already holds a search; continue it with `resume_dir` {run_dir} or choose another `out`.")
     meta = {"study_name": f"autopeft-{config.backbone}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}", "sessions": 1}

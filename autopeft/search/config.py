@@ -7,7 +7,7 @@ from typing import Any
 
 from autopeft.errors import ConfigError
 from autopeft.search.options import (
-    DEFAULT_FIDELITY, DEFAULT_PRIOR_SIGNAL, FIDELITIES, PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS,
+    DEFAULT_FIDELITY, DEFAULT_PRIOR_SIGNAL, FIDELITIES, PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS, default_prior_beta,
 )
 
 __all__ = ["SearchConfig", "resolve_defaults", "parse_duration"]
@@ -48,6 +48,7 @@ class SearchConfig:
     priors: bool = True
     prior_signal: str = DEFAULT_PRIOR_SIGNAL
     prior_candidates: int = PRIOR_CANDIDATES
+    prior_beta: float | None = None  # fading strength of PriorGuide; None: options.default_prior_beta(trials)
     warm_start: int | None = None
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
@@ -84,6 +85,8 @@ class SearchConfig:
             raise ConfigError(f"`prior_signal` must be one of {', '.join(PRIOR_SIGNALS)}, but got {self.prior_signal!r}.")
         if self.fidelity not in FIDELITIES:
             raise ConfigError(f"`fidelity` must be one of {', '.join(FIDELITIES)}, but got {self.fidelity!r}.")
+        if self.prior_beta is not None and not self.prior_beta >= 0:
+            raise ConfigError(f"`prior_beta` (the prior's fading strength) must be 0 or more, but got {self.prior_beta}.")
         if self.prior_candidates < 1:
             raise ConfigError(f"`prior_candidates` must be at least 1, but got {self.prior_candidates}.")
         if self.trials is not None and self.trials < 1:
@@ -149,6 +152,8 @@ def resolve_defaults(config: SearchConfig, *, cluster_gpus: float | None = None)
     if preset not in presets:
         raise ConfigError(f"Backbone {config.backbone!r} has no preset {preset!r}; presets: {', '.join(presets)}.")
     values["epochs"] = config.epochs or presets[preset].finetune.epochs
+    if config.prior_beta is None:  # declared, not tuned: options.PRIOR_BETA_PER_TRIAL
+        values["prior_beta"] = default_prior_beta(values["trials"])
     if config.time_budget_s is None and config.trials is None:
         values["time_budget_s"] = defaults["time_budget_s"]
     if config.gpus_per_trial == 0 and cuda and config.device is None:

@@ -62,6 +62,7 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
     from autopeft.data import resolve_manifest
     from autopeft.search._cluster import Cluster, start_ray, trial_resources
     from autopeft.search._session import open_session
+    from backbones.network import load_run_network, save_run_network
 
     started = time.time()
 
@@ -69,6 +70,8 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
         start_ray(new)
         return resolve_defaults(new, cluster_gpus=Cluster.read().gpus if new.address else None)
 
+    if resume_dir is not None:
+        load_run_network(resume_dir)  # a user's network by reference: registered before any look-up
     session = open_session(config, resume_dir, trials=trials, time_budget_s=time_budget_s, resolve=resolve)
     config = session.config
     plans = _PlanSpace.load(config)
@@ -76,6 +79,7 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
     cluster = Cluster.read()
     run_dir = session.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    save_run_network(run_dir, config.backbone, config.preset)
     budget = Budget.parse(config.budget)
     manifest_path = str(resolve_manifest(config.data, progress=config.progress))
     config.data = config.data or None
@@ -86,7 +90,8 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
     default_storage = config.storage_path is None
     storage = str(run_dir / "ray") if default_storage else _storage(config.storage_path)
     setup = _trial_setup(config, manifest_path, run_dir, artifacts=None if default_storage else f"{storage}/{_ARTIFACTS}")
-    _print_settings(config, setup, budget, plans.counter.total, run_dir, session.resumed, cluster, storage)
+    _print_settings(config, setup, budget, plans.counter.total, run_dir, session.resumed, cluster, storage,
+                    space=plans.space)
     if config.address:
         setup = _reach_nodes(config, cluster, setup, storage, default_storage)
     return _search(session, setup, plans, budget, storage, started)
@@ -107,7 +112,7 @@ class _PlanSpace:
         from backbones import build_backbone
 
         template = build_backbone(config.backbone, config.preset)
-        space = load_space(config.space, template.sites())
+        space = load_space(config.space, template.sites(), model=template)
         if space.backbone != config.backbone:
             raise ConfigError(f"`space` {config.space} is written for {space.backbone!r}, but `backbone` is {config.backbone!r}.")
         return cls(template, space, PlanCounter(template))
@@ -122,10 +127,12 @@ def _storage(path: str) -> str:
 def _trial_setup(config: SearchConfig, manifest_path: str, run_dir: Path, *, artifacts: str | None) -> TrialSetup:
 
     from autopeft.search.trial import setup_from_config
+    from backbones.network import registered_ref
 
+    ref = registered_ref(config.backbone, config.preset)
     # Trials never pre-train: the driver has put every source model in the store before they start.
     return replace(setup_from_config(asdict(config), manifest_path=manifest_path, run_dir=run_dir),
-                   artifacts=artifacts, pretrain=False)
+                   artifacts=artifacts, pretrain=False, network=ref.to_json() if ref is not None else None)
 
 
 def _reach_nodes(config: SearchConfig, cluster, setup: TrialSetup, storage: str, default_storage: bool) -> TrialSetup:
@@ -144,10 +151,12 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
     """Steps 3 to 7 of the module docstring."""
     from autopeft.search._cluster import task_options, tune_resources
     from autopeft.search._plans import plan_definer, warm_start
-    from autopeft.search.portfolio import enqueue_portfolio, portfolio
+    from autopeft.search.portfolio import enqueue_portfolio, portfolio, table1_plans
     from autopeft.search._session import make_sampler, open_study, requeue_interrupted, search_seed
     from autopeft.search._sources import prepare_sources, publish_importance
-    from autopeft.search.priors import PlanPrior, PriorGuide
+    from autopeft.search.options import default_prior_beta
+    from autopeft.search.priors import PriorGuide
+    from autopeft.search.signals import prior_for
     from autopeft.search.results import finish_run, run_references
 
     config, run_dir = session.config, session.run_dir
@@ -162,10 +171,15 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
     prepare_sources(config, replace(setup, folds=folds), options=task_options(config), progress=config.progress)
     study = open_study(session)
     train_extra = {"epochs": int(config.epochs)}
-    prior_model = PlanPrior.for_setup(setup, template, counter, signal=config.prior_signal) if config.priors else None
+    prior_model = prior_for(config.prior_signal, setup, template, counter, space) if config.priors else None
+    if prior_model is not None and config.progress and getattr(prior_model, "cost", 0):
+        print(f"prior {config.prior_signal}: {prior_model.cost:g} pair-epochs spent scoring (cached for later searches)",
+              flush=True)
     guide = None
     if prior_model is not None and config.prior_candidates > 1:  # the prior picks among the sampler's draws
-        guide = PriorGuide(space, prior_model, budget, make_sampler=lambda seed: make_sampler(config, seed),
+        # A run.json written before the fading has no prior_beta: the declared default then.
+        beta = config.prior_beta if config.prior_beta is not None else default_prior_beta(config.trials)
+        guide = PriorGuide(space, prior_model, budget, make_sampler=lambda seed: make_sampler(config, seed), beta=beta,
                            candidates=config.prior_candidates, seed=search_seed(config) + session.number, train=train_extra)
     publish_importance(setup)
     baselines = portfolio(space, counter, budget, train=train_extra) if config.portfolio else []
@@ -175,6 +189,9 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
             print(f"baseline portfolio: {len(baselines)} trials first, PETITE's Table-1 rows within the budget at "
                   f"learning rates {', '.join(f'{lr:.2g}' for lr in sorted({e.lr for e in baselines}))}: "
                   f"{', '.join(sorted({e.label for e in baselines}))}", flush=True)
+        elif config.progress and config.portfolio and not table1_plans(config.backbone):
+            print(f"baseline portfolio: skipped, PETITE's Table-1 rows are plans named for unetr and cvtgan, and "
+                  f"{config.backbone} has none (the references No-FT and Full-FT still run)", flush=True)
     if not session.resumed and config.priors:
         warm_start(study, space, prior_model, budget, config, preset_lr=template.preset.finetune.lr_peft, train=train_extra)
     if session.resumed:
@@ -268,19 +285,24 @@ def _examples(run_dir: Path, setup: TrialSetup, summary: dict[str, Any], *, conf
 
 
 def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, total: int, run_dir: Path, resumed: bool,
-                    cluster, storage: str) -> None:
+                    cluster, storage: str, space: Any = None) -> None:
     from ray.tune.schedulers import ASHAScheduler
 
     from autopeft.search._tune import scheduler_for
     from autopeft.search.confirm import confirmation_seeds
 
     print(("resuming" if resumed else "search") + f" in {run_dir}")
-    print(f"  backbone {config.backbone}/{config.preset} on {config.device}; space {config.space}; budget {budget.describe(total)}")
+    from autopeft.search.auto_space import AUTO_SPACES
+
+    generated = f" ({space.source})" if space is not None and space.source.startswith(AUTO_SPACES) else ""
+    print(f"  backbone {config.backbone}/{config.preset} on {config.device}; space {config.space}{generated}; budget {budget.describe(total)}")
     print(f"  scanners {', '.join(config.scanners)}: {len(setup.pairs)} source->target pairs x {config.folds} fold(s), "
           f"{config.epochs} fine-tuning epochs each; protocol {setup.make_protocol()}")
     limit = f"no trial launched after {config.time_budget_s / 60:.1f} min" if config.time_budget_s else "no time limit"
     asha = isinstance(scheduler_for(config, setup)[0], ASHAScheduler)
-    print(f"  {config.trials} trials, {config.objective}-objective, sampler {config.sampler}, priors {(config.prior_signal + ' x' + str(config.prior_candidates)) if config.priors else 'off'}, "
+    priors = "off" if not config.priors else f"{config.prior_signal} (pick among {config.prior_candidates} draws" + (
+        f", beta {config.prior_beta:g})" if config.prior_beta is not None else ")")
+    print(f"  {config.trials} trials, {config.objective}-objective, sampler {config.sampler}, priors {priors}, "
           f"ASHA {'on ' + config.fidelity if asha else 'off'}, {limit}")
     extra = "".join(f", {amount:g} {name}" for name, amount in config.trial_resources.items())
     print(f"  Ray {'cluster ' + config.address if config.address else 'on this machine'}: {cluster.describe()}; "
@@ -290,9 +312,13 @@ def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, tot
     print(f"  subjects per target: {protocol.finetune_train} fine-tune, {protocol.finetune_val} validation (trials and every "
           f"choice), {protocol.finetune_test} test (read only by the confirmation)")
     if config.confirm:
-        baseline = " + the best Table-1 row (lr tuned)" if config.portfolio else ""
+        from autopeft.peft import named_plans
+        from autopeft.search.portfolio import table1_plans
+
+        baseline = " + the best Table-1 row (lr tuned)" if config.portfolio and table1_plans(config.backbone) else ""
+        petite = ", PETITE (as published)" if f"petite-{config.backbone}" in named_plans() else ""
         seeds = ", ".join(map(str, confirmation_seeds(config.seed, int(config.confirm_seeds or 1))))
-        print(f"  then: the {config.confirm} best plans by validation{baseline} + No-FT, Full-FT (lr tuned), PETITE (as "
-              f"published) re-run on test subjects over {config.confirm_folds or 1} fold(s) x fine-tuning seed(s) {seeds}")
+        print(f"  then: the {config.confirm} best plans by validation{baseline} + No-FT, Full-FT (lr tuned){petite} "
+              f"re-run on test subjects over {config.confirm_folds or 1} fold(s) x fine-tuning seed(s) {seeds}")
     else:
         print("  no confirmation on test subjects (--confirm 0): every figure is on validation subjects, in-sample")

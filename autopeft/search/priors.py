@@ -1,10 +1,16 @@
-"""SH-PEFT importance priors: which plans to try first.
+"""Importance priors: which plans to try first, and how much to trust that as trials come in.
 
-For every (source, target, fold) of a search, the SH-PEFT hybrid importance of the pre-trained
-source weights is computed once on one epoch of the target's fine-tuning batches (L1 loss, the
-paper's L2 variant) and cached (``$AUTOPEFT_CACHE/importance/``). Two maps are kept, at lambda = 0
-(the task term alone) and lambda = 1; since I = I_task + lambda * s * I_agnostic is linear in
-lambda, any lambda is ``I_0 + lambda * (I_1 - I_0)`` (used by SH-PEFT plans).
+A prior is any object with ``counter`` (the search's :class:`~autopeft.search.budget.PlanCounter`)
+and ``score(plan, count=None) -> float`` (higher: more promising). The signals that make them are
+registered in :mod:`autopeft.search.signals` (``--priors``); this module holds the scorers, the
+controls a benchmark compares them with, and the guide that injects them into the search.
+
+Site-mass scorers (:class:`PlanPrior`, signals ``shpeft`` and ``sensitivity``). For every
+(source, target, fold) of a search, the SH-PEFT hybrid importance of the pre-trained source weights
+is computed once on one epoch of the target's fine-tuning batches (L1 loss, the paper's L2
+variant) and cached (``$AUTOPEFT_CACHE/importance/``). Two maps are kept, at lambda = 0 (the task
+term alone) and lambda = 1; since I = I_task + lambda * s * I_agnostic is linear in lambda, any
+lambda is ``I_0 + lambda * (I_1 - I_0)`` (used by SH-PEFT plans).
 
 Prior score of a plan (the formula). Importance maps of the pairs are each scaled to sum to 1
 and averaged. Let ``w_s`` be the share of that importance (lambda = 1) that lives in site ``s``
@@ -26,26 +32,40 @@ It is 0 for No-FT and 1 for Full-FT; it rewards covering the sites where the imp
 diminishing returns. How well it ranks plans (Spearman against validation PSNR) is measured by
 ``bench/rediscovery.py`` and kept in ``bench/results/rediscovery.json``; the two readings of
 ``c_s`` and ``x0`` were chosen on one evaluation (UNETR tiny, scanners 1<->5), so judge them on
-others, and on your own data, before trusting them.
+others, and on your own data, before trusting them. ``"shpeft"`` weighs sites and covered weights
+by the SH-PEFT hybrid map (lambda = 1); ``"sensitivity"`` by the squared gradients alone (the
+lambda = 0 map), the first-order sensitivity SPT (He et al., ICCV 2023) and GPS (Zhang et al.,
+CVPR 2024) rank parameters with. The same gradient pass gives both.
 
-Signals (``signal``): ``"shpeft"`` weighs sites and covered weights by the SH-PEFT hybrid map
-(lambda = 1) as above; ``"sensitivity"`` by the squared gradients alone (the lambda = 0 map), the
-first-order sensitivity SPT (He et al., ICCV 2023) and GPS (Zhang et al., CVPR 2024) rank
-parameters with. The same gradient pass gives both; SH-PEFT plans still select their entries with
-their own lambda.
+Per-candidate scorers (:class:`CandidatePrior`, signals ``gradient`` and ``audit``): one score per
+(site, method) candidate the space offers, standardised within each method across sites (z-scores:
+they say where a method does best, not which method is best); a plan scores the sum over the
+(site, method) entries it trains, plus BitFit's own score when its toggle is on. Unscored
+candidates count 0, their method's mean.
 
-Steering (:class:`PriorGuide`): after the warm start, each proposal is the feasible plan with the
-best prior among ``candidates`` draws of the study's own sampler (on a copy of the study, so the
-draws leave no trace in it): the sampler says where to look, the prior which of its proposals to
-train.
+Baselines (:class:`CountPrior`: log of the trainable count; :class:`EarlyPrior`: early sites
+first) and controls (:class:`InvertedPrior`: minus a scorer; :class:`PermutedPrior`: a scorer's
+per-site information shuffled with a seed) are what a signal must beat, and show whether it
+carries information at all.
+
+Fading injection (:class:`PriorGuide`, after piBO: Hvarfner et al., ICLR 2022): before each ask
+the guide draws ``candidates`` plans from the study's own sampler on an in-memory copy of the
+study (the draws leave no trace in it) and enqueues one of the feasible draws, picked at random
+with probability proportional to ``exp((beta / n) * z)`` (:func:`fading_weights`), ``z`` the
+draws' prior scores as normal scores of their ranks and ``n`` the trials finished so far
+(:func:`finished_trials`). Early on the prior chooses; as evidence comes in the pick tends to a
+uniform one among the sampler's draws, i.e. to the sampler's own proposal. The prior never
+filters anything out.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from autopeft.errors import ConfigError
@@ -53,12 +73,25 @@ from autopeft.importance import top_k_masks
 from autopeft.peft import Plan, get_method
 from autopeft.peft.apply import _match_sites
 from autopeft.search.budget import Budget, PlanCount, PlanCounter
-from autopeft.search.options import PRIOR_CANDIDATES, PRIOR_SIGNALS
+from autopeft.search.options import PRIOR_CANDIDATES
 
-__all__ = ["pair_importance", "PlanPrior", "PriorGuide", "prior_score", "top_plans", "SATURATION"]
+__all__ = ["Prior", "pair_importance", "PlanPrior", "CandidatePrior", "CountPrior", "EarlyPrior", "InvertedPrior",
+           "PermutedPrior", "PriorGuide", "fading_weights", "finished_trials", "prior_score", "top_plans",
+           "SATURATION", "SITE_MASS_SIGNALS", "NETWORK"]
 
 SATURATION = 1e-2  # x0 of the formula above
 OUTSIDE = "<outside sites>"
+NETWORK = "<network>"  # the site of the plan-level BitFit toggle among a per-candidate scorer's candidates
+BITFIT = "bitfit"  # the method the plan-level toggle applies (Plan.bitfit: every bias of the network)
+SITE_MASS_SIGNALS = ("sensitivity", "shpeft")  # the signals PlanPrior scores with
+
+
+class Prior(Protocol):
+    """What the search reads of a prior: the warm start, the define-by-run step and the guide."""
+
+    counter: PlanCounter
+
+    def score(self, plan: Plan, count: PlanCount | None = None) -> float: ...
 
 
 def pair_importance(setup, source: str, target: str, fold: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -85,8 +118,8 @@ class PlanPrior:
     def __init__(self, template, counter: PlanCounter,
                  maps: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]], *,
                  signal: str = "shpeft") -> None:
-        if signal not in PRIOR_SIGNALS:
-            raise ConfigError(f"The prior's `signal` must be one of {', '.join(PRIOR_SIGNALS)}, but got {signal!r}.")
+        if signal not in SITE_MASS_SIGNALS:
+            raise ConfigError(f"The site-mass prior's `signal` must be one of {', '.join(SITE_MASS_SIGNALS)}, but got {signal!r}.")
         self.counter = counter
         self.signal = signal
         self._task: dict[str, torch.Tensor] = {}
@@ -160,6 +193,150 @@ class PlanPrior:
         count = count if count is not None else self.counter.count(plan)
         return prior_score(count, self.weights, self.counter.site_sizes, self.counter.total,
                            covered=self.covered(plan, count))
+
+    def permuted(self, rng: np.random.Generator) -> PlanPrior:
+        """A copy whose site weights ``w_s`` are shuffled among the sites (the share outside every
+        site stays): the permutation control. ``m_s`` still reads the site's own map."""
+        sites = [site for site in self.weights if site != OUTSIDE]
+        values = [self.weights[site] for site in sites]
+        order = rng.permutation(len(sites))
+        other = copy.copy(self)
+        other.weights = {**{site: values[i] for site, i in zip(sites, order)}, OUTSIDE: self.weights[OUTSIDE]}
+        return other
+
+
+class CandidatePrior:
+    """Scores plans by standardised per-(site, method) candidate scores (signals ``gradient`` and
+    ``audit``; module docstring).
+
+    Args:
+        template: a backbone of the search's architecture (``sites()``).
+        counter: the search's :class:`~autopeft.search.budget.PlanCounter` on that backbone.
+        scores: ``(site, method) -> score``, standardised within each method; the BitFit
+            toggle's under ``(NETWORK, BITFIT)``.
+        cost: pair-epochs spent computing the scores (a benchmark charges them). Defaults to 0.
+        notes: why candidates were left out, for the record. Defaults to none.
+    """
+
+    def __init__(self, template, counter: PlanCounter, scores: Mapping[tuple[str, str], float], *,
+                 cost: float = 0.0, notes: Sequence[str] = ()) -> None:
+        self.counter = counter
+        self.scores = dict(scores)
+        self.cost = float(cost)
+        self.notes = tuple(notes)
+        self._sites = list(template.sites())
+
+    def entries(self, plan: Plan) -> list[tuple[str, str]]:
+        """The (site, method) candidates ``plan`` trains, as ``apply_plan`` matches them."""
+        found = [(site.name, spec.method) for _pattern, spec, sites in _match_sites(plan, self._sites)
+                 if not get_method(spec.method).trains_nothing for site in sites]
+        return found + ([(NETWORK, BITFIT)] if plan.bitfit else [])
+
+    def score(self, plan: Plan, count: PlanCount | None = None) -> float:
+        """The sum of the scores of the candidates ``plan`` trains (``count`` is not needed)."""
+        return float(sum(self.scores.get(entry, 0.0) for entry in self.entries(plan)))
+
+    def permuted(self, rng: np.random.Generator) -> CandidatePrior:
+        """A copy whose scores are shuffled among the candidates of each method (each method keeps
+        its standardised values; which site holds which is lost): the permutation control."""
+        shuffled: dict[tuple[str, str], float] = {}
+        for method in sorted({m for _, m in self.scores}):
+            keys = sorted(k for k in self.scores if k[1] == method)
+            values = [self.scores[k] for k in keys]
+            shuffled.update((k, values[i]) for k, i in zip(keys, rng.permutation(len(keys))))
+        other = copy.copy(self)
+        other.scores = shuffled
+        return other
+
+
+class CountPrior:
+    """Baseline: ``log(1 + trainable parameters)`` of a plan (bigger plans first).
+
+    Args:
+        counter: the search's :class:`~autopeft.search.budget.PlanCounter`.
+    """
+
+    cost = 0.0
+
+    def __init__(self, counter: PlanCounter) -> None:
+        self.counter = counter
+
+    def score(self, plan: Plan, count: PlanCount | None = None) -> float:
+        count = count if count is not None else self.counter.count(plan)
+        return math.log1p(count.trainable)
+
+
+class EarlyPrior:
+    """Baseline "early layers first": ``sum over trained sites of (1 - position / number of sites)``.
+
+    ``position`` is the site's index in the backbone's forward order (``sites()``, 0 for the first
+    site), so the first site weighs 1 and the last ``1 / number of sites``; a site is trained when
+    the plan trains any parameter in it (:attr:`PlanCount.per_site`, the BitFit toggle's biases
+    included). A plan that trains more, and earlier, sites scores higher.
+
+    Args:
+        template: a backbone of the search's architecture.
+        counter: the search's :class:`~autopeft.search.budget.PlanCounter` on it.
+    """
+
+    cost = 0.0
+
+    def __init__(self, template, counter: PlanCounter) -> None:
+        self.counter = counter
+        names = [site.name for site in template.sites()]
+        self.weights = {name: 1.0 - position / len(names) for position, name in enumerate(names)}
+
+    def score(self, plan: Plan, count: PlanCount | None = None) -> float:
+        count = count if count is not None else self.counter.count(plan)
+        return float(sum(self.weights.get(site, 0.0) for site, n in count.per_site.items() if n > 0))
+
+    def permuted(self, rng: np.random.Generator) -> EarlyPrior:
+        """A copy whose site weights are shuffled among the sites: the permutation control."""
+        names = list(self.weights)
+        values = [self.weights[n] for n in names]
+        other = copy.copy(self)
+        other.weights = {name: values[i] for name, i in zip(names, rng.permutation(len(names)))}
+        return other
+
+
+class InvertedPrior:
+    """Control: minus ``prior``'s score (a signal that ranks plans should do worse inverted).
+
+    Args:
+        prior: any prior (``counter``, ``score``).
+    """
+
+    def __init__(self, prior: Prior) -> None:
+        self.prior = prior
+        self.counter = prior.counter
+        self.cost = float(getattr(prior, "cost", 0.0))
+
+    def score(self, plan: Plan, count: PlanCount | None = None) -> float:
+        return -self.prior.score(plan, count)
+
+
+class PermutedPrior:
+    """Control: ``prior`` with its per-site (or per-candidate) values shuffled with ``seed``
+    (its ``permuted(rng)``: :meth:`PlanPrior.permuted`, :meth:`CandidatePrior.permuted`,
+    :meth:`EarlyPrior.permuted`).
+
+    Args:
+        prior: a prior that has per-site or per-candidate values.
+        seed: seeds the shuffle.
+    """
+
+    def __init__(self, prior: Prior, seed: int) -> None:
+        permute = getattr(prior, "permuted", None)
+        if permute is None:
+            raise ConfigError(f"`prior` ({type(prior).__name__}) has no per-site or per-candidate values to permute; "
+                              "permute a PlanPrior, CandidatePrior or EarlyPrior.")
+        self.prior = permute(np.random.default_rng(seed))
+        self.counter = prior.counter
+        self.cost = float(getattr(prior, "cost", 0.0))
+        self.seed = seed
+
+    def score(self, plan: Plan, count: PlanCount | None = None) -> float:
+        return self.prior.score(plan, count)
 
 
 def prior_score(count: PlanCount, weights: Mapping[str, float], site_sizes: Mapping[str, int], total: int,
@@ -240,45 +417,105 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
     return float(spearmanr(xs, ys).statistic)
 
 
-class PriorGuide:
-    """Steers every proposal after the warm start with the prior (module docstring).
+def fading_weights(scores: Sequence[float], beta: float, finished: int) -> np.ndarray:
+    """The probability of picking each of ``scores``' draws: proportional to ``exp((beta / n) * z)``.
 
-    Called by the searcher before each ``study.ask()``: draws ``candidates`` plans with a fresh
-    sampler (``make_sampler(seed)``) on an in-memory copy of the study's finished, pruned and
-    running trials, and enqueues the feasible draw with the best prior in the study, so that the
-    next trial trains it. Nothing happens while enqueued trials (the warm start, requeued
-    trials) are waiting, or when no draw is within the budget.
+    ``z`` are the scores as normal scores of their ranks, ``Phi^-1((rank - 1/2) / m)`` for ``m``
+    draws (ties share their mean rank), not z-scores of the raw values: signals differ in scale
+    and tails (a log count, a sum of z-scores, a PSNR drop with one outlier), and only their order
+    is what a prior claims; on ranks ``beta`` means the same for every signal, and one outlying
+    score cannot take all the weight. ``n = max(finished, 1)``.
 
     Args:
-        space: the search space (``suggest``, ``plan_from_params``).
-        prior: the search's :class:`PlanPrior`.
+        scores: the prior scores of the feasible draws.
+        beta: fading strength, 0 or more; 0 is the uniform pick (the sampler alone), ``inf`` the
+            best-scored draw always (ties shared).
+        finished: trials finished so far (:func:`finished_trials`).
+
+    Returns:
+        Probabilities summing to 1, one per score.
+
+    >>> fading_weights([1.0, 2.0, 3.0], 0.0, 5).round(3).tolist()
+    [0.333, 0.333, 0.333]
+    >>> fading_weights([1.0, 3.0, 2.0], math.inf, 5).tolist()
+    [0.0, 1.0, 0.0]
+    """
+    from scipy.stats import norm, rankdata
+
+    if not len(scores):
+        raise ValueError("`scores` must hold at least one score, but got none.")
+    if math.isnan(beta) or beta < 0:
+        raise ValueError(f"`beta` must be 0 or more, but got {beta}.")
+    values = np.asarray(scores, dtype=float)
+    if np.isnan(values).any():
+        raise ValueError("`scores` must not contain NaN.")
+    z = norm.ppf((rankdata(values) - 0.5) / len(values))
+    if math.isinf(beta):
+        best = z == z.max()
+        return best / best.sum()
+    logits = (beta / max(int(finished), 1)) * z
+    weights = np.exp(logits - logits.max())
+    return weights / weights.sum()
+
+
+def finished_trials(study) -> int:
+    """The evidence ``n`` of the fading: COMPLETE trials plus PRUNED ones with a value (stopped by
+    the scheduler after reporting). Over-budget draws (PRUNED, no value), failures and running
+    trials say nothing about how well a plan fine-tunes, so they do not fade the prior."""
+    import optuna
+
+    TrialState = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return sum(t.state == TrialState.COMPLETE or t.values is not None for t in trials)
+
+
+class PriorGuide:
+    """Injects the prior into every proposal after the warm start, fading (module docstring).
+
+    Called before each ``study.ask()`` (by the searcher, or a replay's own loop): draws
+    ``candidates`` plans with a fresh sampler (``make_sampler(seed)``) on an in-memory copy of the
+    study's finished, pruned and running trials, and enqueues one feasible draw, picked with
+    :func:`fading_weights` by a numpy Generator seeded with ``(seed, number of trials)`` (a replay
+    picks the same). The enqueued trial's user attributes record the pick: ``prior`` (its score),
+    ``prior_beta``, ``prior_evidence`` (n), ``prior_guided`` (draws), ``prior_feasible`` (feasible
+    draws) and ``prior_probability`` (its chance of being picked). Nothing happens while enqueued
+    trials (the warm start, the portfolio, requeued trials) are waiting, or when no draw is within
+    the budget.
+
+    Args:
+        space: the search space (``suggest``).
+        prior: any prior (``counter``, ``score``).
         budget: the search's budget.
         make_sampler: ``seed -> optuna sampler`` of the same kind as the study's.
+        beta: fading strength (:func:`fading_weights`): 0 leaves the pick to the sampler, ``inf``
+            always takes the best prior of the draws. A search uses
+            :func:`autopeft.search.options.default_prior_beta` unless told otherwise.
         candidates: draws per proposal. Defaults to :data:`PRIOR_CANDIDATES`.
-        seed: seeds the draws (with the number of trials so far).
+        seed: seeds the draws and the pick (with the number of trials so far). Defaults to 0.
         train: the ``train`` section every plan gets (as the search's own plans).
     """
 
-    def __init__(self, space, prior: PlanPrior, budget: Budget, *, make_sampler: Callable[[int], Any],
+    def __init__(self, space, prior: Prior, budget: Budget, *, make_sampler: Callable[[int], Any], beta: float,
                  candidates: int = PRIOR_CANDIDATES, seed: int = 0, train: Mapping[str, Any] | None = None) -> None:
         if candidates < 1:
             raise ConfigError(f"`candidates` must be at least 1, but got {candidates}.")
+        if math.isnan(beta) or beta < 0:
+            raise ConfigError(f"`beta` (the prior's fading strength) must be 0 or more, but got {beta}.")
         self._space, self._prior, self._budget = space, prior, budget
         self._make_sampler, self._candidates, self._seed, self._train = make_sampler, candidates, seed, train
+        self.beta = float(beta)
 
-    def __call__(self, study) -> dict[str, Any] | None:
-        """Enqueue the next plan in ``study``; returns its ``{"params", "prior", "drawn"}`` or
-        ``None`` when it left the study as it was."""
+    def draws(self, study) -> list[tuple[float, dict[str, Any]]]:
+        """``(prior, params)`` of the feasible plans among ``candidates`` draws of the sampler on
+        a copy of ``study`` (the study itself is left as it was)."""
         import optuna
 
         TrialState = optuna.trial.TrialState
-        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            return None
         history = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
         shadow = optuna.create_study(directions=study.directions,
                                      sampler=self._make_sampler(self._seed * 100_003 + len(study.trials)))
         shadow.add_trials(history)
-        best: tuple[float, dict[str, Any]] | None = None
+        feasible: list[tuple[float, dict[str, Any]]] = []
         for _ in range(self._candidates):
             trial = shadow.ask()
             plan = self._space.suggest(trial, train=self._train)
@@ -286,12 +523,27 @@ class PriorGuide:
             # Told as failed: the next draw must not take it for a running trial (constant liar).
             shadow.tell(trial, state=TrialState.FAIL)
             count = self._prior.counter.count(plan)
-            if not self._budget.allows(count.trainable, count.total):
-                continue
-            score = self._prior.score(plan, count)
-            if best is None or score > best[0]:
-                best = (score, params)
-        if best is None:
+            if self._budget.allows(count.trainable, count.total):
+                feasible.append((self._prior.score(plan, count), params))
+        return feasible
+
+    def __call__(self, study) -> dict[str, Any] | None:
+        """Enqueue the next plan in ``study``; returns its ``{"params", "prior", "drawn", "feasible",
+        "beta", "finished", "probability"}`` or ``None`` when it left the study as it was."""
+        import optuna
+
+        if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
             return None
-        study.enqueue_trial(best[1], user_attrs={"prior_guided": self._candidates})
-        return {"params": best[1], "prior": best[0], "drawn": self._candidates}
+        feasible = self.draws(study)
+        if not feasible:
+            return None
+        finished = finished_trials(study)
+        weights = fading_weights([score for score, _ in feasible], self.beta, finished)
+        pick = int(np.random.default_rng((self._seed, len(study.trials))).choice(len(feasible), p=weights))
+        score, params = feasible[pick]
+        chosen = {"params": params, "prior": score, "drawn": self._candidates, "feasible": len(feasible),
+                  "beta": self.beta, "finished": finished, "probability": float(weights[pick])}
+        study.enqueue_trial(params, user_attrs={"prior_guided": self._candidates, "prior": score, "prior_beta": self.beta,
+                                                "prior_evidence": finished, "prior_feasible": len(feasible),
+                                                "prior_probability": float(weights[pick])})
+        return chosen

@@ -46,7 +46,7 @@ from autopeft.peft import Plan, get_method, registered_methods
 from autopeft.search.portfolio import lr_ladder
 from search_spaces import SPACES_DIR
 
-__all__ = ["SearchSpace", "load_space", "space_files"]
+__all__ = ["SearchSpace", "load_space", "space_from_data", "space_files"]
 
 _TOP_LEVEL = ("name", "description", "backbone", "groups", "bitfit", "lr", "shpeft_lambda")
 
@@ -189,6 +189,7 @@ class SearchSpace:
         self.lr = lr
         self.shpeft_lambda = shpeft_lambda
         self.source = source
+        self.notes: tuple[str, ...] = ()  # what a generated space left out, and why
 
     # Sampling ---------------------------------------------------------------------------------
     def suggest(self, trial: Any, *, train: Mapping[str, Any] | None = None) -> Plan:
@@ -404,18 +405,43 @@ def _read(name_or_path: str | os.PathLike) -> tuple[dict[str, Any], str]:
     return dict(data), str(path)
 
 
-def load_space(name_or_path: str | os.PathLike, sites: Sequence[Any]) -> SearchSpace:
+def load_space(name_or_path: str | os.PathLike, sites: Sequence[Any], *, model: Any = None) -> SearchSpace:
     """Read and validate a space against a backbone's sites.
 
     Args:
-        name_or_path: a shipped space name (``unetr``) or a YAML file.
+        name_or_path: a shipped space name (``unetr``), a YAML file, or a generated space
+            (``auto-grouped``, ``auto-blocks``: :mod:`autopeft.search.auto_space`, which needs
+            ``model``). The backbone's own name gives its shipped space, or ``auto-grouped``
+            where none is shipped.
         sites: the backbone's ``sites()`` (name, role, kind, stage), in forward order.
+        model: the built backbone, for generated spaces. Defaults to None.
 
     Raises:
         ConfigError: an unknown key, method or hyperparameter, a pattern matching no site, a
             method that cannot sit on a group's site kinds, or overlapping groups.
     """
-    data, source = _read(name_or_path)
+    from autopeft.search.auto_space import AUTO_SPACES, auto_space
+
+    text = str(name_or_path)
+    notes: list[str] = []
+    generated = text in AUTO_SPACES or (model is not None and text == getattr(model, "name", None)
+                                        and text not in space_files() and not Path(text).expanduser().is_file())
+    if generated:
+        if model is None:
+            raise ConfigError(f"Space {text!r} is generated from a backbone's sites; pass the backbone (model=).")
+        style = text if text in AUTO_SPACES else AUTO_SPACES[0]
+        data, notes = auto_space(model, style)
+        source = f"{style}, generated from {len(list(sites))} sites"
+    else:
+        data, source = _read(name_or_path)
+    space = space_from_data(data, sites, source=source)
+    space.notes = tuple(notes)
+    return space
+
+
+def space_from_data(data: Mapping[str, Any], sites: Sequence[Any], *, source: str) -> SearchSpace:
+    """Validate space data (what a space YAML holds) against a backbone's sites (:func:`load_space`)."""
+    data = dict(data)
     for key in data:
         if key not in _TOP_LEVEL:
             raise ConfigError(f"{source}: unknown key {key!r}{_did_you_mean(key, _TOP_LEVEL)}; valid keys: {', '.join(_TOP_LEVEL)}.")

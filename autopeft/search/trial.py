@@ -54,6 +54,8 @@ class TrialSetup:
         score_at: pair-epochs done (counted over the trial's pairs in its order) after which the
             pair in training is scored on validation and reported mid-pair: the scheduler's rungs
             with ``--fidelity epochs``. Empty: a report after each pair only.
+        network: a user's network by reference (``backbones.network.NetworkRef`` JSON), registered
+            by :meth:`on_node` in the process the setup travels to; None for a registered backbone.
     """
 
     backbone: str
@@ -74,6 +76,7 @@ class TrialSetup:
     data_key: str | None = None
     pretrain: bool = True
     score_at: tuple[int, ...] = ()
+    network: str | None = None
 
     @property
     def sources(self) -> list[tuple[str, int]]:
@@ -107,7 +110,12 @@ class TrialSetup:
 
     def on_node(self) -> TrialSetup:
         """This setup as the node it runs on sees it: with an artifact store, the scans (when
-        shipped), source models and importance maps are brought into the node's cache first."""
+        shipped), source models and importance maps are brought into the node's cache first. A
+        user's network (``network``) is registered in this process first."""
+        if self.network is not None:
+            from backbones.network import NetworkRef, register_network
+
+            register_network(NetworkRef.from_json(self.network))
         if self.artifacts is None:
             return self
         from dataclasses import replace

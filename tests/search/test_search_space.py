@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import optuna
 import pytest
@@ -237,7 +238,7 @@ def test_sensitivity_signal_weighs_sites_by_squared_gradients_alone(cvtgan):
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "gp"])
-def test_prior_guide_enqueues_the_best_prior_of_its_draws_and_leaves_no_trace(cvtgan, sampler):
+def test_prior_guide_at_infinite_beta_enqueues_the_best_prior_of_its_draws_and_leaves_no_trace(cvtgan, sampler):
     from autopeft.search.priors import PlanPrior, PriorGuide
 
     template, space, counter = cvtgan
@@ -246,7 +247,7 @@ def test_prior_guide_enqueues_the_best_prior_of_its_draws_and_leaves_no_trace(cv
     make = (lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=2, constant_liar=True)) if sampler == "tpe" \
         else (lambda seed: optuna.samplers.GPSampler(seed=seed, n_startup_trials=2, warn_independent_sampling=False))
     study = optuna.create_study(direction="maximize", sampler=make(0))
-    guide = PriorGuide(space, prior, budget, make_sampler=make, candidates=6, seed=0, train={"epochs": 1})
+    guide = PriorGuide(space, prior, budget, make_sampler=make, beta=math.inf, candidates=6, seed=0, train={"epochs": 1})
     running = None
     for step in range(6):
         before = len(study.trials)
@@ -259,6 +260,7 @@ def test_prior_guide_enqueues_the_best_prior_of_its_draws_and_leaves_no_trace(cv
             count = counter.count(plan)
             assert budget.allows(count.trainable, count.total)
             assert prior.score(plan, count) == pytest.approx(chosen["prior"])
+            assert chosen["probability"] == 1.0 and chosen["beta"] == math.inf  # inf never fades: the best draw
         if step == 3:
             running = trial  # a running trial is copied too (TPE's constant liar)
         else:
