@@ -85,6 +85,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pilot", action="store_true", help="run the epochs pilot of the declared epochs_rule instead.")
     parser.add_argument("--priors", action="store_true", help="score the scenario's table with every prior signal "
                         "(autopeft.search.options.PRIOR_SIGNALS) into <scenario>-priors.csv.gz.")
+    parser.add_argument("--signals", default=None, help="with --priors: comma-separated signals to score. Default: every "
+                        "registered one (a lab table needs them all; fewer is for trying the path).")
     parser.add_argument("--quick", action="store_true", help=f"a tiny table for trying the path: {QUICK}; written to "
                         "--out-dir (a temporary folder unless given), never into bench/results.")
     parser.add_argument("--workers", type=int, default=2, help="runs at once, one torch thread each. Default: 2 (the CPU's cores).")
@@ -661,7 +663,11 @@ def score_priors(args: argparse.Namespace, declared: dict[str, Any], spec: dict[
     groups = {f"{s}->{t}": [(s, t, f)] for s, t, f in ev.setup.units}
     groups["all"] = list(ev.setup.units)  # the search's prior: every pair's maps averaged
     frames, costs, notes = [], {}, {}
-    for signal in PRIOR_SIGNALS:
+    chosen = tuple(x.strip() for x in args.signals.split(",") if x.strip()) if args.signals else PRIOR_SIGNALS
+    unknown = [x for x in chosen if x not in PRIOR_SIGNALS]
+    if unknown:
+        raise SystemExit(f"--signals: {', '.join(unknown)} not among {', '.join(PRIOR_SIGNALS)}.")
+    for signal in chosen:
         started, pair_epochs = time.perf_counter(), 0.0
         scored = {}
         for pair, units in groups.items():
@@ -680,7 +686,7 @@ def score_priors(args: argparse.Namespace, declared: dict[str, Any], spec: dict[
     out = args.out_dir / f"{spec['name']}-priors.csv.gz"
     write_csv(out, wide)
     result = {"scenario": spec["name"], "command": "python bench/table.py " + " ".join(sys.argv[1:]),
-              "code_version": code_version(), "machine": machine(), "signals": list(PRIOR_SIGNALS), "cost": costs,
+              "code_version": code_version(), "machine": machine(), "signals": list(chosen), "cost": costs,
               "cost_note": ("pair_epochs: the prior's own .cost (autopeft.search.signals) on every pair: shpeft and "
                             "sensitivity one gradient pass over one epoch per pair each (charged to both, although they "
                             "read the same maps), gradient one per method the grouped space offers and pair, audit "
