@@ -35,11 +35,13 @@ environment, as ``$AUTOPEFT_PLUGINS``), and a search writes it to its run direct
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -189,6 +191,15 @@ class NetworkRef:
 
     def build(self) -> nn.Module:
         """A fresh network (random weights)."""
+        # Some constructors print (MONAI 1.6.0's BasicUNet prints its features): sent to stderr, so
+        # that a command's stdout (JSON, tables) stays what the command writes.
+        with contextlib.redirect_stdout(sys.stderr):
+            network = self._construct()
+        if not isinstance(network, nn.Module):
+            raise ConfigError(f"--backbone {self.spec}: its network_def builds a {type(network).__name__}, not a torch.nn.Module.")
+        return network
+
+    def _construct(self):
         if self.bundle_config is not None:
             from monai.bundle import ConfigParser
 
@@ -209,8 +220,6 @@ class NetworkRef:
                     signature = cls.__name__
                 raise ConfigError(f"--net-args {json.dumps(self.net_args)} do not build {self.spec} ({type(err).__name__}: "
                                   f"{err}); its constructor: {signature}.") from err
-        if not isinstance(network, nn.Module):
-            raise ConfigError(f"--backbone {self.spec}: its network_def builds a {type(network).__name__}, not a torch.nn.Module.")
         return network
 
 
