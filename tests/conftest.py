@@ -23,3 +23,17 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("AUTOPEFT_CACHE", None)
     else:
         os.environ["AUTOPEFT_CACHE"] = previous
+
+
+@pytest.fixture(scope="module")
+def networks_env():
+    """Registering a network exports it in $AUTOPEFT_NETWORKS for the processes it starts; the
+    other test modules' processes should not inherit a module's networks (use it per module)."""
+    from backbones.network import NETWORKS_ENV
+
+    saved = os.environ.get(NETWORKS_ENV)
+    yield
+    if saved is None:
+        os.environ.pop(NETWORKS_ENV, None)
+    else:
+        os.environ[NETWORKS_ENV] = saved

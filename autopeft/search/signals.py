@@ -123,27 +123,26 @@ class Shpeft(_SiteMass):
     name = "shpeft"
 
 
+class _PerCandidate(PriorSignal):
+    per_candidate = True
+
+    def prepare(self, setup, template, counter, *, space) -> Prior:
+        return candidate_scores(self.name, setup, template, counter, space)
+
+
 @register_signal
-class Gradient(PriorSignal):
+class Gradient(_PerCandidate):
     """Gradient energy reaching each candidate module's own parameters at injection."""
 
     name = "gradient"
-    per_candidate = True
-
-    def prepare(self, setup, template, counter, *, space) -> Prior:
-        return candidate_scores(self.name, setup, template, counter, space)
 
 
 @register_signal
-class Audit(PriorSignal):
+class Audit(_PerCandidate):
     """Validation-PSNR drop when each briefly trained candidate is switched off."""
 
     name = "audit"
-    per_candidate = True
     needs_training = True
-
-    def prepare(self, setup, template, counter, *, space) -> Prior:
-        return candidate_scores(self.name, setup, template, counter, space)
 
 
 @register_signal

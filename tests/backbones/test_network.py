@@ -47,16 +47,7 @@ _HEAVY = ("UNETR", "SwinUNETR")
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _networks_env():
-    """Registering a network exports it in $AUTOPEFT_NETWORKS for the processes it starts; the
-    other test modules' processes should not inherit this module's networks."""
-    saved = os.environ.get(NETWORKS_ENV)
-    yield
-    if saved is None:
-        os.environ.pop(NETWORKS_ENV, None)
-    else:
-        os.environ[NETWORKS_ENV] = saved
+pytestmark = pytest.mark.usefixtures("networks_env")
 
 @pytest.fixture(scope="module", params=list(NETWORKS))
 def network(request):

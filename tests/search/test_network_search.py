@@ -6,7 +6,6 @@ bundle that `python -m monai.bundle verify_net_in_out` accepts)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,25 +19,15 @@ from autopeft.cli import main
 from autopeft.data.simulator import simulate
 from autopeft.runs import FINISHED, records
 from autopeft.search.engine import SearchConfig, run_search
-from backbones.network import NETWORKS_ENV, network_ref, register_network
+from backbones.network import network_ref, register_network
 
-pytestmark = pytest.mark.slow  # Ray Tune searches
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("networks_env")]  # Ray Tune searches
 
 PROTOCOL = {"pretrain_train": 2, "pretrain_val": 1, "finetune_train": 1, "finetune_val": 1, "finetune_test": 1, "folds": 1}
 NET_ARGS = {"features": [4, 4, 8, 8, 16, 4]}
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _networks_env():
-    """Registering a network exports it in $AUTOPEFT_NETWORKS for the processes it starts; the
-    other test modules' processes should not inherit this module's networks."""
-    saved = os.environ.get(NETWORKS_ENV)
-    yield
-    if saved is None:
-        os.environ.pop(NETWORKS_ENV, None)
-    else:
-        os.environ[NETWORKS_ENV] = saved
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
