@@ -141,11 +141,13 @@ class Backbone(nn.Module):
     (``B x 2 x D x H x W -> B x 1 x d x h x w`` patch logits, no sigmoid: losses apply
     ``BCEWithLogitsLoss``; pre-trained, then frozen) and :meth:`discriminator_loss`. The loss the
     network trains with is :meth:`generator_loss` (L1 unless overridden); ``loss`` names it in
-    listings.
+    listings. ``in_channels`` is what a probe of the network feeds it (1 for scans; a network by
+    reference may declare more, for inspection only).
     """
 
     name: str = ""
     loss: str = "l1"
+    in_channels: int = 1
 
     def generator_loss(self, short: torch.Tensor, long: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """The loss the network minimises for its prediction ``fake`` of ``long`` from ``short``

@@ -343,6 +343,7 @@ class NetworkBackbone(Backbone):
     def __init__(self, preset: Preset, ref: NetworkRef) -> None:
         super().__init__(preset)
         self.ref = ref
+        self.in_channels = ref.in_channels
         self.network = ref.build()
 
     @property

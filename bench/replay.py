@@ -451,7 +451,8 @@ class Context:
                 spec = self.table.meta["scenario"]
                 settings = self.table.meta["settings"]
                 self._evaluation = Evaluation(spec, preset=settings["preset"], device="cpu", epochs=self.table.epochs,
-                                              budget=settings["budget"], pretrain_epochs=settings.get("pretrain_epochs"))
+                                              budget=settings["budget"], pretrain_epochs=settings.get("pretrain_epochs"),
+                                              data_args=settings.get("data"), protocol=settings.get("protocol"))
             ev = self._evaluation
             self._signals[name] = signal_scorer(name, ev.setup, self.template, self.counter, ev.setup.units)
         return self._signals[name]

@@ -76,7 +76,11 @@ PILOT_FILE = TABLES / "pilot.json"
 PILOT = {"scenarios": ("cvtgan-2-4-d1", "unetr-3-4-d2"), "epochs": 16, "candidates": (4, 6, 8, 12, 16), "ratio": 0.9,
          "sampled": 6, "max_hours": 2.5}
 # --quick: enough plans to exercise every kind of row, at a size that runs in minutes on 2 cores.
-QUICK = {"plans_per_space": 3, "epochs": 2, "ladders": (3,), "second_seed_plans": 0}
+# --quick also shrinks the data (4 subjects per scanner, 32 px) and its splits, to try the path in minutes.
+QUICK = {"plans_per_space": 3, "epochs": 2, "ladders": (3,), "second_seed_plans": 0,
+         "data": {"subjects": 4, "size": 32},
+         "protocol": {"pretrain_train": 2, "pretrain_val": 1, "finetune_train": 1, "finetune_val": 1, "finetune_test": 1,
+                      "folds": 1}}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -118,7 +122,8 @@ class Evaluation:
     """A scenario's data, trial setup, backbone template, counter, budget and spaces."""
 
     def __init__(self, spec: dict[str, Any], *, preset: str, device: str, epochs: int, budget: str,
-                 pretrain_epochs: int | None = None, data: bool = True) -> None:
+                 pretrain_epochs: int | None = None, data: bool = True, data_args: dict[str, int] | None = None,
+                 protocol: dict[str, int] | None = None) -> None:
         from autopeft.data.simulator import builtin_data
         from autopeft.search.budget import Budget, PlanCounter
         from autopeft.search.space import load_space
@@ -129,10 +134,11 @@ class Evaluation:
         # The data seed makes the scenario's data set (as bench/rediscovery.py sets it); the
         # evaluation seed (splits, source models) stays 0.
         # data=False: plans and counts only (the pilot's projection), no data set simulated for it.
-        self.manifest = str(builtin_data(seed=int(spec["data_seed"]), progress=True)) if data else ""
+        # data_args and protocol: the built-in data's size and splits when not the defaults (--quick).
+        self.manifest = str(builtin_data(seed=int(spec["data_seed"]), progress=True, **(data_args or {}))) if data else ""
         self.setup = setup_from_config({"backbone": spec["backbone"], "preset": preset, "scanners": spec["scanners"],
                                         "folds": 1, "epochs": self.epochs, "seed": 0, "device": device,
-                                        "pretrain_epochs": pretrain_epochs},
+                                        "pretrain_epochs": pretrain_epochs, "protocol": protocol},
                                        manifest_path=self.manifest, threads=1)
         self.template = build_backbone(spec["backbone"], preset)
         self.counter = PlanCounter(self.template)
@@ -587,8 +593,9 @@ def plan_entries(ev: Evaluation, declared: dict[str, Any], quick: bool) -> tuple
 def build(args: argparse.Namespace, declared: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     wall = time.time()
     epochs = table_epochs(args)
+    data_args, protocol = (QUICK["data"], QUICK["protocol"]) if args.quick else ({}, {})
     ev = Evaluation(spec, preset=args.preset, device=args.device, epochs=epochs, budget=declared["table"]["budget"],
-                    pretrain_epochs=args.pretrain_epochs)
+                    pretrain_epochs=args.pretrain_epochs, data_args=data_args, protocol=protocol)
     entries, counts = plan_entries(ev, declared, args.quick)
     seeds = sorted({s for e in entries for s in e["seeds"]})
     ev.prepare_sources(seeds, needs_importance(entries))
@@ -606,7 +613,7 @@ def build(args: argparse.Namespace, declared: dict[str, Any], spec: dict[str, An
         "settings": {"preset": args.preset, "device": args.device, "pretrain_epochs": args.pretrain_epochs, "fold": 0,
                      "evaluation_seed": 0, "budget": ev.budget_text,
                      "pairs": [f"{s}->{t}" for s, t in ev.setup.pairs], "workers": args.workers, "torch_threads_per_worker": 1,
-                     "manifest": ev.manifest, "spaces": {k: v.source for k, v in ev.spaces.items()}},
+                     "manifest": ev.manifest, "data": data_args, "protocol": protocol, "spaces": {k: v.source for k, v in ev.spaces.items()}},
         "epochs": epochs, "epochs_from": "--quick" if args.quick else str(args.out_dir / "pilot.json"),
         "cost": {"seconds": float(frame["seconds"].sum()), "pair_epochs": int(len(trained) * epochs),
                  "seconds_per_pair_epoch": float(trained["seconds"].sum() / max(len(trained) * epochs, 1)),
@@ -659,7 +666,8 @@ def score_priors(args: argparse.Namespace, declared: dict[str, Any], spec: dict[
     table = pd.read_csv(path, dtype={"plan_id": str, "source": str, "target": str})
     plans = table.drop_duplicates("plan_id")[["plan_id", "plan"]]
     ev = Evaluation(spec, preset=meta["settings"]["preset"], device=args.device, epochs=int(meta["epochs"]),
-                    budget=meta["settings"]["budget"], pretrain_epochs=meta["settings"].get("pretrain_epochs"))
+                    budget=meta["settings"]["budget"], pretrain_epochs=meta["settings"].get("pretrain_epochs"),
+                    data_args=meta["settings"].get("data"), protocol=meta["settings"].get("protocol"))
     groups = {f"{s}->{t}": [(s, t, f)] for s, t, f in ev.setup.units}
     groups["all"] = list(ev.setup.units)  # the search's prior: every pair's maps averaged
     frames, costs, notes = [], {}, {}

@@ -37,3 +37,32 @@ def networks_env():
         os.environ.pop(NETWORKS_ENV, None)
     else:
         os.environ[NETWORKS_ENV] = saved
+
+
+USER_NETWORK = "autopeft_test_usernet:TinyNet"
+
+
+@pytest.fixture(scope="session")
+def user_network(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``module.path:Class`` of a user's own network, importable here and, through $PYTHONPATH, in
+    the processes started after it (Ray workers): what an installed package gives a user."""
+    folder = tmp_path_factory.mktemp("user-network")
+    (folder / "autopeft_test_usernet.py").write_text(
+        "from torch import nn\n\n\n"
+        "class TinyNet(nn.Module):\n"
+        "    def __init__(self, width: int = 4) -> None:\n"
+        "        super().__init__()\n"
+        "        self.down = nn.Sequential(nn.Conv3d(1, width, 3, stride=2, padding=1), nn.Conv3d(width, width, 3, padding=1))\n"
+        "        self.up = nn.Sequential(nn.ConvTranspose3d(width, width, 2, stride=2), nn.Conv3d(width, width, 3, padding=1))\n"
+        "        self.out = nn.Conv3d(width, 1, 1)\n\n"
+        "    def forward(self, x):\n"
+        "        return x + self.out(self.up(self.down(x)))\n")
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), saved) if p)
+    sys.path.insert(0, str(folder))
+    yield USER_NETWORK
+    sys.path.remove(str(folder))
+    if saved is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = saved

@@ -102,14 +102,31 @@ def _crop(text: str | None) -> tuple[int, ...] | None:
     return sides
 
 
-def resolve_backbone(args: argparse.Namespace, *, check: bool = True, quiet: bool = False) -> tuple[str, str | None]:
+def _require_one_channel(in_channels: int, out_channels: int) -> None:
+    # The data pipeline reads one scan per side (short scan in, full scan out, one channel each), so a
+    # network with other channel counts is refused here rather than failing inside the first batch.
+    from autopeft.errors import ConfigError
+
+    if (in_channels, out_channels) != (1, 1):
+        raise ConfigError(
+            f"the network takes {in_channels} input and gives {out_channels} output channel(s) (from --in-channels/"
+            "--out-channels, or a bundle's metadata), but training and scoring read one channel per scan (the short scan "
+            "in, the full-time scan out): this command needs 1 and 1. Channel counts other than 1 are for inspecting a "
+            "network (autopeft backbones --sites, autopeft space); to train, build it with in_channels=1, "
+            "out_channels=1 (e.g. --net-args '{\"in_channels\": 1, \"out_channels\": 1}' and no --in-channels).")
+
+
+def resolve_backbone(args: argparse.Namespace, *, check: bool = True, quiet: bool = False,
+                     on_data: bool = False) -> tuple[str, str | None]:
     """``(backbone, preset)`` from ``--backbone`` (and ``--preset``): a registered backbone as given;
     a network by reference registered (in this process and for the ones it starts) with its
     configuration from the network flags, checked to be image-to-image, its settings printed.
+    ``on_data``: the command trains or scores the network on scans, which have one channel each.
 
     Raises:
         ConfigError: a bad reference, --net-args, --crop or override file, or a network that is not
-            image-to-image (naming the shapes); network flags with a registered backbone.
+            image-to-image (naming the shapes); network flags with a registered backbone; with
+            ``on_data``, a network with more than one input or output channel.
     """
     from autopeft.errors import ConfigError
     from backbones.network import is_network_spec
@@ -149,6 +166,8 @@ def resolve_backbone(args: argparse.Namespace, *, check: bool = True, quiet: boo
     ref = network_ref(args.backbone, net_args=parse_net_args(given["--net-args"]), in_channels=given["--in-channels"],
                       out_channels=given["--out-channels"], crop=_crop(given["--crop"]), batch_size=given["--batch-size"],
                       finetune=finetune, pretrain=pretrain, sites_override=override)
+    if on_data:
+        _require_one_channel(ref.in_channels, ref.out_channels)
     name, preset = register_network(ref)
     model = build_backbone(name, preset)
     if check:

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     if from_run and is_network_spec(args.backbone) and from_run.get("backbone") == args.backbone:
         load_run_network(from_run["run_dir"])  # the search's own network configuration
     else:
-        args.backbone, args.preset = resolve_backbone(args, quiet=args.quiet)
+        args.backbone, args.preset = resolve_backbone(args, quiet=args.quiet, on_data=True)
     names = _plan_names(args)
     plans = [load_plan(name) for name in names]  # fail on a bad name before training
     for plan in plans:

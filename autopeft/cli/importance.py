@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top must be >= 1, but got {args.top}.")
     from autopeft.cli._common import resolve_backbone
 
-    args.backbone, args.preset = resolve_backbone(args, quiet=args.quiet)
+    args.backbone, args.preset = resolve_backbone(args, quiet=args.quiet, on_data=True)
     device = resolve_device(args.device)
     manifest_path = resolve_manifest(args.data, progress=not args.quiet)
     model, _ = pretrained_model(

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     from autopeft.cli._common import resolve_backbone
 
-    args.backbone, args.preset = resolve_backbone(args, quiet=args.quiet)
+    args.backbone, args.preset = resolve_backbone(args, quiet=args.quiet, on_data=True)
     manifest = resolve_manifest(args.data, progress=not args.quiet) if args.weights is None else None
     model, meta = pretrained_model(
         args.backbone,

@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         Budget.parse(args.budget)
         from autopeft.cli._common import resolve_backbone
 
-        args.backbone, args.preset = resolve_backbone(args)  # its settings printed, --quiet or not
+        args.backbone, args.preset = resolve_backbone(args, on_data=True)  # its settings printed, --quiet or not
         # The engine fills the defaults once it knows the cluster's resources (GPUs may be elsewhere).
         config = _config(args, time_budget)
         _with_report(lambda: run_search(config), progress=not args.quiet)

@@ -122,7 +122,8 @@ def _probe_unused(model: nn.Module, crop: tuple[int, ...], params: list[nn.Param
         model.eval()
         for p in params:
             p.requires_grad_(True)
-        probe = torch.zeros(1, 1, *crop, device=params[0].device, dtype=params[0].dtype)
+        channels = getattr(model, "in_channels", 1)
+        probe = torch.zeros(1, channels, *crop, device=params[0].device, dtype=params[0].dtype)
         with torch.enable_grad():
             grads = torch.autograd.grad(model(probe).sum(), params, allow_unused=True)
     finally:

@@ -133,7 +133,7 @@ def _runs(trial) -> None:
     """One forward pass at batch 1 on the crop size (eval mode, no gradients); a failure names
     the innermost site that was running (:class:`_SiteFailed`)."""
     crop = tuple(trial.preset.crop_size)
-    channels = getattr(getattr(trial, "ref", None), "in_channels", 1)
+    channels = getattr(trial, "in_channels", 1)
     reference = next(trial.parameters())
     x = torch.rand(1, channels, *crop, device=reference.device, dtype=reference.dtype)
     running: list[str] = []

@@ -225,24 +225,10 @@ def test_net_args_are_json_or_a_yaml_file_and_nothing_else(tmp_path):
         parse_net_args(str(path))
 
 
-def test_a_user_class_by_module_path(tmp_path):
-    (tmp_path / "autopeft_test_usernet.py").write_text(
-        "import torch\nfrom torch import nn\n\n"
-        "class TinyNet(nn.Module):\n"
-        "    def __init__(self, width: int = 4) -> None:\n"
-        "        super().__init__()\n"
-        "        self.down = nn.Sequential(nn.Conv3d(1, width, 3, stride=2, padding=1), nn.Conv3d(width, width, 3, padding=1))\n"
-        "        self.up = nn.Sequential(nn.ConvTranspose3d(width, width, 2, stride=2), nn.Conv3d(width, width, 3, padding=1))\n"
-        "        self.out = nn.Conv3d(width, 1, 1)\n"
-        "    def forward(self, x):\n"
-        "        return self.out(self.up(self.down(x)))\n")
-    sys.path.insert(0, str(tmp_path))
-    try:
-        model = build_backbone(*register_network(network_ref("autopeft_test_usernet:TinyNet", net_args={"width": 4})))
-        model.check_image_to_image()
-        assert [(s.name, s.role, s.stage) for s in model.sites()] == [("encoder.down", "encoder", 1), ("decoder.up", "decoder", 0)]
-    finally:
-        sys.path.remove(str(tmp_path))
+def test_a_user_class_by_module_path(user_network):
+    model = build_backbone(*register_network(network_ref(user_network, net_args={"width": 4})))
+    model.check_image_to_image()
+    assert [(s.name, s.role, s.stage) for s in model.sites()] == [("encoder.down", "encoder", 1), ("decoder.up", "decoder", 0)]
 
 
 def test_other_processes_rebuild_the_network_from_the_environment():
@@ -279,3 +265,21 @@ def test_backbones_and_space_commands_take_a_network(capsys):
     assert "--crop must be D,H,W" in capsys.readouterr().err
     assert main(["backbones", "--backbone", "monai:BasicUNet", "--net-args", "{features: [1]}"]) == 2
     assert "not a JSON object nor a file" in capsys.readouterr().err
+
+
+def test_commands_that_train_refuse_other_channel_counts_before_any_work(capsys, tmp_path):
+    """The data gives one channel per scan: a 2-channel network is inspected, never trained."""
+    from autopeft.cli import main
+
+    net_args = json.dumps({"features": [4, 4, 8, 8, 16, 4], "in_channels": 2})
+    assert main(["space", "--backbone", "monai:BasicUNet", "--net-args", net_args, "--in-channels", "2",
+                 "--budget", "1%"]) == 0
+    assert "2 -> 1 channels" in capsys.readouterr().out
+    for command in (["search", "--out", str(tmp_path / "run"), "--trials", "1", "--budget", "1%"],
+                    ["pretrain", "--source", "1", "--out", str(tmp_path / "pre")],
+                    ["finetune", "--source", "1", "--target", "5", "--save", str(tmp_path / "ft")],
+                    ["importance", "--source", "1", "--target", "5", "--out", str(tmp_path / "imp")]):
+        assert main([*command, "--backbone", "monai:BasicUNet", "--net-args", net_args, "--in-channels", "2"]) == 2, command
+        err = capsys.readouterr().err
+        assert "the network takes 2 input and gives 1 output channel(s)" in err and "this command needs 1 and 1" in err, command
+    assert not any(tmp_path.iterdir())  # refused before any work

@@ -16,8 +16,10 @@ import table
 
 @pytest.mark.slow
 def test_table_priors_and_replay_end_to_end(tmp_path, monkeypatch):
-    # One sampled plan per space, one rate per Table-1 row, one epoch; source models of 2 epochs.
-    monkeypatch.setattr(table, "QUICK", {"plans_per_space": 1, "epochs": 1, "ladders": (1,), "second_seed_plans": 0})
+    # One sampled plan per space, one rate per Table-1 row, one epoch; source models of 2 epochs;
+    # --quick's small data set and splits.
+    monkeypatch.setattr(table, "QUICK", {**table.QUICK, "plans_per_space": 1, "epochs": 1, "ladders": (1,),
+                                         "second_seed_plans": 0})
     common = ["--scenario", "cvtgan-1-5", "--out-dir", str(tmp_path), "--pretrain-epochs", "2"]
     meta = table.main([*common, "--quick"])
     frame = pd.read_csv(tmp_path / "cvtgan-1-5.csv.gz", dtype={"source": str, "target": str})
@@ -27,6 +29,7 @@ def test_table_priors_and_replay_end_to_end(tmp_path, monkeypatch):
     assert frame.groupby("plan_id").size().eq(2).all()
     assert (frame.loc[frame["kind"] == "no-ft", ["val_gain", "test_gain"]] == 0).all().all()
     assert frame["val_e1"].equals(frame["val_psnr"])  # one epoch: the curve is the final score
+    assert meta["settings"]["data"] == {"subjects": 4, "size": 32} and meta["settings"]["protocol"]["finetune_test"] == 1
     # Run again: everything is read back from the work folder, nothing trains.
     again = table.main([*common, "--quick"])
     assert again["cost"] == meta["cost"]

@@ -21,7 +21,8 @@ from autopeft.runs import FINISHED, records
 from autopeft.search.engine import SearchConfig, run_search
 from backbones.network import network_ref, register_network
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("networks_env")]  # Ray Tune searches
+# user_network first: its $PYTHONPATH must be set before this module's Ray starts.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("user_network", "networks_env")]  # Ray Tune searches
 
 PROTOCOL = {"pretrain_train": 2, "pretrain_val": 1, "finetune_train": 1, "finetune_val": 1, "finetune_test": 1, "folds": 1}
 NET_ARGS = {"features": [4, 4, 8, 8, 16, 4]}
@@ -104,6 +105,17 @@ def _write_bundle(root, data) -> None:
     torch.manual_seed(3)
     net = BasicUNet(3, 1, 1, features=NET_ARGS["features"])
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(root / "models" / "model.safetensors"))
+
+
+def test_a_users_installed_class_is_searched_in_ray_workers(ray_session, data, tmp_path, user_network):
+    """module.path:Class: the reference travels to the trials' processes, which import the class."""
+    backbone, preset = register_network(network_ref(user_network, net_args={"width": 4}))
+    run_dir = run_search(_config(backbone, preset, data, tmp_path / "run", trials=2, confirm=0, references=False,
+                                 portfolio=False))
+    rows = records(run_dir)
+    assert [r["state"] for r in rows] == [FINISHED, FINISHED]
+    assert all(r["plan"]["backbone"] == user_network and r["trainable"] > 0 for r in rows)
+    assert json.loads((run_dir / "network.json").read_text())["spec"] == user_network
 
 
 def test_a_bundle_folder_searched_from_its_weights_and_exported_back(ray_session, data, tmp_path):
