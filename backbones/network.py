@@ -271,12 +271,33 @@ def _bundle(folder: str) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     meta: dict[str, Any] = {}
     if (configs / "metadata.json").is_file():
         meta = dict(ConfigParser.load_config_file(str(configs / "metadata.json")))
+    for name in ("train.json", "train.yaml"):
+        if (configs / name).is_file():
+            # Only the training batch is taken from it (a plain number, never evaluated): see _bundle_defaults.
+            meta["_train_config"] = dict(ConfigParser.load_config_file(str(configs / name)))
+            break
     return root, dict(config), meta
 
 
+def _plain_int(config: Mapping[str, Any], path: str) -> int | None:
+    """A positive integer at ``a#b#c`` of a raw bundle config, or at the top-level id one ``@id``
+    reference names; expressions (``$...``) and anything else give None (nothing is evaluated)."""
+    value: Any = config
+    for key in path.split("#"):
+        value = value.get(key) if isinstance(value, Mapping) else None
+    if isinstance(value, str) and value.startswith("@") and "#" not in value:
+        value = config.get(value[1:])
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _bundle_defaults(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Crop and channels from a bundle's ``network_data_format`` where it has them."""
+    """Crop and channels from a bundle's ``network_data_format``, and the batch size from its
+    ``configs/train.json`` (``train#dataloader#batch_size``, MONAI's bundle convention), where it
+    has them. A bundle's training schedule is for training from scratch, not fine-tuning: not taken."""
     found: dict[str, Any] = {}
+    batch = _plain_int(meta.get("_train_config") or {}, "train#dataloader#batch_size")
+    if batch is not None:
+        found["batch_size"] = batch
     formats = meta.get("network_data_format") or {}
     image = (formats.get("inputs") or {}).get("image") or {}
     pred = (formats.get("outputs") or {}).get("pred") or {}
@@ -302,8 +323,8 @@ def network_ref(
     pretrain: Mapping[str, Any] | None = None,
     sites_override: Mapping[str, Any] | None = None,
 ) -> NetworkRef:
-    """A :class:`NetworkRef` from what the user gave; a bundle's metadata fills crop and channels
-    that are not given. ``None`` means the default."""
+    """A :class:`NetworkRef` from what the user gave; a bundle's metadata fills crop and channels,
+    and its training config the batch size, that are not given. ``None`` means the default."""
     config = None
     defaults: dict[str, Any] = {}
     if spec.startswith("bundle:"):

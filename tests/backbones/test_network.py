@@ -283,3 +283,19 @@ def test_commands_that_train_refuse_other_channel_counts_before_any_work(capsys,
         err = capsys.readouterr().err
         assert "the network takes 2 input and gives 1 output channel(s)" in err and "this command needs 1 and 1" in err, command
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_a_bundles_metadata_and_training_config_give_crop_channels_and_batch(tmp_path):
+    configs = tmp_path / "bundle" / "configs"
+    configs.mkdir(parents=True)
+    network_def = {"_target_": "BasicUNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 1, "features": [4, 4, 8, 8, 16, 4]}
+    (configs / "inference.json").write_text(json.dumps({"network_def": network_def}))
+    fmt = {"num_channels": 1, "spatial_shape": [32, 32, 48]}
+    (configs / "metadata.json").write_text(json.dumps({"network_data_format": {"inputs": {"image": fmt}, "outputs": {"pred": fmt}}}))
+    (configs / "train.json").write_text(json.dumps({"batch": 3, "train": {"dataloader": {"batch_size": "@batch"}}}))
+    ref = network_ref(f"bundle:{tmp_path / 'bundle'}")
+    assert (ref.crop, ref.in_channels, ref.out_channels, ref.batch_size) == ((32, 32, 48), 1, 1, 3)
+    assert network_ref(f"bundle:{tmp_path / 'bundle'}", batch_size=1, crop=(32, 32, 32)).batch_size == 1  # flags win
+    # An expression is never evaluated: the default batch instead.
+    (configs / "train.json").write_text(json.dumps({"train": {"dataloader": {"batch_size": "$__import__('os').getpid()"}}}))
+    assert network_ref(f"bundle:{tmp_path / 'bundle'}").batch_size == 2
