@@ -300,19 +300,32 @@ def predict_scans(
 
     Raises:
         ConfigError: an output path would be an input's, or two outputs would share a name.
+        DataError: a scan that cannot be scaled (empty, NaN), naming its file. An output folder
+            this call made is removed again when nothing was written into it.
     """
+    out = Path(out_dir).expanduser().resolve()
+    made = not out.exists()
+    try:
+        return _predict_into(loaded, scans, out, device=device, overlap=overlap, progress=progress)
+    except BaseException:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _predict_into(loaded: LoadedModel, scans: Sequence[ScanInput], out: Path, *, device: str | torch.device,
+                  overlap: float, progress: bool) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     from autopeft.data.loading import scale_by_tissue_mean, tissue_scale
     from autopeft.evaluation import METRICS, predict_volume
 
-    out = Path(out_dir).expanduser().resolve()
     # A name may be a manifest's subject: a path component, checked to stay in --out.
     targets = [path_inside(out, out / f"{path_component(scan.name)}.nii.gz", what="a prediction") for scan in scans]
     inputs = {Path(p).resolve() for scan in scans for p in (scan.short, scan.long) if p}
     clash = [str(t) for t in targets if t in inputs]
     if clash:
-        raise ConfigError(f"--out {out_dir}: writing {clash[0]} would overwrite an input; choose another --out.")
+        raise ConfigError(f"--out {out}: writing {clash[0]} would overwrite an input; choose another --out.")
     if len(set(targets)) != len(targets):
         raise ConfigError(f"--input: two scans would both be written as {out}/<name>.nii.gz; give scans distinct names.")
     out.mkdir(parents=True, exist_ok=True)
@@ -321,7 +334,10 @@ def predict_scans(
     for scan, target in tqdm(list(zip(scans, targets)), desc="predicting", unit="scan", disable=not progress):
         voxels, image = _read(scan.short)
         volume = torch.from_numpy(voxels)[None]  # 1 x D x H x W, as the loaders give it
-        factor = tissue_scale(volume)
+        try:
+            factor = tissue_scale(volume)
+        except DataError as err:
+            raise DataError(f"{scan.short}: {err}") from err
         scaled = (volume * factor).clamp_(0.0, 1.0)
         pred = predict_volume(model, scaled, roi_size=loaded.roi_size, overlap=overlap, device=device).clamp(0, 1)
         _write(target, (pred[0] / factor).numpy(), image)

@@ -131,6 +131,22 @@ def test_predict_never_overwrites_an_input_and_asks_for_the_target(data, tmp_pat
         load_model(run, target="1")
 
 
+def test_a_scan_of_nans_is_named_and_leaves_no_empty_output_folder(data, tmp_path):
+    from autopeft.errors import DataError
+
+    run, _ = _run_dir(tmp_path / "run", data, MERGEABLE)
+    image = nib.load(read_manifest(data).iloc[3]["short"])
+    broken = tmp_path / "broken.nii.gz"
+    nib.save(nib.Nifti1Image(np.full(image.shape, np.nan, dtype=np.float32), image.affine), broken)
+    with pytest.raises(DataError, match=rf"{broken}: the volume holds {int(np.prod(image.shape))} of .* NaN or infinite"):
+        predict_scans(load_model(run), scan_inputs(broken), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "kept").mkdir()  # a folder the user made stays
+    with pytest.raises(DataError):
+        predict_scans(load_model(run), scan_inputs(broken), tmp_path / "kept", progress=False)
+    assert (tmp_path / "kept").is_dir()
+
+
 def test_export_merges_checks_and_writes_a_bundle_monai_accepts(data, tmp_path, capsys):
     run, tuned = _run_dir(tmp_path / "run", data, MIXED, confirmed=0)
     assert main(["export", str(run), "--target", "2", "--out", str(tmp_path / "bundle")]) == 0

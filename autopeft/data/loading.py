@@ -75,13 +75,17 @@ def tissue_scale(volume: torch.Tensor) -> torch.Tensor:
     """The factor :func:`scale_by_tissue_mean` multiplies ``volume`` by: ``TISSUE_LEVEL / mean(tissue)``
     (a 0-d tensor). Dividing a [0, 1] prediction by it returns the volume's own units."""
     volume = torch.as_tensor(volume, dtype=torch.float32)
+    bad = int((~torch.isfinite(volume)).sum())
+    if bad:
+        raise DataError(f"the volume holds {bad} of {volume.numel()} voxels that are NaN or infinite; "
+                        "replace them (e.g. with 0) before using it.")
     spatial = volume.reshape(1, 1, *volume.shape[-3:])
     side = min(5, *(n if n % 2 else n - 1 for n in spatial.shape[-3:]))  # odd, fits the volume
     smooth = torch.nn.functional.avg_pool3d(spatial, side, stride=1, padding=side // 2, count_include_pad=False)
     top = smooth.max()
     tissue = spatial[smooth > TISSUE_THRESHOLD * top]
     if top <= 0 or tissue.numel() == 0:
-        raise DataError("A volume has no positive tissue to scale by; is it empty?")
+        raise DataError("the volume has no positive tissue to scale by (its values are all 0 or below); is it empty?")
     return TISSUE_LEVEL / tissue.mean()
 
 
