@@ -15,15 +15,18 @@ recorded FAILED with the reason once the retries are spent.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from autopeft.runs import (
@@ -304,16 +307,38 @@ def run_trials(run: TuneRun) -> None:
                                     **({} if multi else {"metric": metric, "mode": mode})),
         run_config=tune.RunConfig(
             name=run.name, storage_path=run.storage, verbose=0,
-            callbacks=[RecordKeeper(run.run_dir, units, line)],
+            # Tune's CSV and JSON results, without its TensorBoard logger (_quiet_tune).
+            callbacks=[RecordKeeper(run.run_dir, units, line), CSVLoggerCallback(), JsonLoggerCallback()],
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
         ),
     )
     phase_started = time.time()
-    tuner.fit()
+    with _quiet_tune():
+        tuner.fit()
     _record_slots(run.run_dir, config, phase_started, time.time())
     if searcher.gave_up:
         print(f"stopping: {searcher.infeasible} plans drawn over the budget; raise the budget or narrow the space "
               "(see 'autopeft space --budget ... --sample N')", flush=True)
+
+
+@contextmanager
+def _quiet_tune():
+    """Tune's own console output off for this run, which prints its progress itself: its experiment
+    banner and TensorBoard hint (printed by its newer output engine at any verbosity), and its
+    TensorBoard logger's warnings about the per-pair list in each result. Ray's documented
+    environment switches, in this process only while the tuner runs; a value the user set is kept."""
+    switches = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+    saved = {name: os.environ.get(name) for name in switches}
+    for name, value in switches.items():
+        os.environ.setdefault(name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _record_slots(run_dir: Path, config, phase_started: float, phase_ended: float) -> None:

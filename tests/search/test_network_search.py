@@ -53,6 +53,8 @@ def test_basicunet_search_confirm_export_predict(ray_session, data, tmp_path, ca
     printed = capsys.readouterr().out
     print(f"BasicUNet search wall time: {seconds:.1f} s")
     assert "baseline portfolio: skipped" in printed
+    # The run prints its own progress: not Tune's banner, TensorBoard hint or logger warnings.
+    assert "Configuration for experiment" not in printed and "tensorboard" not in printed.lower()
     # The network travels with the run: another process (and predict/export) rebuilds it from there.
     saved = json.loads((run_dir / "network.json").read_text())
     assert saved["spec"] == "monai:BasicUNet" and saved["net_args"] == NET_ARGS
