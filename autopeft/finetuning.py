@@ -37,7 +37,6 @@ __all__ = [
     "FinetuneJob",
     "FinetuneResult",
     "Schedule",
-    "count_parameters",
     "finetune",
     "finetune_plan",
     "plan_preparer",
@@ -67,13 +66,6 @@ class FinetuneResult:
     @property
     def fraction(self) -> float:
         return self.trainable / self.total if self.total else 0.0
-
-
-def count_parameters(net: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters of a network."""
-    total = sum(p.numel() for p in net.parameters())
-    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    return trainable, total
 
 
 def plan_preparer(plan, *, importance=None) -> Callable[[nn.Module], tuple[int, int]]:

@@ -20,7 +20,6 @@ keyed by the file's content, so a search, its resume and later commands share on
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -111,13 +110,11 @@ class SourceSpec:
 @contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     # Two processes asking for the same source model (parallel trials) must not both train it.
+    from filelock import FileLock
+
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(str(directory / ".lock")):
+        yield
 
 
 def source_spec(

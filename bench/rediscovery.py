@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from autopeft.search.confirm import confirmation_seeds
     from autopeft.search.grid import grid_plans
     from autopeft.search.options import PRIOR_SIGNALS
-    from autopeft.search.priors import PlanPrior, spearman
+    from autopeft.search.prior_quality import spearman
+    from autopeft.search.priors import PlanPrior
     from autopeft.search.trial import setup_from_config
     from autopeft.stats import paired_difference
     from backbones import build_backbone

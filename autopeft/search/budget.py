@@ -224,7 +224,3 @@ class PlanCounter:
         self._cache[key] = result
         return result
 
-
-def summarize_count(count: PlanCount) -> dict[str, Any]:
-    """Plain numbers for records and tables."""
-    return {"trainable": count.trainable, "total": count.total, "fraction": count.fraction}

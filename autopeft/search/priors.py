@@ -408,15 +408,6 @@ def top_plans(
     return ranked[:k]
 
 
-def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Spearman's rank correlation (scipy), NaN for fewer than 3 points."""
-    from scipy.stats import spearmanr
-
-    if len(xs) < 3:
-        return float("nan")
-    return float(spearmanr(xs, ys).statistic)
-
-
 def fading_weights(scores: Sequence[float], beta: float, finished: int) -> np.ndarray:
     """The probability of picking each of ``scores``' draws: proportional to ``exp((beta / n) * z)``.
 
