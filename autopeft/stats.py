@@ -9,13 +9,13 @@ independent of each other.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["mean_ci", "paired_difference", "grid_mean_ci", "paired_grid_difference", "CI_METHOD", "GRID_CI_METHOD",
-           "TEST_METHOD"]
+__all__ = ["mean_ci", "paired_difference", "grid_mean_ci", "paired_grid_difference", "format_ci", "CI_METHOD",
+           "GRID_CI_METHOD", "TEST_METHOD"]
 
 CONFIDENCE = 0.95
 RESAMPLES = 10_000
@@ -121,3 +121,14 @@ def paired_grid_difference(grid: Sequence[Sequence[float]] | np.ndarray,
     if per_subject.size >= 2 and np.any(per_subject != 0):
         p = float(stats.wilcoxon(per_subject).pvalue)
     return {**out, "p": p}
+
+
+def format_ci(stat: Mapping[str, Any] | None, digits: int = 3) -> str:
+    """``35.123 [34.900, 35.310]``: the mean and its confidence interval (the mean alone when the
+    interval is undefined)."""
+    if not stat:
+        return "-"
+    low, high = stat["ci"]
+    if any(math.isnan(v) for v in (low, high)):
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"

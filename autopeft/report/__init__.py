@@ -205,7 +205,7 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
     best = run.best
     recommended = (run.confirmation or {}).get("recommended")
     if recommended:
-        from autopeft.search.confirm import format_ci
+        from autopeft.stats import format_ci
 
         gain = recommended["val"].get("gain")
         gain_text = f", gain over No-FT {gain:+.3f} dB: the study's objective value" if gain is not None else ""

@@ -21,7 +21,6 @@ recommended, and why).
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -256,14 +255,3 @@ def _aligned(grid, reference):
     both = [grid.loc[rows, columns], reference.loc[rows, columns]]
     complete = both[0].notna().all() & both[1].notna().all()
     return tuple(t.loc[:, complete].to_numpy() for t in both)
-
-
-def format_ci(stat: Mapping[str, Any] | None, digits: int = 3) -> str:
-    """``35.123 [34.900, 35.310]``: the mean and its confidence interval (the mean alone when the
-    interval is undefined)."""
-    if not stat:
-        return "-"
-    low, high = stat["ci"]
-    if any(math.isnan(v) for v in (low, high)):
-        return f"{stat['mean']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"

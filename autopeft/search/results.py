@@ -17,6 +17,7 @@ from typing import Any
 from autopeft._io import atomic_write, atomic_write_json
 from autopeft.tables import print_table
 from autopeft.runs import ranked_finished, records, weights_dir
+from autopeft.stats import format_ci
 from autopeft.search.trial import run_plan, running_means, scores_from_json, scores_to_json
 
 __all__ = ["plan_summary", "run_references", "finish_run", "pareto_front"]
@@ -229,8 +230,6 @@ def record_confirmation(run_dir: Path, setup, summary: dict[str, Any], confirmat
     summary["confirmation"] = dict(confirmation)
     recommended = confirmation.get("recommended")
     if recommended is not None:
-        from autopeft.search.confirm import format_ci
-
         best = next((r for r in records(run_dir) if r["number"] == recommended["number"]), None)
         if best is not None:
             _write_best_plan(run_dir, setup, best, f"{confirmation['why']}; confirmed on test subjects: PSNR "
@@ -248,8 +247,6 @@ def record_confirmation(run_dir: Path, setup, summary: dict[str, Any], confirmat
 def versus_baseline_text(confirmation: Mapping[str, Any]) -> str:
     """What the search added over the best Table-1 row with its learning rate tuned, on test (the
     console and the report both show it)."""
-    from autopeft.search.confirm import format_ci
-
     recommended, baseline = confirmation.get("recommended") or {}, confirmation.get("baseline")
     if baseline is None:
         return "no Table-1 row of the portfolio finished: nothing to compare the recommended plan with"
@@ -282,7 +279,6 @@ VALIDATION_COLUMNS = {"method": "Method", "params": "% Param", "psnr": "val PSNR
 def confirmed_rows(confirmation: Mapping[str, Any]) -> list[dict[str, str]]:
     """Table-1 rows of the confirmation (test subjects): references first, then the confirmed plans
     best by validation first; the console and the report both show these."""
-    from autopeft.search.confirm import format_ci
 
     def diff(entry: Mapping[str, Any], key: str) -> str:
         stat = (entry.get(key) or {}).get("psnr")
