@@ -112,8 +112,9 @@ def _write_bundle(root, data) -> None:
 def test_a_users_installed_class_is_searched_in_ray_workers(ray_session, data, tmp_path, user_network):
     """module.path:Class: the reference travels to the trials' processes, which import the class."""
     backbone, preset = register_network(network_ref(user_network, net_args={"width": 4}))
+    # No ASHA: both trials train every pair, whatever the order they finish in.
     run_dir = run_search(_config(backbone, preset, data, tmp_path / "run", trials=2, confirm=0, references=False,
-                                 portfolio=False))
+                                 portfolio=False, asha=False))
     rows = records(run_dir)
     assert [r["state"] for r in rows] == [FINISHED, FINISHED]
     assert all(r["plan"]["backbone"] == user_network and r["trainable"] > 0 for r in rows)
