@@ -63,6 +63,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `backbones` is a top-level package of the repository
+sys.path.insert(0, str(ROOT / "bench"))  # its helpers (_grid.py)
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "results" / "rediscovery"
@@ -332,13 +333,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from autopeft.pretraining import manifest_digest
     from autopeft.search.budget import Budget, PlanCounter
     from autopeft.search.confirm import confirmation_seeds
-    from autopeft.search.grid import grid_plans
     from autopeft.search.options import PRIOR_SIGNALS
     from autopeft.search.prior_quality import spearman
     from autopeft.search.priors import PlanPrior
     from autopeft.search.trial import setup_from_config
     from autopeft.stats import paired_difference
     from backbones import build_backbone
+
+    from _grid import grid_plans
 
     torch.set_num_threads(1)  # one thread per trial, the engine's trials included: steadier on a shared CPU
     wall_start = time.time()
