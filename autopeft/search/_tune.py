@@ -277,7 +277,7 @@ def scheduler_for(config, setup: TrialSetup):
 def run_trials(run: TuneRun) -> None:
     """Ray Tune over the remaining trials (nothing when none remain)."""
     from autopeft.search._searcher import StudySearcher
-    from autopeft.search._session import make_sampler, search_seed
+    from autopeft.search.sampler import make_sampler, search_seed
 
     if run.remaining <= 0:
         return

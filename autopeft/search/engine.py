@@ -152,10 +152,11 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
     from autopeft.search._cluster import task_options, tune_resources
     from autopeft.search._plans import plan_definer, warm_start
     from autopeft.search.portfolio import enqueue_portfolio, portfolio, table1_plans
-    from autopeft.search._session import make_sampler, open_study, requeue_interrupted, search_seed
+    from autopeft.search._session import open_study, requeue_interrupted
     from autopeft.search._sources import prepare_sources, publish_importance
     from autopeft.search.options import default_prior_beta
     from autopeft.search.priors import PriorGuide
+    from autopeft.search.sampler import make_sampler, search_seed
     from autopeft.search.signals import prior_for
     from autopeft.search.results import finish_run, run_references
 
