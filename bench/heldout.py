@@ -85,7 +85,7 @@ def _spread(values: list[float]) -> dict[str, float | int | None]:
 
 
 def _search(args: argparse.Namespace, seed: int, run_dir: Path) -> dict[str, Any]:
-    from autopeft.search.engine import SearchConfig, run_search
+    from autopeft.runner.engine import SearchConfig, run_search
 
     summary_path = run_dir / "summary.json"
     if summary_path.is_file() and "confirmation" in json.loads(summary_path.read_text()):
@@ -124,11 +124,11 @@ def _search(args: argparse.Namespace, seed: int, run_dir: Path) -> dict[str, Any
 def _noise(args: argparse.Namespace, run_dir: Path, work: Path) -> dict[str, Any]:
     """PETITE's plan on every fold x seed, on test subjects, from the first search's settings."""
     from autopeft.data import resolve_manifest
-    from autopeft.search._cluster import task_options
-    from autopeft.search._sources import prepare_sources
-    from autopeft.search.engine import SearchConfig
+    from autopeft.runner._cluster import task_options
+    from autopeft.runner._sources import prepare_sources
+    from autopeft.runner.engine import SearchConfig
     from autopeft.search.results import reference_plans
-    from autopeft.search.trial import run_plan, running_means, scores_to_json, setup_from_config
+    from autopeft.runner.trial import run_plan, running_means, scores_to_json, setup_from_config
 
     meta = json.loads((run_dir / "run.json").read_text())
     config = SearchConfig(**meta["config"])

@@ -160,7 +160,7 @@ def _write_json(path: Path, data: Any) -> None:
 def _run_grid(setup, plans: list, counter, grid_dir: Path) -> list[dict[str, Any]]:
     """Every grid plan on every pair of ``setup``; one JSON per plan in ``grid_dir``, updated after
     each pair, so that a rerun skips the plans and pairs already done."""
-    from autopeft.search.trial import run_plan, running_means, scores_from_json, scores_to_json
+    from autopeft.runner.trial import run_plan, running_means, scores_from_json, scores_to_json
 
     rows = []
     for index, plan in enumerate(plans):
@@ -192,7 +192,7 @@ def _run_grid(setup, plans: list, counter, grid_dir: Path) -> list[dict[str, Any
 # The engine runs ---------------------------------------------------------------------------------
 def _engine_run(args: argparse.Namespace, settings: dict[str, Any], variant: str, sampler_seed: int, run_dir: Path) -> Path:
     """One engine run in ``run_dir``: reused when complete, resumed when interrupted."""
-    from autopeft.search.engine import SearchConfig, run_search
+    from autopeft.runner.engine import SearchConfig, run_search
     from autopeft.runs import INFEASIBLE, TERMINAL, records
 
     if (run_dir / "run.json").is_file():
@@ -239,7 +239,7 @@ def _trial_rows(run_dir: Path, trials: int, epochs: int) -> list[dict[str, Any]]
 def _confirmed(setup, plan: dict[str, Any], seeds: list[int], folder: Path) -> dict[str, Any]:
     """``plan`` re-run from scratch with each fine-tuning seed, scored on test subjects (cached)."""
     from autopeft.peft import Plan
-    from autopeft.search.trial import run_plan, running_means
+    from autopeft.runner.trial import run_plan, running_means
 
     key = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
     path = folder / f"{key}.json"
@@ -300,7 +300,7 @@ def _spread(values: list[float | None]) -> dict[str, Any]:
 
 # The whole bench ---------------------------------------------------------------------------------
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    from autopeft.search.engine import SearchConfig, resolve_defaults
+    from autopeft.runner.engine import SearchConfig, resolve_defaults
 
     resolved = resolve_defaults(SearchConfig(
         backbone=args.backbone, budget="100%", preset=args.preset, device=args.device, epochs=args.epochs, trials=args.trials,
@@ -313,7 +313,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def _source_keys(setup, *, progress: bool = False) -> list[str]:
     """The cache key of every source model of ``setup`` (pre-training the missing ones)."""
     from autopeft.pretraining import SourceSpec
-    from autopeft.search.trial import source_model
+    from autopeft.runner.trial import source_model
 
     keys = []
     for fold in setup.folds:
@@ -332,11 +332,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from autopeft.peft import Plan
     from autopeft.pretraining import manifest_digest
     from autopeft.search.budget import Budget, PlanCounter
-    from autopeft.search.confirm import confirmation_seeds
+    from autopeft.runner.confirm import confirmation_seeds
     from autopeft.search.options import PRIOR_SIGNALS
     from autopeft.search.prior_quality import spearman
     from autopeft.search.priors import PlanPrior
-    from autopeft.search.trial import setup_from_config
+    from autopeft.runner.trial import setup_from_config
     from autopeft.stats import paired_difference
     from backbones import build_backbone
 

@@ -523,13 +523,13 @@ def replay_run(ctx: Context, variant: dict[str, Any], seed: int) -> dict[str, An
 
     from autopeft.runs import FINISHED, trial_state
     from autopeft.search._plans import plan_definer, warm_start
-    from autopeft.search._searcher import StudySearcher
+    from autopeft.runner._searcher import StudySearcher
     from autopeft.search.sampler import make_sampler
-    from autopeft.search._tune import MAX_INFEASIBLE_DRAWS_PER_TRIAL, scheduler_for
+    from autopeft.runner._tune import MAX_INFEASIBLE_DRAWS_PER_TRIAL, scheduler_for
     from autopeft.search.config import SearchConfig
     from autopeft.search.portfolio import enqueue_portfolio
     from autopeft.search.priors import PriorGuide
-    from autopeft.search.trial import TrialSetup
+    from autopeft.runner.trial import TrialSetup
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     table, epochs = ctx.table, ctx.table.epochs

@@ -76,7 +76,7 @@ def test_bids_to_search_to_predict_to_bundle(ray_env, tmp_path, capsys):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
 
     # search --weights: a user's own model of one scanner, fine-tuned from it to the other.
-    from autopeft.search.engine import SearchConfig, run_search
+    from autopeft.runner.engine import SearchConfig, run_search
     from autopeft.runs import records
     from backbones import build_backbone
 

@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     from autopeft.cli._flags import flag_errors, flags_of
     from autopeft.errors import ConfigError
     from autopeft.search import Budget
-    from autopeft.search.engine import SearchConfig, parse_duration, run_search
+    from autopeft.runner.engine import SearchConfig, parse_duration, run_search
 
     flags = flags_of(SearchConfig, time_budget_s="--time-budget", references="--no-references", portfolio="--no-portfolio", asha="--no-asha",
                      progress="--quiet", prior_signal="--priors", resume_dir="--resume")
@@ -163,7 +163,7 @@ def _with_report(search, *, progress: bool) -> None:
     """Run ``search`` and draw its run's ``report.html``, also after Ctrl-C. A report that cannot
     be drawn loses nothing (the results are on disk): its error is printed with the retry command."""
     from autopeft.report import write_report
-    from autopeft.search.engine import SearchInterrupted
+    from autopeft.runner.engine import SearchInterrupted
 
     def draw(run_dir, interrupted: bool) -> None:
         try:
@@ -185,7 +185,7 @@ def _with_report(search, *, progress: bool) -> None:
 def _config(args: argparse.Namespace, time_budget: float | None):
     from pathlib import Path
 
-    from autopeft.search.engine import SearchConfig
+    from autopeft.runner.engine import SearchConfig
     from autopeft.search.options import DEFAULT_PRIOR_SIGNAL
 
     return SearchConfig(

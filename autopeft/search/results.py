@@ -18,7 +18,7 @@ from autopeft._io import atomic_write, atomic_write_json
 from autopeft.tables import print_table
 from autopeft.runs import ranked_finished, records, weights_dir
 from autopeft.stats import format_ci
-from autopeft.search.trial import run_plan, running_means, scores_from_json, scores_to_json
+from autopeft.runner.trial import run_plan, running_means, scores_from_json, scores_to_json
 
 __all__ = ["plan_summary", "run_references", "finish_run", "pareto_front"]
 

@@ -14,7 +14,7 @@ from _fakes import make_dataset
 from autopeft.data import read_manifest, split_scanner
 from autopeft.report import write_report
 from autopeft.runs import FAILED, FINISHED, INFEASIBLE, records
-from autopeft.search.engine import SearchConfig, run_search
+from autopeft.runner.engine import SearchConfig, run_search
 
 pytestmark = pytest.mark.slow  # Ray Tune searches
 

@@ -18,7 +18,7 @@ import torch
 from autopeft.cli import main
 from autopeft.data.simulator import simulate
 from autopeft.runs import FINISHED, records
-from autopeft.search.engine import SearchConfig, run_search
+from autopeft.runner.engine import SearchConfig, run_search
 from backbones.network import network_ref, register_network
 
 # user_network first: its $PYTHONPATH must be set before this module's Ray starts.

@@ -140,7 +140,7 @@ def test_the_space_draws_the_method_through_its_own_parameters(space_file):
 def test_a_search_and_its_report_run_the_method(ray_session, space_file, tmp_path):
     from _fakes import make_dataset
     from autopeft.report import write_report
-    from autopeft.search.engine import SearchConfig, run_search
+    from autopeft.runner.engine import SearchConfig, run_search
     from autopeft.runs import FINISHED, records
 
     data = make_dataset(tmp_path / "data", {"1": 3, "2": 3}, shape=(20, 18, 16), long_factor=1.5)

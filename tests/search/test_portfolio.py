@@ -70,7 +70,7 @@ def test_portfolio_trials_come_first_in_the_study_and_train_the_row_itself(cvtga
 
 
 def test_an_interrupted_portfolio_trial_is_requeued_as_the_same_row(cvtgan, tmp_path):
-    from autopeft.search._session import requeue_interrupted
+    from autopeft.runner._session import requeue_interrupted
 
     space, counter = cvtgan
     budget = Budget.parse("1%")

@@ -11,7 +11,7 @@ import pytest
 from _fakes import make_dataset
 from autopeft.search import PlanCounter, load_space
 from autopeft.search.priors import NETWORK
-from autopeft.search.trial import TrialSetup
+from autopeft.runner.trial import TrialSetup
 from backbones import build_backbone
 
 pytestmark = pytest.mark.slow  # trains source models and fine-tunes candidates
@@ -78,7 +78,7 @@ def test_per_candidate_signals_are_standardised_within_method_cost_what_they_say
 
 
 def test_a_short_search_steered_by_the_gradient_prior_records_its_fading_picks(ray_session, data, tmp_path):
-    from autopeft.search.engine import SearchConfig, run_search
+    from autopeft.runner.engine import SearchConfig, run_search
 
     config = SearchConfig(backbone="cvtgan", budget="5%", preset="tiny", scanners=["1", "2"], trials=3, epochs=1,
                           data=str(data), out=str(tmp_path / "run"), pretrain_epochs=1, protocol=PROTOCOL,

@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 from _fakes import make_dataset
-from autopeft.search.engine import SearchConfig, run_search
+from autopeft.runner.engine import SearchConfig, run_search
 from autopeft.runs import FAILED, FINISHED, INFEASIBLE, INTERRUPTED, STOPPED, TERMINAL, records, write_record
 
 pytestmark = pytest.mark.slow  # Ray Tune searches
@@ -164,7 +164,7 @@ def test_resume_repeats_no_finished_trial_and_reruns_the_interrupted_one(ray_ses
 
 
 def test_plans_over_the_budget_do_not_count_as_trials_and_the_draws_are_capped(ray_session, data, tmp_path, monkeypatch):
-    from autopeft.search import _tune
+    from autopeft.runner import _tune
 
     monkeypatch.setattr(_tune, "MAX_INFEASIBLE_DRAWS_PER_TRIAL", 3)
     space = tmp_path / "space.yaml"

@@ -2,12 +2,12 @@
 
 Flow of :func:`run_search`, one unit per step:
 
-1. open the session (:mod:`~autopeft.search._session`): join Ray (local, or the cluster at
+1. open the session (:mod:`~autopeft.runner._session`): join Ray (local, or the cluster at
    ``address``), settle the configuration for where the trials run (tiny preset on CPUs, paper on
    GPUs; concurrency from ``ray.cluster_resources()``) and write ``<run>/run.json``;
 2. on a cluster, check that every node able to run a trial reads the storage path and the scans
-   (:mod:`~autopeft.search._cluster`), shipping the scans through the artifact store if not;
-3. have every source model once, before any trial (:mod:`~autopeft.search._sources`: Ray tasks,
+   (:mod:`~autopeft.runner._cluster`), shipping the scans through the artifact store if not;
+3. have every source model once, before any trial (:mod:`~autopeft.runner._sources`: Ray tasks,
    put in the artifact store for the other nodes);
 4. open the Optuna study in ``<run>/study.db``; on a first session enqueue the baseline portfolio
    (:mod:`~autopeft.search.portfolio`: PETITE's Table-1 rows that fit the budget, each at a
@@ -16,13 +16,13 @@ Flow of :func:`run_search`, one unit per step:
 5. fine-tune the reference plans (No-FT always: its per-pair validation PSNR is the baseline of
    the objective; Full-FT, its learning rate chosen on validation from a ladder, and PETITE's
    plan as published, for the results table);
-6. run the trials through Ray Tune (:mod:`~autopeft.search._tune`): the objective is the mean
+6. run the trials through Ray Tune (:mod:`~autopeft.runner._tune`): the objective is the mean
    validation PSNR gain over No-FT, ASHA stops on the pair-epochs (or pairs) done, the driver's
    callback keeps the records and weights;
 7. finish: ``results.csv``, ``best_plan.yaml`` (with the margin over the best baseline), the
    Pareto plans and best weights, the confirmation of the ``confirm`` best plans and the best
    baseline on test subjects with fine-tuning seeds the search never trained with
-   (:mod:`~autopeft.search.confirm`), an exact replay of the recommended trial as a
+   (:mod:`~autopeft.runner.confirm`), an exact replay of the recommended trial as a
    reproducibility check, and the example slices. ``report.html`` is drawn from the run
    directory by the caller (``autopeft search`` does), as the report sits above the search.
 
@@ -42,7 +42,7 @@ from autopeft.errors import ConfigError
 from autopeft.runs import INFEASIBLE, TERMINAL, records
 from autopeft.search.budget import Budget
 from autopeft.search.config import SearchConfig, parse_duration, resolve_defaults
-from autopeft.search.trial import TrialSetup
+from autopeft.runner.trial import TrialSetup
 
 __all__ = ["SearchConfig", "SearchInterrupted", "run_search", "resolve_defaults", "parse_duration"]
 
@@ -60,8 +60,8 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
         time_budget_s: when resuming, a new limit on launching trials. Defaults to the recorded one.
     """
     from autopeft.data import resolve_manifest
-    from autopeft.search._cluster import Cluster, start_ray, trial_resources
-    from autopeft.search._session import open_session
+    from autopeft.runner._cluster import Cluster, start_ray, trial_resources
+    from autopeft.runner._session import open_session
     from backbones.network import load_run_network, save_run_network
 
     started = time.time()
@@ -126,7 +126,7 @@ def _storage(path: str) -> str:
 
 def _trial_setup(config: SearchConfig, manifest_path: str, run_dir: Path, *, artifacts: str | None) -> TrialSetup:
 
-    from autopeft.search.trial import setup_from_config
+    from autopeft.runner.trial import setup_from_config
     from backbones.network import registered_ref
 
     ref = registered_ref(config.backbone, config.preset)
@@ -138,7 +138,7 @@ def _trial_setup(config: SearchConfig, manifest_path: str, run_dir: Path, *, art
 def _reach_nodes(config: SearchConfig, cluster, setup: TrialSetup, storage: str, default_storage: bool) -> TrialSetup:
     """The nodes that can run a trial read the storage and the scans, or the scans are shipped."""
     from autopeft.artifacts import ArtifactStore
-    from autopeft.search._cluster import check_nodes
+    from autopeft.runner._cluster import check_nodes
 
     if not check_nodes(cluster, config, storage=storage, default_storage=default_storage, manifest_path=setup.manifest_path):
         return setup
@@ -149,11 +149,11 @@ def _reach_nodes(config: SearchConfig, cluster, setup: TrialSetup, storage: str,
 
 def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, storage: str, started: float) -> Path:
     """Steps 3 to 7 of the module docstring."""
-    from autopeft.search._cluster import task_options, tune_resources
+    from autopeft.runner._cluster import task_options, tune_resources
     from autopeft.search._plans import plan_definer, warm_start
     from autopeft.search.portfolio import enqueue_portfolio, portfolio, table1_plans
-    from autopeft.search._session import open_study, requeue_interrupted
-    from autopeft.search._sources import prepare_sources, publish_importance
+    from autopeft.runner._session import open_study, requeue_interrupted
+    from autopeft.runner._sources import prepare_sources, publish_importance
     from autopeft.search.options import default_prior_beta
     from autopeft.search.priors import PriorGuide
     from autopeft.search.sampler import make_sampler, search_seed
@@ -212,7 +212,7 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
     define = plan_definer(space, counter, budget, prior_model, train=train_extra, portfolio=baselines)
     name = f"tune-{session.number}" if config.storage_path is None else f"{session.meta['study_name']}-{session.number}"
     try:
-        from autopeft.search._tune import TuneRun, run_trials
+        from autopeft.runner._tune import TuneRun, run_trials
 
         run_trials(TuneRun(config=config, run_dir=run_dir, storage=storage, name=name, setup=setup, study=study,
                            define=define, remaining=max(config.trials - done, 0), deadline=deadline, started=started,
@@ -256,8 +256,8 @@ def _confirm_folds(config: SearchConfig) -> tuple[int, ...]:
 def _confirm(config: SearchConfig, setup: TrialSetup, run_dir: Path, summary: dict[str, Any]) -> None:
     """The confirmation stage: the best plans, the best baseline and the references re-run on test
     subjects (their source models were pre-trained before the trials); recorded and printed."""
-    from autopeft.search._cluster import task_options
-    from autopeft.search.confirm import confirmation_seeds, replay_check, run_confirmation
+    from autopeft.runner._cluster import task_options
+    from autopeft.runner.confirm import confirmation_seeds, replay_check, run_confirmation
     from autopeft.search.results import record_confirmation
 
     seeds = confirmation_seeds(config.seed, int(config.confirm_seeds or 1))
@@ -289,8 +289,8 @@ def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, tot
                     cluster, storage: str, space: Any = None) -> None:
     from ray.tune.schedulers import ASHAScheduler
 
-    from autopeft.search._tune import scheduler_for
-    from autopeft.search.confirm import confirmation_seeds
+    from autopeft.runner._tune import scheduler_for
+    from autopeft.runner.confirm import confirmation_seeds
 
     print(("resuming" if resumed else "search") + f" in {run_dir}")
     from autopeft.search.auto_space import AUTO_SPACES
