@@ -192,7 +192,9 @@ def _run_grid(setup, plans: list, counter, grid_dir: Path) -> list[dict[str, Any
 # The engine runs ---------------------------------------------------------------------------------
 def _engine_run(args: argparse.Namespace, settings: dict[str, Any], variant: str, sampler_seed: int, run_dir: Path) -> Path:
     """One engine run in ``run_dir``: reused when complete, resumed when interrupted."""
-    from autopeft.runner.engine import SearchConfig, run_search
+    from autopeft.report import SearchOutputs
+    from autopeft.runner import run_search
+    from autopeft.search.config import SearchConfig
     from autopeft.runs import INFEASIBLE, TERMINAL, records
 
     if (run_dir / "run.json").is_file():
@@ -201,7 +203,7 @@ def _engine_run(args: argparse.Namespace, settings: dict[str, Any], variant: str
             print(f"engine {variant} (sampler seed {sampler_seed}): reusing {run_dir}", flush=True)
             return run_dir
         print(f"engine {variant} (sampler seed {sampler_seed}): resuming {run_dir} ({done} of {args.trials} trials done)", flush=True)
-        return run_search(resume_dir=run_dir, trials=args.trials)
+        return run_search(resume_dir=run_dir, trials=args.trials, outputs=SearchOutputs())
     config = SearchConfig(
         backbone=args.backbone, budget=settings["budget"], preset=settings["preset"], scanners=settings["scanners"],
         space=settings["space"], trials=args.trials, epochs=settings["epochs"], folds=args.folds, seed=args.seed,
@@ -212,7 +214,7 @@ def _engine_run(args: argparse.Namespace, settings: dict[str, Any], variant: str
         concurrency=args.concurrency, progress=False, **VARIANTS[variant],
     )
     print(f"engine {variant} (sampler seed {sampler_seed}): {args.trials} trials in {run_dir}", flush=True)
-    return run_search(config)
+    return run_search(config, outputs=SearchOutputs())
 
 
 def _trial_rows(run_dir: Path, trials: int, epochs: int) -> list[dict[str, Any]]:
@@ -300,7 +302,7 @@ def _spread(values: list[float | None]) -> dict[str, Any]:
 
 # The whole bench ---------------------------------------------------------------------------------
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    from autopeft.runner.engine import SearchConfig, resolve_defaults
+    from autopeft.search.config import SearchConfig, resolve_defaults
 
     resolved = resolve_defaults(SearchConfig(
         backbone=args.backbone, budget="100%", preset=args.preset, device=args.device, epochs=args.epochs, trials=args.trials,

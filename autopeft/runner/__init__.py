@@ -12,10 +12,10 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["run_search", "SearchInterrupted"]
+__all__ = ["run_search", "RunOutputs", "SearchInterrupted"]
 
 # Loaded on first use: the engine imports torch, which the CLI's --help does not need.
-_LAZY = {"run_search": "engine", "SearchInterrupted": "engine"}
+_LAZY = {"run_search": "engine", "RunOutputs": "engine", "SearchInterrupted": "engine"}
 
 
 def __getattr__(name: str):

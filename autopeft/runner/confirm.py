@@ -48,7 +48,7 @@ def confirmation_candidates(run_dir: Path, k: int, setup: TrialSetup) -> list[di
     """
     from autopeft.peft import Plan
     from autopeft.search.budget import PlanCounter
-    from autopeft.search.results import reference_plans
+    from autopeft.runner.references import reference_plans
     from backbones import build_backbone
 
     ranked = ranked_finished(records(run_dir))

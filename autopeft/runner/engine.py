@@ -23,8 +23,10 @@ Flow of :func:`run_search`, one unit per step:
    Pareto plans and best weights, the confirmation of the ``confirm`` best plans and the best
    baseline on test subjects with fine-tuning seeds the search never trained with
    (:mod:`~autopeft.runner.confirm`), an exact replay of the recommended trial as a
-   reproducibility check, and the example slices. ``report.html`` is drawn from the run
-   directory by the caller (``autopeft search`` does), as the report sits above the search.
+   reproducibility check, and the example slices. What is written up from the records (results,
+   best plan, tables, example slices) goes through the caller's :class:`RunOutputs`
+   (:class:`autopeft.report.SearchOutputs`), and ``report.html`` is drawn from the run directory by
+   the caller (``autopeft search`` does): the report sits above the runner.
 
 Everything before the confirmation sees validation subjects only. The run directory is written by
 this process only (:mod:`autopeft.runs`).
@@ -34,27 +36,48 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from autopeft.errors import ConfigError
 from autopeft.runs import INFEASIBLE, TERMINAL, records
 from autopeft.search.budget import Budget
-from autopeft.search.config import SearchConfig, parse_duration, resolve_defaults
+from autopeft.search.config import SearchConfig, resolve_defaults
 from autopeft.runner.trial import TrialSetup
 
-__all__ = ["SearchConfig", "SearchInterrupted", "run_search", "resolve_defaults", "parse_duration"]
+__all__ = ["RunOutputs", "SearchInterrupted", "run_search"]
 
 _ARTIFACTS = "autopeft-artifacts"  # the artifact store's folder under a --storage-path
 
 
-def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathLike | None = None,
+class RunOutputs(Protocol):
+    """What a search writes up from its records at its end, handed to :func:`run_search` by the
+    layer above (:class:`autopeft.report.SearchOutputs`): the runner trains and records, and never
+    imports the report."""
+
+    def finish(self, run_dir: Path, setup: TrialSetup, config: SearchConfig, space: Any, priors: bool) -> dict[str, Any]:
+        """Results chosen on validation (results.csv, best_plan.yaml, pareto/, best_weights/,
+        summary.json); returns the summary."""
+        ...
+
+    def confirmed(self, run_dir: Path, setup: TrialSetup, summary: dict[str, Any], confirmation: Mapping[str, Any]) -> None:
+        """The confirmation on test subjects added to the results and printed."""
+        ...
+
+    def examples(self, run_dir: Path, setup: TrialSetup, best: Mapping[str, Any] | None, *, split: str) -> Any:
+        """The report's example slices of the best plan on one ``split`` subject."""
+        ...
+
+
+def run_search(config: SearchConfig | None = None, *, outputs: RunOutputs, resume_dir: str | os.PathLike | None = None,
                trials: int | None = None, time_budget_s: float | None = None) -> Path:
     """Run (or resume) a search; returns the run directory.
 
     Args:
         config: the settings of a new search (ignored when resuming).
+        outputs: what writes the results up from the records (:class:`autopeft.report.SearchOutputs`).
         resume_dir: a run directory to continue; its ``run.json`` gives the settings.
         trials: when resuming, a new total number of trials. Defaults to the recorded one.
         time_budget_s: when resuming, a new limit on launching trials. Defaults to the recorded one.
@@ -94,7 +117,7 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
                     space=plans.space)
     if config.address:
         setup = _reach_nodes(config, cluster, setup, storage, default_storage)
-    return _search(session, setup, plans, budget, storage, started)
+    return _search(session, setup, plans, budget, storage, started, outputs)
 
 
 @dataclass(frozen=True)
@@ -147,7 +170,8 @@ def _reach_nodes(config: SearchConfig, cluster, setup: TrialSetup, storage: str,
     return replace(setup, data_key=key)
 
 
-def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, storage: str, started: float) -> Path:
+def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, storage: str, started: float,
+            outputs: RunOutputs) -> Path:
     """Steps 3 to 7 of the module docstring."""
     from autopeft.runner._cluster import task_options, tune_resources
     from autopeft.search._plans import plan_definer, warm_start
@@ -157,8 +181,8 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
     from autopeft.search.options import default_prior_beta
     from autopeft.search.priors import PriorGuide
     from autopeft.search.sampler import make_sampler, search_seed
+    from autopeft.runner.references import run_references
     from autopeft.search.signals import prior_for
-    from autopeft.search.results import finish_run, run_references
 
     config, run_dir = session.config, session.run_dir
     template, space, counter = plans.template, plans.space, plans.counter
@@ -217,14 +241,14 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
         run_trials(TuneRun(config=config, run_dir=run_dir, storage=storage, name=name, setup=setup, study=study,
                            define=define, remaining=max(config.trials - done, 0), deadline=deadline, started=started,
                            resources=tune_resources(config), guide=guide))
-        summary = finish_run(run_dir, setup, config, space, prior_model is not None)
+        summary = outputs.finish(run_dir, setup, config, space, prior_model is not None)
         if config.confirm > 0:
-            _confirm(config, setup, run_dir, summary)
-        _examples(run_dir, setup, summary, confirmed=config.confirm > 0)
+            _confirm(config, setup, run_dir, summary, outputs)
+        _examples(run_dir, setup, summary, outputs, confirmed=config.confirm > 0)
     except KeyboardInterrupt as interrupt:
         # Ctrl-C that Ray Tune did not absorb: keep what finished (results, best plan), then stop,
         # saying where the run is so that the caller can draw its report.
-        finish_run(run_dir, setup, config, space, prior_model is not None)
+        outputs.finish(run_dir, setup, config, space, prior_model is not None)
         raise SearchInterrupted(run_dir) from interrupt
     if config.progress:
         print(f"search done in {(time.time() - started) / 60:.1f} min", flush=True)
@@ -253,12 +277,11 @@ def _confirm_folds(config: SearchConfig) -> tuple[int, ...]:
     return tuple(range(int(config.confirm_folds or 1)))
 
 
-def _confirm(config: SearchConfig, setup: TrialSetup, run_dir: Path, summary: dict[str, Any]) -> None:
+def _confirm(config: SearchConfig, setup: TrialSetup, run_dir: Path, summary: dict[str, Any], outputs: RunOutputs) -> None:
     """The confirmation stage: the best plans, the best baseline and the references re-run on test
     subjects (their source models were pre-trained before the trials); recorded and printed."""
     from autopeft.runner._cluster import task_options
     from autopeft.runner.confirm import confirmation_seeds, replay_check, run_confirmation
-    from autopeft.search.results import record_confirmation
 
     seeds = confirmation_seeds(config.seed, int(config.confirm_seeds or 1))
     confirmation = run_confirmation(run_dir, setup, k=config.confirm, folds=_confirm_folds(config), seeds=seeds,
@@ -271,18 +294,16 @@ def _confirm(config: SearchConfig, setup: TrialSetup, run_dir: Path, summary: di
             print(f"reproducibility check (not a reported figure): trial #{replay['number']} replayed with its own seed on "
                   f"validation, fold 0: {replay['replayed_psnr']:.3f} dB vs {replay['recorded_psnr']:.3f} dB recorded "
                   f"(largest pair difference {replay['max_abs_diff_db']:.4f} dB)", flush=True)
-    record_confirmation(run_dir, setup, summary, confirmation)
+    outputs.confirmed(run_dir, setup, summary, confirmation)
 
 
-def _examples(run_dir: Path, setup: TrialSetup, summary: dict[str, Any], *, confirmed: bool) -> None:
+def _examples(run_dir: Path, setup: TrialSetup, summary: dict[str, Any], outputs: RunOutputs, *, confirmed: bool) -> None:
     """The report's example slices: a test subject once the confirmation has read them, else a
     validation one (nothing before the confirmation reads test subjects)."""
     import torch
 
-    from autopeft.search.examples import write_examples
-
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    write_examples(run_dir, setup, summary.get("best"), split="test" if confirmed else "val")
+    outputs.examples(run_dir, setup, summary.get("best"), split="test" if confirmed else "val")
 
 
 def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, total: int, run_dir: Path, resumed: bool,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from autopeft.runner.engine import SearchConfig
+from autopeft.search.config import SearchConfig
 from autopeft.runner.trial import setup_from_config
 
 
@@ -34,7 +34,7 @@ def test_scheduler_for_sets_the_rungs_and_the_mid_pair_scores():
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from autopeft.runner._tune import scheduler_for
-    from autopeft.runner.engine import SearchConfig
+    from autopeft.search.config import SearchConfig
     from autopeft.runner.trial import TrialSetup
 
     setup = TrialSetup(backbone="cvtgan", preset="tiny", manifest_path="m.csv", pairs=(("1", "2"), ("2", "1")), epochs=20)
@@ -59,7 +59,7 @@ def _asha_survivors(setup, qualities, order_of) -> set[int]:
     from ray.tune.schedulers import TrialScheduler
 
     from autopeft.runner._tune import scheduler_for
-    from autopeft.runner.engine import SearchConfig
+    from autopeft.search.config import SearchConfig
 
     scheduler, time_attr, setup = scheduler_for(SearchConfig(backbone="cvtgan", budget="1%", fidelity="epochs"), setup)
     scheduler.set_search_properties("gain", "max")
