@@ -2,7 +2,7 @@
 
 On the built-in simulated data (unless ``--data``), with the search as users run it:
 
-1. ``--searches`` searches (``autopeft.search.run_search`` with the search's defaults: the baseline
+1. ``--searches`` searches (``autopeft.runner.run_search`` with the search's defaults: the baseline
    portfolio, Ray Tune + Optuna TPE + ASHA on the epoch rung, the importance prior's guide,
    references with Full-FT lr-tuned, the confirmation on test subjects over the default folds),
    each with its own evaluation seed ``--seed + i`` (splits, subjects, source models, references

@@ -9,7 +9,7 @@ per group of blocks; ``blocks``: ``<backbone>-blocks.yaml``, one per encoder/dec
 
 1. PETITE's grid (``search_spaces/petite-grid.yaml``): every plan within the budget on every pair,
    cached per plan and pair in the work folder;
-2. engine runs (``autopeft.search.run_search``: Ray Tune + ASHA over the Optuna study) for each
+2. engine runs (``autopeft.runner.run_search``: Ray Tune + ASHA over the Optuna study) for each
    variant of ``VARIANTS`` (samplers, priors on / off / warm start only, the two prior signals),
    ``--repeats`` times with sampler seeds seed, seed+1, ... on the same evaluation.
 
