@@ -3,11 +3,15 @@ models, the session and its study, and the evaluation protocol (a trial over eve
 references, the confirmation on test subjects).
 
 The algorithm it runs (space, budget, priors, sampling) is :mod:`autopeft.search`, which needs no Ray.
+What a run writes up at its end (results, best plan, tables, example slices) is handed in by the
+caller as ``outputs`` (:class:`RunOutputs`; the report's ``SearchOutputs``): the runner never
+imports the report.
 
 Example:
+    >>> from autopeft.report import SearchOutputs
     >>> from autopeft.runner import run_search
     >>> from autopeft.search import SearchConfig
-    >>> run_search(SearchConfig(backbone="cvtgan", budget="1%"))  # doctest: +SKIP
+    >>> run_search(SearchConfig(backbone="cvtgan", budget="1%"), outputs=SearchOutputs())  # doctest: +SKIP
 """
 
 from __future__ import annotations
