@@ -29,11 +29,11 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
+from autopeft.runner.trial import TrialSetup
 from autopeft.runs import (
     FAILED, FINISHED, INFEASIBLE, RUNNING, STOPPED, new_record, ranked_finished, read_record, records, trial_state,
     weights_dir, write_record,
 )
-from autopeft.runner.trial import TrialSetup
 
 __all__ = ["TuneRun", "run_trials", "scheduler_for", "RecordKeeper", "TrialLimiter", "MAX_INFEASIBLE_DRAWS_PER_TRIAL"]
 

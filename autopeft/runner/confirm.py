@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from autopeft._io import atomic_write, atomic_write_json, path_component, path_inside
-from autopeft.runs import ranked_finished, records
 from autopeft.runner.trial import TrialSetup, run_plan, scores_to_json
+from autopeft.runs import ranked_finished, records
 
 __all__ = ["confirmation_candidates", "confirmation_seeds", "run_confirmation", "confirmation_rows", "replay_check"]
 

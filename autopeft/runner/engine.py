@@ -42,10 +42,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from autopeft.errors import ConfigError
+from autopeft.runner.trial import TrialSetup
 from autopeft.runs import INFEASIBLE, TERMINAL, records
 from autopeft.search.budget import Budget
 from autopeft.search.config import SearchConfig, resolve_defaults
-from autopeft.runner.trial import TrialSetup
 
 __all__ = ["RunOutputs", "SearchInterrupted", "run_search"]
 
