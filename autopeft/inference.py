@@ -79,10 +79,10 @@ def _is_trained_dir(path: Path) -> bool:
 
 
 def run_setup(run_dir: str | os.PathLike):
-    """The search's :class:`~autopeft.search.trial.TrialSetup`, rebuilt from ``run.json`` as the
+    """The search's :class:`~autopeft.runner.trial.TrialSetup`, rebuilt from ``run.json`` as the
     engine built it (source models are then found in the cache by the same key)."""
     from autopeft.data import resolve_manifest
-    from autopeft.search.trial import setup_from_config
+    from autopeft.runner.trial import setup_from_config
 
     run_dir = Path(run_dir)
     meta_path = run_dir / "run.json"
@@ -128,7 +128,7 @@ def run_pairs(run_dir: str | os.PathLike, setup=None) -> list[tuple[str, str, in
 def _cached_source_model(setup, source: str, fold: int):
     """The run's source model from the cache; an error (never a silent re-training) when it is gone."""
     from autopeft.pretraining import cache_root, is_pretrained, source_spec
-    from autopeft.search.trial import source_model
+    from autopeft.runner.trial import source_model
 
     if setup.weights is None:
         from autopeft.data import read_manifest

@@ -5,7 +5,7 @@ same sampler seed, ASHA and priors off so that every trial does the same work, n
 beyond No-FT, no confirmation) runs ``--runs`` times each way, alternating:
 
 - local: the search starts its own Ray on this machine (2 trial slots);
-- cluster: ``--address`` of a two-node Ray cluster on 127.0.0.1 (``tests/search/_two_nodes.py``:
+- cluster: ``--address`` of a two-node Ray cluster on 127.0.0.1 (``tests/runner/_two_nodes.py``:
   the worker node, with 2 trial slots, in its own mount namespace, cannot read the run directory,
   the data nor the driver's cache), ``--storage-path`` a folder both read, and the trials forced
   onto the worker node.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "search"))  # the two-node cluster of the tests
+sys.path.insert(0, str(ROOT / "tests" / "runner"))  # the two-node cluster of the tests
 sys.path.insert(0, str(ROOT / "tests" / "data"))  # its fake data set
 
 RESULTS = ROOT / "bench" / "results" / "cluster_overhead.json"

@@ -2,7 +2,7 @@
 
 On the built-in simulated data (unless ``--data``), with the search as users run it:
 
-1. ``--searches`` searches (``autopeft.search.run_search`` with the search's defaults: the baseline
+1. ``--searches`` searches (``autopeft.runner.run_search`` with the search's defaults: the baseline
    portfolio, Ray Tune + Optuna TPE + ASHA on the epoch rung, the importance prior's guide,
    references with Full-FT lr-tuned, the confirmation on test subjects over the default folds),
    each with its own evaluation seed ``--seed + i`` (splits, subjects, source models, references
@@ -85,20 +85,22 @@ def _spread(values: list[float]) -> dict[str, float | int | None]:
 
 
 def _search(args: argparse.Namespace, seed: int, run_dir: Path) -> dict[str, Any]:
-    from autopeft.search.engine import SearchConfig, run_search
+    from autopeft.report import SearchOutputs
+    from autopeft.runner import run_search
+    from autopeft.search.config import SearchConfig
 
     summary_path = run_dir / "summary.json"
     if summary_path.is_file() and "confirmation" in json.loads(summary_path.read_text()):
         print(f"search with evaluation seed {seed}: reusing {run_dir}", flush=True)
     elif (run_dir / "run.json").is_file():
-        run_search(resume_dir=run_dir)
+        run_search(resume_dir=run_dir, outputs=SearchOutputs())
     else:
         run_search(SearchConfig(
             backbone=args.backbone, budget=args.budget, preset=args.preset, trials=args.trials, seed=seed,
             out=str(run_dir), data=args.data, concurrency=args.concurrency,
             scanners=[s.strip() for s in args.scanners.split(",")] if args.scanners else None,
             confirm=args.confirm, confirm_seeds=args.confirm_seeds,
-        ))
+        ), outputs=SearchOutputs())
     summary = json.loads(summary_path.read_text())
     confirmation = summary["confirmation"]
     plans = {p["label"]: p for p in confirmation["plans"]}
@@ -124,11 +126,11 @@ def _search(args: argparse.Namespace, seed: int, run_dir: Path) -> dict[str, Any
 def _noise(args: argparse.Namespace, run_dir: Path, work: Path) -> dict[str, Any]:
     """PETITE's plan on every fold x seed, on test subjects, from the first search's settings."""
     from autopeft.data import resolve_manifest
-    from autopeft.search._cluster import task_options
-    from autopeft.search._sources import prepare_sources
-    from autopeft.search.engine import SearchConfig
-    from autopeft.search.results import reference_plans
-    from autopeft.search.trial import run_plan, running_means, scores_to_json, setup_from_config
+    from autopeft.runner._cluster import task_options
+    from autopeft.runner._sources import prepare_sources
+    from autopeft.search.config import SearchConfig
+    from autopeft.runner.references import reference_plans
+    from autopeft.runner.trial import run_plan, running_means, scores_to_json, setup_from_config
 
     meta = json.loads((run_dir / "run.json").read_text())
     config = SearchConfig(**meta["config"])

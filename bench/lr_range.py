@@ -5,7 +5,7 @@ default scenario (every ordered pair of scanners 1 and 5, fold 0, evaluation see
 Table-1 row (``autopeft/plans``: LayerNorm, BitFit, LoRA, Adapters, SSF, VPT, PETITE's winner,
 Full-FT) is fine-tuned at a log ladder of learning rates (``--ladder``, on the grid
 {1, 3} x 10^k), with the preset's fine-tuning epochs and the fine-tuning seeds 0 .. ``--seeds`` - 1,
-by the project's own recipe (``autopeft.search.trial.run_plan`` with the plan's ``train.lr`` set).
+by the project's own recipe (``autopeft.runner.trial.run_plan`` with the plan's ``train.lr`` set).
 Every run is scored on the targets' **validation** subjects only (these figures choose a
 default; test subjects are never read). Per (backbone, row, rate, pair, seed): validation PSNR,
 gain over No-FT (No-FT's validation PSNR on that pair) and seconds.
@@ -181,7 +181,7 @@ class Cache:
 
 def _run(setup, cache: Cache, row: str, lr: float | None, pair: tuple[str, str], seed: int) -> dict[str, Any]:
     """One (row, rate, pair, seed) on validation subjects, from the cache or trained now."""
-    from autopeft.search.trial import run_plan
+    from autopeft.runner.trial import run_plan
 
     plan = _plan(setup.backbone, row, lr)
     source, target = pair
@@ -260,7 +260,7 @@ def _decide(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def _source_keys(setup) -> list[str]:
     """The cache key of every source model of ``setup`` (pre-training the missing ones)."""
     from autopeft.pretraining import SourceSpec
-    from autopeft.search.trial import source_model
+    from autopeft.runner.trial import source_model
 
     keys = []
     for source, fold in setup.sources:
@@ -280,7 +280,7 @@ def _git_version() -> str:
 def _backbone(args: argparse.Namespace, backbone: str, manifest_path: str) -> dict[str, Any]:
     from autopeft.data import read_manifest
     from autopeft.pretraining import manifest_digest
-    from autopeft.search.trial import setup_from_config
+    from autopeft.runner.trial import setup_from_config
     from backbones import build_backbone
 
     epochs = build_backbone(backbone, args.preset).preset.finetune.epochs  # the preset's, unchanged

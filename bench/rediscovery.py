@@ -9,7 +9,7 @@ per group of blocks; ``blocks``: ``<backbone>-blocks.yaml``, one per encoder/dec
 
 1. PETITE's grid (``search_spaces/petite-grid.yaml``): every plan within the budget on every pair,
    cached per plan and pair in the work folder;
-2. engine runs (``autopeft.search.run_search``: Ray Tune + ASHA over the Optuna study) for each
+2. engine runs (``autopeft.runner.run_search``: Ray Tune + ASHA over the Optuna study) for each
    variant of ``VARIANTS`` (samplers, priors on / off / warm start only, the two prior signals),
    ``--repeats`` times with sampler seeds seed, seed+1, ... on the same evaluation.
 
@@ -63,6 +63,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `backbones` is a top-level package of the repository
+sys.path.insert(0, str(ROOT / "bench"))  # its helpers (_grid.py)
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "results" / "rediscovery"
@@ -159,7 +160,7 @@ def _write_json(path: Path, data: Any) -> None:
 def _run_grid(setup, plans: list, counter, grid_dir: Path) -> list[dict[str, Any]]:
     """Every grid plan on every pair of ``setup``; one JSON per plan in ``grid_dir``, updated after
     each pair, so that a rerun skips the plans and pairs already done."""
-    from autopeft.search.trial import run_plan, running_means, scores_from_json, scores_to_json
+    from autopeft.runner.trial import run_plan, running_means, scores_from_json, scores_to_json
 
     rows = []
     for index, plan in enumerate(plans):
@@ -191,7 +192,9 @@ def _run_grid(setup, plans: list, counter, grid_dir: Path) -> list[dict[str, Any
 # The engine runs ---------------------------------------------------------------------------------
 def _engine_run(args: argparse.Namespace, settings: dict[str, Any], variant: str, sampler_seed: int, run_dir: Path) -> Path:
     """One engine run in ``run_dir``: reused when complete, resumed when interrupted."""
-    from autopeft.search.engine import SearchConfig, run_search
+    from autopeft.report import SearchOutputs
+    from autopeft.runner import run_search
+    from autopeft.search.config import SearchConfig
     from autopeft.runs import INFEASIBLE, TERMINAL, records
 
     if (run_dir / "run.json").is_file():
@@ -200,7 +203,7 @@ def _engine_run(args: argparse.Namespace, settings: dict[str, Any], variant: str
             print(f"engine {variant} (sampler seed {sampler_seed}): reusing {run_dir}", flush=True)
             return run_dir
         print(f"engine {variant} (sampler seed {sampler_seed}): resuming {run_dir} ({done} of {args.trials} trials done)", flush=True)
-        return run_search(resume_dir=run_dir, trials=args.trials)
+        return run_search(resume_dir=run_dir, trials=args.trials, outputs=SearchOutputs())
     config = SearchConfig(
         backbone=args.backbone, budget=settings["budget"], preset=settings["preset"], scanners=settings["scanners"],
         space=settings["space"], trials=args.trials, epochs=settings["epochs"], folds=args.folds, seed=args.seed,
@@ -211,7 +214,7 @@ def _engine_run(args: argparse.Namespace, settings: dict[str, Any], variant: str
         concurrency=args.concurrency, progress=False, **VARIANTS[variant],
     )
     print(f"engine {variant} (sampler seed {sampler_seed}): {args.trials} trials in {run_dir}", flush=True)
-    return run_search(config)
+    return run_search(config, outputs=SearchOutputs())
 
 
 def _trial_rows(run_dir: Path, trials: int, epochs: int) -> list[dict[str, Any]]:
@@ -238,7 +241,7 @@ def _trial_rows(run_dir: Path, trials: int, epochs: int) -> list[dict[str, Any]]
 def _confirmed(setup, plan: dict[str, Any], seeds: list[int], folder: Path) -> dict[str, Any]:
     """``plan`` re-run from scratch with each fine-tuning seed, scored on test subjects (cached)."""
     from autopeft.peft import Plan
-    from autopeft.search.trial import run_plan, running_means
+    from autopeft.runner.trial import run_plan, running_means
 
     key = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
     path = folder / f"{key}.json"
@@ -299,7 +302,7 @@ def _spread(values: list[float | None]) -> dict[str, Any]:
 
 # The whole bench ---------------------------------------------------------------------------------
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    from autopeft.search.engine import SearchConfig, resolve_defaults
+    from autopeft.search.config import SearchConfig, resolve_defaults
 
     resolved = resolve_defaults(SearchConfig(
         backbone=args.backbone, budget="100%", preset=args.preset, device=args.device, epochs=args.epochs, trials=args.trials,
@@ -312,7 +315,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def _source_keys(setup, *, progress: bool = False) -> list[str]:
     """The cache key of every source model of ``setup`` (pre-training the missing ones)."""
     from autopeft.pretraining import SourceSpec
-    from autopeft.search.trial import source_model
+    from autopeft.runner.trial import source_model
 
     keys = []
     for fold in setup.folds:
@@ -331,14 +334,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from autopeft.peft import Plan
     from autopeft.pretraining import manifest_digest
     from autopeft.search.budget import Budget, PlanCounter
-    from autopeft.search.confirm import confirmation_seeds
-    from autopeft.search.grid import grid_plans
+    from autopeft.runner.confirm import confirmation_seeds
     from autopeft.search.options import PRIOR_SIGNALS
     from autopeft.search.prior_quality import spearman
     from autopeft.search.priors import PlanPrior
-    from autopeft.search.trial import setup_from_config
+    from autopeft.runner.trial import setup_from_config
     from autopeft.stats import paired_difference
     from backbones import build_backbone
+
+    from _grid import grid_plans
 
     torch.set_num_threads(1)  # one thread per trial, the engine's trials included: steadier on a shared CPU
     wall_start = time.time()

@@ -4,7 +4,7 @@ A lab table (``bench/table.py``) holds hundreds of plans trained once on one sce
 validation learning curves and test scores. A replay runs the engine's own search logic on it,
 sequentially (concurrency 1: each trial ends before the next is proposed, so cost order is exact):
 
-- an in-memory Optuna study with the engine's sampler (``_session.make_sampler``, seeded as a
+- an in-memory Optuna study with the engine's sampler (``sampler.make_sampler``, seeded as a
   first session), the baseline portfolio enqueued first (``portfolio.enqueue_portfolio``), and with
   a prior the warm start (``_plans.warm_start``) and ``priors.PriorGuide`` at the variant's fading
   ``beta``;
@@ -523,13 +523,13 @@ def replay_run(ctx: Context, variant: dict[str, Any], seed: int) -> dict[str, An
 
     from autopeft.runs import FINISHED, trial_state
     from autopeft.search._plans import plan_definer, warm_start
-    from autopeft.search._searcher import StudySearcher
-    from autopeft.search._session import make_sampler
-    from autopeft.search._tune import MAX_INFEASIBLE_DRAWS_PER_TRIAL, scheduler_for
+    from autopeft.runner._searcher import StudySearcher
+    from autopeft.search.sampler import make_sampler
+    from autopeft.runner._tune import MAX_INFEASIBLE_DRAWS_PER_TRIAL, scheduler_for
     from autopeft.search.config import SearchConfig
     from autopeft.search.portfolio import enqueue_portfolio
     from autopeft.search.priors import PriorGuide
-    from autopeft.search.trial import TrialSetup
+    from autopeft.runner.trial import TrialSetup
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     table, epochs = ctx.table, ctx.table.epochs

@@ -127,7 +127,7 @@ class Evaluation:
         from autopeft.data.simulator import builtin_data
         from autopeft.search.budget import Budget, PlanCounter
         from autopeft.search.space import load_space
-        from autopeft.search.trial import setup_from_config
+        from autopeft.runner.trial import setup_from_config
         from backbones import build_backbone
 
         self.spec, self.epochs = spec, int(epochs)
@@ -166,7 +166,7 @@ class Evaluation:
         the SH-PEFT importance maps of every pair and seed, before the workers start: two workers
         would otherwise compute the same missing file twice."""
         from autopeft.finetuning import target_importance
-        from autopeft.search.trial import source_model
+        from autopeft.runner.trial import source_model
 
         for source, fold in self.setup.sources:
             source_model(self.setup, source, fold, progress=True)

@@ -59,5 +59,5 @@ echo "torch==$("$py" -c 'import torch; print(torch.__version__)')" >>"$constrain
 echo "check-floors.sh: testing with $(tr '\n' ' ' <"$constraints")"
 cd "$repo"
 "$py" -m pytest -q -m "not slow" tests
-"$py" -m pytest -q tests/search/test_search_engine.py::test_search_warm_starts_with_top_prior_plans_and_writes_outputs \
+"$py" -m pytest -q tests/runner/test_search_engine.py::test_search_warm_starts_with_top_prior_plans_and_writes_outputs \
   tests/report/test_report.py

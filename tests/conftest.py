@@ -66,3 +66,14 @@ def user_network(tmp_path_factory: pytest.TempPathFactory) -> str:
         os.environ.pop("PYTHONPATH", None)
     else:
         os.environ["PYTHONPATH"] = saved
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray for one test module (2 CPUs), shut down after it."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only: no token file for a throwaway local cluster
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()

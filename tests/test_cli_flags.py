@@ -7,7 +7,7 @@ import pytest
 from autopeft.cli import main
 from autopeft.errors import ConfigError
 from autopeft.search import Budget
-from autopeft.search.engine import SearchConfig
+from autopeft.search.config import SearchConfig
 
 
 def test_the_library_names_fields_not_flags():

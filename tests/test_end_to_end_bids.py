@@ -76,7 +76,9 @@ def test_bids_to_search_to_predict_to_bundle(ray_env, tmp_path, capsys):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
 
     # search --weights: a user's own model of one scanner, fine-tuned from it to the other.
-    from autopeft.search.engine import SearchConfig, run_search
+    from autopeft.report import SearchOutputs
+    from autopeft.runner import run_search
+    from autopeft.search.config import SearchConfig
     from autopeft.runs import records
     from backbones import build_backbone
 
@@ -90,7 +92,7 @@ def test_bids_to_search_to_predict_to_bundle(ray_env, tmp_path, capsys):
     mine = run_search(SearchConfig(backbone="unetr", budget="1%", data=str(pairs), trials=1, epochs=1, device="cpu",
                                    references=False, asha=False, progress=False, out=str(tmp_path / "run-mine"),
                                    weights=str(tmp_path / "mine.pt"), source=TARGET, priors=False,
-                                   **({"confirm": 0} if "confirm" in fields else {})))
+                                   **({"confirm": 0} if "confirm" in fields else {})), outputs=SearchOutputs())
     pairs_run = {(p["source"], p["target"]) for r in records(mine) for p in r.get("pairs", [])}
     assert pairs_run == {(TARGET, "Siemens Biograph TruePoint class")}
     cache = os.environ["AUTOPEFT_CACHE"]

@@ -260,7 +260,7 @@ def test_predict_names_outputs_by_path_components_inside_out(tmp_path):
 
 def test_confirmation_records_and_artifact_keys_stay_inside(tmp_path):
     from autopeft.artifacts import ArtifactStore
-    from autopeft.search.confirm import _job_path
+    from autopeft.runner.confirm import _job_path
 
     assert _job_path(tmp_path, "#3", 0, 1) == tmp_path / "confirmation" / "trial3-fold0-seed1.json"  # as before
     assert _job_path(tmp_path, "No-FT", 0, 1).name == "No-FT-fold0-seed1.json"

@@ -137,14 +137,17 @@ def run(args: argparse.Namespace) -> int:
     from autopeft.cli._flags import flag_errors, flags_of
     from autopeft.errors import ConfigError
     from autopeft.search import Budget
-    from autopeft.search.engine import SearchConfig, parse_duration, run_search
+    from autopeft.report import SearchOutputs
+    from autopeft.runner import run_search
+    from autopeft.search.config import SearchConfig, parse_duration
 
     flags = flags_of(SearchConfig, time_budget_s="--time-budget", references="--no-references", portfolio="--no-portfolio", asha="--no-asha",
                      progress="--quiet", prior_signal="--priors", resume_dir="--resume")
     with flag_errors(flags):  # the settings' own checks, named by their flags
         time_budget = parse_duration(args.time_budget)
         if args.resume:
-            _with_report(lambda: run_search(resume_dir=args.resume, trials=args.trials, time_budget_s=time_budget),
+            _with_report(lambda: run_search(resume_dir=args.resume, trials=args.trials, time_budget_s=time_budget,
+                                            outputs=SearchOutputs()),
                          progress=not args.quiet)
             return 0
         if not args.backbone or not args.budget:
@@ -155,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         args.backbone, args.preset = resolve_backbone(args, on_data=True)  # its settings printed, --quiet or not
         # The engine fills the defaults once it knows the cluster's resources (GPUs may be elsewhere).
         config = _config(args, time_budget)
-        _with_report(lambda: run_search(config), progress=not args.quiet)
+        _with_report(lambda: run_search(config, outputs=SearchOutputs()), progress=not args.quiet)
     return 0
 
 
@@ -163,7 +166,7 @@ def _with_report(search, *, progress: bool) -> None:
     """Run ``search`` and draw its run's ``report.html``, also after Ctrl-C. A report that cannot
     be drawn loses nothing (the results are on disk): its error is printed with the retry command."""
     from autopeft.report import write_report
-    from autopeft.search.engine import SearchInterrupted
+    from autopeft.runner import SearchInterrupted
 
     def draw(run_dir, interrupted: bool) -> None:
         try:
@@ -185,7 +188,7 @@ def _with_report(search, *, progress: bool) -> None:
 def _config(args: argparse.Namespace, time_budget: float | None):
     from pathlib import Path
 
-    from autopeft.search.engine import SearchConfig
+    from autopeft.search.config import SearchConfig
     from autopeft.search.options import DEFAULT_PRIOR_SIGNAL
 
     return SearchConfig(

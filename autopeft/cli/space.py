@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from autopeft.cli._flags import flag_errors
     from autopeft.errors import ConfigError
     from autopeft.search import Budget, PlanCounter, load_space, space_files
-    from autopeft.search.results import plan_summary
+    from autopeft.report import plan_summary
     from backbones import build_backbone
 
     if args.sample < 0:

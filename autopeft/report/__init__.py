@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from autopeft._io import atomic_write_text
+from autopeft.report._results import SearchOutputs, plan_summary
 from autopeft.report._run import STATE_STYLE, RunData, load_run
 from autopeft.runs import VERSIONED_PACKAGES, versions
 
-__all__ = ["write_report", "load_run", "RunData"]
+__all__ = ["write_report", "load_run", "RunData", "SearchOutputs", "plan_summary"]
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1200px;
@@ -62,7 +63,7 @@ def _rows_html(rows: list[dict[str, str]], columns: dict[str, str]) -> str:
 def _table1(run: RunData) -> str:
     """PETITE's Table 1 layout: on test subjects with CIs when the run was confirmed, else on
     validation subjects (in-sample). One row builder serves this and the console."""
-    from autopeft.search.results import CONFIRMED_COLUMNS, VALIDATION_COLUMNS, confirmed_rows, validation_rows
+    from autopeft.report._results import CONFIRMED_COLUMNS, VALIDATION_COLUMNS, confirmed_rows, validation_rows
 
     if run.confirmation and run.confirmation.get("plans"):
         columns = {k: v for k, v in CONFIRMED_COLUMNS.items() if k not in ("vs_full", "vs_petite", "vs_baseline")}
@@ -76,7 +77,7 @@ def _table1(run: RunData) -> str:
 def _confirmed(run: RunData) -> str:
     """The confirmation: test mean [95% CI] and paired differences against Full-FT, PETITE and the
     best Table-1 row with its learning rate tuned (the baseline portfolio's best)."""
-    from autopeft.search.results import CONFIRMED_COLUMNS, confirmed_rows, versus_baseline_text
+    from autopeft.report._results import CONFIRMED_COLUMNS, confirmed_rows, versus_baseline_text
 
     confirmation = run.confirmation
     if not confirmation or not confirmation.get("plans"):
@@ -99,8 +100,6 @@ def _confirmed(run: RunData) -> str:
 
 def _trials_table(run: RunData) -> str:
     import pandas as pd
-
-    from autopeft.search.results import plan_summary
 
     if not run.records:
         return '<p class="note">No trial records (trials/) yet.</p>'

@@ -21,7 +21,7 @@ def _state_traces(rows: list[dict[str, Any]], x_of, y_of, floor: float | None):
     score (failed, over budget) are drawn at ``floor`` so they stay visible."""
     import plotly.graph_objects as go
 
-    from autopeft.search.results import plan_summary
+    from autopeft.report._results import plan_summary
 
     traces = []
     for state, (label, colour, symbol) in STATE_STYLE.items():
@@ -83,7 +83,7 @@ def pareto_figure(run: RunData):
     nothing, so it has no place on a log axis)."""
     import plotly.graph_objects as go
 
-    from autopeft.search.results import pareto_front
+    from autopeft.report._results import pareto_front
 
     pct = lambda r: max(100 * float(r.get("fraction") or 0.0), 1e-6)  # noqa: E731  (log axis: no zeros)
     scored = [r for r in run.records if r.get("psnr") is not None and r.get("fraction")]

@@ -1,6 +1,6 @@
 """Example slices (PETITE's Fig. 4): short scan, long scan, predictions and error maps.
 
-Drawn from what the search kept in ``<run>/examples/`` (:mod:`autopeft.search.examples`): the
+Drawn from what the search kept in ``<run>/examples/`` (:mod:`autopeft.report._examples`): the
 report runs no model. The comparison is against No-FT (the pre-trained source model itself): the
 search does not keep Full-FT weights (a whole model per pair).
 """
@@ -22,7 +22,7 @@ def slices_figure(run: RunData):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from autopeft.search.examples import read_examples
+    from autopeft.report._examples import read_examples
 
     found = read_examples(run.run_dir)
     if found is None:

@@ -1,5 +1,6 @@
-"""The search: a declarative space of plans, a parameter budget, SH-PEFT priors, and the Ray Tune +
-Optuna engine that fine-tunes sampled plans across scanner pairs.
+"""The search algorithm: a declarative space of plans, a parameter budget, SH-PEFT priors, the
+baseline portfolio, the warm start and the Optuna sampling step. Nothing here imports Ray: the
+execution on Ray Tune is :mod:`autopeft.runner`.
 
 >>> from autopeft.search import Budget
 >>> Budget.parse("1%").fraction
@@ -8,13 +9,12 @@ Optuna engine that fine-tunes sampled plans across scanner pairs.
 
 from autopeft.search.options import PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS
 
-__all__ = ["Budget", "PlanCount", "PlanCounter", "SearchSpace", "load_space", "space_files", "SearchConfig", "run_search",
+__all__ = ["Budget", "PlanCount", "PlanCounter", "SearchSpace", "load_space", "space_files", "SearchConfig",
            "resolve_defaults", "PRIOR_CANDIDATES", "PRIOR_SIGNALS", "SAMPLERS"]
 
-# Names loaded on first use: they import torch (and the engine Ray), which the CLI's --help does not need.
+# Names loaded on first use: they import torch, which the CLI's --help does not need.
 _LAZY = {"Budget": "budget", "PlanCount": "budget", "PlanCounter": "budget", "SearchSpace": "space",
-         "load_space": "space", "space_files": "space", "SearchConfig": "engine", "run_search": "engine",
-         "resolve_defaults": "engine"}
+         "load_space": "space", "space_files": "space", "SearchConfig": "config", "resolve_defaults": "config"}
 
 
 def __getattr__(name: str):

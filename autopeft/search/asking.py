@@ -1,6 +1,6 @@
 """Drawing the next plan to train from an Optuna study, without Ray: the searcher's sampling step.
 
-:class:`~autopeft.search._searcher.StudySearcher` (inside Ray Tune) and a benchmark's replay
+:class:`~autopeft.runner._searcher.StudySearcher` (inside Ray Tune) and a benchmark's replay
 (an in-memory study driven in a loop) draw plans the same way, through :func:`ask_feasible`:
 
 1. the guide (:class:`~autopeft.search.priors.PriorGuide`), if any, may enqueue the next plan;

@@ -65,7 +65,7 @@ class PriorSignal:
     per_candidate: ClassVar[bool] = False
 
     def prepare(self, setup, template, counter, *, space) -> Prior:
-        """The search's prior: ``setup`` a :class:`~autopeft.search.trial.TrialSetup` (its units,
+        """The search's prior: ``setup`` a :class:`~autopeft.runner.trial.TrialSetup` (its units,
         jobs, epochs), ``template`` a backbone of its architecture, ``counter`` its
         :class:`~autopeft.search.budget.PlanCounter`, ``space`` its search space."""
         raise NotImplementedError

@@ -31,9 +31,9 @@ def test_regret_and_area_by_hand():
 
 
 def test_asha_replay_on_hand_made_curves():
-    from autopeft.search._tune import scheduler_for
+    from autopeft.runner._tune import scheduler_for
     from autopeft.search.config import SearchConfig
-    from autopeft.search.trial import TrialSetup
+    from autopeft.runner.trial import TrialSetup
 
     epochs, pairs = 4, 2
     config = SearchConfig(backbone="cvtgan", budget="1%", epochs=epochs, fidelity="epochs", asha=True, trials=4)

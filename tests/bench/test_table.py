@@ -151,7 +151,7 @@ def test_signal_scorer_goes_through_the_registry_with_its_cost():
 
     from autopeft.peft import Plan
     from autopeft.search.priors import CountPrior, EarlyPrior
-    from autopeft.search.trial import TrialSetup
+    from autopeft.runner.trial import TrialSetup
 
     ev = _light_evaluation("cvtgan", 2)
     setup = TrialSetup(backbone="cvtgan", preset="tiny", manifest_path="", pairs=(("1", "5"), ("5", "1")), epochs=2)

@@ -170,7 +170,7 @@ def test_capabilities_of_the_built_in_methods() -> None:
 
 
 def test_plan_summaries_show_the_fields_each_method_names() -> None:
-    from autopeft.search.results import plan_summary
+    from autopeft.report import plan_summary
 
     plan = Plan.from_dict({"backbone": "unetr", "bitfit": True, "train": {"lr": 1e-3}, "sites": {
         "encoder.vit.*": {"method": "lora", "rank": 4, "alpha": 8, "targets": ["q", "k"], "dropout": 0.1},

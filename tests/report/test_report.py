@@ -35,12 +35,13 @@ def build_micro_run(root: Path) -> Path:
     1 failed, 1 over budget,
     the three reference rows, results.csv, best_plan.yaml and best_weights/."""
     from autopeft.peft import Plan
+    from autopeft.report._examples import write_examples
+    from autopeft.report._results import finish_run
+    from autopeft.runner.references import run_references
+    from autopeft.runner.trial import TrialSetup, run_plan, source_model
     from autopeft.search.budget import PlanCounter
-    from autopeft.search.engine import SearchConfig
-    from autopeft.search.results import finish_run, run_references
-    from autopeft.search.examples import write_examples
+    from autopeft.search.config import SearchConfig
     from autopeft.search.space import load_space
-    from autopeft.search.trial import TrialSetup, run_plan, source_model
     from backbones import build_backbone
 
     manifest = make_dataset(root / "data", {"1": 3, "2": 3, "3": 3}, shape=(20, 18, 16), long_factor=1.5)

@@ -140,7 +140,9 @@ def test_the_space_draws_the_method_through_its_own_parameters(space_file):
 def test_a_search_and_its_report_run_the_method(ray_session, space_file, tmp_path):
     from _fakes import make_dataset
     from autopeft.report import write_report
-    from autopeft.search.engine import SearchConfig, run_search
+    from autopeft.report import SearchOutputs
+    from autopeft.runner import run_search
+    from autopeft.search.config import SearchConfig
     from autopeft.runs import FINISHED, records
 
     data = make_dataset(tmp_path / "data", {"1": 3, "2": 3}, shape=(20, 18, 16), long_factor=1.5)
@@ -148,7 +150,7 @@ def test_a_search_and_its_report_run_the_method(ray_session, space_file, tmp_pat
         backbone="cvtgan", budget="5%", preset="tiny", space=str(space_file), scanners=["1", "2"], trials=2, epochs=1,
         data=str(data), out=str(tmp_path / "run"), pretrain_epochs=1, protocol=PROTOCOL, cpus_per_trial=1,
         concurrency=2, device="cpu", references=False, portfolio=False, progress=False, confirm=0, priors=False,
-        asha=False))
+        asha=False), outputs=SearchOutputs())
     rows = records(run_dir)
     assert [r["state"] for r in rows] == [FINISHED, FINISHED], [r.get("reason") for r in rows]
     assert all(spec["method"] == "normshift" for r in rows for spec in r["plan"]["sites"].values())

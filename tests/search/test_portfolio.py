@@ -67,18 +67,3 @@ def test_portfolio_trials_come_first_in_the_study_and_train_the_row_itself(cvtga
         study.tell(trial, 0.0)
     later = define(study.ask())  # the sampler's own draws follow
     assert later["portfolio"] is None
-
-
-def test_an_interrupted_portfolio_trial_is_requeued_as_the_same_row(cvtgan, tmp_path):
-    from autopeft.search._session import requeue_interrupted
-
-    space, counter = cvtgan
-    budget = Budget.parse("1%")
-    entries = portfolio(space, counter, budget, train={"epochs": 3})
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    enqueue_portfolio(study, entries[:1])
-    define = plan_definer(space, counter, budget, None, train={"epochs": 3}, portfolio=entries)
-    define(study.ask())  # RUNNING when the session died
-    requeue_interrupted(tmp_path, study)
-    again = define(study.ask())
-    assert again["portfolio"] == entries[0].name and again["plan"] == entries[0].plan.to_dict()

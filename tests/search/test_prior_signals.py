@@ -11,7 +11,7 @@ import pytest
 from _fakes import make_dataset
 from autopeft.search import PlanCounter, load_space
 from autopeft.search.priors import NETWORK
-from autopeft.search.trial import TrialSetup
+from autopeft.runner.trial import TrialSetup
 from backbones import build_backbone
 
 pytestmark = pytest.mark.slow  # trains source models and fine-tunes candidates
@@ -78,14 +78,16 @@ def test_per_candidate_signals_are_standardised_within_method_cost_what_they_say
 
 
 def test_a_short_search_steered_by_the_gradient_prior_records_its_fading_picks(ray_session, data, tmp_path):
-    from autopeft.search.engine import SearchConfig, run_search
+    from autopeft.report import SearchOutputs
+    from autopeft.runner import run_search
+    from autopeft.search.config import SearchConfig
 
     config = SearchConfig(backbone="cvtgan", budget="5%", preset="tiny", scanners=["1", "2"], trials=3, epochs=1,
                           data=str(data), out=str(tmp_path / "run"), pretrain_epochs=1, protocol=PROTOCOL,
                           cpus_per_trial=1, concurrency=1, device="cpu", references=False, portfolio=False,
                           progress=False, confirm=0, prior_signal="gradient", prior_beta=2.0, warm_start=1,
                           prior_candidates=4)
-    run_dir = run_search(config)
+    run_dir = run_search(config, outputs=SearchOutputs())
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["config"]["prior_beta"] == 2.0 and meta["config"]["prior_signal"] == "gradient"
     study = optuna.load_study(study_name=meta["study_name"], storage=f"sqlite:///{run_dir / 'study.db'}")

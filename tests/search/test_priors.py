@@ -116,7 +116,7 @@ def test_prior_guide_fades_records_its_pick_and_replays_exactly(cvtgan):
 
 def test_the_sampling_step_runs_without_ray_with_the_engines_pieces(cvtgan):
     from autopeft.search._plans import plan_definer
-    from autopeft.search._session import make_sampler
+    from autopeft.search.sampler import make_sampler
     from autopeft.search.asking import ask_feasible
     from autopeft.search.config import SearchConfig
     from autopeft.search.portfolio import enqueue_portfolio, portfolio

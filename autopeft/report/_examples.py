@@ -51,7 +51,7 @@ def write_examples(run_dir: Path, setup, best: dict[str, Any] | None, *, split: 
     from autopeft.data import eval_volumes, split_scanner
     from autopeft.evaluation import predict_volume
     from autopeft.peft import load_trained
-    from autopeft.search.trial import source_model
+    from autopeft.runner.trial import source_model
 
     picked = _pick_pair(run_dir, setup)
     if best is None or picked is None:

@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from autopeft.search.trial import TrialSetup, source_model
+from autopeft.runner.trial import TrialSetup, source_model
 
 __all__ = ["prepare_sources", "publish_importance"]
 

@@ -19,8 +19,9 @@ from autopeft.errors import ConfigError
 from autopeft.runs import FAILED, FINISHED, INFEASIBLE, INTERRUPTED, STOPPED, read_meta, read_record, write_meta, write_record
 from autopeft.search.config import SearchConfig
 from autopeft.search.portfolio import PORTFOLIO_ATTRS
+from autopeft.search.sampler import make_sampler, search_seed
 
-__all__ = ["Session", "open_session", "open_study", "requeue_interrupted", "search_seed", "make_sampler"]
+__all__ = ["Session", "open_session", "open_study", "requeue_interrupted"]
 
 
 @dataclass
@@ -69,23 +70,6 @@ def open_session(config: SearchConfig | None, resume_dir: str | os.PathLike | No
         raise ConfigError(f"`out` {run_dir} already holds a search; continue it with `resume_dir` {run_dir} or choose another `out`.")
     meta = {"study_name": f"autopeft-{config.backbone}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}", "sessions": 1}
     return Session(run_dir, meta, config, resumed=False)
-
-
-def search_seed(config: SearchConfig) -> int:
-    return config.seed if config.sampler_seed is None else config.sampler_seed
-
-
-def make_sampler(config: SearchConfig, seed: int):
-    """The Optuna sampler ``config.sampler`` names (``autopeft.search.options.SAMPLERS``)."""
-    import optuna
-
-    if config.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    startup = min(10, max(2, (config.trials or 16) // 4))
-    if config.sampler == "gp":
-        # Conditional parameters (a method's own) fall outside the GP's joint space: drawn at random.
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
 
 
 def open_study(session: Session):

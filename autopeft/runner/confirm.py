@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from autopeft._io import atomic_write, atomic_write_json, path_component, path_inside
+from autopeft.runner.trial import TrialSetup, run_plan, scores_to_json
 from autopeft.runs import ranked_finished, records
-from autopeft.search.trial import TrialSetup, run_plan, scores_to_json
 
 __all__ = ["confirmation_candidates", "confirmation_seeds", "run_confirmation", "confirmation_rows", "replay_check"]
 
@@ -48,7 +48,7 @@ def confirmation_candidates(run_dir: Path, k: int, setup: TrialSetup) -> list[di
     """
     from autopeft.peft import Plan
     from autopeft.search.budget import PlanCounter
-    from autopeft.search.results import reference_plans
+    from autopeft.runner.references import reference_plans
     from backbones import build_backbone
 
     ranked = ranked_finished(records(run_dir))

@@ -9,8 +9,8 @@ import pytest
 
 from autopeft.search import Budget, PlanCounter, load_space
 from autopeft.search._plans import plan_definer
-from autopeft.search._searcher import StudySearcher, _gp_view
-from autopeft.search._session import make_sampler
+from autopeft.runner._searcher import StudySearcher, _gp_view
+from autopeft.search.sampler import make_sampler
 from autopeft.search.config import SearchConfig
 from backbones import build_backbone
 

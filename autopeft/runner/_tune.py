@@ -29,11 +29,11 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
+from autopeft.runner.trial import TrialSetup
 from autopeft.runs import (
     FAILED, FINISHED, INFEASIBLE, RUNNING, STOPPED, new_record, ranked_finished, read_record, records, trial_state,
     weights_dir, write_record,
 )
-from autopeft.search.trial import TrialSetup
 
 __all__ = ["TuneRun", "run_trials", "scheduler_for", "RecordKeeper", "TrialLimiter", "MAX_INFEASIBLE_DRAWS_PER_TRIAL"]
 
@@ -51,7 +51,7 @@ def _trainable(config: dict[str, Any], setup: TrialSetup) -> None:
     import torch
 
     from autopeft.peft import Plan
-    from autopeft.search.trial import progress_metrics, run_plan, scores_from_json
+    from autopeft.runner.trial import progress_metrics, run_plan, scores_from_json
 
     torch.set_num_threads(max(1, setup.threads))  # oversubscribing 2 cores makes tiny steps 5-10x slower
     node = ray.get_runtime_context().get_node_id()
@@ -276,8 +276,8 @@ def scheduler_for(config, setup: TrialSetup):
 
 def run_trials(run: TuneRun) -> None:
     """Ray Tune over the remaining trials (nothing when none remain)."""
-    from autopeft.search._searcher import StudySearcher
-    from autopeft.search._session import make_sampler, search_seed
+    from autopeft.runner._searcher import StudySearcher
+    from autopeft.search.sampler import make_sampler, search_seed
 
     if run.remaining <= 0:
         return

@@ -14,7 +14,9 @@ from _fakes import make_dataset
 from autopeft.data import read_manifest, split_scanner
 from autopeft.report import write_report
 from autopeft.runs import FAILED, FINISHED, INFEASIBLE, records
-from autopeft.search.engine import SearchConfig, run_search
+from autopeft.report import SearchOutputs
+from autopeft.runner import run_search
+from autopeft.search.config import SearchConfig
 
 pytestmark = pytest.mark.slow  # Ray Tune searches
 
@@ -38,7 +40,8 @@ def test_confirmation_scores_the_best_plans_the_best_baseline_and_references_on_
     # 0.4% of 3D CVT-GAN tiny: of PETITE's Table-1 rows only LayerNorm fits, so the portfolio is
     # LayerNorm at 3 learning rates (trials 0-2), then one plan of the sampler.
     protocol = dict(PROTOCOL, folds=2)
-    run_dir = run_search(_config(data, tmp_path / "run", budget="0.4%", trials=4, protocol=protocol, portfolio=True))
+    run_dir = run_search(_config(data, tmp_path / "run", budget="0.4%", trials=4, protocol=protocol, portfolio=True),
+                         outputs=SearchOutputs())
     summary = json.loads((run_dir / "summary.json").read_text())
     confirmation = summary["confirmation"]
     rows = {r["number"]: r for r in records(run_dir)}
@@ -102,7 +105,7 @@ def test_confirmation_scores_the_best_plans_the_best_baseline_and_references_on_
 
     # Resuming redoes nothing that the confirmation kept.
     kept = {p: p.stat().st_mtime_ns for p in (run_dir / "confirmation").glob("*.json")}
-    run_search(resume_dir=run_dir)
+    run_search(resume_dir=run_dir, outputs=SearchOutputs())
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "confirmation").glob("*.json")} == kept
 
 
@@ -117,7 +120,7 @@ def test_nothing_reads_a_test_subject_before_the_confirmation(ray_session, tmp_p
         with open(path, "wb") as handle:
             handle.write(b"not a NIfTI file")
     with pytest.raises(Exception) as caught:
-        run_search(_config(data, tmp_path / "run", protocol=protocol, confirm=1, confirm_seeds=1))
+        run_search(_config(data, tmp_path / "run", protocol=protocol, confirm=1, confirm_seeds=1), outputs=SearchOutputs())
     # Pre-training, references, importance and every trial ran; the confirmation is what failed.
     run_dir = tmp_path / "run"
     rows = records(run_dir)
@@ -140,7 +143,7 @@ def test_finetune_with_the_best_plan_reproduces_the_trial_validation_scores(ray_
 
     data = make_dataset(tmp_path / "data", {"1": 5, "2": 5}, shape=(20, 18, 16), long_factor=1.5)
     run_dir = run_search(_config(data, tmp_path / "run", trials=1, epochs=2, confirm=0, references=False,
-                                 space=str(_ssf_space(tmp_path))))
+                                 space=str(_ssf_space(tmp_path))), outputs=SearchOutputs())
     trial = next(r for r in records(run_dir) if r["state"] == FINISHED)
     pair = next(p for p in trial["pairs"] if (p["source"], p["target"]) == ("1", "2"))
     capsys.readouterr()

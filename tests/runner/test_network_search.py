@@ -18,7 +18,9 @@ import torch
 from autopeft.cli import main
 from autopeft.data.simulator import simulate
 from autopeft.runs import FINISHED, records
-from autopeft.search.engine import SearchConfig, run_search
+from autopeft.report import SearchOutputs
+from autopeft.runner import run_search
+from autopeft.search.config import SearchConfig
 from backbones.network import network_ref, register_network
 
 # user_network first: its $PYTHONPATH must be set before this module's Ray starts.
@@ -48,7 +50,7 @@ def _config(backbone, preset, data, out, **overrides) -> SearchConfig:
 def test_basicunet_search_confirm_export_predict(ray_session, data, tmp_path, capsys):
     backbone, preset = register_network(network_ref("monai:BasicUNet", net_args=NET_ARGS))
     started = time.perf_counter()
-    run_dir = run_search(_config(backbone, preset, data, tmp_path / "run", progress=True))
+    run_dir = run_search(_config(backbone, preset, data, tmp_path / "run", progress=True), outputs=SearchOutputs())
     seconds = time.perf_counter() - started
     printed = capsys.readouterr().out
     print(f"BasicUNet search wall time: {seconds:.1f} s")
@@ -114,7 +116,7 @@ def test_a_users_installed_class_is_searched_in_ray_workers(ray_session, data, t
     backbone, preset = register_network(network_ref(user_network, net_args={"width": 4}))
     # No ASHA: both trials train every pair, whatever the order they finish in.
     run_dir = run_search(_config(backbone, preset, data, tmp_path / "run", trials=2, confirm=0, references=False,
-                                 portfolio=False, asha=False))
+                                 portfolio=False, asha=False), outputs=SearchOutputs())
     rows = records(run_dir)
     assert [r["state"] for r in rows] == [FINISHED, FINISHED]
     assert all(r["plan"]["backbone"] == user_network and r["trainable"] > 0 for r in rows)
@@ -139,7 +141,7 @@ def test_a_bundle_folder_searched_from_its_weights_and_exported_back(ray_session
     space_file = tmp_path / "linear.yaml"
     space_file.write_text(yaml.safe_dump(space))
     run_dir = run_search(_config(backbone, preset, data, tmp_path / "run", weights=str(user_bundle), source="1",
-                                 references=False, portfolio=False, space=str(space_file)))
+                                 references=False, portfolio=False, space=str(space_file)), outputs=SearchOutputs())
     assert any(r["state"] == FINISHED for r in records(run_dir))
     out = tmp_path / "exported"
     assert main(["export", str(run_dir), "--target", "5", "--out", str(out)]) == 0

@@ -9,7 +9,9 @@ import optuna
 import pytest
 
 from _fakes import make_dataset
-from autopeft.search.engine import SearchConfig, run_search
+from autopeft.report import SearchOutputs
+from autopeft.runner import run_search
+from autopeft.search.config import SearchConfig
 from autopeft.runs import FAILED, FINISHED, INFEASIBLE, INTERRUPTED, STOPPED, TERMINAL, records, write_record
 
 pytestmark = pytest.mark.slow  # Ray Tune searches
@@ -37,7 +39,7 @@ def _study(run_dir):
 
 
 def test_search_warm_starts_with_top_prior_plans_and_writes_outputs(ray_session, data, tmp_path):
-    run_dir = run_search(_config(data, tmp_path / "run", warm_start=2, budget="3%"))
+    run_dir = run_search(_config(data, tmp_path / "run", warm_start=2, budget="3%"), outputs=SearchOutputs())
     rows = {r["number"]: r for r in records(run_dir)}
     # --trials counts plans that train; plans drawn over the budget are recorded besides.
     assert all(r["state"] in TERMINAL for r in rows.values())
@@ -73,7 +75,7 @@ def test_search_warm_starts_with_top_prior_plans_and_writes_outputs(ray_session,
 
 
 def test_the_study_holds_the_truth_pruned_stopped_trials_and_the_recommended_best(ray_session, data, tmp_path):
-    run_dir = run_search(_config(data, tmp_path / "run", trials=6, priors=False, budget="3%"))
+    run_dir = run_search(_config(data, tmp_path / "run", trials=6, priors=False, budget="3%"), outputs=SearchOutputs())
     rows = {r["number"]: r for r in records(run_dir)}
     study = _study(run_dir)
     states = {t.number: t for t in study.trials}
@@ -98,7 +100,8 @@ def test_the_study_holds_the_truth_pruned_stopped_trials_and_the_recommended_bes
 
 def test_epoch_fidelity_judges_on_pair_epochs_and_scores_mid_pair(ray_session, data, tmp_path):
     # 2 pairs x 4 epochs: ASHA's rungs at 1, 2 and 4 pair-epochs; 1 and 2 fall inside the first pair.
-    run_dir = run_search(_config(data, tmp_path / "run", trials=6, epochs=4, priors=False, budget="3%", fidelity="epochs"))
+    run_dir = run_search(_config(data, tmp_path / "run", trials=6, epochs=4, priors=False, budget="3%", fidelity="epochs"),
+                         outputs=SearchOutputs())
     rows = {r["number"]: r for r in records(run_dir)}
     states = {t.number: t for t in _study(run_dir).trials}
     trained = [r for r in rows.values() if r["state"] in (FINISHED, STOPPED)]
@@ -127,7 +130,8 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(ray_session, data, t
         "backbone: cvtgan\ngroups:\n  dec:\n    sites: 'decoder.*.block*'\n    methods: {ssf: {}, lora: {rank: [1, 2]}}\n"
         "bitfit: [true]\nlr: [2.0e-3, 1.0e+6]\n"
     )
-    run_dir = run_search(_config(data, tmp_path / "run", space=str(space), priors=False, sampler="random", epochs=2, seed=1))
+    run_dir = run_search(_config(data, tmp_path / "run", space=str(space), priors=False, sampler="random", epochs=2, seed=1),
+                         outputs=SearchOutputs())
     rows = records(run_dir)
     failed = [r for r in rows if r["state"] == FAILED]
     others = [r for r in rows if r["state"] in (FINISHED, STOPPED)]
@@ -139,7 +143,7 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(ray_session, data, t
 
 
 def test_resume_repeats_no_finished_trial_and_reruns_the_interrupted_one(ray_session, data, tmp_path):
-    run_dir = run_search(_config(data, tmp_path / "run", trials=2, priors=False, budget="3%"))
+    run_dir = run_search(_config(data, tmp_path / "run", trials=2, priors=False, budget="3%"), outputs=SearchOutputs())
     before = {r["number"]: r for r in records(run_dir)}
     assert sum(r["state"] != INFEASIBLE for r in before.values()) == 2
     # A session killed mid-trial leaves a RUNNING study trial and a RUNNING record behind.
@@ -152,7 +156,7 @@ def test_resume_repeats_no_finished_trial_and_reruns_the_interrupted_one(ray_ses
     plan = space.suggest(killed, train={"epochs": 1})
     write_record(run_dir, killed.number, {"number": killed.number, "state": "RUNNING", "plan": plan.to_dict(), "params": killed.params,
                                           "pairs_done": 1, "pairs_total": 2, "fidelity": 0.5, "fraction": 0.0})
-    run_search(resume_dir=run_dir, trials=4)
+    run_search(resume_dir=run_dir, trials=4, outputs=SearchOutputs())
     after = {r["number"]: r for r in records(run_dir)}
     for number, record in before.items():
         assert after[number]["started"] == record["started"] and after[number]["state"] == record["state"]
@@ -164,14 +168,15 @@ def test_resume_repeats_no_finished_trial_and_reruns_the_interrupted_one(ray_ses
 
 
 def test_plans_over_the_budget_do_not_count_as_trials_and_the_draws_are_capped(ray_session, data, tmp_path, monkeypatch):
-    from autopeft.search import _tune
+    from autopeft.runner import _tune
 
     monkeypatch.setattr(_tune, "MAX_INFEASIBLE_DRAWS_PER_TRIAL", 3)
     space = tmp_path / "space.yaml"
     space.write_text("backbone: cvtgan\ngroups:\n  dec:\n    sites: 'decoder.*.block*'\n    methods: {ssf: {}}\nbitfit: [true]\nlr: [2.0e-3]\n")
     # Every plan of this space trains more than 10 parameters: each draw is skipped, none trains,
     # and the search stops after 3 draws per trial asked for instead of drawing forever.
-    run_dir = run_search(_config(data, tmp_path / "run", space=str(space), priors=False, sampler="random", trials=1, budget="10"))
+    run_dir = run_search(_config(data, tmp_path / "run", space=str(space), priors=False, sampler="random", trials=1, budget="10"),
+                         outputs=SearchOutputs())
     rows = records(run_dir)
     assert len(rows) == 3 and all(r["state"] == INFEASIBLE and r["pairs_done"] == 0 for r in rows)
     assert not (run_dir / "best_plan.yaml").exists()
@@ -191,7 +196,7 @@ def test_missing_source_models_pretrain_side_by_side_before_the_trials(ray_sessi
     manifest = read_manifest(str(data))
     specs = [source_spec("cvtgan", s, manifest=manifest, preset="tiny", epochs=1, seed=5, protocol=Protocol(**PROTOCOL)) for s in "12"]
     assert not any(is_pretrained(spec) for spec in specs)
-    run_search(_config(data, tmp_path / "run", trials=1, priors=False, seed=5))
+    run_search(_config(data, tmp_path / "run", trials=1, priors=False, seed=5), outputs=SearchOutputs())
     out = capsys.readouterr().out
     assert "pre-training 2 source models side by side" in out
     assert "source model of scanner 1" in out and "source model of scanner 2" in out
@@ -201,13 +206,14 @@ def test_missing_source_models_pretrain_side_by_side_before_the_trials(ray_sessi
 def test_time_budget_counts_from_the_start_and_still_launches_one_wave(ray_session, data, tmp_path):
     # One second is spent before the first trial (Ray, the study, source models): only the first
     # wave of `concurrency` plans launches, instead of the 4 asked for.
-    run_dir = run_search(_config(data, tmp_path / "run", trials=4, time_budget_s=1.0, priors=False, budget="50%"))
+    run_dir = run_search(_config(data, tmp_path / "run", trials=4, time_budget_s=1.0, priors=False, budget="50%"),
+                         outputs=SearchOutputs())
     rows = records(run_dir)
     assert sum(r["state"] != INFEASIBLE for r in rows) == 2
 
 
 def test_multi_objective_study_gets_gain_and_fraction(ray_session, data, tmp_path):
-    run_dir = run_search(_config(data, tmp_path / "run", trials=2, priors=False, objective="multi"))
+    run_dir = run_search(_config(data, tmp_path / "run", trials=2, priors=False, objective="multi"), outputs=SearchOutputs())
     study = _study(run_dir)
     assert len(study.directions) == 2
     rows = {r["number"]: r for r in records(run_dir)}

@@ -1,5 +1,9 @@
 """What a search leaves behind: results.csv, best_plan.yaml, Pareto plans, weights, the table.
 
+Written and printed at the end of a run from its records, through
+:class:`~autopeft.runner.engine.RunOutputs` (:class:`SearchOutputs` here): the runner trains and
+records, this module writes the results up; the report reads them back.
+
 ``results.csv`` has one row per trial (number, state, fidelity reached, plan summary, % params,
 PSNR/SSIM/NRMSE running means over the pairs done, prior, time, reason). Only FINISHED trials
 (every pair done) compete for the best plan: a trial ASHA stopped early (STOPPED) carries means
@@ -18,9 +22,8 @@ from autopeft._io import atomic_write, atomic_write_json
 from autopeft.tables import print_table
 from autopeft.runs import ranked_finished, records, weights_dir
 from autopeft.stats import format_ci
-from autopeft.search.trial import run_plan, running_means, scores_from_json, scores_to_json
 
-__all__ = ["plan_summary", "run_references", "finish_run", "pareto_front"]
+__all__ = ["plan_summary", "finish_run", "pareto_front", "record_confirmation", "SearchOutputs"]
 
 
 def plan_summary(plan: Mapping[str, Any]) -> str:
@@ -46,80 +49,6 @@ def plan_summary(plan: Mapping[str, Any]) -> str:
     text = " ".join(parts) or "frozen"
     lr = (plan.get("train") or {}).get("lr")
     return text + (f" lr={lr:.2g}" if lr else "")
-
-
-def reference_plans(backbone: str, preset: str, epochs: int) -> list[tuple[str, Any]]:
-    """(label, plan) of the references every search measures: No-FT; Full-FT at each rung of
-    its learning-rate ladder (:func:`~autopeft.search.portfolio.full_ft_ladder`; labelled
-    ``Full-FT lr=...``, the best by validation becomes ``Full-FT``, see :func:`run_references`);
-    PETITE's plan for the backbone (where one ships) as published, at the preset's PEFT rate."""
-    from autopeft.peft import Plan, load_plan, named_plans
-    from autopeft.search.portfolio import full_ft_ladder
-    from backbones import build_backbone
-
-    schedule = build_backbone(backbone, preset).preset.finetune
-    plans = [("No-FT", Plan.from_dict({"backbone": backbone, "name": "No-FT"}))]
-    for lr in full_ft_ladder(schedule.lr_full):
-        plans.append((f"Full-FT lr={lr:.2g}", Plan.from_dict({"backbone": backbone, "name": "Full-FT", "full_ft": True,
-                                                            "train": {"epochs": epochs, "lr": lr}})))
-    petite = f"petite-{backbone}"
-    if petite in named_plans():
-        plans.append(("PETITE", Plan.from_dict(dict(load_plan(petite).to_dict(), train={"epochs": epochs}))))
-    return plans
-
-
-def _reference_job(setup, plan_dict: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One reference on every pair, scored on validation subjects (a Ray task: one trial's CPUs)."""
-    import torch
-
-    from autopeft.peft import Plan
-
-    torch.set_num_threads(max(1, setup.threads))
-    return scores_to_json(run_plan(setup.on_node(), Plan.from_dict(plan_dict)))
-
-
-def run_references(setup, config, run_dir: Path, *, task_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Fine-tune the references (:func:`reference_plans`; No-FT alone without
-    ``config.references``) on the search's pairs, in the driver, score them on the validation
-    subjects (as trials are) and keep them in ``references.json`` (a resumed search reuses them).
-
-    Full-FT is tuned as the search is: of its ladder, the rung with the best validation PSNR is
-    the ``Full-FT`` reference (``chosen``), the others stay in the file as ``Full-FT lr=...``.
-    """
-    import ray
-
-    from autopeft.search.budget import PlanCounter
-    from backbones import build_backbone
-
-    counter = PlanCounter(build_backbone(setup.backbone, setup.preset))
-    rows = []
-    # No-FT always (only an evaluation: the baseline of the objective); the others when asked.
-    wanted = reference_plans(setup.backbone, setup.preset, setup.epochs)
-    wanted = wanted if config.references else wanted[:1]
-    if config.progress:
-        print(f"references {', '.join(label for label, _ in wanted)}: fine-tuning on {len(setup.units)} pair(s), "
-              "scored on validation subjects", flush=True)
-    if task_options is not None and ray.is_initialized():
-        # Independent runs: Ray tasks side by side, as many at once as the trials' resources allow.
-        task = ray.remote(**dict(task_options))(_reference_job)
-        results = ray.get([task.remote(setup, plan.to_dict()) for _, plan in wanted])
-    else:
-        results = [scores_to_json(run_plan(setup, plan)) for _, plan in wanted]
-    for (label, plan), pairs in zip(wanted, results):
-        scores = scores_from_json(pairs)
-        count = counter.count(plan)
-        rows.append({"label": label, "plan": plan.to_dict(), "fraction": count.fraction if plan.trains_anything else 0.0,
-                     "trainable": count.trainable if plan.trains_anything else 0, "split": "val",
-                     "lr": (plan.train or {}).get("lr"), **running_means(scores), "pairs": scores_to_json(scores)})
-    rungs = [row for row in rows if row["plan"].get("full_ft")]
-    if rungs:
-        chosen = max(rungs, key=lambda row: row["psnr"])  # chosen on validation, as the search chooses
-        chosen.update(label="Full-FT", chosen=True)
-        if config.progress:
-            tried = ", ".join(f"{r['lr']:.2g}: {r['psnr']:.3f} dB" for r in rungs)
-            print(f"reference Full-FT: lr {chosen['lr']:.2g} chosen on validation ({tried})", flush=True)
-    atomic_write_json(run_dir / "references.json", rows)
-    return rows
 
 
 def pareto_front(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -338,3 +267,29 @@ def _print_validation_table(run_dir: Path, setup, summary: Mapping[str, Any]) ->
 def _row(label: str, fraction: float, metrics: Mapping[str, Any], params_text: str | None, plan: str = "") -> dict[str, Any]:
     return {"method": label, "params": params_text or f"{100 * fraction:.3f}%", "psnr": f"{metrics['psnr']:.3f}",
             "ssim": f"{metrics['ssim']:.4f}", "nrmse": f"{metrics['nrmse']:.4f}", "plan": plan}
+
+
+class SearchOutputs:
+    """What a search writes and prints at its end, from its records: the report's side of
+    :class:`autopeft.runner.RunOutputs`, handed to :func:`autopeft.runner.run_search` by its caller
+    (the runner never imports the report).
+
+    Example:
+        >>> from autopeft.report import SearchOutputs
+        >>> from autopeft.runner import run_search
+        >>> run_search(config, outputs=SearchOutputs())  # doctest: +SKIP
+    """
+
+    def finish(self, run_dir: Path, setup, config, space, priors: bool) -> dict[str, Any]:
+        """:func:`finish_run`: results.csv, best_plan.yaml, pareto/, best_weights/, summary.json."""
+        return finish_run(run_dir, setup, config, space, priors)
+
+    def confirmed(self, run_dir: Path, setup, summary: dict[str, Any], confirmation: Mapping[str, Any]) -> None:
+        """:func:`record_confirmation`: the confirmation in summary.json and best_plan.yaml, the test table."""
+        record_confirmation(run_dir, setup, summary, confirmation)
+
+    def examples(self, run_dir: Path, setup, best: Mapping[str, Any] | None, *, split: str) -> bool:
+        """:func:`~autopeft.report._examples.write_examples`: the report's example slices."""
+        from autopeft.report._examples import write_examples
+
+        return write_examples(run_dir, setup, best, split=split)

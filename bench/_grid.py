@@ -1,4 +1,5 @@
-"""PETITE's exhaustive Mix-PEFT grid (``search_spaces/petite-grid.yaml``) as plans."""
+"""PETITE's exhaustive Mix-PEFT grid (``search_spaces/petite-grid.yaml``) as plans: the benchmarks'
+reference (``rediscovery.py``), not part of the search."""
 
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from autopeft.search.engine import SearchConfig
-from autopeft.search.trial import setup_from_config
+from autopeft.search.config import SearchConfig
+from autopeft.runner.trial import setup_from_config
 
 
 def _settings(**overrides) -> dict:
@@ -33,9 +33,9 @@ def test_a_users_source_model_pairs_only_from_its_scanner_and_readers_choose_the
 def test_scheduler_for_sets_the_rungs_and_the_mid_pair_scores():
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from autopeft.search._tune import scheduler_for
-    from autopeft.search.engine import SearchConfig
-    from autopeft.search.trial import TrialSetup
+    from autopeft.runner._tune import scheduler_for
+    from autopeft.search.config import SearchConfig
+    from autopeft.runner.trial import TrialSetup
 
     setup = TrialSetup(backbone="cvtgan", preset="tiny", manifest_path="m.csv", pairs=(("1", "2"), ("2", "1")), epochs=20)
     pairs = SearchConfig(backbone="cvtgan", budget="1%", fidelity="pairs")
@@ -58,8 +58,8 @@ def _asha_survivors(setup, qualities, order_of) -> set[int]:
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
-    from autopeft.search._tune import scheduler_for
-    from autopeft.search.engine import SearchConfig
+    from autopeft.runner._tune import scheduler_for
+    from autopeft.search.config import SearchConfig
 
     scheduler, time_attr, setup = scheduler_for(SearchConfig(backbone="cvtgan", budget="1%", fidelity="epochs"), setup)
     scheduler.set_search_properties("gain", "max")
@@ -78,7 +78,7 @@ def _asha_survivors(setup, qualities, order_of) -> set[int]:
 
 
 def test_survival_at_a_rung_does_not_depend_on_the_trial_numbers_parity():
-    from autopeft.search.trial import TrialSetup
+    from autopeft.runner.trial import TrialSetup
 
     setup = TrialSetup(backbone="cvtgan", preset="tiny", manifest_path="m.csv", pairs=(("1", "2"), ("2", "1")), epochs=4)
     # Pairs of equal plans, numbered 2k and 2k + 1: a fair rung treats the two alike.

@@ -2,12 +2,12 @@
 
 Flow of :func:`run_search`, one unit per step:
 
-1. open the session (:mod:`~autopeft.search._session`): join Ray (local, or the cluster at
+1. open the session (:mod:`~autopeft.runner._session`): join Ray (local, or the cluster at
    ``address``), settle the configuration for where the trials run (tiny preset on CPUs, paper on
    GPUs; concurrency from ``ray.cluster_resources()``) and write ``<run>/run.json``;
 2. on a cluster, check that every node able to run a trial reads the storage path and the scans
-   (:mod:`~autopeft.search._cluster`), shipping the scans through the artifact store if not;
-3. have every source model once, before any trial (:mod:`~autopeft.search._sources`: Ray tasks,
+   (:mod:`~autopeft.runner._cluster`), shipping the scans through the artifact store if not;
+3. have every source model once, before any trial (:mod:`~autopeft.runner._sources`: Ray tasks,
    put in the artifact store for the other nodes);
 4. open the Optuna study in ``<run>/study.db``; on a first session enqueue the baseline portfolio
    (:mod:`~autopeft.search.portfolio`: PETITE's Table-1 rows that fit the budget, each at a
@@ -16,15 +16,17 @@ Flow of :func:`run_search`, one unit per step:
 5. fine-tune the reference plans (No-FT always: its per-pair validation PSNR is the baseline of
    the objective; Full-FT, its learning rate chosen on validation from a ladder, and PETITE's
    plan as published, for the results table);
-6. run the trials through Ray Tune (:mod:`~autopeft.search._tune`): the objective is the mean
+6. run the trials through Ray Tune (:mod:`~autopeft.runner._tune`): the objective is the mean
    validation PSNR gain over No-FT, ASHA stops on the pair-epochs (or pairs) done, the driver's
    callback keeps the records and weights;
 7. finish: ``results.csv``, ``best_plan.yaml`` (with the margin over the best baseline), the
    Pareto plans and best weights, the confirmation of the ``confirm`` best plans and the best
    baseline on test subjects with fine-tuning seeds the search never trained with
-   (:mod:`~autopeft.search.confirm`), an exact replay of the recommended trial as a
-   reproducibility check, and the example slices. ``report.html`` is drawn from the run
-   directory by the caller (``autopeft search`` does), as the report sits above the search.
+   (:mod:`~autopeft.runner.confirm`), an exact replay of the recommended trial as a
+   reproducibility check, and the example slices. What is written up from the records (results,
+   best plan, tables, example slices) goes through the caller's :class:`RunOutputs`
+   (:class:`autopeft.report.SearchOutputs`), and ``report.html`` is drawn from the run directory by
+   the caller (``autopeft search`` does): the report sits above the runner.
 
 Everything before the confirmation sees validation subjects only. The run directory is written by
 this process only (:mod:`autopeft.runs`).
@@ -34,34 +36,55 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from autopeft.errors import ConfigError
+from autopeft.runner.trial import TrialSetup
 from autopeft.runs import INFEASIBLE, TERMINAL, records
 from autopeft.search.budget import Budget
-from autopeft.search.config import SearchConfig, parse_duration, resolve_defaults
-from autopeft.search.trial import TrialSetup
+from autopeft.search.config import SearchConfig, resolve_defaults
 
-__all__ = ["SearchConfig", "SearchInterrupted", "run_search", "resolve_defaults", "parse_duration"]
+__all__ = ["RunOutputs", "SearchInterrupted", "run_search"]
 
 _ARTIFACTS = "autopeft-artifacts"  # the artifact store's folder under a --storage-path
 
 
-def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathLike | None = None,
+class RunOutputs(Protocol):
+    """What a search writes up from its records at its end, handed to :func:`run_search` by the
+    layer above (:class:`autopeft.report.SearchOutputs`): the runner trains and records, and never
+    imports the report."""
+
+    def finish(self, run_dir: Path, setup: TrialSetup, config: SearchConfig, space: Any, priors: bool) -> dict[str, Any]:
+        """Results chosen on validation (results.csv, best_plan.yaml, pareto/, best_weights/,
+        summary.json); returns the summary."""
+        ...
+
+    def confirmed(self, run_dir: Path, setup: TrialSetup, summary: dict[str, Any], confirmation: Mapping[str, Any]) -> None:
+        """The confirmation on test subjects added to the results and printed."""
+        ...
+
+    def examples(self, run_dir: Path, setup: TrialSetup, best: Mapping[str, Any] | None, *, split: str) -> Any:
+        """The report's example slices of the best plan on one ``split`` subject."""
+        ...
+
+
+def run_search(config: SearchConfig | None = None, *, outputs: RunOutputs, resume_dir: str | os.PathLike | None = None,
                trials: int | None = None, time_budget_s: float | None = None) -> Path:
     """Run (or resume) a search; returns the run directory.
 
     Args:
         config: the settings of a new search (ignored when resuming).
+        outputs: what writes the results up from the records (:class:`autopeft.report.SearchOutputs`).
         resume_dir: a run directory to continue; its ``run.json`` gives the settings.
         trials: when resuming, a new total number of trials. Defaults to the recorded one.
         time_budget_s: when resuming, a new limit on launching trials. Defaults to the recorded one.
     """
     from autopeft.data import resolve_manifest
-    from autopeft.search._cluster import Cluster, start_ray, trial_resources
-    from autopeft.search._session import open_session
+    from autopeft.runner._cluster import Cluster, start_ray, trial_resources
+    from autopeft.runner._session import open_session
     from backbones.network import load_run_network, save_run_network
 
     started = time.time()
@@ -94,7 +117,7 @@ def run_search(config: SearchConfig | None = None, *, resume_dir: str | os.PathL
                     space=plans.space)
     if config.address:
         setup = _reach_nodes(config, cluster, setup, storage, default_storage)
-    return _search(session, setup, plans, budget, storage, started)
+    return _search(session, setup, plans, budget, storage, started, outputs)
 
 
 @dataclass(frozen=True)
@@ -126,7 +149,7 @@ def _storage(path: str) -> str:
 
 def _trial_setup(config: SearchConfig, manifest_path: str, run_dir: Path, *, artifacts: str | None) -> TrialSetup:
 
-    from autopeft.search.trial import setup_from_config
+    from autopeft.runner.trial import setup_from_config
     from backbones.network import registered_ref
 
     ref = registered_ref(config.backbone, config.preset)
@@ -138,7 +161,7 @@ def _trial_setup(config: SearchConfig, manifest_path: str, run_dir: Path, *, art
 def _reach_nodes(config: SearchConfig, cluster, setup: TrialSetup, storage: str, default_storage: bool) -> TrialSetup:
     """The nodes that can run a trial read the storage and the scans, or the scans are shipped."""
     from autopeft.artifacts import ArtifactStore
-    from autopeft.search._cluster import check_nodes
+    from autopeft.runner._cluster import check_nodes
 
     if not check_nodes(cluster, config, storage=storage, default_storage=default_storage, manifest_path=setup.manifest_path):
         return setup
@@ -147,17 +170,19 @@ def _reach_nodes(config: SearchConfig, cluster, setup: TrialSetup, storage: str,
     return replace(setup, data_key=key)
 
 
-def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, storage: str, started: float) -> Path:
+def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, storage: str, started: float,
+            outputs: RunOutputs) -> Path:
     """Steps 3 to 7 of the module docstring."""
-    from autopeft.search._cluster import task_options, tune_resources
+    from autopeft.runner._cluster import task_options, tune_resources
     from autopeft.search._plans import plan_definer, warm_start
     from autopeft.search.portfolio import enqueue_portfolio, portfolio, table1_plans
-    from autopeft.search._session import make_sampler, open_study, requeue_interrupted, search_seed
-    from autopeft.search._sources import prepare_sources, publish_importance
+    from autopeft.runner._session import open_study, requeue_interrupted
+    from autopeft.runner._sources import prepare_sources, publish_importance
     from autopeft.search.options import default_prior_beta
     from autopeft.search.priors import PriorGuide
+    from autopeft.search.sampler import make_sampler, search_seed
+    from autopeft.runner.references import run_references
     from autopeft.search.signals import prior_for
-    from autopeft.search.results import finish_run, run_references
 
     config, run_dir = session.config, session.run_dir
     template, space, counter = plans.template, plans.space, plans.counter
@@ -211,19 +236,19 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
     define = plan_definer(space, counter, budget, prior_model, train=train_extra, portfolio=baselines)
     name = f"tune-{session.number}" if config.storage_path is None else f"{session.meta['study_name']}-{session.number}"
     try:
-        from autopeft.search._tune import TuneRun, run_trials
+        from autopeft.runner._tune import TuneRun, run_trials
 
         run_trials(TuneRun(config=config, run_dir=run_dir, storage=storage, name=name, setup=setup, study=study,
                            define=define, remaining=max(config.trials - done, 0), deadline=deadline, started=started,
                            resources=tune_resources(config), guide=guide))
-        summary = finish_run(run_dir, setup, config, space, prior_model is not None)
+        summary = outputs.finish(run_dir, setup, config, space, prior_model is not None)
         if config.confirm > 0:
-            _confirm(config, setup, run_dir, summary)
-        _examples(run_dir, setup, summary, confirmed=config.confirm > 0)
+            _confirm(config, setup, run_dir, summary, outputs)
+        _examples(run_dir, setup, summary, outputs, confirmed=config.confirm > 0)
     except KeyboardInterrupt as interrupt:
         # Ctrl-C that Ray Tune did not absorb: keep what finished (results, best plan), then stop,
         # saying where the run is so that the caller can draw its report.
-        finish_run(run_dir, setup, config, space, prior_model is not None)
+        outputs.finish(run_dir, setup, config, space, prior_model is not None)
         raise SearchInterrupted(run_dir) from interrupt
     if config.progress:
         print(f"search done in {(time.time() - started) / 60:.1f} min", flush=True)
@@ -252,12 +277,11 @@ def _confirm_folds(config: SearchConfig) -> tuple[int, ...]:
     return tuple(range(int(config.confirm_folds or 1)))
 
 
-def _confirm(config: SearchConfig, setup: TrialSetup, run_dir: Path, summary: dict[str, Any]) -> None:
+def _confirm(config: SearchConfig, setup: TrialSetup, run_dir: Path, summary: dict[str, Any], outputs: RunOutputs) -> None:
     """The confirmation stage: the best plans, the best baseline and the references re-run on test
     subjects (their source models were pre-trained before the trials); recorded and printed."""
-    from autopeft.search._cluster import task_options
-    from autopeft.search.confirm import confirmation_seeds, replay_check, run_confirmation
-    from autopeft.search.results import record_confirmation
+    from autopeft.runner._cluster import task_options
+    from autopeft.runner.confirm import confirmation_seeds, replay_check, run_confirmation
 
     seeds = confirmation_seeds(config.seed, int(config.confirm_seeds or 1))
     confirmation = run_confirmation(run_dir, setup, k=config.confirm, folds=_confirm_folds(config), seeds=seeds,
@@ -270,26 +294,24 @@ def _confirm(config: SearchConfig, setup: TrialSetup, run_dir: Path, summary: di
             print(f"reproducibility check (not a reported figure): trial #{replay['number']} replayed with its own seed on "
                   f"validation, fold 0: {replay['replayed_psnr']:.3f} dB vs {replay['recorded_psnr']:.3f} dB recorded "
                   f"(largest pair difference {replay['max_abs_diff_db']:.4f} dB)", flush=True)
-    record_confirmation(run_dir, setup, summary, confirmation)
+    outputs.confirmed(run_dir, setup, summary, confirmation)
 
 
-def _examples(run_dir: Path, setup: TrialSetup, summary: dict[str, Any], *, confirmed: bool) -> None:
+def _examples(run_dir: Path, setup: TrialSetup, summary: dict[str, Any], outputs: RunOutputs, *, confirmed: bool) -> None:
     """The report's example slices: a test subject once the confirmation has read them, else a
     validation one (nothing before the confirmation reads test subjects)."""
     import torch
 
-    from autopeft.search.examples import write_examples
-
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    write_examples(run_dir, setup, summary.get("best"), split="test" if confirmed else "val")
+    outputs.examples(run_dir, setup, summary.get("best"), split="test" if confirmed else "val")
 
 
 def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, total: int, run_dir: Path, resumed: bool,
                     cluster, storage: str, space: Any = None) -> None:
     from ray.tune.schedulers import ASHAScheduler
 
-    from autopeft.search._tune import scheduler_for
-    from autopeft.search.confirm import confirmation_seeds
+    from autopeft.runner._tune import scheduler_for
+    from autopeft.runner.confirm import confirmation_seeds
 
     print(("resuming" if resumed else "search") + f" in {run_dir}")
     from autopeft.search.auto_space import AUTO_SPACES
