@@ -38,11 +38,11 @@ from torch import nn
 
 from autopeft._io import atomic_write, atomic_write_text
 from autopeft.errors import AutopeftError, CheckpointError, ConfigError
+from autopeft.model_loading import BUNDLE_WEIGHTS, load_bundle, load_model
 
-__all__ = ["bundle_network", "export_run", "load_bundle", "SCHEMA_URL"]
+__all__ = ["bundle_network", "export_run", "SCHEMA_URL"]
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
-_WEIGHTS = "models/model.safetensors"
 # Merged and unmerged outputs must agree to this (on [0, 1] data): float round-off, not a change.
 _MERGE_ATOL = 1e-4
 
@@ -206,7 +206,6 @@ def export_run(
     """
     from safetensors.torch import save_file
 
-    from autopeft.inference import load_model
     from autopeft.peft import merge_plan, plan_state, trainable_fraction
     from autopeft.peft.plan import Plan
 
@@ -257,7 +256,7 @@ def export_run(
     for folder in ("configs", "models", "docs"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in network.state_dict().items()}
-    atomic_write(out / _WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}), inside=out)
+    atomic_write(out / BUNDLE_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}), inside=out)
 
     name = f"autopeft {loaded.backbone}/{loaded.preset} {loaded.source} -> {loaded.target}"
     plan_data = Plan.from_dict(plan.to_dict()).to_dict()
@@ -355,33 +354,3 @@ The network definition is `autopeft.bundle.bundle_network` (autopeft must be ins
 python -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json --config_file configs/inference.json
 ```
 """
-
-
-def load_bundle(folder: str | os.PathLike):
-    """The network of a bundle written by :func:`export_run`, through ``monai.bundle.ConfigParser``
-    with ``models/model.safetensors`` loaded strictly, as an :class:`autopeft.inference.LoadedModel`."""
-    from monai.bundle import ConfigParser
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from autopeft.inference import LoadedModel
-
-    folder = Path(folder).expanduser().resolve()
-    configs = folder / "configs"
-    parser = ConfigParser()
-    parser.read_config(str(configs / "inference.json"))
-    parser.read_meta(str(configs / "metadata.json"))
-    parser["bundle_root"] = str(folder)
-    network = parser.get_parsed_content("network_def")
-    try:
-        tensors = load_file(str(folder / _WEIGHTS))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{folder / _WEIGHTS} cannot be read ({err}).") from err
-    try:
-        network.load_state_dict(tensors, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{folder / _WEIGHTS} does not fit the bundle's network_def: {err}") from err
-    info = parser.get("_meta_", {}).get("autopeft", {})
-    roi = tuple(info.get("roi_size") or parser.get("roi_size"))
-    return LoadedModel(network.eval(), roi, info.get("backbone", ""), info.get("preset", ""), info.get("source"),
-                       info.get("target"), info.get("fold"), info.get("plan"), str(folder))

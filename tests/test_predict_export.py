@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from _fakes import make_dataset
-from autopeft.bundle import export_run, load_bundle
+from autopeft.bundle import export_run
 from autopeft.cli import main
 from autopeft.data import Protocol, eval_volumes, read_manifest
 from autopeft.errors import ConfigError
 from autopeft.evaluation import evaluate
-from autopeft.inference import load_model, predict_scans, scan_inputs
+from autopeft.inference import predict_scans, scan_inputs
+from autopeft.model_loading import load_bundle, load_model
 from autopeft.peft import Plan, apply_plan, plan_state, save_trained
 from autopeft.pretraining import pretrained_model
 

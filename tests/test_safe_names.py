@@ -237,7 +237,8 @@ def test_predict_names_outputs_by_path_components_inside_out(tmp_path):
     import csv
 
     from _fakes import make_dataset
-    from autopeft.inference import LoadedModel, predict_scans, scan_inputs
+    from autopeft.inference import predict_scans, scan_inputs
+    from autopeft.model_loading import LoadedModel
     from backbones import build_backbone
 
     manifest = make_dataset(tmp_path / "d", {"1": 1}, shape=(8, 8, 8))

@@ -44,7 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from autopeft.cli._common import print_table, resolve_device
     from autopeft.errors import ConfigError
-    from autopeft.inference import load_model, predict_scans, scan_inputs
+    from autopeft.inference import predict_scans, scan_inputs
+    from autopeft.model_loading import load_model
 
     if not 0.0 <= args.overlap < 1.0:
         raise ConfigError(f"--overlap must be in [0, 1), but got {args.overlap}.")
