@@ -174,9 +174,9 @@ def source_model(job: FinetuneJob, *, progress: bool = False):
     import copy
     import os
 
-    from autopeft.pretraining import _content_hash, pretrained_model
+    from autopeft.pretraining import content_hash, pretrained_model
 
-    stamp = _content_hash(job.manifest_path) if os.path.isfile(job.manifest_path) else ""
+    stamp = content_hash(job.manifest_path) if os.path.isfile(job.manifest_path) else ""
     key = (job.backbone, job.preset, stamp, job.source, job.fold, job.seed, job.protocol,
            job.pretrain_epochs, job.device, job.weights)
     if key not in _LOADED:

@@ -40,6 +40,7 @@ from autopeft.train import EpochResult, Trainer, TrainSettings, is_better
 
 __all__ = [
     "SourceSpec", "source_spec", "model_file", "is_pretrained", "pretrained_model", "imported_model", "cache_root", "manifest_digest",
+    "content_hash",
 ]
 
 
@@ -53,7 +54,7 @@ def cache_root() -> Path:
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
-def _content_hash(path: str) -> str:
+def content_hash(path: str) -> str:
     from autopeft.checkpoints import file_sha256
 
     stat = os.stat(path)
@@ -70,7 +71,7 @@ def manifest_digest(manifest) -> str:
     for row in manifest.sort_values(["scanner", "subject"]).itertuples(index=False):
         h.update(f"{row.subject}|{row.scanner}".encode())
         for path in (row.short, row.long):
-            h.update(f"|{os.path.basename(path)}|{_content_hash(path)}".encode())
+            h.update(f"|{os.path.basename(path)}|{content_hash(path)}".encode())
     return h.hexdigest()[:16]
 
 

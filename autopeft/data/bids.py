@@ -44,7 +44,7 @@ from typing import Any, Literal
 import numpy as np
 
 from autopeft._io import atomic_write, atomic_write_text, path_component, path_inside
-from autopeft.data.manifest import _natural_key, _problems_message
+from autopeft.data.manifest import natural_key, problems_message
 from autopeft.errors import ConfigError, DataError
 
 __all__ = ["Window", "parse_window", "derive_pairs", "write_pet_scan", "write_dataset_files", "BIDS_VERSION"]
@@ -269,7 +269,7 @@ def derive_pairs(
         derived.append((_Derived(path, entities, scanner, metadata, tuple(int(s) for s in image.shape[:3]), spacing),
                         chosen["short"], chosen["long"], (image, durations)))
     if problems:
-        raise DataError(_problems_message(f"--bids {bids_dir} has {len(problems)} problem(s)", problems,
+        raise DataError(problems_message(f"--bids {bids_dir} has {len(problems)} problem(s)", problems,
                                           "Fix these files or sidecars (or leave them out of the dataset) and run again."))
 
     ids = _subject_ids([item[0] for item in derived], scanner_entity)
@@ -317,7 +317,7 @@ def _subject_ids(items: Sequence[_Derived], scanner_entity: str | None) -> list[
 
 def _profiles(items: Sequence[_Derived], scanner_entity: str | None) -> dict[str, dict[str, Any]]:
     profiles: dict[str, dict[str, Any]] = {}
-    for scanner in sorted({i.scanner for i in items}, key=_natural_key):
+    for scanner in sorted({i.scanner for i in items}, key=natural_key):
         mine = [i for i in items if i.scanner == scanner]
         first = mine[0].metadata
         matrix = Counter(i.shape for i in mine).most_common(1)[0][0]

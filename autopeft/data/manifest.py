@@ -44,6 +44,8 @@ __all__ = [
     "check_scans",
     "default_scanners",
     "resolve_manifest",
+    "natural_key",
+    "problems_message",
 ]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("subject", "scanner", "short", "long")
@@ -160,7 +162,7 @@ def _check_cells(manifest_path: Path, header: list[str], rows: list[tuple[int, l
             problems.append(f"line {line} has no value in column(s) {', '.join(empty)}")
     if problems:
         raise DataError(
-            _problems_message(
+            problems_message(
                 f"manifest {manifest_path}",
                 problems,
                 "Every row needs a subject, a scanner id and the short and long scan paths.",
@@ -178,7 +180,7 @@ def _check_duplicates(manifest_path: Path, frame: pd.DataFrame) -> None:
         for (subject, scanner), group in duplicated.groupby(["subject", "scanner"], sort=True)
     ]
     raise DataError(
-        _problems_message(
+        problems_message(
             f"manifest {manifest_path}", problems, "Keep one row per subject and scanner (one short/long pair each)."
         )
     )
@@ -265,7 +267,7 @@ def read_scanner_profiles(path: str | os.PathLike[str]) -> dict[str, dict[str, A
     return {str(key): value for key, value in profiles.items()}
 
 
-def _problems_message(prefix: str, problems: list[str], advice: str) -> str:
+def problems_message(prefix: str, problems: list[str], advice: str) -> str:
     """``prefix: problem. advice`` for one problem; an indented list (cut after a few) for several."""
     if len(problems) == 1:
         return f"{prefix}: {problems[0]}. {advice}"
@@ -364,7 +366,7 @@ def check_scans(
 
     problems: list[str] = []
     if allowed is not None:
-        known = ", ".join(sorted(allowed, key=_natural_key)) or "none"
+        known = ", ".join(sorted(allowed, key=natural_key)) or "none"
         unknown = frame[~frame["scanner"].isin(allowed)]
         for scanner, rows in unknown.groupby("scanner", sort=False):
             lines = ", ".join(str(line) for line in rows.index)
@@ -408,7 +410,7 @@ def check_scans(
         )
     if problems:
         raise DataError(
-            _problems_message(
+            problems_message(
                 f"{where} has {len(problems)} problem(s)",
                 problems,
                 "Fix or remove these rows, then run 'autopeft data --manifest ...' again.",
@@ -417,7 +419,7 @@ def check_scans(
     return summaries
 
 
-def _natural_key(text: str) -> tuple[Any, ...]:
+def natural_key(text: str) -> tuple[Any, ...]:
     """Sort key putting '2' before '10' (scanner ids are strings but often numbers)."""
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
 
@@ -444,17 +446,17 @@ def default_scanners(
     """
     frame = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
     counts = frame.groupby("scanner")["subject"].nunique().to_dict()
-    ranked = sorted(counts, key=lambda sid: (-counts[sid], _natural_key(str(sid))))
+    ranked = sorted(counts, key=lambda sid: (-counts[sid], natural_key(str(sid))))
     where = frame.attrs.get("manifest", "the manifest")
     if include is not None and str(include) not in counts:
-        raise DataError(f"scanner {include!r} is not in {where}; its scanners are {', '.join(sorted(counts, key=_natural_key))}.")
+        raise DataError(f"scanner {include!r} is not in {where}; its scanners are {', '.join(sorted(counts, key=natural_key))}.")
     if gpu:
         chosen, why = ranked, "all scanners of the data (GPU default)"
     else:
         chosen = [str(include)] if include is not None else []
         chosen += [sid for sid in ranked if sid not in chosen][: 2 - len(chosen)]
         why = "the two scanners with the most subjects (CPU default; --scanners to choose others)"
-    chosen = sorted(chosen, key=_natural_key)
+    chosen = sorted(chosen, key=natural_key)
     listed = ", ".join(f"{sid} ({counts[sid]} subjects)" for sid in chosen)
     return chosen, f"scanners: {listed}: {why}, from {where}"
 

@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from autopeft.data.manifest import _natural_key, read_manifest
+from autopeft.data.manifest import natural_key, read_manifest
 from autopeft.errors import DataError
 
 __all__ = ["Protocol", "split_scanner", "scanners_in"]
@@ -103,7 +103,7 @@ def scanners_in(manifest: pd.DataFrame | str | os.PathLike[str]) -> list[str]:
         manifest: a frame from :func:`~autopeft.data.manifest.read_manifest`, or a manifest path.
     """
     frame = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
-    return sorted({str(scanner) for scanner in frame["scanner"]}, key=_natural_key)
+    return sorted({str(scanner) for scanner in frame["scanner"]}, key=natural_key)
 
 
 def split_scanner(
@@ -146,7 +146,7 @@ def split_scanner(
             f"scanner {scanner_id!r} is not in {source}; its scanners are "
             f"{', '.join(scanners_in(frame))}. Pick one of those."
         )
-    subjects = sorted(rows["subject"].astype(str), key=_natural_key)
+    subjects = sorted(rows["subject"].astype(str), key=natural_key)
     needed = protocol.needed(purpose)
     if len(subjects) < needed:
         detail = " + ".join(f"{count} {name}" for name, count in sizes.items())
@@ -172,7 +172,7 @@ def split_scanner(
     return {
         name: [
             {key: str(by_subject[subject][key]) for key in _RECORD_KEYS}
-            for subject in sorted(chosen[name], key=_natural_key)
+            for subject in sorted(chosen[name], key=natural_key)
         ]
         for name in sizes
     }

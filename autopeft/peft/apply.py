@@ -23,7 +23,7 @@ from autopeft.peft.base import InjectContext, MergeableLayer, get_method, qualif
 from autopeft.peft.bitfit import bias_parameters
 from autopeft.peft.plan import Plan, SiteSpec
 
-__all__ = ["PeftState", "apply_plan", "merge_plan", "count_trainable", "trainable_fraction", "plan_state"]
+__all__ = ["PeftState", "apply_plan", "merge_plan", "count_trainable", "trainable_fraction", "plan_state", "match_sites"]
 
 _STATE_ATTR = "_autopeft_peft"
 
@@ -57,7 +57,7 @@ def _net(model: nn.Module) -> nn.Module:
     return net if isinstance(net, nn.Module) else model
 
 
-def _match_sites(plan: Plan, sites: list) -> list[tuple[str, SiteSpec, list]]:
+def match_sites(plan: Plan, sites: list) -> list[tuple[str, SiteSpec, list]]:
     """Per plan entry, the sites it matches (in forward order); checks conflicts and kinds."""
     names = [site.name for site in sites]
     claimed: dict[str, tuple[str, SiteSpec]] = {}
@@ -171,7 +171,7 @@ def apply_plan(
         raise PlanError(f"The plan is written for backbone {plan.backbone!r}, but the model is {model_name!r}.")
     net = _net(model)
     base_param_count = sum(p.numel() for p in net.parameters())
-    groups = _match_sites(plan, list(model.sites()))
+    groups = match_sites(plan, list(model.sites()))
 
     unused = _unused_parameters(model)
     param_names = {id(p): n for n, p in model.named_parameters()}

@@ -71,7 +71,7 @@ import torch
 from autopeft.errors import ConfigError
 from autopeft.importance import top_k_masks
 from autopeft.peft import Plan, get_method
-from autopeft.peft.apply import _match_sites
+from autopeft.peft.apply import match_sites
 from autopeft.search.budget import Budget, PlanCount, PlanCounter
 from autopeft.search.options import PRIOR_CANDIDATES
 
@@ -180,7 +180,7 @@ class PlanPrior:
                 mass[site] = mass.get(site, 0.0) + self._mass[name]
         lam = float(plan.train.get("shpeft_lambda", 1.0))
         # Sites matched as apply_plan matches them: each SH-PEFT entry has its own budget and ranking.
-        for _pattern, spec, sites in _match_sites(plan, self._sites):
+        for _pattern, spec, sites in match_sites(plan, self._sites):
             if get_method(spec.method).needs_importance:
                 config = spec.to_dict()
                 budget = config.get("count") or round(float(config["fraction"]) * self.counter.total)
@@ -228,7 +228,7 @@ class CandidatePrior:
 
     def entries(self, plan: Plan) -> list[tuple[str, str]]:
         """The (site, method) candidates ``plan`` trains, as ``apply_plan`` matches them."""
-        found = [(site.name, spec.method) for _pattern, spec, sites in _match_sites(plan, self._sites)
+        found = [(site.name, spec.method) for _pattern, spec, sites in match_sites(plan, self._sites)
                  if not get_method(spec.method).trains_nothing for site in sites]
         return found + ([(NETWORK, BITFIT)] if plan.bitfit else [])
 
