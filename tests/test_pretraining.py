@@ -58,10 +58,28 @@ def test_interrupted_pretraining_resumes_from_last_epoch(manifest, tmp_path):
     assert history.count('"epoch"') == 3
 
 
-def test_key_changes_with_the_data(manifest, tmp_path):
-    frame = read_manifest(manifest)
-    other = make_dataset(tmp_path / "other", {"1": 3}, shape=(20, 18, 16), seed=5)
-    assert manifest_digest(frame) != manifest_digest(read_manifest(other))
+def test_key_changes_with_the_data(tmp_path):
+    """The source model's cache key follows the scans' contents: other data, or one scan rewritten
+    in place (same path), keys another model; the same scans copied elsewhere do not."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    from autopeft.pretraining import source_spec
+
+    def key(path) -> str:
+        return source_spec("unetr", "1", manifest=read_manifest(path), epochs=1).key()
+
+    first = make_dataset(tmp_path / "a", {"1": 3}, shape=(20, 18, 16), seed=1)
+    assert key(first) != key(make_dataset(tmp_path / "b", {"1": 3}, shape=(20, 18, 16), seed=5))
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    assert key(tmp_path / "copy" / first.name) == key(first)
+    scan = read_manifest(first).iloc[0]["short"]
+    before = key(first)
+    image = nib.load(scan)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj) * 1.01, image.affine, image.header), scan)
+    assert key(first) != before
 
 
 def test_unknown_backbone_and_preset(manifest):

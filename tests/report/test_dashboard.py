@@ -27,6 +27,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _other_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), or None without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
 @pytest.fixture()
 def study_run(tmp_path) -> Path:
     """A run directory holding only what the dashboard reads: run.json and study.db."""
@@ -57,6 +68,11 @@ def test_dashboard_serves_the_study_on_loopback(study_run):
         # The study itself is served: its API lists the study by name.
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
             assert "dash" in response.read().decode()
+        # ... and only there: this machine's other address is refused (where it has one).
+        other = _other_address()
+        if other is not None:
+            with pytest.raises(OSError):
+                socket.create_connection((other, port), timeout=2).close()
     finally:
         process.terminate()
         try:

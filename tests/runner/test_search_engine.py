@@ -188,19 +188,22 @@ def test_plans_over_the_budget_do_not_count_as_trials_and_the_draws_are_capped(r
         assert list(trial.constraints.values())[0] > 0 and trial.user_attrs["state"] == INFEASIBLE
 
 
-def test_missing_source_models_pretrain_side_by_side_before_the_trials(ray_session, data, tmp_path, capsys):
+def test_missing_source_models_are_pretrained_together_before_the_trials(ray_session, data, tmp_path, capsys):
     from autopeft.data import Protocol, read_manifest
-    from autopeft.pretraining import is_pretrained, source_spec
+    from autopeft.pretraining import cache_root, is_pretrained, model_file, source_spec
 
     # seed 5: no other test asks for these source models, so both are missing at the start.
     manifest = read_manifest(str(data))
     specs = [source_spec("cvtgan", s, manifest=manifest, preset="tiny", epochs=1, seed=5, protocol=Protocol(**PROTOCOL)) for s in "12"]
     assert not any(is_pretrained(spec) for spec in specs)
-    run_search(_config(data, tmp_path / "run", trials=1, priors=False, seed=5), outputs=SearchOutputs())
+    run_dir = run_search(_config(data, tmp_path / "run", trials=1, priors=False, seed=5), outputs=SearchOutputs())
     out = capsys.readouterr().out
     assert "pre-training 2 source models side by side" in out
     assert "source model of scanner 1" in out and "source model of scanner 2" in out
     assert all(is_pretrained(spec) for spec in specs)
+    # Both finished before any trial started (the trials fine-tune them; none trained its own).
+    finished = max((cache_root() / model_file(spec)).stat().st_mtime for spec in specs)
+    assert all(r["started"] >= finished for r in records(run_dir) if r["state"] != INFEASIBLE)
 
 
 def test_time_budget_counts_from_the_start_and_still_launches_one_wave(ray_session, data, tmp_path):

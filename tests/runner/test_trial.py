@@ -3,6 +3,8 @@ predict's and export's); scheduler_for: the rungs a search judges trials at."""
 
 from __future__ import annotations
 
+import pytest
+
 from dataclasses import asdict
 
 from autopeft.search.config import SearchConfig
@@ -50,6 +52,25 @@ def test_scheduler_for_sets_the_rungs_and_the_mid_pair_scores():
     assert isinstance(scheduler_for(epochs, single)[0], ASHAScheduler)  # ... but its epochs are
     assert isinstance(scheduler_for(SearchConfig(backbone="cvtgan", budget="1%", fidelity="epochs", asha=False), setup)[0],
                       FIFOScheduler)
+
+
+@pytest.mark.parametrize(("pairs", "epochs"), [(2, 20), (3, 4), (2, 1)])
+def test_every_rung_of_rays_asha_falls_where_a_trial_reports_a_score(pairs, epochs):
+    """The rungs are Ray's (its scheduler's own description), not a list copied here: each must be
+    a time at which a trial reports, mid-pair (score_at) or at a pair's end."""
+    import re
+
+    from autopeft.runner._tune import scheduler_for
+    from autopeft.runner.trial import TrialSetup
+    from autopeft.search.config import SearchConfig
+
+    units = tuple((str(i), str(i + 1)) for i in range(1, pairs + 1))
+    setup = TrialSetup(backbone="cvtgan", preset="tiny", manifest_path="m.csv", pairs=units, epochs=epochs)
+    scheduler, time_attr, scored = scheduler_for(SearchConfig(backbone="cvtgan", budget="1%", fidelity="epochs"), setup)
+    assert time_attr == "epochs_done"
+    rungs = {float(x) for x in re.findall(r"Iter ([0-9.]+)", scheduler.debug_string())}
+    reported = set(scored.score_at) | {epochs * k for k in range(1, pairs + 1)}
+    assert rungs and rungs <= {float(t) for t in reported}, (rungs, reported)
 
 
 def _asha_survivors(setup, qualities, order_of) -> set[int]:
