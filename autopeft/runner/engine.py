@@ -34,6 +34,7 @@ this process only (:mod:`autopeft.runs`).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -224,9 +225,12 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
 
     # No-FT always runs (it only evaluates): its per-pair validation PSNR is the baseline of the
     # objective, the gain over No-FT. Full-FT and PETITE's plan run with references on.
-    if not (run_dir / "references.json").is_file():
-        run_references(setup, config, run_dir, task_options=task_options(config))
-    setup = replace(setup, baseline=_baseline(run_dir))
+    references_file = run_dir / "references.json"
+    if references_file.is_file():  # a resumed search reuses its references
+        references = json.loads(references_file.read_text(encoding="utf-8"))
+    else:
+        references = run_references(setup, config, run_dir, task_options=task_options(config))
+    setup = replace(setup, baseline=_baseline(references))
 
     # --trials counts plans that train: over-budget draws are recorded but cost nothing.
     done = sum(r.get("state") in TERMINAL and r.get("state") != INFEASIBLE for r in records(run_dir))
@@ -264,11 +268,8 @@ class SearchInterrupted(KeyboardInterrupt):
         self.run_dir = run_dir
 
 
-def _baseline(run_dir: Path) -> tuple[tuple[str, str, int, float], ...]:
-    """No-FT's validation PSNR per (source, target, fold), from references.json."""
-    import json
-
-    rows = json.loads((run_dir / "references.json").read_text(encoding="utf-8"))
+def _baseline(rows: list[dict[str, Any]]) -> tuple[tuple[str, str, int, float], ...]:
+    """No-FT's validation PSNR per (source, target, fold), from the references' rows."""
     no_ft = next(row for row in rows if row["label"] == "No-FT")
     return tuple((p["source"], p["target"], int(p["fold"]), float(p["psnr"])) for p in no_ft["pairs"])
 
