@@ -253,8 +253,9 @@ def parse_net_args(text: str | None) -> dict[str, Any]:
     return dict(data)
 
 
-def _bundle(folder: str) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    """(absolute folder, its config with ``network_def``, its metadata) of a MONAI bundle."""
+def _bundle(folder: str) -> tuple[Path, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(absolute folder, its config with ``network_def``, its metadata, its training config) of a
+    MONAI bundle; the last two empty where the bundle has none."""
     from monai.bundle import ConfigParser
 
     root = Path(folder).expanduser().resolve()
@@ -271,12 +272,13 @@ def _bundle(folder: str) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     meta: dict[str, Any] = {}
     if (configs / "metadata.json").is_file():
         meta = dict(ConfigParser.load_config_file(str(configs / "metadata.json")))
+    train: dict[str, Any] = {}
     for name in ("train.json", "train.yaml"):
         if (configs / name).is_file():
             # Only the training batch is taken from it (a plain number, never evaluated): see _bundle_defaults.
-            meta["_train_config"] = dict(ConfigParser.load_config_file(str(configs / name)))
+            train = dict(ConfigParser.load_config_file(str(configs / name)))
             break
-    return root, dict(config), meta
+    return root, dict(config), meta, train
 
 
 def _plain_int(config: Mapping[str, Any], path: str) -> int | None:
@@ -290,12 +292,12 @@ def _plain_int(config: Mapping[str, Any], path: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def _bundle_defaults(meta: Mapping[str, Any]) -> dict[str, Any]:
+def _bundle_defaults(meta: Mapping[str, Any], train: Mapping[str, Any]) -> dict[str, Any]:
     """Crop and channels from a bundle's ``network_data_format``, and the batch size from its
     ``configs/train.json`` (``train#dataloader#batch_size``, MONAI's bundle convention), where it
     has them. A bundle's training schedule is for training from scratch, not fine-tuning: not taken."""
     found: dict[str, Any] = {}
-    batch = _plain_int(meta.get("_train_config") or {}, "train#dataloader#batch_size")
+    batch = _plain_int(train, "train#dataloader#batch_size")
     if batch is not None:
         found["batch_size"] = batch
     formats = meta.get("network_data_format") or {}
@@ -329,10 +331,10 @@ def network_ref(
     defaults: dict[str, Any] = {}
     if spec.startswith("bundle:"):
         if net_args:
-            raise ConfigError(f"--net-args: a bundle's network is its network_def; edit that instead of passing --net-args.")
-        root, config, meta = _bundle(spec[len("bundle:"):])
+            raise ConfigError("--net-args: a bundle's network is its network_def; edit that instead of passing --net-args.")
+        root, config, meta, train = _bundle(spec[len("bundle:"):])
         spec = f"bundle:{root}"
-        defaults = _bundle_defaults(meta)
+        defaults = _bundle_defaults(meta, train)
     given = {"in_channels": in_channels, "out_channels": out_channels, "crop": tuple(crop) if crop else None,
              "batch_size": batch_size}
     values = {**defaults, **{k: v for k, v in given.items() if v is not None}}

@@ -133,9 +133,8 @@ def _runs(trial) -> None:
     """One forward pass at batch 1 on the crop size (eval mode, no gradients); a failure names
     the innermost site that was running (:class:`_SiteFailed`)."""
     crop = tuple(trial.preset.crop_size)
-    channels = getattr(trial, "in_channels", 1)
     reference = next(trial.parameters())
-    x = torch.rand(1, channels, *crop, device=reference.device, dtype=reference.dtype)
+    x = torch.rand(1, trial.in_channels, *crop, device=reference.device, dtype=reference.dtype)
     running: list[str] = []
     handles = []
     for site in trial.sites():
