@@ -16,13 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent / "data"))
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
     # Never read or write the user's ~/.cache/autopeft from a test. Session-wide and in os.environ,
     # so that processes started by tests (Ray workers) inherit it too.
-    previous = os.environ.get("AUTOPEFT_CACHE")
-    os.environ["AUTOPEFT_CACHE"] = str(tmp_path_factory.getbasetemp() / "autopeft-cache")
-    yield
-    if previous is None:
-        os.environ.pop("AUTOPEFT_CACHE", None)
-    else:
-        os.environ["AUTOPEFT_CACHE"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AUTOPEFT_CACHE", str(tmp_path_factory.getbasetemp() / "autopeft-cache"))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +53,10 @@ def user_network(tmp_path_factory: pytest.TempPathFactory) -> str:
         "        self.out = nn.Conv3d(width, 1, 1)\n\n"
         "    def forward(self, x):\n"
         "        return x + self.out(self.up(self.down(x)))\n")
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), saved) if p)
-    sys.path.insert(0, str(folder))
-    yield USER_NETWORK
-    sys.path.remove(str(folder))
-    if saved is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:
-        os.environ["PYTHONPATH"] = saved
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", str(folder), prepend=os.pathsep)
+        patch.syspath_prepend(str(folder))
+        yield USER_NETWORK
 
 
 @pytest.fixture(scope="module")
