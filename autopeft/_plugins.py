@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Sequence
 
 from autopeft.errors import ConfigError
 
@@ -34,3 +35,15 @@ def load_plugins() -> None:
                 f"${PLUGINS_ENV} names {name!r}, which cannot be imported ({err}); put it on the Python path "
                 f"of every process or remove it from {PLUGINS_ENV}."
             ) from err
+
+
+def load_registry(builtin_modules: Sequence[str]) -> None:
+    """The one way a registry fills itself before a look-up: import its built-in modules (their
+    registration decorators run on import), then the plug-ins of ``$AUTOPEFT_PLUGINS``.
+
+    Both registries (PEFT methods, backbones) call this; importing is done here, not at the top
+    of the registries, because the built-in modules import their registry's base module.
+    """
+    for name in builtin_modules:
+        importlib.import_module(name)
+    load_plugins()

@@ -60,14 +60,14 @@ def bundle_network(backbone: str, preset: str, plan: dict[str, Any] | None = Non
         backbone: registered backbone name.
         preset: its preset.
         plan: plan data. Defaults to None (the plain backbone).
-        network: a user's network reference (``backbones.network.NetworkRef`` JSON), registered
+        network: a user's network reference (``autopeft.backbones.network.NetworkRef`` JSON), registered
             first. Defaults to None (a registered backbone).
     """
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
     from autopeft.peft import Plan, apply_plan, merge_plan
 
     if network is not None:
-        from backbones.network import NetworkRef, register_network
+        from autopeft.backbones.network import NetworkRef, register_network
 
         register_network(NetworkRef.from_json(network))
 
@@ -229,7 +229,7 @@ def export_run(
     if merge_diff > _MERGE_ATOL:
         raise CheckpointError(f"merging the plan changed the outputs on {what} by up to {merge_diff:.3g} (> {_MERGE_ATOL:g}); "
                               "nothing was exported. This is a bug in a method's merge: please report it.")
-    from backbones.network import registered_ref
+    from autopeft.backbones.network import registered_ref
 
     ref = registered_ref(loaded.backbone, loaded.preset)
     network = None

@@ -281,7 +281,7 @@ def fit_user_weights(tensors: dict[str, torch.Tensor], model: nn.Module, source:
 
 def _closest_fit(tensors: dict[str, torch.Tensor]) -> str:
     """Which registered backbone and preset a set of tensors fits (built on the meta device: free)."""
-    from backbones import build_backbone, registered_backbones
+    from autopeft.backbones import build_backbone, registered_backbones
 
     scored = []
     for name, presets in registered_backbones().items():

@@ -95,7 +95,7 @@ class Schedule:
 
 
 def plan_schedule(plan, preset, *, epochs: int | None = None, lr: float | None = None) -> Schedule:
-    """How ``plan`` fine-tunes on ``preset`` (a ``backbones.Preset``).
+    """How ``plan`` fine-tunes on ``preset`` (a ``autopeft.backbones.Preset``).
 
     Explicit values win, then the plan's ``train`` section (``epochs``, ``lr``), on every preset,
     then the preset's schedule (its Full-FT rate for Full-FT plans, its PEFT rate for the rest).

@@ -78,7 +78,7 @@ def run_setup(run_dir: str | os.PathLike):
     if not meta_path.is_file():
         raise ConfigError(f"{run_dir}: no run.json; give the folder a search wrote (its --out).")
     config = json.loads(meta_path.read_text(encoding="utf-8"))["config"]
-    from backbones.network import load_run_network
+    from autopeft.backbones.network import load_run_network
 
     load_run_network(run_dir)  # a user's network by reference (network.json): registered first
     return setup_from_config(config, manifest_path=resolve_manifest(config.get("data"), progress=False), run_dir=run_dir,

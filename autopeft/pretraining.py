@@ -132,7 +132,7 @@ def source_spec(
 ) -> SourceSpec:
     """The cache identity of a source model (arguments as :func:`pretrained_model`; ``manifest``
     is the read manifest)."""
-    from backbones import registered_backbones
+    from autopeft.backbones import registered_backbones
     from autopeft.data import Protocol
     from autopeft.data.loading import PIPELINE_VERSION
 
@@ -223,7 +223,7 @@ def pretrained_model(
     Raises:
         CheckpointError: ``train`` is False and the cache has no such model (the spec is named).
     """
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
     from autopeft.data import Protocol, eval_volumes, read_manifest, split_scanner, train_loader
 
     if weights is not None:
@@ -325,7 +325,7 @@ def imported_model(
         CheckpointError: an unreadable file, a pickle payload that is not a plain state dict, or names
             and shapes that do not fit (listed, with the backbone and preset the file fits).
     """
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
     from autopeft.checkpoints import file_sha256, fit_user_weights, read_user_weights, weights_file
 
     source = weights_file(weights)

@@ -83,7 +83,7 @@ class Trainer:
     """Trains a ``Backbone`` with its own losses (``generator_loss``, ``discriminator_loss``).
 
     Args:
-        model: a ``backbones.Backbone``; what trains is what has ``requires_grad``.
+        model: a ``autopeft.backbones.Backbone``; what trains is what has ``requires_grad``.
         settings: optimisation settings.
         device: where to train. Defaults to ``cpu``.
     """

@@ -1,11 +1,11 @@
 """Backbone registry: image-to-image networks with named PEFT sites.
 
->>> from backbones import build_backbone
+>>> from autopeft.backbones import build_backbone
 >>> model = build_backbone("unetr", "tiny")
 >>> [s.name for s in model.sites()][:2]  # doctest: +SKIP
 """
 
-from backbones.base import (
+from autopeft.backbones.base import (
     Backbone,
     FinetuneSchedule,
     Preset,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autopeft._plugins import load_registry
 from autopeft.errors import ConfigError, _did_you_mean
 
 __all__ = [
@@ -234,13 +235,12 @@ def build_backbone(name: str, preset: str | Preset = "tiny") -> Backbone:
     return model
 
 
-def _load_builtin() -> None:
-    # Importing the modules runs their @register_backbone decorators.
-    import backbones.cvtgan  # noqa: F401
-    import backbones.unetr  # noqa: F401
-    from autopeft._plugins import load_plugins
+_BUILTIN_MODULES: tuple[str, ...] = ("autopeft.backbones.cvtgan", "autopeft.backbones.unetr")
 
-    load_plugins()  # third-party backbones ($AUTOPEFT_PLUGINS), also in Ray workers
-    from backbones.network import load_networks
+
+def _load_builtin() -> None:
+    load_registry(_BUILTIN_MODULES)  # and third-party backbones ($AUTOPEFT_PLUGINS), also in Ray workers
+    # Lazy: network.py builds on this module (Backbone, register_backbone).
+    from autopeft.backbones.network import load_networks
 
     load_networks()  # users' networks by reference ($AUTOPEFT_NETWORKS), also in Ray workers

@@ -62,9 +62,9 @@ from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
 from autopeft.errors import ConfigError
-from backbones.base import Backbone, FinetuneSchedule, Preset, PretrainSchedule, Site, register_backbone
-from backbones.blocks._options import checked_options
-from backbones.blocks.cvt import ConvEmbedding, CvTStage, TransposedConvEmbedding
+from autopeft.backbones.base import Backbone, FinetuneSchedule, Preset, PretrainSchedule, Site, register_backbone
+from autopeft.backbones.blocks._options import checked_options
+from autopeft.backbones.blocks.cvt import ConvEmbedding, CvTStage, TransposedConvEmbedding
 
 __all__ = ["CvTGenerator", "PatchDiscriminator", "CvTGAN", "PRESETS"]
 

@@ -50,7 +50,7 @@ def _attention_types() -> tuple[type[nn.Module], ...]:
     from monai.networks.blocks.selfattention import SABlock
     from monai.networks.nets.swin_unetr import WindowAttention
 
-    from backbones.blocks.cvt import ConvProjectionAttention
+    from autopeft.backbones.blocks.cvt import ConvProjectionAttention
 
     return (SABlock, CrossAttentionBlock, WindowAttention, nn.MultiheadAttention, ConvProjectionAttention)
 

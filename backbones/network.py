@@ -21,8 +21,8 @@ The network must map ``B x C_in x D x H x W`` to ``B x C_out x D x H x W`` at th
 constructor takes them and the net-args do not give them, ``spatial_dims`` (3), ``in_channels``,
 ``out_channels`` and ``img_size`` (the crop) are filled in.
 
-Sites come from :func:`backbones.discovery.discover_sites` (one traced forward pass), corrected by
-an optional override (:func:`backbones.discovery.apply_overrides`). A reference is registered in
+Sites come from :func:`autopeft.backbones.discovery.discover_sites` (one traced forward pass), corrected by
+an optional override (:func:`autopeft.backbones.discovery.apply_overrides`). A reference is registered in
 the backbone registry under its spec (``monai:BasicUNet``) with one preset per configuration,
 named ``net-<digest>`` of everything that defines it (net-args, channels, crop, batch, schedules,
 overrides, a bundle's config): caches keyed by backbone and preset (pre-training, importance) are
@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from autopeft.errors import ConfigError, _did_you_mean
-from backbones.base import Backbone, FinetuneSchedule, Preset, PretrainSchedule, Site
+from autopeft.backbones.base import Backbone, FinetuneSchedule, Preset, PretrainSchedule, Site
 
 __all__ = ["NetworkRef", "NetworkBackbone", "is_network_spec", "register_network", "load_networks", "NETWORKS_ENV",
            "parse_net_args", "network_ref", "save_run_network", "load_run_network", "registered_ref", "RUN_FILE"]
@@ -82,7 +82,7 @@ class NetworkRef:
         batch_size: training batch. Defaults to 2.
         finetune: ``FinetuneSchedule`` fields that differ from its defaults.
         pretrain: ``PretrainSchedule`` fields that differ from its defaults.
-        sites_override: a site override (see :func:`backbones.discovery.apply_overrides`).
+        sites_override: a site override (see :func:`autopeft.backbones.discovery.apply_overrides`).
     """
 
     spec: str
@@ -353,8 +353,8 @@ class NetworkBackbone(Backbone):
         preset: the configuration's preset (crop, batch, schedules).
         ref: the reference it is built from.
 
-    >>> from backbones.network import network_ref, register_network
-    >>> from backbones import build_backbone
+    >>> from autopeft.backbones.network import network_ref, register_network
+    >>> from autopeft.backbones import build_backbone
     >>> ref = network_ref("monai:BasicUNet", net_args={"features": [4, 4, 8, 8, 16, 4]})
     >>> model = build_backbone(*register_network(ref))
     >>> model(torch.rand(1, 1, 32, 32, 32)).shape
@@ -381,8 +381,8 @@ class NetworkBackbone(Backbone):
         return out
 
     def found_sites(self):
-        """The :class:`backbones.discovery.FoundSite` list (traced once per configuration)."""
-        from backbones.discovery import FoundSite, apply_overrides, discover_sites
+        """The :class:`autopeft.backbones.discovery.FoundSite` list (traced once per configuration)."""
+        from autopeft.backbones.discovery import FoundSite, apply_overrides, discover_sites
 
         key = self.preset.name
         if key not in _SITES:
@@ -430,7 +430,7 @@ class NetworkBackbone(Backbone):
 
 def registered_ref(backbone: str, preset: str) -> NetworkRef | None:
     """The reference registered as ``backbone``/``preset``, or None for a registered backbone."""
-    from backbones import base
+    from autopeft.backbones import base
 
     base._load_builtin()
     entry = base._REGISTRY.get(backbone)
@@ -449,7 +449,7 @@ def register_network(ref: NetworkRef) -> tuple[str, str]:
 
 
 def _register(ref: NetworkRef) -> None:
-    from backbones import base
+    from autopeft.backbones import base
 
     entry = base._REGISTRY.get(ref.name)
     if entry is None:
@@ -484,7 +484,7 @@ def load_networks() -> None:
     """Register every reference ``$AUTOPEFT_NETWORKS`` holds (every process, before a look-up)."""
     for text in _env_refs():
         ref = NetworkRef.from_json(text)
-        from backbones import base
+        from autopeft.backbones import base
 
         entry = base._REGISTRY.get(ref.name)
         if entry is None or ref.preset_name not in entry[1]:

@@ -43,8 +43,8 @@ import torch
 from monai.networks.nets import UNETR
 
 from autopeft.errors import ConfigError
-from backbones.base import Backbone, FinetuneSchedule, Preset, PretrainSchedule, Site, register_backbone
-from backbones.blocks._options import checked_options
+from autopeft.backbones.base import Backbone, FinetuneSchedule, Preset, PretrainSchedule, Site, register_backbone
+from autopeft.backbones.blocks._options import checked_options
 
 __all__ = ["UNETRBackbone", "PRESETS"]
 
@@ -91,7 +91,7 @@ class UNETRBackbone(Backbone):
             are UNETR constructor arguments (``feature_size``, ``hidden_size``, ``mlp_dim``,
             ``num_heads``, ``norm_name``, ``res_block``, ...).
 
-    >>> from backbones import build_backbone
+    >>> from autopeft.backbones import build_backbone
     >>> model = build_backbone("unetr", "tiny")
     >>> model(torch.rand(1, 1, 32, 32, 32)).shape
     torch.Size([1, 1, 32, 32, 32])

@@ -10,7 +10,7 @@ import yaml
 
 from autopeft.errors import ConfigError
 from autopeft.peft import Plan
-from search_spaces import SPACES_DIR
+from autopeft.search_spaces import SPACES_DIR
 
 __all__ = ["grid_plans"]
 

@@ -63,7 +63,7 @@ def _worker(args: argparse.Namespace) -> dict:
     """Runs in its own process: build, train for warmup + steps, report one configuration."""
     import torch
 
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     name, preset_name = args.worker
     if args.threads is not None:

@@ -66,7 +66,7 @@ def main() -> None:
     import torch
 
     from autopeft.data import read_manifest, resolve_manifest, split_scanner
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     if args.threads:
         torch.set_num_threads(args.threads)

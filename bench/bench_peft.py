@@ -126,7 +126,7 @@ def _time_plan(base: nn.Module, plan, batch: dict, device: torch.device, reps: i
 
 
 def _bench_backbone(name: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     from autopeft.importance import compute_importance
     from autopeft.peft import Plan, load_plan

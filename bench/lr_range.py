@@ -281,7 +281,7 @@ def _backbone(args: argparse.Namespace, backbone: str, manifest_path: str) -> di
     from autopeft.data import read_manifest
     from autopeft.pretraining import manifest_digest
     from autopeft.runner.trial import setup_from_config
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     epochs = build_backbone(backbone, args.preset).preset.finetune.epochs  # the preset's, unchanged
     setup = setup_from_config({"backbone": backbone, "preset": args.preset, "scanners": args.scanners, "epochs": epochs,

@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from autopeft.search.priors import PlanPrior
     from autopeft.runner.trial import setup_from_config
     from autopeft.stats import paired_difference
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     from _grid import grid_plans
 

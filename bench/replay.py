@@ -411,7 +411,7 @@ class Context:
         from autopeft.search.budget import Budget, PlanCounter
         from autopeft.search.portfolio import portfolio
         from autopeft.search.space import load_space
-        from backbones import build_backbone
+        from autopeft.backbones import build_backbone
 
         self.name, self.tables, self.declared = name, tables, declared
         self.table = Table(tables, name)

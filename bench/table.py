@@ -128,7 +128,7 @@ class Evaluation:
         from autopeft.search.budget import Budget, PlanCounter
         from autopeft.search.space import load_space
         from autopeft.runner.trial import setup_from_config
-        from backbones import build_backbone
+        from autopeft.backbones import build_backbone
 
         self.spec, self.epochs = spec, int(epochs)
         # The data seed makes the scenario's data set (as bench/rediscovery.py sets it); the

@@ -25,7 +25,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
 def networks_env():
     """Registering a network exports it in $AUTOPEFT_NETWORKS for the processes it starts; the
     other test modules' processes should not inherit a module's networks (use it per module)."""
-    from backbones.network import NETWORKS_ENV
+    from autopeft.backbones.network import NETWORKS_ENV
 
     saved = os.environ.get(NETWORKS_ENV)
     yield

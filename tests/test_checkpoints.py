@@ -9,7 +9,7 @@ from torch import nn
 
 from autopeft.checkpoints import load_checkpoint, load_state, read_metadata, save_checkpoint, save_state
 from autopeft.errors import CheckpointError
-from backbones import build_backbone
+from autopeft.backbones import build_backbone
 
 
 @pytest.mark.parametrize("name", ["unetr", "cvtgan"])

@@ -44,7 +44,7 @@ def test_finetune_scores_validation_unless_told_test(tmp_path, capsys):
 
     from autopeft.data import split_scanner
     from autopeft.finetuning import finetune
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     manifest = make_dataset(tmp_path / "data", {"1": 1, "2": 16}, shape=(20, 18, 16), long_factor=1.5)
     torch.manual_seed(0)

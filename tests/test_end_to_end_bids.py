@@ -80,7 +80,7 @@ def test_bids_to_search_to_predict_to_bundle(ray_env, tmp_path, capsys):
     from autopeft.runner import run_search
     from autopeft.search.config import SearchConfig
     from autopeft.runs import records
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     torch.manual_seed(0)
     torch.save(build_backbone("unetr", "tiny").state_dict(), tmp_path / "mine.pt")

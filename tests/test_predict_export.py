@@ -184,7 +184,7 @@ def test_export_merges_checks_and_writes_a_bundle_monai_accepts(data, tmp_path, 
 def test_a_fully_mergeable_plan_exports_plain_backbone_weights(data, tmp_path):
     from safetensors.torch import load_file
 
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     # LoRA + BitFit fold into the backbone's own tensors (SSF on a bias-free conv would add a bias).
     lora = {"backbone": "unetr", "bitfit": True, "sites": {"encoder.vit.*": {"method": "lora", "rank": 2, "targets": ["q", "k"]}}}

@@ -194,7 +194,7 @@ def test_a_source_model_under_its_old_raw_name_key_is_moved_not_trained_again(tm
     from autopeft.checkpoints import save_checkpoint
     from autopeft.data import read_manifest
     from autopeft.pretraining import is_pretrained, pretrained_model, source_spec
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     monkeypatch.setattr(_io, "_ADOPTED", set())
     manifest = make_dataset(tmp_path / "d", {"1": 1})
@@ -239,7 +239,7 @@ def test_predict_names_outputs_by_path_components_inside_out(tmp_path):
     from _fakes import make_dataset
     from autopeft.inference import predict_scans, scan_inputs
     from autopeft.model_loading import LoadedModel
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     manifest = make_dataset(tmp_path / "d", {"1": 1}, shape=(8, 8, 8))
     row = next(csv.DictReader(open(manifest)))

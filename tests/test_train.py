@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from autopeft.train import NonFiniteLossError, Trainer, TrainSettings
-from backbones import build_backbone
+from autopeft.backbones import build_backbone
 
 
 def _fixed_batch(model, seed=0):

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from autopeft.cli import main
 from autopeft.errors import CheckpointError
 from autopeft.pretraining import imported_model, pretrained_model
-from backbones import build_backbone
+from autopeft.backbones import build_backbone
 
 
 @pytest.fixture(scope="module")

@@ -129,7 +129,7 @@ def resolve_backbone(args: argparse.Namespace, *, check: bool = True, quiet: boo
             ``on_data``, a network with more than one input or output channel.
     """
     from autopeft.errors import ConfigError
-    from backbones.network import is_network_spec
+    from autopeft.backbones.network import is_network_spec
 
     given = {flag: getattr(args, attr, None) for flag, attr in (
         ("--net-args", "net_args"), ("--sites-override", "sites_override"), ("--crop", "crop"), ("--batch-size", "batch_size"),
@@ -146,8 +146,8 @@ def resolve_backbone(args: argparse.Namespace, *, check: bool = True, quiet: boo
                           "the schedule flags instead.")
     import yaml
 
-    from backbones import build_backbone
-    from backbones.network import network_ref, parse_net_args, register_network
+    from autopeft.backbones import build_backbone
+    from autopeft.backbones.network import network_ref, parse_net_args, register_network
 
     override = None
     if given["--sites-override"] is not None:

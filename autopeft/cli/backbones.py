@@ -35,7 +35,7 @@ from autopeft.errors import ConfigError
 if TYPE_CHECKING:
     from torch import nn
 
-    from backbones import Backbone
+    from autopeft.backbones import Backbone
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -50,11 +50,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from backbones.network import is_network_spec
+    from autopeft.backbones.network import is_network_spec
 
     if args.backbone and is_network_spec(args.backbone):
         from autopeft.cli._common import resolve_backbone
-        from backbones import build_backbone
+        from autopeft.backbones import build_backbone
 
         name, preset = resolve_backbone(args, quiet=args.json)
         reports = [_report(build_backbone(name, preset), name, preset)]
@@ -86,8 +86,8 @@ def describe(backbone: str | None = None, preset: str | None = None) -> list[dic
     Raises:
         ConfigError: for an unknown backbone, or a preset that the chosen backbones lack.
     """
-    from backbones import registered_backbones
-    from backbones.network import is_network_spec
+    from autopeft.backbones import registered_backbones
+    from autopeft.backbones.network import is_network_spec
 
     # Networks by reference are described with --backbone SPEC and their flags, not listed.
     registry = {name: presets for name, presets in registered_backbones().items() if not is_network_spec(name)}
@@ -135,7 +135,7 @@ def _report(model: Backbone, name: str, preset_name: str) -> dict[str, Any]:
 def _build_for_counting(name: str, preset_name: str) -> Backbone:
     import torch
 
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     # Meta tensors have shapes but no storage: a 100 M-parameter UNETR "builds" in milliseconds.
     try:

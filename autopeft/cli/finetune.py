@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if str(args.source) == str(args.target):
         raise ConfigError("--target must differ from --source: fine-tuning adapts to another scanner.")
     from autopeft.cli._common import resolve_backbone
-    from backbones.network import is_network_spec, load_run_network
+    from autopeft.backbones.network import is_network_spec, load_run_network
 
     from_run = _run_settings(args.plan.split(",") if args.plan else [])
     if from_run and is_network_spec(args.backbone) and from_run.get("backbone") == args.backbone:

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from autopeft.errors import ConfigError
     from autopeft.search import Budget, PlanCounter, load_space, space_files
     from autopeft.report import plan_summary
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     if args.sample < 0:
         raise ConfigError(f"--sample must be >= 0, but got {args.sample}.")

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from autopeft._plugins import load_registry
 from autopeft.errors import PlanError, _did_you_mean
 
 __all__ = [
@@ -212,13 +213,7 @@ def register_method(cls: type[PeftMethod]) -> type[PeftMethod]:
 
 
 def _load_builtin() -> None:
-    import importlib
-
-    from autopeft._plugins import load_plugins
-
-    for module_name in _BUILTIN_MODULES:
-        importlib.import_module(module_name)
-    load_plugins()  # third-party methods ($AUTOPEFT_PLUGINS), also in Ray workers
+    load_registry(_BUILTIN_MODULES)  # and third-party methods ($AUTOPEFT_PLUGINS), also in Ray workers
 
 
 def registered_methods() -> dict[str, PeftMethod]:

@@ -86,7 +86,7 @@ def start_ray(config) -> None:
         options["dashboard_host"] = "127.0.0.1"  # this machine only; forward the port with ssh -L
     from autopeft._plugins import PLUGINS_ENV
 
-    from backbones.network import NETWORKS_ENV
+    from autopeft.backbones.network import NETWORKS_ENV
 
     forwarded = {name: os.environ[name] for name in (PLUGINS_ENV, NETWORKS_ENV) if os.environ.get(name)}
     if forwarded:  # workers on other nodes do not inherit the driver's environment

@@ -49,7 +49,7 @@ def confirmation_candidates(run_dir: Path, k: int, setup: TrialSetup) -> list[di
     from autopeft.peft import Plan
     from autopeft.search.budget import PlanCounter
     from autopeft.runner.references import reference_plans
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     ranked = ranked_finished(records(run_dir))
     baseline = next((r for r in ranked if r.get("portfolio")), None)

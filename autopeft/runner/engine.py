@@ -86,7 +86,7 @@ def run_search(config: SearchConfig | None = None, *, outputs: RunOutputs, resum
     from autopeft.data import resolve_manifest
     from autopeft.runner._cluster import Cluster, start_ray, trial_resources
     from autopeft.runner._session import open_session
-    from backbones.network import load_run_network, save_run_network
+    from autopeft.backbones.network import load_run_network, save_run_network
 
     started = time.time()
 
@@ -133,7 +133,7 @@ class _PlanSpace:
     def load(cls, config: SearchConfig) -> _PlanSpace:
         from autopeft.search.budget import PlanCounter
         from autopeft.search.space import load_space
-        from backbones import build_backbone
+        from autopeft.backbones import build_backbone
 
         template = build_backbone(config.backbone, config.preset)
         space = load_space(config.space, template.sites(), model=template)
@@ -151,7 +151,7 @@ def _storage(path: str) -> str:
 def _trial_setup(config: SearchConfig, manifest_path: str, run_dir: Path, *, artifacts: str | None) -> TrialSetup:
 
     from autopeft.runner.trial import setup_from_config
-    from backbones.network import registered_ref
+    from autopeft.backbones.network import registered_ref
 
     ref = registered_ref(config.backbone, config.preset)
     # Trials never pre-train: the driver has put every source model in the store before they start.

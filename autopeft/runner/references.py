@@ -22,7 +22,7 @@ def reference_plans(backbone: str, preset: str, epochs: int) -> list[tuple[str, 
     PETITE's plan for the backbone (where one ships) as published, at the preset's PEFT rate."""
     from autopeft.peft import Plan, load_plan, named_plans
     from autopeft.search.portfolio import full_ft_ladder
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     schedule = build_backbone(backbone, preset).preset.finetune
     plans = [("No-FT", Plan.from_dict({"backbone": backbone, "name": "No-FT"}))]
@@ -56,7 +56,7 @@ def run_references(setup, config, run_dir: Path, *, task_options: Mapping[str, A
     import ray
 
     from autopeft.search.budget import PlanCounter
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     counter = PlanCounter(build_backbone(setup.backbone, setup.preset))
     rows = []

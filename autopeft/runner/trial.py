@@ -54,7 +54,7 @@ class TrialSetup:
         score_at: pair-epochs done (counted over the trial's pairs in its order) after which the
             pair in training is scored on validation and reported mid-pair: the scheduler's rungs
             with ``--fidelity epochs``. Empty: a report after each pair only.
-        network: a user's network by reference (``backbones.network.NetworkRef`` JSON), registered
+        network: a user's network by reference (``autopeft.backbones.network.NetworkRef`` JSON), registered
             by :meth:`on_node` in the process the setup travels to; None for a registered backbone.
     """
 
@@ -113,7 +113,7 @@ class TrialSetup:
         shipped), source models and importance maps are brought into the node's cache first. A
         user's network (``network``) is registered in this process first."""
         if self.network is not None:
-            from backbones.network import NetworkRef, register_network
+            from autopeft.backbones.network import NetworkRef, register_network
 
             register_network(NetworkRef.from_json(self.network))
         if self.artifacts is None:

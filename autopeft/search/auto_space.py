@@ -110,7 +110,7 @@ def _apply(model, entries: Mapping[str, dict[str, Any]]):
     from autopeft.peft import Plan, apply_plan
 
     try:  # a fresh build is much faster than a deep copy; weights do not matter here
-        from backbones import build_backbone
+        from autopeft.backbones import build_backbone
 
         trial = build_backbone(model.name, model.preset.name)
     except AutopeftError:

@@ -123,7 +123,7 @@ def resolve_defaults(config: SearchConfig, *, cluster_gpus: float | None = None)
     import torch
 
     from autopeft.data import Protocol
-    from backbones import registered_backbones
+    from autopeft.backbones import registered_backbones
 
     gpus = torch.cuda.device_count() if cluster_gpus is None else cluster_gpus
     cuda = gpus > 0 if config.device is None else config.device.startswith("cuda")

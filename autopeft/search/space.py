@@ -44,7 +44,7 @@ import yaml
 from autopeft.errors import ConfigError, PlanError, _did_you_mean
 from autopeft.peft import Plan, get_method, registered_methods
 from autopeft.search.portfolio import lr_ladder
-from search_spaces import SPACES_DIR
+from autopeft.search_spaces import SPACES_DIR
 
 __all__ = ["SearchSpace", "load_space", "space_from_data", "space_files"]
 

@@ -1,6 +1,6 @@
 """Reusable network parts, kept apart from the assembled backbones (MONAI's blocks/nets split)."""
 
-from backbones.blocks.cvt import (
+from autopeft.backbones.blocks.cvt import (
     ConvEmbedding,
     ConvProjectionAttention,
     CvTBlock,

@@ -3,7 +3,7 @@
 CvT (Wu et al., ICCV 2021) replaces the linear token projections of self-attention with depthwise
 convolutions, so that attention sees local structure without positional embeddings; 3D CVT-GAN
 (Zeng et al., MICCAI 2022) carries this to volumes. The parts here are the layers the networks in
-``backbones.cvtgan`` are assembled from:
+``autopeft.backbones.cvtgan`` are assembled from:
 
 - :class:`ConvProjectionAttention`: multi-head attention with depthwise-conv projections
   (stride 1 for queries, stride 2 for keys and values) followed by ``Linear`` q/k/v projections.

@@ -8,9 +8,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from autopeft.errors import ConfigError
-from backbones import Preset, build_backbone
-from backbones.blocks.cvt import ConvEmbedding, ConvProjectionAttention, CvTBlock, CvTStage
-from backbones.cvtgan import PRESETS, CvTGenerator, PatchDiscriminator
+from autopeft.backbones import Preset, build_backbone
+from autopeft.backbones.blocks.cvt import ConvEmbedding, ConvProjectionAttention, CvTBlock, CvTStage
+from autopeft.backbones.cvtgan import PRESETS, CvTGenerator, PatchDiscriminator
 
 
 @pytest.fixture(scope="module")

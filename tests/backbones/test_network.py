@@ -19,9 +19,9 @@ from autopeft.peft import Plan, apply_plan, count_trainable, get_method, merge_p
 from autopeft.search.auto_space import auto_space
 from autopeft.search.budget import PlanCounter
 from autopeft.search.space import load_space
-from backbones import build_backbone
-from backbones.discovery import apply_overrides, discover_sites
-from backbones.network import NETWORKS_ENV, network_ref, parse_net_args, register_network
+from autopeft.backbones import build_backbone
+from autopeft.backbones.discovery import apply_overrides, discover_sites
+from autopeft.backbones.network import NETWORKS_ENV, network_ref, parse_net_args, register_network
 
 # Small enough for a CPU: (net-args, crop).
 NETWORKS = {
@@ -234,7 +234,7 @@ def test_a_user_class_by_module_path(user_network):
 def test_other_processes_rebuild_the_network_from_the_environment():
     """What a Ray worker sees: $AUTOPEFT_NETWORKS, inherited, registers the same configuration."""
     backbone, preset = register_network(network_ref("monai:BasicUNet", net_args=NETWORKS["BasicUNet"][0]))
-    code = ("import sys; from backbones import build_backbone; m = build_backbone(sys.argv[1], sys.argv[2]); "
+    code = ("import sys; from autopeft.backbones import build_backbone; m = build_backbone(sys.argv[1], sys.argv[2]); "
             "print(len(m.sites()), sum(p.numel() for p in m.parameters()))")
     out = subprocess.run([sys.executable, "-c", code, backbone, preset], capture_output=True, text=True, check=True,
                          env=dict(os.environ))

@@ -11,11 +11,11 @@ import torch
 from monai.networks.blocks.selfattention import SABlock
 from torch import nn
 
-import backbones.base as base
+import autopeft.backbones.base as base
 from autopeft.cli import backbones as backbones_cli
 from autopeft.errors import ConfigError
-from backbones import Backbone, Preset, Site, build_backbone, register_backbone, registered_backbones
-from backbones.blocks.cvt import ConvProjectionAttention
+from autopeft.backbones import Backbone, Preset, Site, build_backbone, register_backbone, registered_backbones
+from autopeft.backbones.blocks.cvt import ConvProjectionAttention
 
 BUILTIN = ("unetr", "cvtgan")
 ATTENTION_TYPES = (SABlock, ConvProjectionAttention, nn.MultiheadAttention)
@@ -204,7 +204,7 @@ def test_a_plug_in_preset_pretrains_on_its_own_schedule_never_the_papers(private
     from autopeft.data import read_manifest
     from autopeft.pretraining import source_spec
     from autopeft.train import Trainer, TrainSettings
-    from backbones import PretrainSchedule
+    from autopeft.backbones import PretrainSchedule
 
     register_backbone("toynet", {
         "small": Preset("small", (8, 8, 8), 2, {"width": 4}),

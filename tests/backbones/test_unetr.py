@@ -7,8 +7,8 @@ import torch
 from monai.networks.nets import UNETR
 
 from autopeft.errors import ConfigError
-from backbones import Preset, build_backbone
-from backbones.unetr import PRESETS
+from autopeft.backbones import Preset, build_backbone
+from autopeft.backbones.unetr import PRESETS
 
 
 @pytest.fixture(scope="module")

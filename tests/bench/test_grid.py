@@ -6,7 +6,7 @@ import pytest
 
 from _grid import grid_plans
 from autopeft.search import PlanCounter
-from backbones import build_backbone
+from autopeft.backbones import build_backbone
 
 
 @pytest.mark.parametrize("backbone", ["unetr", "cvtgan"])

@@ -135,7 +135,7 @@ def test_a_signal_without_values_to_permute_has_no_permuted_variant():
 
     from autopeft.search.budget import PlanCounter
     from autopeft.search.priors import CountPrior, EarlyPrior
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     template = build_backbone("cvtgan", "tiny")
     counter = PlanCounter(template)

@@ -26,7 +26,7 @@ def _light_evaluation(backbone: str, epochs: int):
     """An Evaluation without data: what the plan builders read (spaces, counter, budget, epochs)."""
     from autopeft.search.budget import Budget, PlanCounter
     from autopeft.search.space import load_space
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     ev = object.__new__(table.Evaluation)
     ev.spec, ev.epochs = {"backbone": backbone}, epochs

@@ -14,7 +14,7 @@ import torch
 from monai.networks.blocks import TransformerBlock
 from torch import nn
 
-from backbones.base import Backbone, Preset, Site
+from autopeft.backbones.base import Backbone, Preset, Site
 
 __all__ = ["ToyBackbone", "make_toy", "l1_loss"]
 

@@ -48,7 +48,7 @@ def _build(name: str) -> nn.Module:
         from _peft_toy import make_toy
 
         return make_toy()
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     torch.manual_seed(0)
     return build_backbone(name, "tiny").eval()

@@ -42,7 +42,7 @@ def build_micro_run(root: Path) -> Path:
     from autopeft.search.budget import PlanCounter
     from autopeft.search.config import SearchConfig
     from autopeft.search.space import load_space
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     manifest = make_dataset(root / "data", {"1": 3, "2": 3, "3": 3}, shape=(20, 18, 16), long_factor=1.5)
     run_dir = root / "run"

@@ -46,7 +46,7 @@ def test_confirmation_scores_the_best_plans_the_best_baseline_and_references_on_
     confirmation = summary["confirmation"]
     rows = {r["number"]: r for r in records(run_dir)}
     from autopeft.search.space import load_space
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     ladder = load_space("cvtgan", build_backbone("cvtgan", "tiny").sites()).lr_values(3)
     assert [rows[n]["portfolio"] for n in range(3)] == [f"LayerNorm lr={lr:.2g}" for lr in ladder]

@@ -21,7 +21,7 @@ from autopeft.runs import FINISHED, records
 from autopeft.report import SearchOutputs
 from autopeft.runner import run_search
 from autopeft.search.config import SearchConfig
-from backbones.network import network_ref, register_network
+from autopeft.backbones.network import network_ref, register_network
 
 # user_network first: its $PYTHONPATH must be set before this module's Ray starts.
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("user_network", "networks_env")]  # Ray Tune searches
@@ -133,7 +133,7 @@ def test_a_bundle_folder_searched_from_its_weights_and_exported_back(ray_session
     import yaml
 
     from autopeft.search.auto_space import auto_space
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     space, _ = auto_space(build_backbone(backbone, preset), "auto-grouped")
     for group in space["groups"].values():

@@ -50,7 +50,7 @@ def test_search_warm_starts_with_top_prior_plans_and_writes_outputs(ray_session,
     # ... learning at the preset's PEFT rate (clipped into the space's range), not the middle of
     # the space's log range.
     from autopeft.search.space import load_space
-    from backbones import build_backbone, registered_backbones
+    from autopeft.backbones import build_backbone, registered_backbones
 
     tiny_lr = registered_backbones()["cvtgan"]["tiny"].finetune.lr_peft
     expected = load_space("cvtgan", build_backbone("cvtgan", "tiny").sites()).default_lr(tiny_lr)
@@ -150,7 +150,7 @@ def test_resume_repeats_no_finished_trial_and_reruns_the_interrupted_one(ray_ses
     study = _study(run_dir)
     killed = study.ask()
     from autopeft.search.space import load_space
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     space = load_space("cvtgan", build_backbone("cvtgan", "tiny").sites())
     plan = space.suggest(killed, train={"epochs": 1})

@@ -12,7 +12,7 @@ from autopeft.search._plans import plan_definer
 from autopeft.runner._searcher import StudySearcher, _gp_view
 from autopeft.search.sampler import make_sampler
 from autopeft.search.config import SearchConfig
-from backbones import build_backbone
+from autopeft.backbones import build_backbone
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 TrialState = optuna.trial.TrialState

@@ -10,7 +10,7 @@ from autopeft.search._plans import plan_definer
 from autopeft.search.budget import Budget, PlanCounter
 from autopeft.search.portfolio import enqueue_portfolio, portfolio
 from autopeft.search.space import load_space
-from backbones import build_backbone
+from autopeft.backbones import build_backbone
 
 
 @pytest.fixture(scope="module")

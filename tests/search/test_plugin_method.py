@@ -113,7 +113,7 @@ def test_the_space_draws_the_method_through_its_own_parameters(space_file):
     from autopeft.peft import apply_plan
     from autopeft.search.budget import PlanCounter
     from autopeft.search.space import load_space
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     model = build_backbone("cvtgan", "tiny")
     space = load_space(space_file, model.sites())

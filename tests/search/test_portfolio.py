@@ -10,7 +10,7 @@ from autopeft.search._plans import plan_definer
 from autopeft.search.budget import Budget, PlanCounter
 from autopeft.search.portfolio import enqueue_portfolio, full_ft_ladder, lr_ladder, portfolio, table1_plans
 from autopeft.search.space import load_space
-from backbones import build_backbone
+from autopeft.backbones import build_backbone
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from _fakes import make_dataset
 from autopeft.search import PlanCounter, load_space
 from autopeft.search.priors import NETWORK
 from autopeft.runner.trial import TrialSetup
-from backbones import build_backbone
+from autopeft.backbones import build_backbone
 
 pytestmark = pytest.mark.slow  # trains source models and fine-tunes candidates
 

@@ -17,7 +17,7 @@ from autopeft.search.priors import (
     NETWORK, OUTSIDE, CandidatePrior, CountPrior, EarlyPrior, InvertedPrior, PermutedPrior, PlanPrior, PriorGuide,
     fading_weights, finished_trials,
 )
-from backbones import build_backbone
+from autopeft.backbones import build_backbone
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -13,7 +13,7 @@ from autopeft.errors import ConfigError
 from autopeft.peft import apply_plan, count_trainable, load_plan
 from autopeft.search import Budget, PlanCounter, load_space
 from autopeft.search.priors import OUTSIDE, prior_score
-from backbones import build_backbone
+from autopeft.backbones import build_backbone
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -188,7 +188,7 @@ def test_per_block_spaces_give_every_block_its_own_choice_and_sample_within_the_
 
     from autopeft.search.budget import Budget, PlanCounter
     from autopeft.search.space import load_space
-    from backbones import build_backbone
+    from autopeft.backbones import build_backbone
 
     model = build_backbone(backbone, "tiny")
     space = load_space(f"{backbone}-blocks", model.sites())
