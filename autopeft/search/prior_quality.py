@@ -14,11 +14,12 @@ Ties: ``top_k_recall`` and ``ndcg_at_k`` order plans by decreasing score, ties i
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from autopeft.stats import bootstrap_ci
 
 __all__ = ["Estimate", "top_k_recall", "ndcg_at_k", "spearman", "partial_spearman", "with_ci", "quality"]
 
@@ -111,20 +112,10 @@ def with_ci(statistic: Callable[..., float], *columns: Sequence[float], n_resamp
         n_resamples: bootstrap resamples. Defaults to 2000.
         seed: seeds the resampling. Defaults to 0.
     """
-    from scipy.stats import bootstrap
-
     arrays = _arrays(*columns)
     value = float(statistic(*arrays))
-    for method in ("BCa", "percentile"):
-        with warnings.catch_warnings():
-            # scipy warns (and gives NaN) where BCa's acceleration cannot be estimated: percentile then.
-            warnings.simplefilter("ignore")
-            result = bootstrap(tuple(arrays), statistic, paired=True, vectorized=False, n_resamples=n_resamples,
-                               confidence_level=0.95, method=method, random_state=np.random.default_rng(seed))
-        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
-        if not (math.isnan(low) or math.isnan(high)):
-            return Estimate(value, low, high, method)
-    return Estimate(value, float("nan"), float("nan"), "none")
+    low, high, method = bootstrap_ci(statistic, *arrays, n_resamples=n_resamples, seed=seed)
+    return Estimate(value, low, high, method)
 
 
 def quality(prior: Sequence[float], truth: Sequence[float], size: Sequence[float], *, k: int = 10,
