@@ -1,4 +1,4 @@
-"""SH-PEFT's hybrid weight importance, per weight and per site, and exact top-k masks.
+"""SH-PEFT's hybrid weight importance, per weight and per site.
 
 From the SH-PEFT paper (Liu et al., "Sparsity- and Hybridity-Inspired Visual Parameter-Efficient
 Fine-Tuning for Medical Diagnosis", Sec. 2.2): the importance of weight ``w`` is
@@ -15,7 +15,8 @@ the second term is weighted by sum I^td / sum I^ta", said of both variants), and
   change approximated by the gradient), ``I_agnostic = w^2``.
 
 The paper uses L2 with lambda = 1 and about one epoch of batches. The selected weights are those
-above the threshold that leaves exactly the budgeted count (:func:`top_k_masks`).
+above the threshold that leaves exactly the budgeted count
+(:func:`autopeft.peft.shpeft.top_k_masks`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ __all__ = [
     "importance_on_scans",
     "importance_pair_on_scans",
     "site_importance",
-    "top_k_masks",
 ]
 
 _VARIANTS = ("l1", "l2")
@@ -122,48 +122,6 @@ def compute_importance(
     agnostic_total = sum(float(a.sum()) for a in agnostic.values())
     balance = task_total / agnostic_total if agnostic_total > 0 else 0.0
     return {n: task[n] + (lam * balance) * agnostic[n] for n in task}
-
-
-def top_k_masks(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """Boolean masks selecting exactly the ``k`` highest scores over all tensors together.
-
-    Ties at the threshold are broken deterministically: by the order of ``scores`` (insertion
-    order), then by flat position inside a tensor, earliest first.
-
-    Args:
-        scores: name -> importance tensor (any shapes).
-        k: how many entries to keep, ``0 <= k <= total entries``.
-
-    Returns:
-        name -> bool tensor of the same shape, on the score's device; ``k`` True entries in total.
-
-    >>> masks = top_k_masks({"a": torch.tensor([1.0, 3.0]), "b": torch.tensor([3.0, 2.0])}, 2)
-    >>> masks["a"].tolist(), masks["b"].tolist()
-    ([False, True], [True, False])
-    """
-    names = list(scores)
-    total = sum(scores[n].numel() for n in names)
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= total:
-        raise ValueError(f"`k` must be an integer in [0, {total}], but got {k!r}.")
-    flat = torch.cat([scores[n].detach().reshape(-1).float().cpu() for n in names]) if names else torch.zeros(0)
-    if torch.isnan(flat).any():
-        raise ValueError("`scores` must not contain NaN.")
-    keep = torch.zeros(total, dtype=torch.bool)
-    if k > 0:
-        # kthvalue gives the threshold in O(n) without sorting everything; entries above it are
-        # kept, and the first (k - above) entries equal to it fill the budget exactly.
-        threshold = torch.kthvalue(flat, total - k + 1).values
-        keep = flat > threshold
-        missing = k - int(keep.sum())
-        ties = torch.nonzero(flat == threshold).flatten()[:missing]
-        keep[ties] = True
-    masks: dict[str, torch.Tensor] = {}
-    offset = 0
-    for name in names:
-        size = scores[name].numel()
-        masks[name] = keep[offset : offset + size].reshape(scores[name].shape).to(scores[name].device)
-        offset += size
-    return masks
 
 
 def site_importance(model: nn.Module, scores: Mapping[str, torch.Tensor], *, reduce: str = "mean") -> dict[str, float]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from autopeft.importance import compute_importance, site_importance, top_k_masks
+from autopeft.importance import compute_importance, site_importance
 
 sys.path.insert(0, str(Path(__file__).parent / "peft"))
 from _peft_toy import l1_loss, make_toy  # noqa: E402
@@ -85,23 +85,6 @@ def test_bad_arguments(kwargs, message) -> None:
         compute_importance(model, batches, _loss, **kwargs)
     with pytest.raises(ValueError, match="`batches` must yield at least one batch"):
         compute_importance(model, [], _loss)
-
-
-def test_top_k_keeps_exactly_k_and_breaks_ties_by_order() -> None:
-    scores = {"a": torch.tensor([[1.0, 2.0], [2.0, 0.0]]), "b": torch.tensor([2.0, 3.0, 2.0])}
-    masks = top_k_masks(scores, 3)
-    assert masks["a"].tolist() == [[False, True], [True, False]]
-    assert masks["b"].tolist() == [False, True, False]
-    assert sum(int(m.sum()) for m in top_k_masks(scores, 5).values()) == 5
-    assert not any(m.any() for m in top_k_masks(scores, 0).values())
-    assert all(m.all() for m in top_k_masks(scores, 7).values())
-
-
-def test_top_k_rejects_bad_budgets_and_nan() -> None:
-    with pytest.raises(ValueError, match=r"`k` must be an integer in \[0, 2\]"):
-        top_k_masks({"a": torch.ones(2)}, 3)
-    with pytest.raises(ValueError, match="must not contain NaN"):
-        top_k_masks({"a": torch.tensor([1.0, float("nan")])}, 1)
 
 
 def test_site_importance_mean_and_sum(toy) -> None:

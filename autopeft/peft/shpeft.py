@@ -4,7 +4,7 @@ Every parameter tensor of the matched sites is a candidate (linear, conv, norm a
 alike, as the paper extends selection "to all operations"). The importance scores from
 :func:`autopeft.importance.compute_importance` are ranked over all candidates of one plan entry
 together (one threshold for the entry, as the paper's single tau), and exactly the budgeted number
-of entries is kept (:func:`autopeft.importance.top_k_masks`, deterministic ties).
+of entries is kept (:func:`top_k_masks`, deterministic ties).
 
 How the mask is enforced: not by masking gradients of the full tensor (AdamW's decoupled weight
 decay, momentum from earlier steps or any other optimizer would still move masked entries), but
@@ -25,10 +25,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autopeft.errors import PlanError
-from autopeft.importance import top_k_masks
 from autopeft.peft.base import InjectContext, MethodConfig, PeftLayer, PeftMethod, register_method
 
-__all__ = ["ShPeftConfig", "ShPeft", "SparseDelta", "sparse_selection_from_state"]
+__all__ = ["ShPeftConfig", "ShPeft", "SparseDelta", "sparse_selection_from_state", "top_k_masks"]
 
 _PARAMETRIZATION_INFIX = ".parametrizations."
 
@@ -85,6 +84,49 @@ def sparse_selection_from_state(tensor_names: Sequence[str], tensors: dict[str, 
             owner, _, rest = name.partition(_PARAMETRIZATION_INFIX)
             selection[f"{owner}.{rest[: -len('.0.index')]}"] = tensors[name]
     return selection
+
+
+
+def top_k_masks(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Boolean masks selecting exactly the ``k`` highest scores over all tensors together.
+
+    Ties at the threshold are broken deterministically: by the order of ``scores`` (insertion
+    order), then by flat position inside a tensor, earliest first.
+
+    Args:
+        scores: name -> importance tensor (any shapes).
+        k: how many entries to keep, ``0 <= k <= total entries``.
+
+    Returns:
+        name -> bool tensor of the same shape, on the score's device; ``k`` True entries in total.
+
+    >>> masks = top_k_masks({"a": torch.tensor([1.0, 3.0]), "b": torch.tensor([3.0, 2.0])}, 2)
+    >>> masks["a"].tolist(), masks["b"].tolist()
+    ([False, True], [True, False])
+    """
+    names = list(scores)
+    total = sum(scores[n].numel() for n in names)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= total:
+        raise ValueError(f"`k` must be an integer in [0, {total}], but got {k!r}.")
+    flat = torch.cat([scores[n].detach().reshape(-1).float().cpu() for n in names]) if names else torch.zeros(0)
+    if torch.isnan(flat).any():
+        raise ValueError("`scores` must not contain NaN.")
+    keep = torch.zeros(total, dtype=torch.bool)
+    if k > 0:
+        # kthvalue gives the threshold in O(n) without sorting everything; entries above it are
+        # kept, and the first (k - above) entries equal to it fill the budget exactly.
+        threshold = torch.kthvalue(flat, total - k + 1).values
+        keep = flat > threshold
+        missing = k - int(keep.sum())
+        ties = torch.nonzero(flat == threshold).flatten()[:missing]
+        keep[ties] = True
+    masks: dict[str, torch.Tensor] = {}
+    offset = 0
+    for name in names:
+        size = scores[name].numel()
+        masks[name] = keep[offset : offset + size].reshape(scores[name].shape).to(scores[name].device)
+        offset += size
+    return masks
 
 
 @register_method

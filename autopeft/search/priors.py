@@ -69,9 +69,9 @@ import numpy as np
 import torch
 
 from autopeft.errors import ConfigError
-from autopeft.importance import top_k_masks
 from autopeft.peft import Plan, get_method
 from autopeft.peft.apply import match_sites
+from autopeft.peft.shpeft import top_k_masks
 from autopeft.search.budget import Budget, PlanCount, PlanCounter
 from autopeft.search.options import PRIOR_CANDIDATES
 

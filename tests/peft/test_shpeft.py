@@ -8,6 +8,7 @@ from _peft_toy import l1_loss
 
 from autopeft.errors import PlanError
 from autopeft.peft import apply_plan, count_trainable, merge_plan, trainable_fraction
+from autopeft.peft.shpeft import top_k_masks
 
 
 def _plan(**budget) -> dict:
@@ -88,3 +89,20 @@ def test_missing_scores_and_impossible_budgets_are_plan_errors(envs) -> None:
         apply_plan(env.fresh(), _plan(count=3), importance=partial)
     with pytest.raises(PlanError, match="budget of 10000000 weights must be between 1 and the"):
         apply_plan(env.fresh(), _plan(count=10_000_000), importance=env.scores)
+
+
+def test_top_k_keeps_exactly_k_and_breaks_ties_by_order() -> None:
+    scores = {"a": torch.tensor([[1.0, 2.0], [2.0, 0.0]]), "b": torch.tensor([2.0, 3.0, 2.0])}
+    masks = top_k_masks(scores, 3)
+    assert masks["a"].tolist() == [[False, True], [True, False]]
+    assert masks["b"].tolist() == [False, True, False]
+    assert sum(int(m.sum()) for m in top_k_masks(scores, 5).values()) == 5
+    assert not any(m.any() for m in top_k_masks(scores, 0).values())
+    assert all(m.all() for m in top_k_masks(scores, 7).values())
+
+
+def test_top_k_rejects_bad_budgets_and_nan() -> None:
+    with pytest.raises(ValueError, match=r"`k` must be an integer in \[0, 2\]"):
+        top_k_masks({"a": torch.ones(2)}, 3)
+    with pytest.raises(ValueError, match="must not contain NaN"):
+        top_k_masks({"a": torch.tensor([1.0, float("nan")])}, 1)
