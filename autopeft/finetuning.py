@@ -23,19 +23,21 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from autopeft.data import Protocol
 from autopeft.evaluation import evaluate_identity, evaluate_subjects, mean_scores
 from autopeft.train import EpochResult, Trainer, TrainSettings
 
 __all__ = [
     "FinetuneJob",
     "FinetuneResult",
+    "FinetuneSettings",
     "Schedule",
     "finetune",
     "finetune_plan",
@@ -110,22 +112,19 @@ def plan_schedule(plan, preset, *, epochs: int | None = None, lr: float | None =
     return Schedule(epochs, lr, schedule.crops_per_volume)
 
 
-@dataclass(frozen=True)
-class FinetuneJob:
-    """Where a plan is fine-tuned and scored (picklable: it travels to Ray workers).
+@dataclass(frozen=True, kw_only=True)
+class FinetuneSettings:
+    """What every fine-tuning of one search (or one ``autopeft finetune``) shares: the backbone,
+    the data and its protocol, the evaluation seed and the source models (picklable: it travels to
+    Ray workers). :class:`FinetuneJob` adds one (source, target, fold); a search's
+    ``autopeft.runner.trial.TrialSetup`` adds its pairs, folds and execution settings.
 
     Args:
         backbone: registered backbone name.
         preset: the backbone's preset name.
         manifest_path: the data set's manifest.
-        source: scanner the source model was pre-trained on.
-        target: scanner to fine-tune on.
-        fold: cross-validation fold (of the source's pre-training split and the target's
-            fine-tuning split). Defaults to 0.
         seed: seeds the splits and the source model: the evaluation. Defaults to 0.
-        train_seed: seeds the fine-tuning (crops, order, initialisation of added weights).
-            Defaults to ``seed``.
-        protocol: ``autopeft.data.Protocol`` fields. Defaults to the CPU-scaled protocol.
+        protocol: subjects per split and folds. Defaults to the CPU-scaled ``Protocol()``.
         pretrain_epochs: epochs of the source model. Defaults to the preset's.
         device: where to train. Defaults to ``cpu``.
         weights: a user's pre-trained model (file or MONAI bundle) used as the source model instead
@@ -137,21 +136,45 @@ class FinetuneJob:
     backbone: str
     preset: str
     manifest_path: str
-    source: str
-    target: str
-    fold: int = 0
     seed: int = 0
-    train_seed: int | None = None
-    protocol: tuple[tuple[str, int], ...] = ()
+    protocol: Protocol = Protocol()
     pretrain_epochs: int | None = None
     device: str = "cpu"
     weights: str | None = None
     pretrain: bool = True
 
-    def make_protocol(self):
-        from autopeft.data import Protocol
+    def job(self, source: str, target: str, fold: int = 0, *, train_seed: int | None = None) -> FinetuneJob:
+        """The :class:`FinetuneJob` of one (source, target, fold) under these settings: the one place
+        a subclass's settings (a search's ``TrialSetup``) become a job.
 
-        return Protocol(**dict(self.protocol))
+        Args:
+            source: scanner the source model was pre-trained on.
+            target: scanner to fine-tune on.
+            fold: cross-validation fold. Defaults to 0.
+            train_seed: seeds the fine-tuning. Defaults to ``seed``.
+        """
+        shared = {f.name: getattr(self, f.name) for f in fields(FinetuneSettings)}
+        return FinetuneJob(**shared, source=str(source), target=str(target), fold=int(fold), train_seed=train_seed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneJob(FinetuneSettings):
+    """Where a plan is fine-tuned and scored: :class:`FinetuneSettings` (its fields and defaults)
+    and one (source, target, fold), with the fine-tuning's seed.
+
+    Args:
+        source: scanner the source model was pre-trained on.
+        target: scanner to fine-tune on.
+        fold: cross-validation fold (of the source's pre-training split and the target's
+            fine-tuning split). Defaults to 0.
+        train_seed: seeds the fine-tuning (crops, order, initialisation of added weights).
+            Defaults to ``seed``.
+    """
+
+    source: str
+    target: str
+    fold: int = 0
+    train_seed: int | None = None
 
     @property
     def fine_tuning_seed(self) -> int:
@@ -184,7 +207,7 @@ def source_model(job: FinetuneJob, *, progress: bool = False):
             _LOADED.pop(next(iter(_LOADED)))
         _LOADED[key] = pretrained_model(
             job.backbone, job.source, manifest_path=job.manifest_path, preset=job.preset, fold=job.fold,
-            epochs=job.pretrain_epochs, seed=job.seed, protocol=job.make_protocol(), device=job.device, progress=progress,
+            epochs=job.pretrain_epochs, seed=job.seed, protocol=job.protocol, device=job.device, progress=progress,
             weights=job.weights, train=job.pretrain,
         )
     model, meta = _LOADED[key]
@@ -194,7 +217,7 @@ def source_model(job: FinetuneJob, *, progress: bool = False):
 def _target_train(job: FinetuneJob) -> list[dict[str, Any]]:
     from autopeft.data import split_scanner
 
-    return split_scanner(job.manifest_path, job.target, purpose="finetune", protocol=job.make_protocol(),
+    return split_scanner(job.manifest_path, job.target, purpose="finetune", protocol=job.protocol,
                          fold=job.fold, seed=job.seed)["train"]
 
 
@@ -281,7 +304,7 @@ def finetune_plan(
     result = finetune(
         model, job.target, manifest=job.manifest_path, method=plan.name or "plan",
         prepare=plan_preparer(plan, importance=importance), epochs=schedule.epochs, lr=schedule.lr,
-        protocol=job.make_protocol(), fold=job.fold, seed=job.fine_tuning_seed, split_seed=job.seed,
+        protocol=job.protocol, fold=job.fold, seed=job.fine_tuning_seed, split_seed=job.seed,
         device=job.device, progress=progress, on_epoch=on_epoch, crops_per_volume=schedule.crops_per_volume,
         splits=splits, score_epochs=score_epochs,
     )
@@ -305,7 +328,7 @@ def finetune(
     prepare: Callable[[nn.Module], tuple[int, int]],
     epochs: int,
     lr: float,
-    protocol=None,
+    protocol: Protocol | None = None,
     fold: int = 0,
     seed: int = 0,
     device: str | torch.device = "cpu",
