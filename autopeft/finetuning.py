@@ -18,11 +18,12 @@ splits (``val`` for a search, ``test`` to confirm): no epoch is picked by lookin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import resource
 import sys
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from autopeft.data import Protocol
+from autopeft.data import Protocol, eval_volumes, split_scanner, train_loader
 from autopeft.evaluation import evaluate_identity, evaluate_subjects, mean_scores
 from autopeft.train import EpochResult, Trainer, TrainSettings
 
@@ -215,8 +216,6 @@ def source_model(job: FinetuneJob, *, progress: bool = False):
 
 
 def _target_train(job: FinetuneJob) -> list[dict[str, Any]]:
-    from autopeft.data import split_scanner
-
     return split_scanner(job.manifest_path, job.target, purpose="finetune", protocol=job.protocol,
                          fold=job.fold, seed=job.seed)["train"]
 
@@ -366,41 +365,100 @@ def finetune(
             last (a scheduler's rungs inside a pair): ``on_epoch`` gets the means in
             ``EpochResult.metrics``.
     """
-    from autopeft.data import Protocol, eval_volumes, split_scanner, train_loader
-
     if not splits or any(name not in ("val", "test") for name in splits):
         raise ValueError(f"`splits` must name 'val' and/or 'test', but got {splits!r}.")
     device = torch.device(device)
-    protocol = protocol or Protocol()
-    subjects = split_scanner(manifest, str(target), purpose="finetune", protocol=protocol, fold=fold,
+    subjects = split_scanner(manifest, str(target), purpose="finetune", protocol=protocol or Protocol(), fold=fold,
                              seed=seed if split_seed is None else split_seed)
+    trainable, total = _prepare(model, prepare, device=device, seed=seed)
+    held_out = _held_out_reader(subjects)
     crop = model.preset.crop_size
-    model.to(device)
-    torch.manual_seed(seed)  # before prepare: weights that PEFT adds start the same in every process
-    trainable, total = prepare(model)
-    history: list[dict[str, Any]] = []
-    # Held-out volumes are read only when first scored (after training, or at the first epoch in
-    # ``score_epochs``), only for the splits asked for, and once.
-    volumes: dict[str, list[dict]] = {}
 
-    def held_out(name: str) -> list[dict]:
-        if name not in volumes:
-            volumes[name] = eval_volumes(subjects[name])
-        return volumes[name]
+    def score_first_split() -> dict[str, float]:
+        return mean_scores(evaluate_subjects(model, held_out(splits[0]), roi_size=crop, device=device))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    history: list[dict[str, Any]] = []
+    seconds_per_epoch = 0.0
     if epochs > 0 and trainable > 0:
-        loader = train_loader(
-            subjects["train"], crop_size=crop, batch_size=model.preset.batch_size, seed=seed,
-            crops_per_volume=crops_per_volume,
+        history, seconds_per_epoch = _train(
+            model, subjects["train"], label=f"fine-tune {method} on scanner {target}", epochs=epochs, lr=lr, seed=seed,
+            crops_per_volume=crops_per_volume, device=device, progress=progress, on_epoch=on_epoch,
+            score_epochs=score_epochs, score=score_first_split,
         )
-        trainer = Trainer(model, TrainSettings(epochs=epochs, lr=lr), device=device)
-        bar = tqdm(total=epochs, desc=f"fine-tune {method} on scanner {target}", disable=not progress, unit="epoch")
+    scored = {name: evaluate_subjects(model, held_out(name), roi_size=crop, device=device) for name in splits}
+    return FinetuneResult(
+        method=method,
+        target=str(target),
+        metrics=mean_scores(scored[splits[0]]),
+        identity=evaluate_identity(held_out(splits[0])),
+        subjects=scored,
+        trainable=trainable,
+        total=total,
+        seconds_per_epoch=seconds_per_epoch,
+        peak_memory_mb=_peak_memory_mb(device),
+        history=history,
+    )
+
+
+def _prepare(model: nn.Module, prepare: Callable[[nn.Module], tuple[int, int]], *, device: torch.device,
+             seed: int) -> tuple[int, int]:
+    """Moves ``model`` to ``device`` and sets what trains (``prepare``): returns ``(trainable, total)``."""
+    model.to(device)
+    torch.manual_seed(seed)  # before prepare: weights that PEFT adds start the same in every process
+    return prepare(model)
+
+
+def _held_out_reader(subjects: Mapping[str, list[dict[str, Any]]]) -> Callable[[str], list[dict]]:
+    """Split name -> its volumes, read when first asked for (after training, or at the first epoch
+    scored mid-training), only for the splits asked for, and once."""
+    return functools.cache(lambda name: eval_volumes(subjects[name]))
+
+
+def _train(
+    model: nn.Module,
+    train: list[dict[str, Any]],
+    *,
+    label: str,
+    epochs: int,
+    lr: float,
+    seed: int,
+    crops_per_volume: int,
+    device: torch.device,
+    progress: bool,
+    on_epoch: Callable[[EpochResult], None] | None,
+    score_epochs: Collection[int],
+    score: Callable[[], dict[str, float]],
+) -> tuple[list[dict[str, Any]], float]:
+    """Fine-tunes ``model`` on the ``train`` subjects' random crops for ``epochs`` (AdamW at ``lr``).
+
+    Args:
+        model: the prepared ``Backbone`` (trained in place).
+        train: the training subjects' records.
+        label: the progress bar's description.
+        epochs: epochs to train (at least 1).
+        lr: the learning rate.
+        seed: seeds the crops and their order.
+        crops_per_volume: random crops per training volume and epoch.
+        device: where to train.
+        progress: show a progress bar.
+        on_epoch: called after each epoch.
+        score_epochs: epochs (1-based, before the last) after which ``score`` fills the epoch's ``metrics``.
+        score: the means on the first held-out split.
+
+    Returns:
+        ``(history, seconds_per_epoch)``: one ``{"epoch", "loss", "seconds", **metrics}`` per epoch.
+    """
+    loader = train_loader(train, crop_size=model.preset.crop_size, batch_size=model.preset.batch_size, seed=seed,
+                          crops_per_volume=crops_per_volume)
+    trainer = Trainer(model, TrainSettings(epochs=epochs, lr=lr), device=device)
+    history: list[dict[str, Any]] = []
+    with tqdm(total=epochs, desc=label, disable=not progress, unit="epoch") as bar:
 
         def record(result: EpochResult) -> None:
             if result.epoch in score_epochs and result.epoch < epochs:
-                result.metrics = mean_scores(evaluate_subjects(model, held_out(splits[0]), roi_size=crop, device=device))
+                result.metrics = score()
             history.append({"epoch": result.epoch, "loss": result.loss, "seconds": result.seconds, **result.metrics})
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}")
@@ -409,20 +467,4 @@ def finetune(
 
         started = time.perf_counter()
         trainer.fit(loader, on_epoch=record)
-        bar.close()
-        seconds_per_epoch = (time.perf_counter() - started) / epochs
-    else:
-        seconds_per_epoch = 0.0
-    scored = {name: evaluate_subjects(model, held_out(name), roi_size=crop, device=device) for name in splits}
-    return FinetuneResult(
-        method=method,
-        target=str(target),
-        metrics=mean_scores(scored[splits[0]]),
-        identity=evaluate_identity(volumes[splits[0]]),
-        subjects=scored,
-        trainable=trainable,
-        total=total,
-        seconds_per_epoch=seconds_per_epoch,
-        peak_memory_mb=_peak_memory_mb(device),
-        history=history,
-    )
+    return history, (time.perf_counter() - started) / epochs
