@@ -285,8 +285,9 @@ def _confirm(config: SearchConfig, setup: TrialSetup, run_dir: Path, summary: di
     from autopeft.runner.confirm import confirmation_seeds, replay_check, run_confirmation
 
     seeds = confirmation_seeds(config.seed, int(config.confirm_seeds or 1))
+    # --concurrency 1 keeps it in this process; else Ray runs what a trial's resources let fit.
     confirmation = run_confirmation(run_dir, setup, k=config.confirm, folds=_confirm_folds(config), seeds=seeds,
-                                    concurrency=config.concurrency or 1, task_options=task_options(config),
+                                    parallel=(config.concurrency or 1) > 1, task_options=task_options(config),
                                     progress=config.progress)
     if confirmation.get("recommended") is not None:
         replay = replay_check(run_dir, setup, confirmation["recommended"]["number"])
