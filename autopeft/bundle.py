@@ -106,7 +106,7 @@ def _test_volume(loaded) -> tuple[torch.Tensor, str]:
         try:
             from autopeft.data import eval_volumes, split_scanner
 
-            test = split_scanner(setup.manifest_path, loaded.target, purpose="finetune", protocol=setup.make_protocol(),
+            test = split_scanner(setup.manifest_path, loaded.target, purpose="finetune", protocol=setup.protocol,
                                  fold=loaded.fold or 0, seed=setup.seed)["test"][:1]
             volume = eval_volumes(test)[0]
             return volume["short"], f"held-out scan {volume['subject']} of scanner {loaded.target}"

@@ -18,24 +18,27 @@ splits (``val`` for a search, ``test`` to confirm): no epoch is picked by lookin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import resource
 import sys
 import time
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from autopeft.data import Protocol, eval_volumes, split_scanner, train_loader
 from autopeft.evaluation import evaluate_identity, evaluate_subjects, mean_scores
 from autopeft.train import EpochResult, Trainer, TrainSettings
 
 __all__ = [
     "FinetuneJob",
     "FinetuneResult",
+    "FinetuneSettings",
     "Schedule",
     "finetune",
     "finetune_plan",
@@ -110,22 +113,19 @@ def plan_schedule(plan, preset, *, epochs: int | None = None, lr: float | None =
     return Schedule(epochs, lr, schedule.crops_per_volume)
 
 
-@dataclass(frozen=True)
-class FinetuneJob:
-    """Where a plan is fine-tuned and scored (picklable: it travels to Ray workers).
+@dataclass(frozen=True, kw_only=True)
+class FinetuneSettings:
+    """What every fine-tuning of one search (or one ``autopeft finetune``) shares: the backbone,
+    the data and its protocol, the evaluation seed and the source models (picklable: it travels to
+    Ray workers). :class:`FinetuneJob` adds one (source, target, fold); a search's
+    ``autopeft.runner.trial.TrialSetup`` adds its pairs, folds and execution settings.
 
     Args:
         backbone: registered backbone name.
         preset: the backbone's preset name.
         manifest_path: the data set's manifest.
-        source: scanner the source model was pre-trained on.
-        target: scanner to fine-tune on.
-        fold: cross-validation fold (of the source's pre-training split and the target's
-            fine-tuning split). Defaults to 0.
         seed: seeds the splits and the source model: the evaluation. Defaults to 0.
-        train_seed: seeds the fine-tuning (crops, order, initialisation of added weights).
-            Defaults to ``seed``.
-        protocol: ``autopeft.data.Protocol`` fields. Defaults to the CPU-scaled protocol.
+        protocol: subjects per split and folds. Defaults to the CPU-scaled ``Protocol()``.
         pretrain_epochs: epochs of the source model. Defaults to the preset's.
         device: where to train. Defaults to ``cpu``.
         weights: a user's pre-trained model (file or MONAI bundle) used as the source model instead
@@ -137,21 +137,45 @@ class FinetuneJob:
     backbone: str
     preset: str
     manifest_path: str
-    source: str
-    target: str
-    fold: int = 0
     seed: int = 0
-    train_seed: int | None = None
-    protocol: tuple[tuple[str, int], ...] = ()
+    protocol: Protocol = Protocol()
     pretrain_epochs: int | None = None
     device: str = "cpu"
     weights: str | None = None
     pretrain: bool = True
 
-    def make_protocol(self):
-        from autopeft.data import Protocol
+    def job(self, source: str, target: str, fold: int = 0, *, train_seed: int | None = None) -> FinetuneJob:
+        """The :class:`FinetuneJob` of one (source, target, fold) under these settings: the one place
+        a subclass's settings (a search's ``TrialSetup``) become a job.
 
-        return Protocol(**dict(self.protocol))
+        Args:
+            source: scanner the source model was pre-trained on.
+            target: scanner to fine-tune on.
+            fold: cross-validation fold. Defaults to 0.
+            train_seed: seeds the fine-tuning. Defaults to ``seed``.
+        """
+        shared = {f.name: getattr(self, f.name) for f in fields(FinetuneSettings)}
+        return FinetuneJob(**shared, source=str(source), target=str(target), fold=int(fold), train_seed=train_seed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneJob(FinetuneSettings):
+    """Where a plan is fine-tuned and scored: :class:`FinetuneSettings` (its fields and defaults)
+    and one (source, target, fold), with the fine-tuning's seed.
+
+    Args:
+        source: scanner the source model was pre-trained on.
+        target: scanner to fine-tune on.
+        fold: cross-validation fold (of the source's pre-training split and the target's
+            fine-tuning split). Defaults to 0.
+        train_seed: seeds the fine-tuning (crops, order, initialisation of added weights).
+            Defaults to ``seed``.
+    """
+
+    source: str
+    target: str
+    fold: int = 0
+    train_seed: int | None = None
 
     @property
     def fine_tuning_seed(self) -> int:
@@ -184,7 +208,7 @@ def source_model(job: FinetuneJob, *, progress: bool = False):
             _LOADED.pop(next(iter(_LOADED)))
         _LOADED[key] = pretrained_model(
             job.backbone, job.source, manifest_path=job.manifest_path, preset=job.preset, fold=job.fold,
-            epochs=job.pretrain_epochs, seed=job.seed, protocol=job.make_protocol(), device=job.device, progress=progress,
+            epochs=job.pretrain_epochs, seed=job.seed, protocol=job.protocol, device=job.device, progress=progress,
             weights=job.weights, train=job.pretrain,
         )
     model, meta = _LOADED[key]
@@ -192,9 +216,7 @@ def source_model(job: FinetuneJob, *, progress: bool = False):
 
 
 def _target_train(job: FinetuneJob) -> list[dict[str, Any]]:
-    from autopeft.data import split_scanner
-
-    return split_scanner(job.manifest_path, job.target, purpose="finetune", protocol=job.make_protocol(),
+    return split_scanner(job.manifest_path, job.target, purpose="finetune", protocol=job.protocol,
                          fold=job.fold, seed=job.seed)["train"]
 
 
@@ -281,7 +303,7 @@ def finetune_plan(
     result = finetune(
         model, job.target, manifest=job.manifest_path, method=plan.name or "plan",
         prepare=plan_preparer(plan, importance=importance), epochs=schedule.epochs, lr=schedule.lr,
-        protocol=job.make_protocol(), fold=job.fold, seed=job.fine_tuning_seed, split_seed=job.seed,
+        protocol=job.protocol, fold=job.fold, seed=job.fine_tuning_seed, split_seed=job.seed,
         device=job.device, progress=progress, on_epoch=on_epoch, crops_per_volume=schedule.crops_per_volume,
         splits=splits, score_epochs=score_epochs,
     )
@@ -305,7 +327,7 @@ def finetune(
     prepare: Callable[[nn.Module], tuple[int, int]],
     epochs: int,
     lr: float,
-    protocol=None,
+    protocol: Protocol | None = None,
     fold: int = 0,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -343,41 +365,100 @@ def finetune(
             last (a scheduler's rungs inside a pair): ``on_epoch`` gets the means in
             ``EpochResult.metrics``.
     """
-    from autopeft.data import Protocol, eval_volumes, split_scanner, train_loader
-
     if not splits or any(name not in ("val", "test") for name in splits):
         raise ValueError(f"`splits` must name 'val' and/or 'test', but got {splits!r}.")
     device = torch.device(device)
-    protocol = protocol or Protocol()
-    subjects = split_scanner(manifest, str(target), purpose="finetune", protocol=protocol, fold=fold,
+    subjects = split_scanner(manifest, str(target), purpose="finetune", protocol=protocol or Protocol(), fold=fold,
                              seed=seed if split_seed is None else split_seed)
+    trainable, total = _prepare(model, prepare, device=device, seed=seed)
+    held_out = _held_out_reader(subjects)
     crop = model.preset.crop_size
-    model.to(device)
-    torch.manual_seed(seed)  # before prepare: weights that PEFT adds start the same in every process
-    trainable, total = prepare(model)
-    history: list[dict[str, Any]] = []
-    # Held-out volumes are read only when first scored (after training, or at the first epoch in
-    # ``score_epochs``), only for the splits asked for, and once.
-    volumes: dict[str, list[dict]] = {}
 
-    def held_out(name: str) -> list[dict]:
-        if name not in volumes:
-            volumes[name] = eval_volumes(subjects[name])
-        return volumes[name]
+    def score_first_split() -> dict[str, float]:
+        return mean_scores(evaluate_subjects(model, held_out(splits[0]), roi_size=crop, device=device))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    history: list[dict[str, Any]] = []
+    seconds_per_epoch = 0.0
     if epochs > 0 and trainable > 0:
-        loader = train_loader(
-            subjects["train"], crop_size=crop, batch_size=model.preset.batch_size, seed=seed,
-            crops_per_volume=crops_per_volume,
+        history, seconds_per_epoch = _train(
+            model, subjects["train"], label=f"fine-tune {method} on scanner {target}", epochs=epochs, lr=lr, seed=seed,
+            crops_per_volume=crops_per_volume, device=device, progress=progress, on_epoch=on_epoch,
+            score_epochs=score_epochs, score=score_first_split,
         )
-        trainer = Trainer(model, TrainSettings(epochs=epochs, lr=lr), device=device)
-        bar = tqdm(total=epochs, desc=f"fine-tune {method} on scanner {target}", disable=not progress, unit="epoch")
+    scored = {name: evaluate_subjects(model, held_out(name), roi_size=crop, device=device) for name in splits}
+    return FinetuneResult(
+        method=method,
+        target=str(target),
+        metrics=mean_scores(scored[splits[0]]),
+        identity=evaluate_identity(held_out(splits[0])),
+        subjects=scored,
+        trainable=trainable,
+        total=total,
+        seconds_per_epoch=seconds_per_epoch,
+        peak_memory_mb=_peak_memory_mb(device),
+        history=history,
+    )
+
+
+def _prepare(model: nn.Module, prepare: Callable[[nn.Module], tuple[int, int]], *, device: torch.device,
+             seed: int) -> tuple[int, int]:
+    """Moves ``model`` to ``device`` and sets what trains (``prepare``): returns ``(trainable, total)``."""
+    model.to(device)
+    torch.manual_seed(seed)  # before prepare: weights that PEFT adds start the same in every process
+    return prepare(model)
+
+
+def _held_out_reader(subjects: Mapping[str, list[dict[str, Any]]]) -> Callable[[str], list[dict]]:
+    """Split name -> its volumes, read when first asked for (after training, or at the first epoch
+    scored mid-training), only for the splits asked for, and once."""
+    return functools.cache(lambda name: eval_volumes(subjects[name]))
+
+
+def _train(
+    model: nn.Module,
+    train: list[dict[str, Any]],
+    *,
+    label: str,
+    epochs: int,
+    lr: float,
+    seed: int,
+    crops_per_volume: int,
+    device: torch.device,
+    progress: bool,
+    on_epoch: Callable[[EpochResult], None] | None,
+    score_epochs: Collection[int],
+    score: Callable[[], dict[str, float]],
+) -> tuple[list[dict[str, Any]], float]:
+    """Fine-tunes ``model`` on the ``train`` subjects' random crops for ``epochs`` (AdamW at ``lr``).
+
+    Args:
+        model: the prepared ``Backbone`` (trained in place).
+        train: the training subjects' records.
+        label: the progress bar's description.
+        epochs: epochs to train (at least 1).
+        lr: the learning rate.
+        seed: seeds the crops and their order.
+        crops_per_volume: random crops per training volume and epoch.
+        device: where to train.
+        progress: show a progress bar.
+        on_epoch: called after each epoch.
+        score_epochs: epochs (1-based, before the last) after which ``score`` fills the epoch's ``metrics``.
+        score: the means on the first held-out split.
+
+    Returns:
+        ``(history, seconds_per_epoch)``: one ``{"epoch", "loss", "seconds", **metrics}`` per epoch.
+    """
+    loader = train_loader(train, crop_size=model.preset.crop_size, batch_size=model.preset.batch_size, seed=seed,
+                          crops_per_volume=crops_per_volume)
+    trainer = Trainer(model, TrainSettings(epochs=epochs, lr=lr), device=device)
+    history: list[dict[str, Any]] = []
+    with tqdm(total=epochs, desc=label, disable=not progress, unit="epoch") as bar:
 
         def record(result: EpochResult) -> None:
             if result.epoch in score_epochs and result.epoch < epochs:
-                result.metrics = mean_scores(evaluate_subjects(model, held_out(splits[0]), roi_size=crop, device=device))
+                result.metrics = score()
             history.append({"epoch": result.epoch, "loss": result.loss, "seconds": result.seconds, **result.metrics})
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}")
@@ -386,20 +467,4 @@ def finetune(
 
         started = time.perf_counter()
         trainer.fit(loader, on_epoch=record)
-        bar.close()
-        seconds_per_epoch = (time.perf_counter() - started) / epochs
-    else:
-        seconds_per_epoch = 0.0
-    scored = {name: evaluate_subjects(model, held_out(name), roi_size=crop, device=device) for name in splits}
-    return FinetuneResult(
-        method=method,
-        target=str(target),
-        metrics=mean_scores(scored[splits[0]]),
-        identity=evaluate_identity(volumes[splits[0]]),
-        subjects=scored,
-        trainable=trainable,
-        total=total,
-        seconds_per_epoch=seconds_per_epoch,
-        peak_memory_mb=_peak_memory_mb(device),
-        history=history,
-    )
+    return history, (time.perf_counter() - started) / epochs

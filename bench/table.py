@@ -503,7 +503,7 @@ def pilot(args: argparse.Namespace, declared: dict[str, Any]) -> dict[str, Any]:
         gains["plan_id"] = trained["plan_id"]
         mean = gains.groupby("plan_id").mean()
         curves.setdefault(spec["backbone"], []).extend(mean.values.tolist())
-        protocol = ev.setup.make_protocol()
+        protocol = ev.setup.protocol
         model = cost_model(frame, ev.epochs, protocol.finetune_test / protocol.finetune_val)
         timing.setdefault(spec["backbone"], []).append(model)
         per_scenario[name] = {"plans": int(mean.shape[0]), "labels": sorted(set(trained["label"])),

@@ -132,12 +132,12 @@ def run(args: argparse.Namespace) -> int:
     preset = args.preset or found.get("preset") or "tiny"
     data = args.data if args.data is not None else found.get("data")
     pretrain_epochs = args.pretrain_epochs if args.pretrain_epochs is not None else found.get("pretrain_epochs")
-    protocol = Protocol(**(found.get("protocol") or {}))
+    protocol = Protocol.from_settings(found.get("protocol"))
     device = resolve_device(args.device)
     manifest_path = resolve_manifest(data, progress=not args.quiet)
     job = FinetuneJob(
         backbone=args.backbone, preset=preset, manifest_path=str(manifest_path), source=str(args.source),
-        target=str(args.target), fold=args.fold, seed=args.seed, protocol=tuple(sorted(vars(protocol).items())),
+        target=str(args.target), fold=args.fold, seed=args.seed, protocol=protocol,
         pretrain_epochs=pretrain_epochs, device=device, weights=args.weights,
     )
     source = source_model(job, progress=not args.quiet)

@@ -24,6 +24,7 @@ has ``needed("pretrain") + finetune_test`` subjects (the built-in CPU data has f
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -31,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from autopeft.data.manifest import natural_key, read_manifest
-from autopeft.errors import DataError
+from autopeft.errors import ConfigError, DataError
 
 __all__ = ["Protocol", "split_scanner", "scanners_in"]
 
@@ -76,6 +77,25 @@ class Protocol:
             value = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{field.name}` must be a positive integer, but got {value!r}.")
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, int] | None) -> Protocol:
+        """The protocol of a search's ``protocol`` setting (``SearchConfig.protocol``, ``run.json``'s
+        ``config.protocol``): field name -> value, the fields not named at their defaults.
+
+        Args:
+            settings: field name -> subjects (or ``folds``); None or empty for the defaults.
+
+        Raises:
+            ConfigError: a name is not a field of :class:`Protocol`.
+        """
+        settings = dict(settings or {})
+        names = [field.name for field in fields(cls)]
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            raise ConfigError(f"the protocol setting names {', '.join(unknown)}, which are not protocol fields; use only "
+                             f"{', '.join(names)}.")
+        return cls(**settings)
 
     @classmethod
     def paper(cls) -> Protocol:

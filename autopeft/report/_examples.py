@@ -59,7 +59,7 @@ def write_examples(run_dir: Path, setup, best: dict[str, Any] | None, *, split: 
     folder, source, target, fold = picked
     pretrained, _ = source_model(setup, source, fold)
     tuned = load_trained(pretrained, folder).eval()
-    splits = split_scanner(setup.manifest_path, target, purpose="finetune", protocol=setup.make_protocol(),
+    splits = split_scanner(setup.manifest_path, target, purpose="finetune", protocol=setup.protocol,
                            fold=fold, seed=setup.seed)
     volume = eval_volumes(splits[split][:1])[0]
     roi = pretrained.preset.crop_size

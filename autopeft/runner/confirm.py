@@ -120,7 +120,7 @@ def _confirm_job(setup: TrialSetup, plan_dict: Mapping[str, Any], fold: int, see
 
 
 def run_confirmation(run_dir: Path, setup: TrialSetup, *, k: int, folds: Sequence[int], seeds: Sequence[int],
-                     concurrency: int = 1, task_options: Mapping[str, Any] | None = None,
+                     parallel: bool = False, task_options: Mapping[str, Any] | None = None,
                      progress: bool = True) -> dict[str, Any]:
     """Confirm the ``k`` best plans and the references on test subjects; write the outputs.
 
@@ -131,8 +131,10 @@ def run_confirmation(run_dir: Path, setup: TrialSetup, *, k: int, folds: Sequenc
         folds: folds to re-run on (their source models must be pre-trained).
         seeds: fine-tuning seeds, none of them one the search trained with (:func:`confirmation_seeds`):
             a winner's lucky seed must not carry into its test mean.
-        concurrency: jobs at once (Ray tasks when above 1, else in this process).
-        task_options: ``ray.remote`` options of one job (a trial's resources). Defaults to 1 CPU.
+        parallel: run the jobs as Ray tasks, as many at once as the cluster's resources fit;
+            else one after another in this process. Defaults to False.
+        task_options: ``ray.remote`` options of one job (a trial's resources): what bounds how
+            many run at once. Defaults to 1 CPU.
         progress: progress bar and one line per job.
 
     Returns:
@@ -168,20 +170,18 @@ def run_confirmation(run_dir: Path, setup: TrialSetup, *, k: int, folds: Sequenc
                   f"test PSNR {mean:.3f} dB")
 
     with tqdm(total=len(missing), desc="confirm on test subjects", unit="run", disable=not progress) as bar:
-        if concurrency > 1 and len(missing) > 1:
-            import ray
+        if parallel and len(missing) > 1:
+            import ray  # only this path needs Ray, slow to import
 
             task = ray.remote(**dict(task_options or {"num_cpus": 1}))(_confirm_job)
-            waiting = list(missing)
-            pending: dict[Any, tuple] = {}
-            while waiting or pending:
-                while waiting and len(pending) < concurrency:
-                    job = waiting.pop(0)
-                    pending[task.remote(setup, job[0]["plan"], job[1], job[2])] = job
-                done, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
-                bar.refresh()
+            # Every job submitted now: Ray runs as many at once as the cluster's resources fit (each
+            # asks for ``task_options``) and queues the rest. Each result is kept as it arrives.
+            running = {task.remote(setup, job[0]["plan"], job[1], job[2]): job for job in missing}
+            while running:
+                done, _ = ray.wait(list(running), num_returns=1, timeout=5.0)
+                bar.refresh()  # the elapsed time moves while a long job runs
                 for ref in done:
-                    keep(pending.pop(ref), ray.get(ref), bar)
+                    keep(running.pop(ref), ray.get(ref), bar)
         else:
             for job in missing:
                 keep(job, _confirm_job(setup, job[0]["plan"], job[1], job[2]), bar)

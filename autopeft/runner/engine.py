@@ -187,7 +187,7 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
 
     config, run_dir = session.config, session.run_dir
     template, space, counter = plans.template, plans.space, plans.counter
-    protocol = setup.make_protocol()
+    protocol = setup.protocol
     if config.confirm > 0 and (config.confirm_folds or 1) > protocol.folds:
         raise ConfigError(f"`confirm_folds` ({config.confirm_folds}) must be at most the protocol's {protocol.folds} folds.")
 
@@ -285,8 +285,9 @@ def _confirm(config: SearchConfig, setup: TrialSetup, run_dir: Path, summary: di
     from autopeft.runner.confirm import confirmation_seeds, replay_check, run_confirmation
 
     seeds = confirmation_seeds(config.seed, int(config.confirm_seeds or 1))
+    # --concurrency 1 keeps it in this process; else Ray runs what a trial's resources let fit.
     confirmation = run_confirmation(run_dir, setup, k=config.confirm, folds=_confirm_folds(config), seeds=seeds,
-                                    concurrency=config.concurrency or 1, task_options=task_options(config),
+                                    parallel=(config.concurrency or 1) > 1, task_options=task_options(config),
                                     progress=config.progress)
     if confirmation.get("recommended") is not None:
         replay = replay_check(run_dir, setup, confirmation["recommended"]["number"])
@@ -320,7 +321,7 @@ def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, tot
     generated = f" ({space.source})" if space is not None and space.source.startswith(AUTO_SPACES) else ""
     print(f"  backbone {config.backbone}/{config.preset} on {config.device}; space {config.space}{generated}; budget {budget.describe(total)}")
     print(f"  scanners {', '.join(config.scanners)}: {len(setup.pairs)} source->target pairs x {config.folds} fold(s), "
-          f"{config.epochs} fine-tuning epochs each; protocol {setup.make_protocol()}")
+          f"{config.epochs} fine-tuning epochs each; protocol {setup.protocol}")
     limit = f"no trial launched after {config.time_budget_s / 60:.1f} min" if config.time_budget_s else "no time limit"
     asha = isinstance(scheduler_for(config, setup)[0], ASHAScheduler)
     priors = "off" if not config.priors else f"{config.prior_signal} (pick among {config.prior_candidates} draws" + (
@@ -331,7 +332,7 @@ def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, tot
     print(f"  Ray {'cluster ' + config.address if config.address else 'on this machine'}: {cluster.describe()}; "
           f"{config.cpus_per_trial:g} CPU and {config.gpus_per_trial:g} GPU{extra} per trial, at most {config.concurrency} at once, "
           f"{config.max_failures} retries of a trial whose node dies; storage {storage}")
-    protocol = setup.make_protocol()
+    protocol = setup.protocol
     print(f"  subjects per target: {protocol.finetune_train} fine-tune, {protocol.finetune_val} validation (trials and every "
           f"choice), {protocol.finetune_test} test (read only by the confirmation)")
     if config.confirm:

@@ -22,59 +22,50 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autopeft.data import Protocol, read_manifest
+from autopeft.finetuning import FinetuneSettings, finetune_plan, importance_file
+from autopeft.finetuning import source_model as job_source_model
+
 __all__ = ["TrialSetup", "setup_from_config", "PairScore", "run_plan", "progress_metrics", "source_model", "running_means",
            "scores_to_json", "scores_from_json"]
 
 
-@dataclass(frozen=True)
-class TrialSetup:
-    """Everything a trial needs besides its plan (picklable: it travels to Ray workers).
+@dataclass(frozen=True, kw_only=True)
+class TrialSetup(FinetuneSettings):
+    """Everything a trial needs besides its plan (picklable: it travels to Ray workers): the
+    fine-tuning settings every pair shares (``autopeft.finetuning.FinetuneSettings``: backbone,
+    preset, manifest_path, seed, protocol, pretrain_epochs, device, weights, pretrain), and:
 
     Args:
-        backbone: registered backbone name.
-        preset: backbone preset.
-        manifest_path: the data set's manifest.
         pairs: (source, target) scanner pairs.
         folds: cross-validation folds each pair runs on.
         epochs: fine-tuning epochs per pair.
-        seed: seeds splits, crops and initialisation.
-        protocol: subject counts (``autopeft.data.Protocol`` fields).
-        pretrain_epochs: epochs of the source models (None: the preset's).
-        device: where to train.
         threads: torch threads per trial (its CPU share).
         run_dir: the search's output folder.
         baseline: No-FT's validation PSNR per ``(source, target, fold)``: a trial's objective is
             its mean PSNR gain over it. Empty until the references have run.
-        weights: a user's pre-trained model used as every pair's source model (no pre-training).
         artifacts: the artifact store every node reads (``autopeft.artifacts``; a search's
             ``--storage-path``), or None where every node shares this machine's cache.
         data_key: the scans' key in that store, when nodes cannot read ``manifest_path``.
-        pretrain: whether a missing source model may be pre-trained where this runs (False in a
-            search's trials: the driver pre-trains them first).
         score_at: pair-epochs done (counted over the trial's pairs in its order) after which the
             pair in training is scored on validation and reported mid-pair: the scheduler's rungs
             with ``--fidelity epochs``. Empty: a report after each pair only.
         network: a user's network by reference (``autopeft.backbones.network.NetworkRef`` JSON), registered
             by :meth:`on_node` in the process the setup travels to; None for a registered backbone.
+
+    Each pair's :class:`~autopeft.finetuning.FinetuneJob` comes from ``job(source, target, fold)``
+    (inherited): a search's trials (``pretrain`` False there: the driver pre-trains first) and its
+    confirmation fine-tune exactly these settings.
     """
 
-    backbone: str
-    preset: str
-    manifest_path: str
     pairs: tuple[tuple[str, str], ...]
     folds: tuple[int, ...] = (0,)
     epochs: int = 20
-    seed: int = 0
-    protocol: dict[str, int] = field(default_factory=dict)
-    pretrain_epochs: int | None = None
-    device: str = "cpu"
     threads: int = 1
     run_dir: str = ""
     baseline: tuple[tuple[str, str, int, float], ...] = ()
-    weights: str | None = None
     artifacts: str | None = None
     data_key: str | None = None
-    pretrain: bool = True
     score_at: tuple[int, ...] = ()
     network: str | None = None
 
@@ -85,14 +76,13 @@ class TrialSetup:
 
     def source_specs(self) -> dict:
         """Each source model's ``autopeft.pretraining.SourceSpec`` by (source, fold); none with ``weights``."""
-        from autopeft.data import read_manifest
         from autopeft.pretraining import source_spec
 
         if self.weights:
             return {}
         manifest = read_manifest(self.manifest_path)
         return {(source, fold): source_spec(self.backbone, source, manifest=manifest, preset=self.preset, fold=fold,
-                                            epochs=self.pretrain_epochs, seed=self.seed, protocol=self.make_protocol())
+                                            epochs=self.pretrain_epochs, seed=self.seed, protocol=self.protocol)
                 for source, fold in self.sources}
 
     def source_files(self) -> dict[tuple[str, int], str]:
@@ -103,8 +93,6 @@ class TrialSetup:
 
     def importance_files(self) -> list[str]:
         """The SH-PEFT importance maps of every unit at ``seed``, relative to the cache."""
-        from autopeft.finetuning import importance_file
-
         specs = self.source_specs()
         return [importance_file(self.job(s, t, f), asdict(specs[(s, f)])) for s, t, f in self.units if (s, f) in specs]
 
@@ -143,22 +131,6 @@ class TrialSetup:
             return None
         return sum(gains) / len(gains) if gains else None
 
-    def make_protocol(self):
-        from autopeft.data import Protocol
-
-        return Protocol(**self.protocol) if self.protocol else Protocol()
-
-    def job(self, source: str, target: str, fold: int, *, train_seed: int | None = None):
-        """The ``autopeft.finetuning.FinetuneJob`` of one (source, target, fold)."""
-        from autopeft.finetuning import FinetuneJob
-
-        return FinetuneJob(
-            backbone=self.backbone, preset=self.preset, manifest_path=self.manifest_path, source=str(source),
-            target=str(target), fold=int(fold), seed=self.seed, train_seed=train_seed,
-            protocol=tuple(sorted(self.protocol.items())), pretrain_epochs=self.pretrain_epochs, device=self.device,
-            weights=self.weights, pretrain=self.pretrain,
-        )
-
 
 def setup_from_config(
     config: Mapping[str, Any],
@@ -186,7 +158,7 @@ def setup_from_config(
         backbone=config["backbone"], preset=config["preset"], manifest_path=str(manifest_path),
         pairs=tuple((s, t) for s in scanners for t in scanners if s != t and source in (None, s)),
         folds=tuple(range(int(config.get("folds", 1)))), epochs=int(config["epochs"]), seed=int(config.get("seed", 0)),
-        protocol=dict(config.get("protocol") or {}), pretrain_epochs=config.get("pretrain_epochs"),
+        protocol=Protocol.from_settings(config.get("protocol")), pretrain_epochs=config.get("pretrain_epochs"),
         device=device or config.get("device") or "cpu",
         threads=threads if threads is not None else max(1, int(config.get("cpus_per_trial", 1))),
         run_dir=str(run_dir), weights=config.get("weights"),
@@ -212,8 +184,6 @@ class PairScore:
 
 def source_model(setup: TrialSetup, source: str, fold: int, *, progress: bool = False):
     """The cached pre-trained source model (trained now if missing and ``setup.pretrain``)."""
-    from autopeft.finetuning import source_model as job_source_model
-
     return job_source_model(setup.job(source, source, fold), progress=progress)
 
 
@@ -255,7 +225,6 @@ def run_plan(
     import torch
 
     from autopeft._io import path_inside
-    from autopeft.finetuning import finetune_plan
     from autopeft.peft import save_trained
     from autopeft.runs import pair_folder
 

@@ -143,7 +143,7 @@ def resolve_defaults(config: SearchConfig, *, cluster_gpus: float | None = None)
         "trials": config.trials or defaults["trials"],
         # At least 2 folds where the protocol has them: a CI over one fold leaves out the
         # fold-to-fold variance (training subjects and source model change with the fold).
-        "confirm_folds": config.confirm_folds or min(max(defaults["confirm_folds"], config.folds), Protocol(**config.protocol).folds),
+        "confirm_folds": config.confirm_folds or min(max(defaults["confirm_folds"], config.folds), Protocol.from_settings(config.protocol).folds),
         "confirm_seeds": config.confirm_seeds or defaults["confirm_seeds"],
     }
     presets = registered_backbones().get(config.backbone)

@@ -273,7 +273,7 @@ def _audit_unit(setup, job, pretrained, train, probes, settings) -> tuple[dict, 
     from autopeft.peft import count_trainable, get_method
     from autopeft.search._probes import audit_drops, inject
 
-    volumes = eval_volumes(split_scanner(job.manifest_path, job.target, purpose="finetune", protocol=job.make_protocol(),
+    volumes = eval_volumes(split_scanner(job.manifest_path, job.target, purpose="finetune", protocol=job.protocol,
                                          fold=job.fold, seed=job.seed)["val"])
     scores: dict[tuple[str, str], float] = {}
     notes: list[str] = []
@@ -292,7 +292,7 @@ def _audit_unit(setup, job, pretrained, train, probes, settings) -> tuple[dict, 
             return count_trainable(net), total
 
         finetune(model, job.target, manifest=job.manifest_path, method=f"audit-{probe.method}", prepare=prepare,
-                 epochs=settings["epochs"], lr=settings["lr"], protocol=job.make_protocol(), fold=job.fold,
+                 epochs=settings["epochs"], lr=settings["lr"], protocol=job.protocol, fold=job.fold,
                  seed=job.fine_tuning_seed, split_seed=job.seed, device=job.device, progress=False,
                  crops_per_volume=pretrained.preset.finetune.crops_per_volume, splits=("val",))
         cost += settings["epochs"]

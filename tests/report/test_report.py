@@ -16,6 +16,7 @@ import optuna
 import pytest
 
 from _fakes import make_dataset
+from autopeft.data import Protocol
 from autopeft.errors import ConfigError
 from autopeft.report import load_run, write_report
 from autopeft.report._figures import importance_figure
@@ -53,7 +54,7 @@ def build_micro_run(root: Path) -> Path:
     meta = {"study_name": "micro", "sessions": 1, "config": asdict(config), "versions": {"autopeft": "0.1.0"}}
     (run_dir / "run.json").write_text(json.dumps(meta))
     setup = TrialSetup(backbone="cvtgan", preset="tiny", manifest_path=str(manifest), pairs=(("1", "2"), ("1", "3")),
-                       epochs=1, protocol=PROTOCOL, pretrain_epochs=1, run_dir=str(run_dir))
+                       epochs=1, protocol=Protocol(**PROTOCOL), pretrain_epochs=1, run_dir=str(run_dir))
     source_model(setup, "1", 0)
     template = build_backbone("cvtgan", "tiny")
     space, counter = load_space("cvtgan", template.sites()), PlanCounter(template)

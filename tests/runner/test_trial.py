@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
+from autopeft.data import Protocol
+from autopeft.errors import ConfigError
 from autopeft.search.config import SearchConfig
 from autopeft.runner.trial import setup_from_config
 
@@ -22,7 +24,7 @@ def test_every_ordered_pair_and_fold_of_the_settings():
     assert setup.pairs == (("1", "2"), ("1", "3"), ("2", "1"), ("2", "3"), ("3", "1"), ("3", "2"))
     assert setup.folds == (0, 1) and len(setup.units) == 12
     assert (setup.backbone, setup.preset, setup.manifest_path, setup.epochs, setup.seed) == ("unetr", "tiny", "m.csv", 3, 7)
-    assert (setup.threads, setup.device, setup.run_dir, setup.protocol) == (2, "cpu", "runs/x", {"folds": 2})
+    assert (setup.threads, setup.device, setup.run_dir, setup.protocol) == (2, "cpu", "runs/x", Protocol(folds=2))
 
 
 def test_a_users_source_model_pairs_only_from_its_scanner_and_readers_choose_their_device():
@@ -30,6 +32,30 @@ def test_a_users_source_model_pairs_only_from_its_scanner_and_readers_choose_the
     setup = setup_from_config(settings, manifest_path="m.csv", device="cuda", threads=1)
     assert setup.pairs == (("2", "1"), ("2", "3")) and setup.weights == "mine.pt"
     assert (setup.device, setup.threads) == ("cuda", 1)
+
+
+def test_a_pairs_job_carries_every_shared_setting_and_travels_as_the_setup_does():
+    import json
+    import pickle
+
+    from autopeft.finetuning import FinetuneJob, FinetuneSettings
+
+    setup = setup_from_config(_settings(pretrain_epochs=2), manifest_path="m.csv")
+    job = setup.job("1", 3, 1, train_seed=5)
+    assert isinstance(job, FinetuneJob) and (job.source, job.target, job.fold, job.fine_tuning_seed) == ("1", "3", 1, 5)
+    shared = [f.name for f in fields(FinetuneSettings)]
+    assert {name: getattr(job, name) for name in shared} == {name: getattr(setup, name) for name in shared}
+    assert job.protocol == Protocol(folds=2) and job.pretrain_epochs == 2 and job.seed == 7
+    assert pickle.loads(pickle.dumps(setup)) == setup  # Ray ships it pickled
+    assert json.loads(json.dumps(asdict(setup)))["protocol"] == asdict(Protocol(folds=2))
+
+
+def test_a_runs_protocol_setting_names_only_the_fields_it_changes():
+    """run.json stores the search's protocol as the fields given (``{"folds": 2}``), the rest at defaults."""
+    assert Protocol.from_settings({"folds": 2}) == Protocol(folds=2)
+    assert Protocol.from_settings(None) == Protocol.from_settings({}) == Protocol()
+    with pytest.raises(ConfigError, match="finetune_tests.*finetune_test"):
+        Protocol.from_settings({"finetune_tests": 3})
 
 
 def test_scheduler_for_sets_the_rungs_and_the_mid_pair_scores():

@@ -9,6 +9,7 @@ import optuna
 import pytest
 
 from _fakes import make_dataset
+from autopeft.data import Protocol
 from autopeft.search import PlanCounter, load_space
 from autopeft.search.priors import NETWORK
 from autopeft.runner.trial import TrialSetup
@@ -28,7 +29,7 @@ def data(tmp_path_factory):
 def search(data):
     template = build_backbone("cvtgan", "tiny")
     setup = TrialSetup(backbone="cvtgan", preset="tiny", manifest_path=str(data), pairs=(("1", "2"),), epochs=4,
-                       protocol=PROTOCOL, pretrain_epochs=1)
+                       protocol=Protocol(**PROTOCOL), pretrain_epochs=1)
     return setup, template, load_space("cvtgan", template.sites()), PlanCounter(template)
 
 
