@@ -93,7 +93,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warm-start", type=int, default=None, help="plans enqueued first by prior (default: trials/4, 2 to 8)")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (also its torch threads)")
     parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractions allowed (default: 1 when a GPU is found)")
-    parser.add_argument("--concurrency", type=int, default=None, help="trials at once (default: what the resources allow)")
+    parser.add_argument("--concurrency", type=int, default=None, help="trials at once (default: what the resources allow); 1 also runs the confirmation in this process, one job at a time, otherwise the confirmation runs as many jobs at once as the resources allow")
     parser.add_argument("--address", default=None, help="join a Ray cluster ('auto', or HEAD:6379); default: a local Ray")
     parser.add_argument("--storage-path", default=None, metavar="DIR_OR_URI",
                         help="Ray Tune's storage and the shared artifacts (source models, importance maps, shipped scans): a "
