@@ -16,7 +16,6 @@ __all__ = [
     "read_manifest",
     "read_scanner_profiles",
     "check_scans",
-    "default_scanners",
     "resolve_manifest",
     "Protocol",
     "split_scanner",
@@ -35,8 +34,7 @@ _HOMES: dict[str, str] = {
     "read_manifest": "autopeft.data.manifest",
     "read_scanner_profiles": "autopeft.data.manifest",
     "check_scans": "autopeft.data.manifest",
-    "default_scanners": "autopeft.data.manifest",
-    "resolve_manifest": "autopeft.data.manifest",
+    "resolve_manifest": "autopeft.data.builtin",
     "Protocol": "autopeft.data.splits",
     "split_scanner": "autopeft.data.splits",
     "scanners_in": "autopeft.data.splits",
@@ -48,11 +46,9 @@ _HOMES: dict[str, str] = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the eager imports
+    from autopeft.data.builtin import resolve_manifest
     from autopeft.data.loading import eval_volumes, load_volume, train_loader
-    from autopeft.data.manifest import (
-        REQUIRED_COLUMNS, ScanSummary, check_scans, default_scanners, read_manifest, read_scanner_profiles,
-        resolve_manifest,
-    )
+    from autopeft.data.manifest import REQUIRED_COLUMNS, ScanSummary, check_scans, read_manifest, read_scanner_profiles
     from autopeft.data.simulator import builtin_data, simulate
     from autopeft.data.splits import Protocol, scanners_in, split_scanner
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from autopeft.cli import main
-from autopeft.data import default_scanners, read_manifest, simulate
+from autopeft.data import read_manifest, simulate
 from autopeft.data.bids import derive_pairs, parse_window, write_dataset_files, write_pet_scan
 from autopeft.errors import ConfigError, DataError
 
@@ -160,17 +160,3 @@ def test_bad_windows_and_options_are_config_errors(tmp_path):
             parse_window(text, unit=unit)
     assert main(["data", "--bids", str(tmp_path), "--short", "0-5"]) == 2  # no --long
     assert main(["data", "--manifest", str(tmp_path), "--short", "0-5"]) == 2  # --short without --bids
-
-
-def test_default_scanners_follow_the_data(tmp_path):
-    import pandas as pd
-
-    rows = [{"subject": f"s{i}", "scanner": name, "short": "x", "long": "y"}
-            for name, n in (("Biograph mCT", 5), ("HRRT", 7), ("Gemini", 3)) for i in range(n)]
-    frame = pd.DataFrame(rows)
-    assert default_scanners(frame, gpu=True)[0] == ["Biograph mCT", "Gemini", "HRRT"]
-    chosen, why = default_scanners(frame, gpu=False)
-    assert chosen == ["Biograph mCT", "HRRT"] and "most subjects" in why and "HRRT (7 subjects)" in why
-    assert default_scanners(frame, gpu=False, include="Gemini")[0] == ["Gemini", "HRRT"]
-    with pytest.raises(DataError, match="'ECAT' is not in"):
-        default_scanners(frame, gpu=False, include="ECAT")
