@@ -160,3 +160,17 @@ def test_bad_windows_and_options_are_config_errors(tmp_path):
             parse_window(text, unit=unit)
     assert main(["data", "--bids", str(tmp_path), "--short", "0-5"]) == 2  # no --long
     assert main(["data", "--manifest", str(tmp_path), "--short", "0-5"]) == 2  # --short without --bids
+
+
+def test_the_arguments_and_durations_are_checked_before_anything_is_written(tmp_path):
+    windows = {"short": parse_window("0-5"), "long": parse_window("0-15"), "progress": False}
+    with pytest.raises(DataError, match="no dataset_description.json"):
+        derive_pairs(tmp_path, tmp_path / "out", **windows)
+    root = _dataset(tmp_path / "bids", {"01": (_frames(3), _sidecar(FrameDuration=[300, 0, 300]))})
+    with pytest.raises(ConfigError, match=r"--out .* is the BIDS dataset itself"):
+        derive_pairs(root, root, **windows)
+    with pytest.raises(ConfigError, match="--from must be"):
+        derive_pairs(root, tmp_path / "out", reference="scan", **windows)
+    with pytest.raises(DataError, match=r"FrameDuration must be positive, but is \[300.0, 0.0, 300.0\]"):
+        derive_pairs(root, tmp_path / "out", **windows)
+    assert not (tmp_path / "out").exists()
