@@ -364,8 +364,8 @@ def _write_pairs(derived: Sequence[_Derived], subjects: Sequence[str], root: Pat
             target = path_inside(out, folder / f"{path_component(subject)}_{kind}.nii.gz", what="a derived scan")
             _save_3d(target, _weighted_mean(frames, item.durations, chosen), item.image)
             names.append(os.path.relpath(target, out))
-        writer.writerow([subject, item.scanner, *names, os.path.relpath(item.path, root),
-                         "+".join(str(i + 1) for i in item.short_frames), "+".join(str(i + 1) for i in item.long_frames)])
+        frame_numbers = ["+".join(str(i + 1) for i in chosen) for chosen in (item.short_frames, item.long_frames)]
+        writer.writerow([subject, item.scanner, *names, os.path.relpath(item.path, root), *frame_numbers])
     atomic_write_text(out / "manifest.csv", rows.getvalue())
     atomic_write_text(out / "scanners.json", json.dumps(_profiles(derived, scanner_entity), indent=2) + "\n")
     return out / "manifest.csv"
