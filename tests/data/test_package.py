@@ -1,4 +1,5 @@
-"""``import autopeft.data`` stays torch-free (``autopeft --help`` imports it); its loaders still work."""
+"""``import autopeft.data`` stays free of torch, nibabel and tqdm (``autopeft --help`` imports it);
+its loaders still work."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import subprocess
 import sys
 
 
-def test_the_package_imports_no_torch_until_a_loader_is_used():
+def test_the_package_imports_nothing_heavy_until_a_loader_is_used():
     code = (
         "import sys\n"
         "import autopeft.data as data\n"
-        "assert 'torch' not in sys.modules, 'import autopeft.data pulled in torch'\n"
+        "heavy = [name for name in ('torch', 'nibabel', 'tqdm') if name in sys.modules]\n"
+        "assert not heavy, f'import autopeft.data pulled in {heavy}'\n"
         "assert data.read_manifest and data.Protocol and data.resolve_manifest and data.simulate\n"
         "from autopeft.data import train_loader\n"
         "from autopeft.data.loading import train_loader as home\n"
