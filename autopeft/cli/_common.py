@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from autopeft.data.manifest import resolve_manifest  # noqa: F401  (re-exported for the commands)
+from autopeft.data.builtin import resolve_manifest  # noqa: F401  (re-exported for the commands)
 from autopeft.tables import print_table  # noqa: F401  (re-exported for the commands)
 
 

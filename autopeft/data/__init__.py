@@ -1,14 +1,20 @@
 """Data for autopeft: manifests of paired scans, per-scanner splits, MONAI loaders, built-in data.
 
-Names are imported on first use (PEP 562), so ``import autopeft.data`` stays cheap and MONAI is only
-loaded by the loaders. The built-in simulator's ``simulate`` and ``builtin_data`` are re-exported
-from :mod:`autopeft.data.simulator`.
+The MONAI loaders (``train_loader``, ``eval_volumes``, ``load_volume``) are the one exception to the
+plain imports below: see :data:`_TORCH_NAMES`.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from autopeft.data.builtin import resolve_manifest
+from autopeft.data.manifest import REQUIRED_COLUMNS, ScanSummary, check_scans, read_manifest, read_scanner_profiles
+from autopeft.data.simulator import builtin_data, simulate
+from autopeft.data.splits import Protocol, scanners_in, split_scanner
+
+if TYPE_CHECKING:  # pragma: no cover - static analysers see the loaders as plain re-exports
+    from autopeft.data.loading import eval_volumes, load_volume, train_loader
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -16,7 +22,6 @@ __all__ = [
     "read_manifest",
     "read_scanner_profiles",
     "check_scans",
-    "default_scanners",
     "resolve_manifest",
     "Protocol",
     "split_scanner",
@@ -28,43 +33,20 @@ __all__ = [
     "builtin_data",
 ]
 
-# public name -> module that defines it
-_HOMES: dict[str, str] = {
-    "REQUIRED_COLUMNS": "autopeft.data.manifest",
-    "ScanSummary": "autopeft.data.manifest",
-    "read_manifest": "autopeft.data.manifest",
-    "read_scanner_profiles": "autopeft.data.manifest",
-    "check_scans": "autopeft.data.manifest",
-    "default_scanners": "autopeft.data.manifest",
-    "resolve_manifest": "autopeft.data.manifest",
-    "Protocol": "autopeft.data.splits",
-    "split_scanner": "autopeft.data.splits",
-    "scanners_in": "autopeft.data.splits",
-    "train_loader": "autopeft.data.loading",
-    "eval_volumes": "autopeft.data.loading",
-    "load_volume": "autopeft.data.loading",
-    "simulate": "autopeft.data.simulator",
-    "builtin_data": "autopeft.data.simulator",
-}
-
-if TYPE_CHECKING:  # pragma: no cover - static analysers see the eager imports
-    from autopeft.data.loading import eval_volumes, load_volume, train_loader
-    from autopeft.data.manifest import (
-        REQUIRED_COLUMNS, ScanSummary, check_scans, default_scanners, read_manifest, read_scanner_profiles,
-        resolve_manifest,
-    )
-    from autopeft.data.simulator import builtin_data, simulate
-    from autopeft.data.splits import Protocol, scanners_in, split_scanner
+# autopeft.data.loading imports torch: `python -c "import autopeft.data.loading"` takes 2.0 CPU-s
+# against 0.42 for `import autopeft.data` without it (best of 5, 2-core CPU). `autopeft --help`
+# (0.46 CPU-s) imports this package through cli/_common and needs no torch, nor does `autopeft data`;
+# so these three names load it on first use (PEP 562). tests/data/test_package.py keeps it so.
+_TORCH_NAMES = ("train_loader", "eval_volumes", "load_volume")
 
 
 def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
+    if name not in _TORCH_NAMES:
         raise AttributeError(f"module 'autopeft.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
+    from autopeft.data import loading  # deferred: torch (see _TORCH_NAMES)
+
+    return getattr(loading, name)
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
+    return sorted({*globals(), *_TORCH_NAMES})

@@ -41,8 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import nibabel as nib
 import numpy as np
+from tqdm.auto import tqdm
 
+from autopeft import __version__
 from autopeft._io import atomic_write, atomic_write_text, path_component, path_inside
 from autopeft.data.manifest import natural_key, problems_message
 from autopeft.errors import ConfigError, DataError
@@ -142,12 +145,18 @@ def _weighted_mean(frames: np.ndarray, durations: np.ndarray, chosen: np.ndarray
 
 @dataclass
 class _Derived:
+    """One usable dynamic scan and the frames its short and long scans average."""
+
     path: str
     entities: dict[str, Any]
     scanner: str
     metadata: dict[str, Any]
     shape: tuple[int, ...]
     spacing: tuple[float, ...]
+    image: Any  # the 4D nibabel image, read again (voxels) when the pair is written
+    durations: np.ndarray  # FrameDuration, seconds
+    short_frames: np.ndarray  # 0-based frame indices
+    long_frames: np.ndarray
 
 
 def derive_pairs(
@@ -180,117 +189,185 @@ def derive_pairs(
     Raises:
         DataError: listing every problem, each with its file and sidecar field.
     """
-    import nibabel as nib
-    from bids import BIDSLayout
-    from tqdm.auto import tqdm
-
     root = Path(bids_dir).expanduser().resolve()
     out = Path(out_dir).expanduser().resolve()
+    _check_arguments(bids_dir, out_dir, root, out, reference)
+    if scanner_entity is not None:
+        scanner_entity = _ENTITIES.get(scanner_entity, scanner_entity)
+    files = _pet_files(bids_dir, root)
+
+    problems: list[str] = []
+    derived: list[_Derived] = []
+    for file in tqdm(files, desc="deriving short/long scans", unit="scan", disable=not progress):
+        item = _inspect_scan(file, root, short=short, long=long, reference=reference,
+                             scanner_entity=scanner_entity, problems=problems)
+        if item is not None:
+            derived.append(item)
+    if problems:
+        raise DataError(problems_message(f"--bids {bids_dir} has {len(problems)} problem(s)", problems,
+                                          "Fix these files or sidecars (or leave them out of the dataset) and run again."))
+    return _write_pairs(derived, _subject_ids(derived, scanner_entity), root, out, scanner_entity)
+
+
+# Reading: the dataset, then one scan at a time; each check adds its problems to `problems` ----------
+def _check_arguments(bids_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], root: Path, out: Path,
+                     reference: str) -> None:
+    """Refuses a bad ``--from``, a folder that is not a BIDS dataset, and ``--out`` inside-out."""
     if reference not in ("start", "injection"):
         raise ConfigError(f"--from must be 'start' or 'injection', but got {reference!r}.")
     if not (root / "dataset_description.json").is_file():
         raise DataError(f"--bids {bids_dir}: no dataset_description.json in {root}; give the root folder of a BIDS dataset.")
     if out == root:
         raise ConfigError(f"--out {out_dir} is the BIDS dataset itself; derived scans go to another folder (e.g. {root}/derivatives/autopeft).")
-    if scanner_entity is not None:
-        scanner_entity = _ENTITIES.get(scanner_entity, scanner_entity)
-    layout = BIDSLayout(str(root), validate=False)
-    files = layout.get(suffix="pet", extension=[".nii.gz", ".nii"], datatype="pet")
+
+
+def _pet_files(bids_dir: str | os.PathLike[str], root: Path) -> list[Any]:
+    """The dataset's ``*_pet.nii[.gz]`` files (pybids ``BIDSFile`` objects)."""
+    from bids import BIDSLayout  # deferred: pybids costs ~0.3 CPU-s to import, needed only here
+
+    files = BIDSLayout(str(root), validate=False).get(suffix="pet", extension=[".nii.gz", ".nii"], datatype="pet")
     if not files:
         raise DataError(f"--bids {bids_dir}: no sub-*/[ses-*/]pet/*_pet.nii[.gz] file found in {root}.")
+    return files
+
+
+def _inspect_scan(file: Any, root: Path, *, short: Window, long: Window, reference: str,
+                  scanner_entity: str | None, problems: list[str]) -> _Derived | None:
+    """One dynamic scan checked and its short and long frames chosen.
+
+    Args:
+        file: the scan, a pybids ``BIDSFile``.
+        root: the dataset's root (problems name the file relative to it).
+        short, long, reference, scanner_entity: as for :func:`derive_pairs`.
+        problems: every problem of the scan is added to it.
+
+    Returns:
+        The scan, or None when it has problems.
+    """
+    where = os.path.relpath(file.path, root)
+    entities = file.get_entities()
+    metadata = file.get_metadata() or {}
+    image = _open_dynamic(file.path, where, metadata, problems)
+    if image is None:
+        return None
+    own = len(problems)
+    timing = _frame_timing(where, metadata, int(image.shape[3]), problems)
+    scanner = _scanner_name(where, metadata, entities, scanner_entity, problems)
+    offset = 0.0
+    if reference == "injection" and not isinstance(timing["FrameTimesStart"], str):
+        offset = _injection_start(where, metadata, problems)
+    if len(problems) > own:
+        return None
+    starts_s, durations = timing["FrameTimesStart"], timing["FrameDuration"]
+    if np.any(durations <= 0):
+        problems.append(f"{where}: sidecar field FrameDuration must be positive, but is {durations.tolist()}")
+        return None
+    starts = (starts_s - (starts_s[0] if reference == "start" else offset)) / 60.0
+    ends = starts + durations / 60.0
     origin = "after the first frame's start" if reference == "start" else "after injection"
+    chosen = _frames_in_windows(where, {"short": short, "long": long}, starts, ends, origin, problems)
+    if chosen is None:
+        return None
+    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
+    return _Derived(file.path, entities, scanner, metadata, tuple(int(s) for s in image.shape[:3]), spacing, image,
+                    durations, chosen["short"], chosen["long"])
 
-    problems: list[str] = []
-    derived: list[tuple[_Derived, np.ndarray, np.ndarray, Any]] = []
-    for file in tqdm(files, desc="deriving short/long scans", unit="scan", disable=not progress):
-        path, where = file.path, os.path.relpath(file.path, root)
-        entities = file.get_entities()
-        metadata = file.get_metadata() or {}
-        own = len(problems)
-        sidecar = re.sub(r"\.nii(\.gz)?$", ".json", path)
-        if not metadata and not os.path.isfile(sidecar):
-            problems.append(f"{where}: no sidecar ({os.path.basename(sidecar)}); FrameTimesStart, FrameDuration and "
-                            "ManufacturersModelName are read from it")
-            continue
-        try:
-            image = nib.load(path)
-        except Exception as err:  # noqa: BLE001 - any reader failure, said with its cause
-            problems.append(f"{where}: cannot be read as NIfTI ({type(err).__name__}: {err})")
-            continue
-        if len(image.shape) != 4:
-            problems.append(f"{where}: is {len(image.shape)}D with shape {tuple(image.shape)}; dynamic PET with its frames "
-                            "along the 4th dimension is needed")
-            continue
-        n_frames = int(image.shape[3])
-        timing = {field: _numbers(metadata, field) for field in ("FrameTimesStart", "FrameDuration")}
-        for field, value in timing.items():
-            if isinstance(value, str):
-                problems.append(f"{where}: sidecar field {field} {value}")
-            elif len(value) != n_frames:
-                problems.append(f"{where}: sidecar field {field} has {len(value)} entries but the image has {n_frames} "
-                                "frames (its 4th dimension)")
-        if scanner_entity is None:
-            scanner = str(metadata.get("ManufacturersModelName", "")).strip()
-            if not scanner:
-                problems.append(f"{where}: sidecar field ManufacturersModelName is missing (it names the scanner; or pass "
-                                "--scanner-entity ENTITY, e.g. rec or acq)")
+
+def _open_dynamic(path: str, where: str, metadata: Mapping[str, Any], problems: list[str]) -> Any | None:
+    """The 4D image at ``path`` (header only: voxels are read when the pair is written), or None
+    when it has no sidecar, is unreadable or is not 4D."""
+    sidecar = re.sub(r"\.nii(\.gz)?$", ".json", path)
+    if not metadata and not os.path.isfile(sidecar):
+        problems.append(f"{where}: no sidecar ({os.path.basename(sidecar)}); FrameTimesStart, FrameDuration and "
+                        "ManufacturersModelName are read from it")
+        return None
+    try:
+        image = nib.load(path)
+    except Exception as err:  # noqa: BLE001 - any reader failure, said with its cause
+        problems.append(f"{where}: cannot be read as NIfTI ({type(err).__name__}: {err})")
+        return None
+    if len(image.shape) != 4:
+        problems.append(f"{where}: is {len(image.shape)}D with shape {tuple(image.shape)}; dynamic PET with its frames "
+                        "along the 4th dimension is needed")
+        return None
+    return image
+
+
+def _frame_timing(where: str, metadata: Mapping[str, Any], n_frames: int,
+                  problems: list[str]) -> dict[str, np.ndarray | str]:
+    """``FrameTimesStart`` and ``FrameDuration`` (seconds, one per frame), or why each is unusable."""
+    timing = {field: _numbers(metadata, field) for field in ("FrameTimesStart", "FrameDuration")}
+    for field, value in timing.items():
+        if isinstance(value, str):
+            problems.append(f"{where}: sidecar field {field} {value}")
+        elif len(value) != n_frames:
+            problems.append(f"{where}: sidecar field {field} has {len(value)} entries but the image has {n_frames} "
+                            "frames (its 4th dimension)")
+    return timing
+
+
+def _scanner_name(where: str, metadata: Mapping[str, Any], entities: Mapping[str, Any], scanner_entity: str | None,
+                  problems: list[str]) -> str:
+    """The scanner: the sidecar's ``ManufacturersModelName``, or the value of ``scanner_entity``."""
+    if scanner_entity is None:
+        scanner = str(metadata.get("ManufacturersModelName", "")).strip()
+        if not scanner:
+            problems.append(f"{where}: sidecar field ManufacturersModelName is missing (it names the scanner; or pass "
+                            "--scanner-entity ENTITY, e.g. rec or acq)")
+        return scanner
+    scanner = str(entities.get(scanner_entity, "")).strip()
+    if not scanner:
+        problems.append(f"{where}: has no BIDS entity {scanner_entity!r} (--scanner-entity); its entities are "
+                        f"{', '.join(k for k in entities if k not in ('suffix', 'extension', 'datatype'))}")
+    return scanner
+
+
+def _injection_start(where: str, metadata: Mapping[str, Any], problems: list[str]) -> float:
+    """``InjectionStart`` in seconds (for ``--from injection``); 0 with a problem when unusable."""
+    injection = metadata.get("InjectionStart")
+    if not isinstance(injection, (int, float)) or isinstance(injection, bool):
+        problems.append(f"{where}: sidecar field InjectionStart is missing or not a number (seconds); it is needed "
+                        "for --from injection")
+        return 0.0
+    return float(injection)
+
+
+def _frames_in_windows(where: str, windows: Mapping[str, Window], starts: np.ndarray, ends: np.ndarray, origin: str,
+                       problems: list[str]) -> dict[str, np.ndarray] | None:
+    """Window name -> indices of the frames inside it; None when a window is not covered."""
+    chosen = {}
+    for name, window in windows.items():
+        picked = _select(window, starts, ends, origin)
+        if isinstance(picked, str):
+            problems.append(f"{where}: {name} window: {picked} (sidecar fields FrameTimesStart, FrameDuration)")
         else:
-            scanner = str(entities.get(scanner_entity, "")).strip()
-            if not scanner:
-                problems.append(f"{where}: has no BIDS entity {scanner_entity!r} (--scanner-entity); its entities are "
-                                f"{', '.join(k for k in entities if k not in ('suffix', 'extension', 'datatype'))}")
-        offset = 0.0
-        if reference == "injection" and not isinstance(timing["FrameTimesStart"], str):
-            injection = metadata.get("InjectionStart")
-            if not isinstance(injection, (int, float)) or isinstance(injection, bool):
-                problems.append(f"{where}: sidecar field InjectionStart is missing or not a number (seconds); it is needed "
-                                "for --from injection")
-            else:
-                offset = float(injection)
-        if len(problems) > own:
-            continue
-        starts_s, durations = timing["FrameTimesStart"], timing["FrameDuration"]
-        if np.any(durations <= 0):
-            problems.append(f"{where}: sidecar field FrameDuration must be positive, but is {durations.tolist()}")
-            continue
-        zero = starts_s[0] if reference == "start" else offset
-        starts = (starts_s - zero) / 60.0
-        ends = starts + durations / 60.0
-        chosen = {}
-        for name, window in (("short", short), ("long", long)):
-            picked = _select(window, starts, ends, origin)
-            if isinstance(picked, str):
-                problems.append(f"{where}: {name} window: {picked} (sidecar fields FrameTimesStart, FrameDuration)")
-            else:
-                chosen[name] = picked
-        if len(problems) > own:
-            continue
-        spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
-        derived.append((_Derived(path, entities, scanner, metadata, tuple(int(s) for s in image.shape[:3]), spacing),
-                        chosen["short"], chosen["long"], (image, durations)))
-    if problems:
-        raise DataError(problems_message(f"--bids {bids_dir} has {len(problems)} problem(s)", problems,
-                                          "Fix these files or sidecars (or leave them out of the dataset) and run again."))
+            chosen[name] = picked
+    return chosen if len(chosen) == len(windows) else None
 
-    ids = _subject_ids([item[0] for item in derived], scanner_entity)
+
+# Writing: the derived pairs, manifest.csv and scanners.json ----------------------------------------
+def _write_pairs(derived: Sequence[_Derived], subjects: Sequence[str], root: Path, out: Path,
+                 scanner_entity: str | None) -> Path:
+    """Writes every scan's short and long NIfTI (one folder per scanner), then the manifest and the
+    scanner profiles; returns the manifest's path."""
     out.mkdir(parents=True, exist_ok=True)
     rows = io.StringIO()
     writer = csv.writer(rows, lineterminator="\n")
     writer.writerow(["subject", "scanner", "short", "long", "bids_file", "short_frames", "long_frames"])
-    for (item, short_idx, long_idx, (image, durations)), subject in zip(derived, ids):
-        frames = np.asarray(image.dataobj, dtype=np.float32)
+    for item, subject in zip(derived, subjects):
+        frames = np.asarray(item.image.dataobj, dtype=np.float32)
         # Scanner names are sidecar text: a path component each (the manifest keeps the name itself).
         folder = path_inside(out, out / path_component(item.scanner), what="a scanner's folder of derived scans")
         folder.mkdir(exist_ok=True)
         names = []
-        for kind, idx in (("short", short_idx), ("long", long_idx)):
+        for kind, chosen in (("short", item.short_frames), ("long", item.long_frames)):
             target = path_inside(out, folder / f"{path_component(subject)}_{kind}.nii.gz", what="a derived scan")
-            _save_3d(target, _weighted_mean(frames, durations, idx), image)
+            _save_3d(target, _weighted_mean(frames, item.durations, chosen), item.image)
             names.append(os.path.relpath(target, out))
-        writer.writerow([subject, item.scanner, *names, os.path.relpath(item.path, root),
-                         "+".join(str(i + 1) for i in short_idx), "+".join(str(i + 1) for i in long_idx)])
+        frame_numbers = ["+".join(str(i + 1) for i in chosen) for chosen in (item.short_frames, item.long_frames)]
+        writer.writerow([subject, item.scanner, *names, os.path.relpath(item.path, root), *frame_numbers])
     atomic_write_text(out / "manifest.csv", rows.getvalue())
-    atomic_write_text(out / "scanners.json", json.dumps(_profiles([d[0] for d in derived], scanner_entity), indent=2) + "\n")
+    atomic_write_text(out / "scanners.json", json.dumps(_profiles(derived, scanner_entity), indent=2) + "\n")
     return out / "manifest.csv"
 
 
@@ -339,8 +416,6 @@ def _profiles(items: Sequence[_Derived], scanner_entity: str | None) -> dict[str
 
 def _save_3d(path: Path, volume: np.ndarray, like) -> None:
     """``volume`` as NIfTI with the affine and header of the 4D image ``like`` (3D now)."""
-    import nibabel as nib
-
     header = like.header.copy()
     image = nib.Nifti1Image(volume, like.affine, header=header)
     image.header.set_data_shape(volume.shape)
@@ -353,8 +428,6 @@ def write_pet_scan(root: str | os.PathLike[str], relpath: str, frames: np.ndarra
                    sidecar: Mapping[str, Any], frame_seconds: float) -> Path:
     """Writes one dynamic scan, ``frames`` (``X x Y x Z x T``), at ``root/relpath`` (a ``*_pet.nii.gz``
     path) with its ``_pet.json`` sidecar beside it; atomically (temporary name, then rename)."""
-    import nibabel as nib
-
     path = Path(root) / relpath
     path.parent.mkdir(parents=True, exist_ok=True)
     image = nib.Nifti1Image(np.asarray(frames, dtype=np.float32), affine)
@@ -373,8 +446,6 @@ def write_dataset_files(root: str | os.PathLike[str], *, name: str, participants
                         ignore: Sequence[str] = ()) -> None:
     """``dataset_description.json``, ``participants.tsv``, ``README`` and (for files beside the
     dataset that are not BIDS) ``.bidsignore``."""
-    from autopeft import __version__
-
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     description = {"Name": name, "BIDSVersion": BIDS_VERSION, "DatasetType": "raw", "License": "CC0",

@@ -42,8 +42,8 @@ __all__ = [
     "read_manifest",
     "read_scanner_profiles",
     "check_scans",
-    "default_scanners",
-    "resolve_manifest",
+    "MANIFEST_NAME",
+    "locate_manifest",
     "natural_key",
     "problems_message",
 ]
@@ -52,7 +52,8 @@ REQUIRED_COLUMNS: tuple[str, ...] = ("subject", "scanner", "short", "long")
 """The columns every manifest must have, in the order of the expected header."""
 
 _SCAN_COLUMNS: tuple[str, str] = ("short", "long")
-_MANIFEST_NAME = "manifest.csv"
+MANIFEST_NAME = "manifest.csv"
+"""The manifest's file name inside a data folder."""
 _PROFILES_NAME = "scanners.json"
 _MAX_LISTED_PROBLEMS = 20
 # Affines of a short/long pair must agree to this many millimetres: both come from one scanner's
@@ -83,21 +84,25 @@ class ScanSummary:
     long_range: tuple[float, float]
 
 
-def _manifest_file(path: str | os.PathLike[str], *, flag: str | None = None) -> Path:
-    """Resolves ``path`` to the manifest file: a folder means the ``manifest.csv`` inside it.
-    ``flag``: the command-line option that gave ``path``, named in the error."""
+def locate_manifest(path: str | os.PathLike[str]) -> Path:
+    """The manifest file that ``path`` names, whether or not it exists.
+
+    Args:
+        path: a manifest CSV, or a folder (then its ``manifest.csv``).
+
+    Returns:
+        ``path`` itself, or ``path/manifest.csv`` when ``path`` is a folder; ``~`` expanded.
+    """
     candidate = Path(path).expanduser()
-    if candidate.is_dir():
-        candidate = candidate / _MANIFEST_NAME
-    if not candidate.is_file() and flag is not None:
-        raise DataError(
-            f"{flag} {path}: no manifest found at {candidate}. Pass a directory holding {_MANIFEST_NAME} or "
-            "the CSV itself, or leave --data out to use the built-in simulated data."
-        )
+    return candidate / MANIFEST_NAME if candidate.is_dir() else candidate
+
+
+def _existing_manifest(path: str | os.PathLike[str]) -> Path:
+    candidate = locate_manifest(path)
     if not candidate.is_file():
         raise DataError(
             f"manifest {candidate} does not exist. Give the path of a CSV file with the header "
-            f"'{','.join(REQUIRED_COLUMNS)}' (or the folder holding {_MANIFEST_NAME}); "
+            f"'{','.join(REQUIRED_COLUMNS)}' (or the folder holding {MANIFEST_NAME}); "
             "'autopeft simulate' writes one for the built-in data."
         )
     return candidate.resolve()
@@ -217,7 +222,7 @@ def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
         >>> sorted(frame["scanner"].unique())  # doctest: +SKIP
         ['1', '2', '3', '4', '5']
     """
-    manifest_path = _manifest_file(path)
+    manifest_path = _existing_manifest(path)
     header, rows = _read_rows(manifest_path)
     _check_header(manifest_path, header)
     if not rows:
@@ -422,50 +427,3 @@ def check_scans(
 def natural_key(text: str) -> tuple[Any, ...]:
     """Sort key putting '2' before '10' (scanner ids are strings but often numbers)."""
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
-
-
-def default_scanners(
-    manifest: pd.DataFrame | str | os.PathLike[str], *, gpu: bool, include: str | None = None
-) -> tuple[list[str], str]:
-    """The scanners a search uses when none are named: the data's own.
-
-    On a GPU every scanner of the manifest; on a CPU the two with the most subjects (ties by
-    natural order), so that a CPU run stays small. ``include`` (e.g. the source scanner of a user's
-    own pre-trained model) is always one of them.
-
-    Args:
-        manifest: a frame from :func:`read_manifest`, or a manifest path.
-        gpu: whether the search runs on a GPU.
-        include: a scanner id that must be chosen. Defaults to None.
-
-    Returns:
-        The scanner ids (natural order) and one sentence that says why, for the console.
-
-    Raises:
-        DataError: ``include`` is not a scanner of the manifest.
-    """
-    frame = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
-    counts = frame.groupby("scanner")["subject"].nunique().to_dict()
-    ranked = sorted(counts, key=lambda sid: (-counts[sid], natural_key(str(sid))))
-    where = frame.attrs.get("manifest", "the manifest")
-    if include is not None and str(include) not in counts:
-        raise DataError(f"scanner {include!r} is not in {where}; its scanners are {', '.join(sorted(counts, key=natural_key))}.")
-    if gpu:
-        chosen, why = ranked, "all scanners of the data (GPU default)"
-    else:
-        chosen = [str(include)] if include is not None else []
-        chosen += [sid for sid in ranked if sid not in chosen][: 2 - len(chosen)]
-        why = "the two scanners with the most subjects (CPU default; --scanners to choose others)"
-    chosen = sorted(chosen, key=natural_key)
-    listed = ", ".join(f"{sid} ({counts[sid]} subjects)" for sid in chosen)
-    return chosen, f"scanners: {listed}: {why}, from {where}"
-
-
-def resolve_manifest(data: str | os.PathLike[str] | None, *, progress: bool = True) -> Path:
-    """The manifest path for ``--data`` (a directory or a CSV), or the built-in data set (simulated
-    into the cache on first use)."""
-    if data is None:
-        from autopeft.data.simulator import builtin_data
-
-        return builtin_data(progress=progress)
-    return _manifest_file(data, flag="--data")

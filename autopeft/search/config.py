@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from autopeft.errors import ConfigError
+import pandas as pd
+
+from autopeft.data import Protocol, resolve_manifest
+from autopeft.data.manifest import natural_key, read_manifest
+from autopeft.errors import ConfigError, DataError
 from autopeft.search.options import (
     DEFAULT_FIDELITY, DEFAULT_PRIOR_SIGNAL, FIDELITIES, PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS, default_prior_beta,
 )
 
-__all__ = ["SearchConfig", "resolve_defaults", "parse_duration"]
+__all__ = ["SearchConfig", "resolve_defaults", "default_scanners", "parse_duration"]
 
 # The CPU default: the time budget counts from the start (a first run pre-trains its two source
 # models there) and trials launched before it end within a few minutes, so the run ends within 20.
@@ -110,6 +115,43 @@ class SearchConfig:
                 raise ConfigError(f"`{name}` must be at least 1, but got {value}.")
 
 
+def default_scanners(
+    manifest: pd.DataFrame | str | os.PathLike[str], *, gpu: bool, include: str | None = None
+) -> tuple[list[str], str]:
+    """The scanners a search uses when none are named: the data's own.
+
+    On a GPU every scanner of the manifest; on a CPU the two with the most subjects (ties by
+    natural order), so that a CPU run stays small. ``include`` (e.g. the source scanner of a user's
+    own pre-trained model) is always one of them.
+
+    Args:
+        manifest: a frame from :func:`~autopeft.data.manifest.read_manifest`, or a manifest path.
+        gpu: whether the search runs on a GPU.
+        include: a scanner id that must be chosen. Defaults to None.
+
+    Returns:
+        The scanner ids (natural order) and one sentence that says why, for the console.
+
+    Raises:
+        DataError: ``include`` is not a scanner of the manifest.
+    """
+    frame = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
+    counts = frame.groupby("scanner")["subject"].nunique().to_dict()
+    ranked = sorted(counts, key=lambda sid: (-counts[sid], natural_key(str(sid))))
+    where = frame.attrs.get("manifest", "the manifest")
+    if include is not None and str(include) not in counts:
+        raise DataError(f"scanner {include!r} is not in {where}; its scanners are {', '.join(sorted(counts, key=natural_key))}.")
+    if gpu:
+        chosen, why = ranked, "all scanners of the data (GPU default)"
+    else:
+        chosen = [str(include)] if include is not None else []
+        chosen += [sid for sid in ranked if sid not in chosen][: 2 - len(chosen)]
+        why = "the two scanners with the most subjects (CPU default; --scanners to choose others)"
+    chosen = sorted(chosen, key=natural_key)
+    listed = ", ".join(f"{sid} ({counts[sid]} subjects)" for sid in chosen)
+    return chosen, f"scanners: {listed}: {why}, from {where}"
+
+
 def resolve_defaults(config: SearchConfig, *, cluster_gpus: float | None = None) -> SearchConfig:
     """Fill the ``None`` fields for where the trials run: GPUs get the paper preset, all five
     scanners, 64 trials and a confirmation over 3 folds x 3 seeds; CPUs the tiny preset, two
@@ -122,7 +164,6 @@ def resolve_defaults(config: SearchConfig, *, cluster_gpus: float | None = None)
     """
     import torch
 
-    from autopeft.data import Protocol
     from autopeft.backbones import registered_backbones
 
     gpus = torch.cuda.device_count() if cluster_gpus is None else cluster_gpus
@@ -130,8 +171,6 @@ def resolve_defaults(config: SearchConfig, *, cluster_gpus: float | None = None)
     defaults = GPU_DEFAULTS if cuda else CPU_DEFAULTS
     preset = config.preset or ("paper" if cuda else "tiny")
     if config.scanners is None and config.data is not None:  # the data's own scanners
-        from autopeft.data import default_scanners, resolve_manifest
-
         scanners, why = default_scanners(resolve_manifest(config.data), gpu=cuda, include=config.source)
         print(why, flush=True)
         config = replace(config, scanners=scanners)

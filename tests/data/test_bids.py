@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from autopeft.cli import main
-from autopeft.data import default_scanners, read_manifest, simulate
+from autopeft.data import read_manifest, simulate
 from autopeft.data.bids import derive_pairs, parse_window, write_dataset_files, write_pet_scan
 from autopeft.errors import ConfigError, DataError
 
@@ -162,15 +162,15 @@ def test_bad_windows_and_options_are_config_errors(tmp_path):
     assert main(["data", "--manifest", str(tmp_path), "--short", "0-5"]) == 2  # --short without --bids
 
 
-def test_default_scanners_follow_the_data(tmp_path):
-    import pandas as pd
-
-    rows = [{"subject": f"s{i}", "scanner": name, "short": "x", "long": "y"}
-            for name, n in (("Biograph mCT", 5), ("HRRT", 7), ("Gemini", 3)) for i in range(n)]
-    frame = pd.DataFrame(rows)
-    assert default_scanners(frame, gpu=True)[0] == ["Biograph mCT", "Gemini", "HRRT"]
-    chosen, why = default_scanners(frame, gpu=False)
-    assert chosen == ["Biograph mCT", "HRRT"] and "most subjects" in why and "HRRT (7 subjects)" in why
-    assert default_scanners(frame, gpu=False, include="Gemini")[0] == ["Gemini", "HRRT"]
-    with pytest.raises(DataError, match="'ECAT' is not in"):
-        default_scanners(frame, gpu=False, include="ECAT")
+def test_the_arguments_and_durations_are_checked_before_anything_is_written(tmp_path):
+    windows = {"short": parse_window("0-5"), "long": parse_window("0-15"), "progress": False}
+    with pytest.raises(DataError, match="no dataset_description.json"):
+        derive_pairs(tmp_path, tmp_path / "out", **windows)
+    root = _dataset(tmp_path / "bids", {"01": (_frames(3), _sidecar(FrameDuration=[300, 0, 300]))})
+    with pytest.raises(ConfigError, match=r"--out .* is the BIDS dataset itself"):
+        derive_pairs(root, root, **windows)
+    with pytest.raises(ConfigError, match="--from must be"):
+        derive_pairs(root, tmp_path / "out", reference="scan", **windows)
+    with pytest.raises(DataError, match=r"FrameDuration must be positive, but is \[300.0, 0.0, 300.0\]"):
+        derive_pairs(root, tmp_path / "out", **windows)
+    assert not (tmp_path / "out").exists()
