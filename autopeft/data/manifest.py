@@ -369,44 +369,19 @@ def check_scans(
     with ThreadPoolExecutor(max_workers=min(max_workers, max(1, len(paths)))) as pool:
         opened = dict(zip(paths, pool.map(_open_scan, paths)))
 
-    problems: list[str] = []
-    if allowed is not None:
-        known = ", ".join(sorted(allowed, key=natural_key)) or "none"
-        unknown = frame[~frame["scanner"].isin(allowed)]
-        for scanner, rows in unknown.groupby("scanner", sort=False):
-            lines = ", ".join(str(line) for line in rows.index)
-            problems.append(
-                f"line{'s' if len(rows) > 1 else ''} {lines}, column scanner: unknown scanner {scanner!r} "
-                f"(known in {allowed_source}: {known})"
-            )
+    problems = _unknown_scanner_problems(frame, allowed, allowed_source)
     summaries: list[ScanSummary] = []
     for line, row in frame.iterrows():
-        row_problems: list[str] = []
-        scanner = str(row["scanner"])
-        for column in _SCAN_COLUMNS:
-            scan = opened[row[column]]
-            if scan.problem is not None:
-                row_problems.append(f"line {line}, column {column}: {row[column]} {scan.problem}")
-        short, long = opened[row["short"]], opened[row["long"]]
-        if short.problem is None and long.problem is None:
-            if short.shape != long.shape:
-                row_problems.append(
-                    f"line {line}: short scan {row['short']} has shape {short.shape} but long scan "
-                    f"{row['long']} has shape {long.shape}; a pair must share one voxel grid"
-                )
-            elif not np.allclose(short.affine, long.affine, rtol=0.0, atol=_AFFINE_ATOL_MM):
-                row_problems.append(
-                    f"line {line}: short scan {row['short']} and long scan {row['long']} have different "
-                    "affines (voxel-to-world matrices); a pair must share one voxel grid"
-                )
-        if row_problems or (allowed is not None and scanner not in allowed):
+        row_problems = _pair_problems(line, row, opened)
+        if row_problems or (allowed is not None and str(row["scanner"]) not in allowed):
             problems.extend(row_problems)
             continue
+        short, long = opened[row["short"]], opened[row["long"]]
         summaries.append(
             ScanSummary(
                 line=int(line),
                 subject=str(row["subject"]),
-                scanner=scanner,
+                scanner=str(row["scanner"]),
                 shape=tuple(short.shape),  # type: ignore[arg-type]
                 spacing_mm=tuple(short.spacing_mm),  # type: ignore[arg-type]
                 short_range=short.value_range,
@@ -422,6 +397,42 @@ def check_scans(
             )
         )
     return summaries
+
+
+def _unknown_scanner_problems(frame: pd.DataFrame, allowed: set[str] | None, allowed_source: str) -> list[str]:
+    """One problem per scanner id outside ``allowed``, naming every line that uses it."""
+    if allowed is None:
+        return []
+    known = ", ".join(sorted(allowed, key=natural_key)) or "none"
+    problems = []
+    for scanner, rows in frame[~frame["scanner"].isin(allowed)].groupby("scanner", sort=False):
+        lines = ", ".join(str(line) for line in rows.index)
+        problems.append(
+            f"line{'s' if len(rows) > 1 else ''} {lines}, column scanner: unknown scanner {scanner!r} "
+            f"(known in {allowed_source}: {known})"
+        )
+    return problems
+
+
+def _pair_problems(line: Any, row: pd.Series, opened: dict[str, Any]) -> list[str]:
+    """A row's problems: each scan's own (unreadable, not 3D, NaN, constant), then whether the short
+    and long scans share one voxel grid (shape and affine)."""
+    problems = [f"line {line}, column {column}: {row[column]} {opened[row[column]].problem}"
+                for column in _SCAN_COLUMNS if opened[row[column]].problem is not None]
+    short, long = opened[row["short"]], opened[row["long"]]
+    if short.problem is not None or long.problem is not None:
+        return problems
+    if short.shape != long.shape:
+        problems.append(
+            f"line {line}: short scan {row['short']} has shape {short.shape} but long scan "
+            f"{row['long']} has shape {long.shape}; a pair must share one voxel grid"
+        )
+    elif not np.allclose(short.affine, long.affine, rtol=0.0, atol=_AFFINE_ATOL_MM):
+        problems.append(
+            f"line {line}: short scan {row['short']} and long scan {row['long']} have different "
+            "affines (voxel-to-world matrices); a pair must share one voxel grid"
+        )
+    return problems
 
 
 def natural_key(text: str) -> tuple[Any, ...]:
