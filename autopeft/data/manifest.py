@@ -414,7 +414,7 @@ def _unknown_scanner_problems(frame: pd.DataFrame, allowed: set[str] | None, all
     return problems
 
 
-def _pair_problems(line: Any, row: pd.Series, opened: dict[str, Any]) -> list[str]:
+def _pair_problems(line: Any, row: pd.Series, opened: dict[str, _Scan]) -> list[str]:
     """A row's problems: each scan's own (unreadable, not 3D, NaN, constant), then whether the short
     and long scans share one voxel grid (shape and affine)."""
     problems = [f"line {line}, column {column}: {row[column]} {opened[row[column]].problem}"
