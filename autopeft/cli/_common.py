@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any, Protocol
 
 from autopeft.data.builtin import resolve_manifest  # noqa: F401  (re-exported for the commands)
 from autopeft.tables import print_table  # noqa: F401  (re-exported for the commands)
 
 
-def add_data_argument(parser: argparse.ArgumentParser) -> None:
+class ArgumentGroup(Protocol):
+    """What a command adds flags to: its parser or one of the parser's argument groups (typed by what
+    both offer, argparse's group class being private)."""
+
+    def add_argument(self, *name_or_flags: str, **kwargs: Any) -> argparse.Action: ...
+
+
+def add_data_argument(parser: ArgumentGroup) -> None:
     parser.add_argument(
         "--data",
         metavar="DIR_OR_CSV",
@@ -18,7 +26,7 @@ def add_data_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_weights_argument(parser: argparse.ArgumentParser) -> None:
+def add_weights_argument(parser: ArgumentGroup) -> None:
     parser.add_argument(
         "--weights",
         metavar="FILE_OR_DIR",

@@ -54,27 +54,41 @@ from __future__ import annotations
 
 import argparse
 
+from autopeft.cli._common import ArgumentGroup, add_network_arguments, add_weights_argument
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", help="registered backbone (see 'autopeft backbones'); required unless --resume")
-    parser.add_argument("--budget", help="parameter budget: 1%%, 0.005 or 250k; required unless --resume")
-    parser.add_argument("--preset", default=None, help="backbone preset (default: paper on a GPU, tiny on a CPU)")
-    parser.add_argument("--space", default=None, help="search space: a shipped name (unetr, cvtgan; per block: unetr-blocks, cvtgan-blocks), a YAML file, or one generated from the sites: auto-grouped, auto-blocks (default: <backbone>, else auto-grouped)")
-    parser.add_argument("--scanners", default=None, help="comma-separated scanner ids; every ordered pair is used (default: the data's own: all on a GPU, the two with the most subjects on a CPU; built-in data: 1,5 on CPU)")
-    parser.add_argument("--trials", type=int, default=None, help="plans to train; plans drawn over the budget are recorded but not counted (default: 48 on CPU, 64 on GPU)")
-    parser.add_argument("--time-budget", default=None, help="launch no trial after this long from the start (pre-training included; running trials finish): 30m, 2h, 900s (default: 15m on CPU when --trials is not given)")
-    parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per pair (default: the preset's)")
-    parser.add_argument("--folds", type=int, default=1, help="cross-validation folds each pair runs on")
-    parser.add_argument("--seed", type=int, default=0, help="seeds splits, crops, initialisation and the sampler")
-    parser.add_argument("--out", default=None, help="run directory (default: runs/<backbone>-<time>)")
-    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted search in RUN_DIR")
-    parser.add_argument("--objective", default="single", choices=("single", "multi"), help="single: max mean validation PSNR gain over No-FT; multi: that gain vs %% params Pareto front")
+    _what_to_search(parser.add_argument_group("what to search"))
+    _strategy(parser.add_argument_group("search strategy"))
+    _data_and_models(parser.add_argument_group("data and models"))
+    _confirmation(parser.add_argument_group("references and confirmation (test subjects)"))
+    _execution(parser.add_argument_group("resources, cluster and display"))
+    add_network_arguments(parser)
+
+
+def _what_to_search(group: ArgumentGroup) -> None:
+    group.add_argument("--backbone", help="registered backbone (see 'autopeft backbones'); required unless --resume")
+    group.add_argument("--budget", help="parameter budget: 1%%, 0.005 or 250k; required unless --resume")
+    group.add_argument("--preset", default=None, help="backbone preset (default: paper on a GPU, tiny on a CPU)")
+    group.add_argument("--space", default=None, help="search space: a shipped name (unetr, cvtgan; per block: unetr-blocks, cvtgan-blocks), a YAML file, or one generated from the sites: auto-grouped, auto-blocks (default: <backbone>, else auto-grouped)")
+    group.add_argument("--scanners", default=None, help="comma-separated scanner ids; every ordered pair is used (default: the data's own: all on a GPU, the two with the most subjects on a CPU; built-in data: 1,5 on CPU)")
+    group.add_argument("--trials", type=int, default=None, help="plans to train; plans drawn over the budget are recorded but not counted (default: 48 on CPU, 64 on GPU)")
+    group.add_argument("--time-budget", default=None, help="launch no trial after this long from the start (pre-training included; running trials finish): 30m, 2h, 900s (default: 15m on CPU when --trials is not given)")
+    group.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per pair (default: the preset's)")
+    group.add_argument("--folds", type=int, default=1, help="cross-validation folds each pair runs on")
+    group.add_argument("--seed", type=int, default=0, help="seeds splits, crops, initialisation and the sampler")
+    group.add_argument("--out", default=None, help="run directory (default: runs/<backbone>-<time>)")
+    group.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted search in RUN_DIR")
+    group.add_argument("--objective", default="single", choices=("single", "multi"), help="single: max mean validation PSNR gain over No-FT; multi: that gain vs %% params Pareto front")
+
+
+def _strategy(group: ArgumentGroup) -> None:
     from autopeft.search.options import (
         DEFAULT_FIDELITY, DEFAULT_PRIOR_SIGNAL, FIDELITIES, PRIOR_BETA_PER_TRIAL, PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS,
     )
 
-    parser.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="Optuna sampler: TPE, a Gaussian process (GPSampler) or random search")
-    parser.add_argument("--priors", default="on", choices=("on", "off", *PRIOR_SIGNALS),
+    group.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="Optuna sampler: TPE, a Gaussian process (GPSampler) or random search")
+    group.add_argument("--priors", default="on", choices=("on", "off", *PRIOR_SIGNALS),
                         help="importance priors: the warm start, then a pick among --prior-candidates draws of the sampler "
                              "for every trial. Signals: sensitivity: squared gradients of the source weights (SPT/GPS); "
                              "shpeft: SH-PEFT's hybrid importance; gradient: gradient energy reaching each candidate "
@@ -82,55 +96,59 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "switched off after a brief fine-tuning (costs about one ASHA rung per method and pair); "
                              f"count, early: baselines (bigger plans; early blocks first). on: the default, {DEFAULT_PRIOR_SIGNAL}; "
                              "off: the sampler alone")
-    parser.add_argument("--prior-candidates", type=int, default=PRIOR_CANDIDATES,
+    group.add_argument("--prior-candidates", type=int, default=PRIOR_CANDIDATES,
                         help="sampler draws per trial among which the prior picks (1: the prior only warm-starts). "
                              "Default: %(default)s")
-    parser.add_argument("--prior-beta", type=float, default=None, metavar="BETA",
+    group.add_argument("--prior-beta", type=float, default=None, metavar="BETA",
                         help="how strongly the prior picks among the draws, fading as trials finish: a draw is picked with "
                              "probability proportional to exp(BETA / n * z), z its prior's rank as a normal score among the "
                              "draws, n the trials finished. 0: the sampler's choice alone; large: the best prior while n "
                              f"is small. Default: trials x {PRIOR_BETA_PER_TRIAL:g} (piBO's), declared before any lab run, not tuned")
-    parser.add_argument("--warm-start", type=int, default=None, help="plans enqueued first by prior (default: trials/4, 2 to 8)")
-    parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (also its torch threads)")
-    parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractions allowed (default: 1 when a GPU is found)")
-    parser.add_argument("--concurrency", type=int, default=None, help="trials at once (default: what the resources allow); 1 also runs the confirmation in this process, one job at a time, otherwise the confirmation runs as many jobs at once as the resources allow")
-    parser.add_argument("--address", default=None, help="join a Ray cluster ('auto', or HEAD:6379); default: a local Ray")
-    parser.add_argument("--storage-path", default=None, metavar="DIR_OR_URI",
-                        help="Ray Tune's storage and the shared artifacts (source models, importance maps, shipped scans): a "
-                        "folder every node mounts, or a URI such as s3://bucket/path (default: RUN_DIR/ray, one machine only)")
-    parser.add_argument("--trial-resources", default=None, metavar="JSON",
-                        help="custom Ray resources each trial asks for, e.g. '{\"autopeft_worker\": 1}' to keep trials on the "
-                        "nodes started with --resources '{\"autopeft_worker\": N}'")
-    parser.add_argument("--max-failures", type=int, default=2,
-                        help="retries of a trial whose worker process or node dies (it goes on from its last pair)")
-    parser.add_argument("--data", default=None, help="a directory with manifest.csv, or the CSV (default: built-in simulated data)")
-    from autopeft.cli._common import add_weights_argument
-
-    add_weights_argument(parser)
-    parser.add_argument("--source", default=None, help="with --weights: the scanner your model was pre-trained on; the pairs are it -> every other scanner")
-    parser.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the source models (default: the preset's)")
-    parser.add_argument("--no-references", action="store_true", help="skip the No-FT / Full-FT / PETITE reference rows")
-    parser.add_argument("--no-portfolio", action="store_true",
-                        help="skip the baseline portfolio (PETITE's Table-1 rows within the budget at 3 learning rates, "
-                             "trained first)")
-    parser.add_argument("--no-asha", action="store_true", help="let every trial run all its pairs")
-    parser.add_argument("--fidelity", default=DEFAULT_FIDELITY, choices=FIDELITIES,
+    group.add_argument("--warm-start", type=int, default=None, help="plans enqueued first by prior (default: trials/4, 2 to 8)")
+    group.add_argument("--no-asha", action="store_true", help="let every trial run all its pairs")
+    group.add_argument("--fidelity", default=DEFAULT_FIDELITY, choices=FIDELITIES,
                         help="what ASHA judges trials on: epochs (pair-epochs; trials also score mid-pair at ASHA's rungs) or pairs "
                              "(after each pair; every trial trains the pairs in the same order). Default: %(default)s")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--confirm", type=int, default=3, metavar="K",
+
+
+def _data_and_models(group: ArgumentGroup) -> None:
+    group.add_argument("--data", default=None, help="a directory with manifest.csv, or the CSV (default: built-in simulated data)")
+    add_weights_argument(group)
+    group.add_argument("--source", default=None, help="with --weights: the scanner your model was pre-trained on; the pairs are it -> every other scanner")
+    group.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the source models (default: the preset's)")
+
+
+def _confirmation(group: ArgumentGroup) -> None:
+    group.add_argument("--no-references", action="store_true", help="skip the No-FT / Full-FT / PETITE reference rows")
+    group.add_argument("--no-portfolio", action="store_true",
+                        help="skip the baseline portfolio (PETITE's Table-1 rows within the budget at 3 learning rates, "
+                             "trained first)")
+    group.add_argument("--confirm", type=int, default=3, metavar="K",
                         help="re-run the K best plans by validation and the references on test subjects at the end; 0 skips it (default: 3)")
-    parser.add_argument("--confirm-folds", type=int, default=None, metavar="N",
+    group.add_argument("--confirm-folds", type=int, default=None, metavar="N",
                         help="folds the confirmation re-runs on (default: 3 on a GPU, 2 on a CPU, or --folds if more)")
-    parser.add_argument("--confirm-seeds", type=int, default=None, metavar="N",
+    group.add_argument("--confirm-seeds", type=int, default=None, metavar="N",
                         help="fine-tuning seeds per fold in the confirmation, from --seed + 1 on: none that the search "
                              "trained with (default: 3 on a GPU, 2 on a CPU)")
-    parser.add_argument("--dashboard", action="store_true",
-                        help="start Ray's dashboard on 127.0.0.1 and print its URL (sign in with the token in ~/.ray/auth_token)")
-    from autopeft.cli._common import add_network_arguments
 
-    add_network_arguments(parser)
+
+def _execution(group: ArgumentGroup) -> None:
+    group.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (also its torch threads)")
+    group.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractions allowed (default: 1 when a GPU is found)")
+    group.add_argument("--concurrency", type=int, default=None, help="trials at once (default: what the resources allow); 1 also runs the confirmation in this process, one job at a time, otherwise the confirmation runs as many jobs at once as the resources allow")
+    group.add_argument("--address", default=None, help="join a Ray cluster ('auto', or HEAD:6379); default: a local Ray")
+    group.add_argument("--storage-path", default=None, metavar="DIR_OR_URI",
+                        help="Ray Tune's storage and the shared artifacts (source models, importance maps, shipped scans): a "
+                        "folder every node mounts, or a URI such as s3://bucket/path (default: RUN_DIR/ray, one machine only)")
+    group.add_argument("--trial-resources", default=None, metavar="JSON",
+                        help="custom Ray resources each trial asks for, e.g. '{\"autopeft_worker\": 1}' to keep trials on the "
+                        "nodes started with --resources '{\"autopeft_worker\": N}'")
+    group.add_argument("--max-failures", type=int, default=2,
+                        help="retries of a trial whose worker process or node dies (it goes on from its last pair)")
+    group.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+    group.add_argument("--dashboard", action="store_true",
+                        help="start Ray's dashboard on 127.0.0.1 and print its URL (sign in with the token in ~/.ray/auth_token)")
 
 
 def run(args: argparse.Namespace) -> int:
