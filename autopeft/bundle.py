@@ -29,16 +29,31 @@ in by hand here (``meta_schema_20240725``).
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import monai
+import nibabel
+import numpy
+import pandas as pd
+import safetensors
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from autopeft import __version__
 from autopeft._io import atomic_write, atomic_write_text
+from autopeft.backbones import build_backbone
+from autopeft.backbones.network import NetworkRef, register_network, registered_ref
+from autopeft.data import eval_volumes, split_scanner
 from autopeft.errors import AutopeftError, CheckpointError, ConfigError
-from autopeft.model_loading import BUNDLE_WEIGHTS, load_bundle, load_model
+from autopeft.evaluation import predict_volume
+from autopeft.model_loading import BUNDLE_WEIGHTS, LoadedModel, load_bundle, load_model
+from autopeft.peft import Plan, apply_plan, get_method, merge_plan, plan_state, trainable_fraction
+from autopeft.stats import mean_ci
 
 __all__ = ["bundle_network", "export_run", "SCHEMA_URL"]
 
@@ -63,12 +78,7 @@ def bundle_network(backbone: str, preset: str, plan: dict[str, Any] | None = Non
         network: a user's network reference (``autopeft.backbones.network.NetworkRef`` JSON), registered
             first. Defaults to None (a registered backbone).
     """
-    from autopeft.backbones import build_backbone
-    from autopeft.peft import Plan, apply_plan, merge_plan
-
     if network is not None:
-        from autopeft.backbones.network import NetworkRef, register_network
-
         register_network(NetworkRef.from_json(network))
 
     model = build_backbone(backbone, preset)
@@ -92,20 +102,16 @@ def _fits(network: nn.Module, merged: nn.Module) -> bool:
     return True
 
 
-def _unmerged_sites(plan) -> list[str]:
+def _unmerged_sites(plan: Plan) -> list[str]:
     """``"<pattern> (<method>)"`` for every plan entry whose method cannot be merged (VPT, adapters)."""
-    from autopeft.peft import get_method
-
     return [f"{pattern} ({spec.method})" for pattern, spec in plan.sites.items() if not get_method(spec.method).mergeable]
 
 
-def _test_volume(loaded) -> tuple[torch.Tensor, str]:
+def _test_volume(loaded: LoadedModel) -> tuple[torch.Tensor, str]:
     """A held-out target scan of the run (scaled as in training), or a seeded random window."""
     setup = loaded.extra.get("setup")
     if setup is not None and loaded.target is not None:
         try:
-            from autopeft.data import eval_volumes, split_scanner
-
             test = split_scanner(setup.manifest_path, loaded.target, purpose="finetune", protocol=setup.protocol,
                                  fold=loaded.fold or 0, seed=setup.seed)["test"][:1]
             volume = eval_volumes(test)[0]
@@ -117,8 +123,6 @@ def _test_volume(loaded) -> tuple[torch.Tensor, str]:
 
 
 def _predict(model: nn.Module, volume: torch.Tensor, roi: tuple[int, ...]) -> torch.Tensor:
-    from autopeft.evaluation import predict_volume
-
     return predict_volume(model.eval(), volume, roi_size=roi)
 
 
@@ -132,12 +136,6 @@ def _confirmed_psnr(run_dir: Path, trial: int | None, source: str, target: str) 
     the plan's mean over every pair), each test subject averaged over folds and seeds, then mean
     and 95% CI over subjects (:func:`autopeft.stats.mean_ci`). None when the run did not confirm
     the exported trial or has no rows for the pair."""
-    import math
-
-    import pandas as pd
-
-    from autopeft.stats import mean_ci
-
     try:
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
         number = summary["confirmation"]["recommended"]["number"]
@@ -163,16 +161,10 @@ def _psnr_text(psnr: dict[str, Any] | None) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import monai
-    import numpy
-    import safetensors
-
-    from autopeft import __version__
-
     return {"monai_version": monai.__version__, "pytorch_version": torch.__version__.split("+")[0],
             "numpy_version": numpy.__version__,
             "required_packages_version": {"autopeft": __version__, "safetensors": safetensors.__version__,
-                                          "nibabel": __import__("nibabel").__version__}}
+                                          "nibabel": nibabel.__version__}}
 
 
 def _data_format(roi: tuple[int, ...]) -> dict[str, Any]:
@@ -204,73 +196,137 @@ def export_run(
         ConfigError: ``out_dir`` holds something else, or the target is ambiguous.
         CheckpointError: merged and unmerged outputs differ (a bug: nothing is written then).
     """
-    from safetensors.torch import save_file
+    run_dir, out = _export_folders(run_dir, out_dir)
+    loaded = load_model(run_dir, target=target, source=source)
+    merge = _merge_checked(loaded)
+    network, network_def, ref = _exported_network(loaded, merge)
+    bundle_diff = _max_diff(merge.reference, network, merge.volume, loaded.roi_size)
+    psnr = _confirmed_psnr(run_dir, loaded.extra.get("trial"), str(loaded.source), str(loaded.target))
+    name = f"autopeft {loaded.backbone}/{loaded.preset} {loaded.source} -> {loaded.target}"
+    metadata = _metadata(name, run_dir, loaded, merge, psnr, bundle_diff)
+    inference = _inference_config(loaded.roi_size, network_def, ref)
+    psnr_text = _psnr_text(psnr)
+    readme = _readme(name, loaded, merge.trained_fraction, merge.unmerged_sites, psnr_text, merge.volume_name,
+                     merge.merge_diff)
+    _write_bundle(out, network, metadata, inference, readme)
+    parser_diff = _max_diff(merge.reference, load_bundle(out).model, merge.volume, loaded.roi_size)
+    return {"out": str(out), "name": name, "merge_diff": merge.merge_diff, "bundle_diff": bundle_diff,
+            "parser_diff": parser_diff, "test_volume": merge.volume_name, "unmerged": merge.unmerged_sites,
+            "trained_percent": 100 * merge.trained_fraction, "test_psnr": psnr, "test_psnr_text": psnr_text,
+            "source": loaded.source, "target": loaded.target}
 
-    from autopeft.peft import merge_plan, plan_state, trainable_fraction
-    from autopeft.peft.plan import Plan
 
-    run_dir = Path(run_dir).expanduser().resolve()
+def _export_folders(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """The run directory and the bundle's folder, resolved and checked before anything is read.
+
+    Raises:
+        ConfigError: ``out_dir`` holds something that is not a bundle, or ``run_dir`` no run.json.
+    """
+    run = Path(run_dir).expanduser().resolve()
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and any(out.iterdir()) and not (out / "configs" / "metadata.json").is_file():
         raise ConfigError(f"--out {out_dir} is not empty and holds no bundle; choose a new or empty folder.")
-    if not (run_dir / "run.json").is_file():
-        raise ConfigError(f"{run_dir}: no run.json; give the folder a search wrote (its --out).")
-    loaded = load_model(run_dir, target=target, source=source)
+    if not (run / "run.json").is_file():
+        raise ConfigError(f"{run}: no run.json; give the folder a search wrote (its --out).")
+    return run, out
+
+
+@dataclass
+class _MergedModel:
+    """A run's model with its plan merged in place, and the check that merging kept its outputs.
+
+    Args:
+        model: the merged model (the run's model object itself).
+        plan: its plan.
+        trained_fraction: the share of the network the plan trains (counted before merging).
+        unmerged_sites: the plan's sites that cannot merge (:func:`_unmerged_sites`).
+        volume: the test volume the outputs are compared on.
+        volume_name: what that volume is, for messages.
+        reference: the unmerged model's outputs on it.
+        merge_diff: max absolute difference of the merged model's outputs from ``reference``.
+    """
+
+    model: nn.Module
+    plan: Plan
+    trained_fraction: float
+    unmerged_sites: list[str]
+    volume: torch.Tensor
+    volume_name: str
+    reference: torch.Tensor
+    merge_diff: float
+
+
+def _merge_checked(loaded: LoadedModel) -> _MergedModel:
+    """Merge the plan of ``loaded`` into its model in place, checking the outputs on a test volume.
+
+    Raises:
+        CheckpointError: merging changed the outputs by more than ``_MERGE_ATOL`` (a bug in a method).
+    """
     tuned = loaded.model
     plan = plan_state(tuned).plan
     fraction = trainable_fraction(tuned)  # before merging: the trained share of the network
     unmerged_sites = _unmerged_sites(plan)
     volume, what = _test_volume(loaded)
-    roi = loaded.roi_size
-    reference = _predict(tuned, volume, roi)  # unmerged outputs, before merging in place
+    reference = _predict(tuned, volume, loaded.roi_size)  # unmerged outputs, before merging in place
     # In place, not on a copy: a deep copy of SH-PEFT's torch parametrizations does not survive merging.
     merged = merge_plan(tuned).eval()
-    merge_diff = _max_diff(reference, merged, volume, roi)
+    merge_diff = _max_diff(reference, merged, volume, loaded.roi_size)
     if merge_diff > _MERGE_ATOL:
         raise CheckpointError(f"merging the plan changed the outputs on {what} by up to {merge_diff:.3g} (> {_MERGE_ATOL:g}); "
                               "nothing was exported. This is a bug in a method's merge: please report it.")
-    from autopeft.backbones.network import registered_ref
+    return _MergedModel(model=merged, plan=plan, trained_fraction=fraction, unmerged_sites=unmerged_sites,
+                        volume=volume, volume_name=what, reference=reference, merge_diff=merge_diff)
 
+
+def _exported_network(loaded: LoadedModel, merge: _MergedModel) -> tuple[nn.Module, dict[str, Any], NetworkRef | None]:
+    """The bundle's network with the merged weights, its ``network_def``, and the user's network
+    reference (None for a registered backbone).
+
+    The user's own network is the ``network_def`` when the merged weights fit it as they are (SSF
+    merged into a layer without a bias gives it one); otherwise :func:`bundle_network`.
+
+    Raises:
+        CheckpointError: the merged model does not fit :func:`bundle_network`'s structure.
+    """
     ref = registered_ref(loaded.backbone, loaded.preset)
-    network = None
-    if ref is not None and not unmerged_sites:
-        # The user's own network as network_def, when the merged weights fit it as they are (SSF
-        # merged into a layer without a bias gives it one: then autopeft's network_def below).
+    if ref is not None and not merge.unmerged_sites:
         native = ref.build()
-        if _fits(native, merged.net):
-            network, network_def = native.eval(), ref.network_def()
-    if network is None:
-        network = bundle_network(loaded.backbone, loaded.preset, plan.to_dict())
-        state = {k: v for k, v in merged.state_dict().items() if not k.startswith("discriminator.")}
-        try:
-            network.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(f"the merged model does not fit the bundle's network_def: {err}") from err
-        network_def = {"_target_": "autopeft.bundle.bundle_network", "backbone": loaded.backbone,
-                       "preset": loaded.preset, "plan": plan.to_dict()}
-        if ref is not None:  # a JSON string: the parser must not instantiate a bundle's network_def inside it
-            network_def["network"] = ref.to_json()
-    bundle_diff = _max_diff(reference, network, volume, roi)
+        if _fits(native, merge.model.net):
+            return native.eval(), ref.network_def(), ref
+    network = bundle_network(loaded.backbone, loaded.preset, merge.plan.to_dict())
+    state = {k: v for k, v in merge.model.state_dict().items() if not k.startswith("discriminator.")}
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"the merged model does not fit the bundle's network_def: {err}") from err
+    network_def = {"_target_": "autopeft.bundle.bundle_network", "backbone": loaded.backbone,
+                   "preset": loaded.preset, "plan": merge.plan.to_dict()}
+    if ref is not None:  # a JSON string: the parser must not instantiate a bundle's network_def inside it
+        network_def["network"] = ref.to_json()
+    return network, network_def, ref
 
-    psnr = _confirmed_psnr(run_dir, loaded.extra.get("trial"), str(loaded.source), str(loaded.target))
-    for folder in ("configs", "models", "docs"):
-        (out / folder).mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in network.state_dict().items()}
-    atomic_write(out / BUNDLE_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}), inside=out)
 
-    name = f"autopeft {loaded.backbone}/{loaded.preset} {loaded.source} -> {loaded.target}"
-    plan_data = Plan.from_dict(plan.to_dict()).to_dict()
-    autopeft_info = {
+def _autopeft_info(run_dir: Path, loaded: LoadedModel, merge: _MergedModel, psnr: dict[str, Any] | None,
+                   bundle_diff: float) -> dict[str, Any]:
+    """The metadata's ``autopeft`` section: where the model comes from, its plan and the checks."""
+    unmerged = merge.unmerged_sites
+    return {
         "backbone": loaded.backbone, "preset": loaded.preset, "source": loaded.source, "target": loaded.target,
-        "fold": loaded.fold, "plan": plan_data, "trained_percent": round(100 * fraction, 6),
-        "merged": not unmerged_sites, "unmerged_sites": unmerged_sites, "roi_size": list(roi), "run": str(run_dir),
+        "fold": loaded.fold, "plan": Plan.from_dict(merge.plan.to_dict()).to_dict(),
+        "trained_percent": round(100 * merge.trained_fraction, 6),
+        "merged": not unmerged, "unmerged_sites": unmerged, "roi_size": list(loaded.roi_size), "run": str(run_dir),
         "trained_dir": str(loaded.extra.get("trained_dir", "")), "trial": loaded.extra.get("trial"), "test_psnr": psnr,
         "scaling": "input x TISSUE_LEVEL / mean(tissue), clipped to [0, 1] (autopeft.data.loading.scale_by_tissue_mean); "
                    "outputs divided by the same factor (autopeft.inference)",
-        "merge_check": {"volume": what, "max_abs_diff": merge_diff, "bundle_max_abs_diff": bundle_diff},
+        "merge_check": {"volume": merge.volume_name, "max_abs_diff": merge.merge_diff, "bundle_max_abs_diff": bundle_diff},
     }
-    psnr_text = _psnr_text(psnr)
-    metadata = {
+
+
+def _metadata(name: str, run_dir: Path, loaded: LoadedModel, merge: _MergedModel, psnr: dict[str, Any] | None,
+              bundle_diff: float) -> dict[str, Any]:
+    """``configs/metadata.json``: MONAI's bundle metadata (schema ``meta_schema_20240725``) and autopeft's."""
+    percent, unmerged = 100 * merge.trained_fraction, merge.unmerged_sites
+    return {
         "schema": SCHEMA_URL,
         "version": "0.1.0",
         "changelog": {"0.1.0": f"exported by autopeft from {run_dir.name}"},
@@ -278,9 +334,9 @@ def export_run(
         "name": name,
         "task": "PET scan-time reduction: a short (e.g. 5-minute) scan in, a long-scan (e.g. 30-minute) quality estimate out",
         "description": (f"{loaded.backbone} pre-trained on scanner {loaded.source} and fine-tuned for scanner "
-                        f"{loaded.target} with an autopeft plan training {100 * fraction:.3f}% of its parameters; "
-                        + ("the plan is merged into plain weights." if not unmerged_sites else
-                           f"not merged: {', '.join(unmerged_sites)} stay as modules.")),
+                        f"{loaded.target} with an autopeft plan training {percent:.3f}% of its parameters; "
+                        + ("the plan is merged into plain weights." if not unmerged else
+                           f"not merged: {', '.join(unmerged)} stay as modules.")),
         "authors": "autopeft",
         "copyright": "Copyright the authors of the fine-tuned model",
         "data_source": f"the search's data ({loaded.extra['setup'].manifest_path})" if loaded.extra.get("setup") else "",
@@ -291,9 +347,14 @@ def export_run(
         "eval_metrics": ({"test_psnr_db": psnr["mean"], "split": "test", "pair": f"{psnr['source']} -> {psnr['target']}"}
                          if psnr else {}),
         "references": ["PETITE, MICCAI 2024", "UNETR (Hatamizadeh et al., WACV 2022)"],
-        "network_data_format": _data_format(roi),
-        "autopeft": autopeft_info,
+        "network_data_format": _data_format(loaded.roi_size),
+        "autopeft": _autopeft_info(run_dir, loaded, merge, psnr, bundle_diff),
     }
+
+
+def _inference_config(roi: tuple[int, ...], network_def: dict[str, Any], ref: NetworkRef | None) -> dict[str, Any]:
+    """``configs/inference.json``: the network, MONAI's sliding-window inferer and a runnable ``run``;
+    a user's bundle network brings what its own ``network_def`` refers to."""
     inference = {
         "imports": ["$import torch", "$from autopeft.inference import predict_with_bundle"],
         "bundle_root": ".",
@@ -309,18 +370,20 @@ def export_run(
     }
     if ref is not None and ref.bundle_config is not None:  # what the bundle's own network_def refers to
         inference = {**{k: v for k, v in ref.bundle_config.items() if k not in inference}, **inference}
-    readme = _readme(name, loaded, fraction, unmerged_sites, psnr_text, what, merge_diff)
+    return inference
+
+
+def _write_bundle(out: Path, network: nn.Module, metadata: dict[str, Any], inference: dict[str, Any],
+                  readme: str) -> None:
+    """Write the bundle's four files into ``out``, each atomically."""
+    for folder in ("configs", "models", "docs"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in network.state_dict().items()}
+    atomic_write(out / BUNDLE_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}), inside=out)
     # Scanner names go into the files' contents only (JSON, the README), never into their paths.
     atomic_write_text(out / "configs" / "metadata.json", json.dumps(metadata, indent=2) + "\n", inside=out)
     atomic_write_text(out / "configs" / "inference.json", json.dumps(inference, indent=2) + "\n", inside=out)
     atomic_write_text(out / "docs" / "README.md", readme, inside=out)
-
-    rebuilt = load_bundle(out).model
-    parser_diff = _max_diff(reference, rebuilt, volume, roi)
-    return {"out": str(out), "name": name, "merge_diff": merge_diff, "bundle_diff": bundle_diff,
-            "parser_diff": parser_diff, "test_volume": what, "unmerged": unmerged_sites,
-            "trained_percent": 100 * fraction, "test_psnr": psnr, "test_psnr_text": psnr_text, "source": loaded.source,
-            "target": loaded.target}
 
 
 def _readme(name: str, loaded, fraction: float, unmerged: list[str], psnr_text: str, what: str, diff: float) -> str:

@@ -3,15 +3,15 @@
 ``pretrained_model(...)`` returns the pre-trained source model for a configuration, training it only
 when the cache has none. The cache key holds everything that changes the result: backbone, preset,
 source scanner, fold, epochs, seed and a hash of the data manifest (so a different data set never
-reuses a model). An interrupted pre-training resumes from its last finished epoch: after every epoch
-the weights (``last.safetensors``) and optimizer state (``last.state``) are written atomically.
+reuses a model). An interrupted pre-training resumes from its last finished epoch: the Trainer
+checkpoints every epoch into the cache entry (:class:`autopeft.train.EpochCheckpoints`).
 
 Layout of one cache entry ``<cache>/pretrained/<key>/`` (names in the key through
 :func:`autopeft._io.path_component`; the readable ones in the metadata)::
 
     model.safetensors   best epoch by validation PSNR (net + discriminator), with JSON metadata
     history.json        per-epoch loss and validation metrics
-    last.*              resume files, removed once training completes
+    last.*, best.safetensors   resume files (EpochCheckpoints), removed once training completes
 
 A user's own pre-trained model (``weights=``, ``--weights``) is imported instead: checked against
 the backbone and preset, and cached as ``<cache>/pretrained/imported-<backbone>-<preset>-<sha256>/``
@@ -31,12 +31,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from autopeft import _io
-from autopeft.checkpoints import atomic_write_bytes, load_checkpoint, load_state, save_checkpoint, save_state
+from autopeft.backbones import Backbone, build_backbone, registered_backbones
+from autopeft.checkpoints import (
+    atomic_write_bytes, file_sha256, fit_user_weights, load_checkpoint, read_user_weights, save_checkpoint, weights_file,
+)
+from autopeft.data import Protocol, eval_volumes, read_manifest, split_scanner, train_loader
+from autopeft.data.loading import PIPELINE_VERSION
 from autopeft.errors import CheckpointError, ConfigError
-from autopeft.train import EpochResult, Trainer, TrainSettings, is_better
+from autopeft.train import EpochCheckpoints, EpochResult, Trainer, TrainSettings
 
 __all__ = [
     "SourceSpec", "source_spec", "model_file", "is_pretrained", "pretrained_model", "imported_model", "cache_root", "manifest_digest",
@@ -55,8 +61,6 @@ _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
 def content_hash(path: str) -> str:
-    from autopeft.checkpoints import file_sha256
-
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
     if key not in _FILE_HASHES:
@@ -111,8 +115,6 @@ class SourceSpec:
 @contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     # Two processes asking for the same source model (parallel trials) must not both train it.
-    from filelock import FileLock
-
     directory.mkdir(parents=True, exist_ok=True)
     with FileLock(str(directory / ".lock")):
         yield
@@ -132,10 +134,6 @@ def source_spec(
 ) -> SourceSpec:
     """The cache identity of a source model (arguments as :func:`pretrained_model`; ``manifest``
     is the read manifest)."""
-    from autopeft.backbones import registered_backbones
-    from autopeft.data import Protocol
-    from autopeft.data.loading import PIPELINE_VERSION
-
     presets = registered_backbones().get(backbone)
     if presets is None:
         raise ConfigError(f"Unknown backbone {backbone!r}; registered: {', '.join(registered_backbones())}.")
@@ -223,9 +221,6 @@ def pretrained_model(
     Raises:
         CheckpointError: ``train`` is False and the cache has no such model (the spec is named).
     """
-    from autopeft.backbones import build_backbone
-    from autopeft.data import Protocol, eval_volumes, read_manifest, split_scanner, train_loader
-
     if weights is not None:
         model, meta = imported_model(weights, backbone, preset, cache_dir=cache_dir)
         return model, {**meta, "source": str(source), "fold": fold, "seed": seed}
@@ -234,71 +229,92 @@ def pretrained_model(
     spec = source_spec(backbone, source, manifest=manifest, preset=preset, fold=fold, epochs=epochs, lr=lr, seed=seed,
                        protocol=protocol)
     entry = _entry(spec, cache_dir)
-    final = entry / "model.safetensors"
     torch.manual_seed(seed)
     model = build_backbone(backbone, preset)
     with _locked(entry):
-        if final.exists():
-            meta = load_checkpoint(model, final, expect={"backbone": backbone, "preset": preset})
+        if (entry / "model.safetensors").exists():
+            meta = load_checkpoint(model, entry / "model.safetensors", expect={"backbone": backbone, "preset": preset})
             return model.eval(), meta
         if not train:
-            raise CheckpointError(
-                f"source model {spec.key()} is missing from {entry.parent} and is not pre-trained here: a search "
-                "pre-trains every source model before its trials (and puts them in its --storage-path for other "
-                "nodes). Resume the search, or run 'autopeft pretrain' with the search's settings.")
-
+            raise _not_pretrained_here(spec, entry)
         splits = split_scanner(manifest, spec.source, purpose="pretrain", protocol=protocol, fold=fold, seed=seed)
-        crop = model.preset.crop_size
-        loader = train_loader(
-            splits["train"], crop_size=crop, batch_size=model.preset.batch_size, seed=seed, crops_per_volume=spec.crops
-        )
-        val = eval_volumes(splits["val"])
-        model.requires_grad_(True)
-        settings = TrainSettings(
-            epochs=spec.epochs, lr=spec.lr, train_discriminator=model.discriminator is not None
-        )
-        trainer = Trainer(model, settings, device=device)
-        history: list[dict[str, Any]] = []
-        best: dict[str, float] | None = None
-        last_weights, last_state, best_weights = entry / "last.safetensors", entry / "last.state", entry / "best.safetensors"
-        if last_weights.exists() and last_state.exists():
-            load_checkpoint(model, last_weights)
-            state = load_state(last_state)
-            trainer.load_state_dict(state["trainer"])
-            history, best = state["history"], state["best"]
-        meta_base = {**asdict(spec), "train_subjects": [r["subject"] for r in splits["train"]],
-                     "val_subjects": [r["subject"] for r in splits["val"]]}
-        bar = tqdm(total=spec.epochs, initial=trainer.epoch, desc=f"pre-train {backbone}/{preset} on scanner {source}",
-                   disable=not progress, unit="epoch")
-
-        def checkpoint(result: EpochResult) -> None:
-            nonlocal best
-            history.append({"epoch": result.epoch, "loss": result.loss, **result.metrics, "seconds": result.seconds})
-            if result.metrics and is_better(result.metrics, best):
-                best = dict(result.metrics, epoch=result.epoch)
-                save_checkpoint(model, best_weights, {**meta_base, "best": best})
-            save_checkpoint(model, last_weights, {**meta_base, "epoch": result.epoch})
-            save_state({"trainer": trainer.state_dict(), "history": history, "best": best}, last_state)
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.4f}", psnr=f"{(best or {}).get('psnr', float('nan')):.2f}")
-            if on_epoch is not None:
-                on_epoch(result)
-
-        started = time.perf_counter()
-        # Whole-volume validation costs several epochs of training on a CPU: about ten per run.
-        eval_every = max(1, spec.epochs // 10)
-        trainer.fit(loader, val_volumes=val, roi_size=crop, eval_every=eval_every, on_epoch=checkpoint)
-        bar.close()
-        if best is None:
-            raise ConfigError(f"Pre-training of {spec.key()} ran no epoch; `epochs` must be at least 1.")
-        load_checkpoint(model, best_weights)
-        meta = {**meta_base, "best": best, "seconds": time.perf_counter() - started,
-                "seconds_per_epoch": sum(h["seconds"] for h in history) / max(len(history), 1)}
-        save_checkpoint(model, final, meta)
-        atomic_write_bytes(entry / "history.json", json.dumps(history, indent=1).encode())
-        for leftover in (last_weights, last_state, best_weights):
-            leftover.unlink(missing_ok=True)
+        meta = _pretrain(model, spec, splits, entry, device=device, progress=progress, on_epoch=on_epoch)
         return model.eval(), meta
+
+
+def _not_pretrained_here(spec: SourceSpec, entry: Path) -> CheckpointError:
+    """A search's trial found no source model in the cache (``train=False``): what to do instead."""
+    return CheckpointError(
+        f"source model {spec.key()} is missing from {entry.parent} and is not pre-trained here: a search "
+        "pre-trains every source model before its trials (and puts them in its --storage-path for other "
+        "nodes). Resume the search, or run 'autopeft pretrain' with the search's settings.")
+
+
+def _pretrain(
+    model: Backbone, spec: SourceSpec, splits: dict[str, list[dict]], entry: Path, *, device: str | torch.device,
+    progress: bool, on_epoch: Callable[[EpochResult], None] | None,
+) -> dict[str, Any]:
+    """Train ``model`` as ``spec`` says, checkpointed every epoch in ``entry`` (resumed from there),
+    and keep its best epoch as the entry's ``model.safetensors``.
+
+    Args:
+        model: the freshly built backbone; it ends with the best epoch's weights.
+        spec: what to train (epochs, learning rate, crops, seed).
+        splits: the source scanner's ``train`` and ``val`` records (:func:`autopeft.data.split_scanner`).
+        entry: the cache folder (locked by the caller).
+        device, progress, on_epoch: as :func:`pretrained_model`.
+
+    Returns:
+        The finished model's metadata (spec, subjects, best epoch, seconds).
+    """
+    crop = model.preset.crop_size
+    loader = train_loader(splits["train"], crop_size=crop, batch_size=model.preset.batch_size, seed=spec.seed,
+                          crops_per_volume=spec.crops)
+    val = eval_volumes(splits["val"])
+    model.requires_grad_(True)
+    settings = TrainSettings(epochs=spec.epochs, lr=spec.lr, train_discriminator=model.discriminator is not None)
+    trainer = Trainer(model, settings, device=device)
+    metadata = {**asdict(spec), "train_subjects": [r["subject"] for r in splits["train"]],
+                "val_subjects": [r["subject"] for r in splits["val"]]}
+    checkpoints = EpochCheckpoints(entry, metadata)
+    checkpoints.resume(trainer)  # an interrupted pre-training goes on from its last finished epoch
+    bar = tqdm(total=spec.epochs, initial=trainer.epoch, desc=f"pre-train {spec.backbone}/{spec.preset} on scanner "
+               f"{spec.source}", disable=not progress, unit="epoch")
+
+    def report(result: EpochResult) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{result.loss:.4f}", psnr=f"{(checkpoints.best or {}).get('psnr', float('nan')):.2f}")
+        if on_epoch is not None:
+            on_epoch(result)
+
+    started = time.perf_counter()
+    # Whole-volume validation costs several epochs of training on a CPU: about ten per run.
+    trainer.fit(loader, val_volumes=val, roi_size=crop, eval_every=max(1, spec.epochs // 10), on_epoch=report,
+                checkpoints=checkpoints)
+    bar.close()
+    if checkpoints.best is None:
+        raise ConfigError(f"Pre-training of {spec.key()} ran no epoch; `epochs` must be at least 1.")
+    return _keep_best(model, checkpoints, entry, seconds=time.perf_counter() - started)
+
+
+def _keep_best(model: Backbone, checkpoints: EpochCheckpoints, entry: Path, *, seconds: float) -> dict[str, Any]:
+    """Save the best epoch of a finished pre-training as the cache entry's ``model.safetensors``
+    (loaded into ``model``) with ``history.json``, and remove its checkpoints. Returns the metadata.
+
+    Args:
+        model: the trained backbone; it ends with the best epoch's weights.
+        checkpoints: the pre-training's checkpoints (with a best epoch).
+        entry: the cache folder.
+        seconds: how long this session of the pre-training took.
+    """
+    best = checkpoints.load_best(model)
+    history = checkpoints.history
+    meta = {**checkpoints.metadata, "best": best, "seconds": seconds,
+            "seconds_per_epoch": sum(h["seconds"] for h in history) / max(len(history), 1)}
+    save_checkpoint(model, entry / "model.safetensors", meta)
+    atomic_write_bytes(entry / "history.json", json.dumps(history, indent=1).encode())
+    checkpoints.remove()  # the entry's model and history are what a cache hit reads
+    return meta
 
 
 def imported_model(
@@ -325,9 +341,6 @@ def imported_model(
         CheckpointError: an unreadable file, a pickle payload that is not a plain state dict, or names
             and shapes that do not fit (listed, with the backbone and preset the file fits).
     """
-    from autopeft.backbones import build_backbone
-    from autopeft.checkpoints import file_sha256, fit_user_weights, read_user_weights, weights_file
-
     source = weights_file(weights)
     digest = file_sha256(source)
     root = Path(cache_dir or cache_root()) / "pretrained"
@@ -341,8 +354,6 @@ def imported_model(
             return model.eval(), meta
         state = fit_user_weights(read_user_weights(source), model, source)
         model.load_state_dict(state, strict=True)
-        from autopeft.data.loading import PIPELINE_VERSION
-
         # SourceSpec's fields too (what caches keyed on a source model read), the data being the file.
         spec = SourceSpec(backbone=backbone, preset=preset, source="imported", fold=0, epochs=0, lr=0.0, seed=0,
                           data=f"sha{digest[:16]}", protocol="imported", crops=0, pipeline=PIPELINE_VERSION)

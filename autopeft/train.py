@@ -10,21 +10,30 @@ PEFT plan (``apply_plan`` decides what trains). BatchNorm layers whose scale doe
 layers, the frozen discriminator, BitFit's bias-only layers) stay in eval mode while training: their
 running statistics are part of the pre-trained network, not of the plan, and letting them drift to
 the target's crops cost CVT-GAN 2.2 dB on scanner 1 -> 5 before any weight moved (measured at lr ~0).
+
+A run that must survive an interruption (source pre-training) hands ``Trainer.fit`` an
+:class:`EpochCheckpoints`: after every epoch it writes the weights, the trainer's state, the history
+and the best epoch by validation PSNR into one folder, and ``EpochCheckpoints.resume`` starts the
+trainer again from the last finished epoch.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from autopeft.checkpoints import load_checkpoint, load_state, save_checkpoint, save_state
 from autopeft.evaluation import evaluate
 
-__all__ = ["TrainSettings", "EpochResult", "Trainer", "NonFiniteLossError"]
+__all__ = ["TrainSettings", "EpochResult", "Trainer", "EpochCheckpoints", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -154,6 +163,7 @@ class Trainer:
         roi_size: Sequence[int] | None = None,
         eval_every: int = 1,
         on_epoch: Callable[[EpochResult], None] | None = None,
+        checkpoints: EpochCheckpoints | None = None,
     ) -> list[EpochResult]:
         """Train from ``self.epoch`` up to ``settings.epochs``.
 
@@ -162,7 +172,9 @@ class Trainer:
             val_volumes: whole volumes scored every ``eval_every`` epochs and at the last.
             roi_size: sliding-window size for evaluation (the crop size).
             eval_every: evaluate every this many epochs. Defaults to 1.
-            on_epoch: called after each epoch (checkpointing, reporting, progress).
+            on_epoch: called after each epoch, after its checkpoint (reporting, progress).
+            checkpoints: where every epoch is checkpointed (resume first with
+                :meth:`EpochCheckpoints.resume`). Defaults to None (nothing is written).
         """
         if val_volumes and roi_size is None:
             raise ValueError("`roi_size` is required when `val_volumes` are given.")
@@ -176,6 +188,8 @@ class Trainer:
                 result.metrics = evaluate(self.model, val_volumes, roi_size=roi_size, device=self.device)
             result.seconds = time.perf_counter() - started
             history.append(result)
+            if checkpoints is not None:
+                checkpoints.save(self, result)
             if on_epoch is not None:
                 on_epoch(result)
         return history
@@ -193,6 +207,66 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.disc_optimizer is not None and "disc_optimizer" in state:
             self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+
+
+class EpochCheckpoints:
+    """The per-epoch checkpoints of one :class:`Trainer` run, in one folder, to resume it.
+
+    After every epoch :meth:`save` writes, each file atomically: ``last.safetensors`` (the weights),
+    ``last.state`` (the trainer's optimizer state and epoch, the history, the best epoch) and, when
+    the epoch is the best so far by validation PSNR, ``best.safetensors``. The names are part of
+    the on-disk layout: folders that earlier autopeft versions left behind resume too.
+
+    Args:
+        folder: where the files go (it must exist).
+        metadata: JSON metadata stored in every weights file (with ``epoch``, or ``best``, added).
+    """
+
+    def __init__(self, folder: str | os.PathLike, metadata: dict[str, Any]) -> None:
+        folder = Path(folder)
+        self.last_weights = folder / "last.safetensors"
+        self.last_state = folder / "last.state"
+        self.best_weights = folder / "best.safetensors"
+        self.metadata = dict(metadata)
+        # One row per finished epoch: epoch, loss, validation metrics (if scored), seconds.
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, float] | None = None  # the best epoch's metrics and its number
+
+    def resume(self, trainer: Trainer) -> bool:
+        """Put ``trainer`` (weights, optimizer state, epoch) and the history back at the last
+        finished epoch, when the folder holds one. Returns whether it did."""
+        if not (self.last_weights.exists() and self.last_state.exists()):
+            return False
+        load_checkpoint(trainer.model, self.last_weights)
+        state = load_state(self.last_state)
+        trainer.load_state_dict(state["trainer"])
+        self.history, self.best = state["history"], state["best"]
+        return True
+
+    def save(self, trainer: Trainer, result: EpochResult) -> None:
+        """Record the epoch ``result`` of ``trainer`` and write its files (``Trainer.fit`` calls it)."""
+        self.history.append({"epoch": result.epoch, "loss": result.loss, **result.metrics, "seconds": result.seconds})
+        if result.metrics and is_better(result.metrics, self.best):
+            self.best = dict(result.metrics, epoch=result.epoch)
+            save_checkpoint(trainer.model, self.best_weights, {**self.metadata, "best": self.best})
+        save_checkpoint(trainer.model, self.last_weights, {**self.metadata, "epoch": result.epoch})
+        save_state({"trainer": trainer.state_dict(), "history": self.history, "best": self.best}, self.last_state)
+
+    def load_best(self, model: nn.Module) -> dict[str, float]:
+        """Load the best epoch's weights into ``model``; returns that epoch's metrics and number.
+
+        Raises:
+            ValueError: no epoch was scored better than NaN yet (nothing to load).
+        """
+        if self.best is None:
+            raise ValueError(f"No best epoch in {self.best_weights.parent}: no epoch was validated yet.")
+        load_checkpoint(model, self.best_weights)
+        return self.best
+
+    def remove(self) -> None:
+        """Delete the files, once the run's result is kept elsewhere."""
+        for leftover in (self.last_weights, self.last_state, self.best_weights):
+            leftover.unlink(missing_ok=True)
 
 
 def is_better(candidate: dict[str, float], best: dict[str, float] | None, key: str = "psnr") -> bool:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autopeft.train import NonFiniteLossError, Trainer, TrainSettings
+from autopeft.train import EpochCheckpoints, EpochResult, NonFiniteLossError, Trainer, TrainSettings
 from autopeft.backbones import build_backbone
 
 
@@ -93,3 +93,51 @@ def test_non_finite_loss_stops_training():
 def test_bad_settings(bad):
     with pytest.raises(ValueError, match="must be"):
         TrainSettings(**bad)
+
+
+def _unetr_trainer(epochs):
+    torch.manual_seed(0)
+    model = build_backbone("unetr", "tiny")
+    model.requires_grad_(True)
+    return Trainer(model, TrainSettings(epochs=epochs, lr=1e-3))
+
+
+def test_checkpoints_let_an_interrupted_fit_go_on_from_its_last_epoch(tmp_path):
+    trainer = _unetr_trainer(epochs=2)
+    batches = [{key: value[:1] for key, value in _fixed_batch(trainer.model).items()}]  # one crop: cheap epochs
+    checkpoints = EpochCheckpoints(tmp_path, {"run": "test"})
+    on_disk = []  # an epoch's files are written before on_epoch hears of it
+    trainer.fit(batches, checkpoints=checkpoints,
+                on_epoch=lambda r: on_disk.append(sorted(p.name for p in tmp_path.iterdir())))
+    assert on_disk == [["last.safetensors", "last.state"]] * 2
+    assert [row["epoch"] for row in checkpoints.history] == [1, 2] and checkpoints.best is None
+
+    again = _unetr_trainer(epochs=3)  # a new process: fresh weights, optimizer and history
+    resumed = EpochCheckpoints(tmp_path, {"run": "test"})
+    assert resumed.resume(again)
+    assert again.epoch == 2 and [row["epoch"] for row in resumed.history] == [1, 2]
+    trained = trainer.model.state_dict()
+    assert all(torch.equal(value, trained[name]) for name, value in again.model.state_dict().items())
+    assert again.optimizer.state_dict()["state"][0]["step"] == trainer.optimizer.state_dict()["state"][0]["step"]
+    assert [r.epoch for r in again.fit(batches, checkpoints=resumed)] == [3]  # epochs 1 and 2 not trained twice
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3]
+    assert not EpochCheckpoints(tmp_path / "empty", {}).resume(_unetr_trainer(epochs=1))
+
+
+def test_checkpoints_keep_the_best_epoch_by_psnr_and_remove_their_files(tmp_path):
+    trainer = _unetr_trainer(epochs=1)
+    checkpoints = EpochCheckpoints(tmp_path, {"run": "test"})
+    checkpoints.save(trainer, EpochResult(epoch=1, loss=0.5, metrics={"psnr": 20.0}))
+    best_weights = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    with torch.no_grad():  # the weights move, but the next epochs do not beat 20 dB
+        next(trainer.model.parameters()).add_(1.0)
+    checkpoints.save(trainer, EpochResult(epoch=2, loss=0.4, metrics={"psnr": float("nan")}))
+    checkpoints.save(trainer, EpochResult(epoch=3, loss=0.3, metrics={"psnr": 19.0}))
+    assert checkpoints.best == {"psnr": 20.0, "epoch": 1}
+    fresh = build_backbone("unetr", "tiny")
+    assert checkpoints.load_best(fresh) == {"psnr": 20.0, "epoch": 1}
+    assert all(torch.equal(value, best_weights[name]) for name, value in fresh.state_dict().items())
+    checkpoints.remove()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="no epoch was validated"):
+        EpochCheckpoints(tmp_path, {}).load_best(fresh)
