@@ -36,13 +36,14 @@ import torch
 from monai.networks.blocks.selfattention import SABlock
 from torch import nn
 
+from _fakes import make_dataset
 import autopeft.backbones.base as backbone_base
-import autopeft.search.signals  # noqa: F401  (registers the built-in signals)
 from autopeft.backbones import Backbone, build_backbone, registered_backbones
 from autopeft.backbones.blocks.cvt import ConvProjectionAttention
 from autopeft.errors import ConfigError, PlanError
 from autopeft.peft import Plan, apply_plan, count_trainable, merge_plan, registered_methods, trainable_fraction
 from autopeft.peft.base import PeftLayer, PeftMethod
+from autopeft.runner.trial import TrialSetup
 from autopeft.search import PlanCounter
 from autopeft.search.config import SearchConfig
 from autopeft.search.options import SAMPLERS
@@ -433,9 +434,6 @@ def signal_setting(tmp_path_factory):
     """A search's setting for the signals: the small space on tiny CVT-GAN, and (for the signals that
     read data) 1-epoch source models on fake scans of 2 scanners, in a cache of this module's own,
     so that measuring again measures and reads no other test's files."""
-    from _fakes import make_dataset
-    from autopeft.runner.trial import TrialSetup
-
     template = build_backbone("cvtgan", PRESET)
     space = space_from_data(SIGNAL_SPACE, template.sites(), source="the conformance suite's signal space")
     cache = tmp_path_factory.mktemp("signal-cache")
