@@ -10,6 +10,8 @@ import pytest
 
 # Data fixtures (tiny NIfTI scans and manifests) live in tests/data/_fakes.py.
 sys.path.insert(0, str(Path(__file__).parent / "data"))
+# The scripts' Python helpers (scripts/gpu_check_report.py) are not a package.
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 
 
 @pytest.fixture(autouse=True, scope="session")

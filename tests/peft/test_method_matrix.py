@@ -1,9 +1,10 @@
 """One matrix of cases, method x site kind x backbone, run through the same checks.
 
-Every case: the output shape is unchanged; exactly the intended parameters train, all inside the
-matched sites, the discriminator stays frozen, and only trainable parameters get gradients; the
-network is unchanged at injection where the method promises it; after AdamW steps the saved and
-reloaded model and the merged model give the tuned model's outputs.
+Every case: the output shape is unchanged; exactly the intended layers change and exactly the
+intended parameters train, all inside the matched sites, the discriminator stays frozen, and only
+trainable parameters get gradients; after AdamW steps the saved and reloaded model gives the tuned
+model's outputs. What every registered method promises (the identity at injection, its count,
+switching off, merging, the site kinds it refuses) is checked in tests/test_conformance.py.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from _peft_toy import l1_loss
 from torch import nn
 
 from autopeft.errors import PlanError
-from autopeft.peft import Plan, apply_plan, count_trainable, load_trained, merge_plan, save_trained, trainable_fraction
-from autopeft.peft.base import MergeableLayer, PeftLayer, get_method
+from autopeft.peft import Plan, apply_plan, count_trainable, load_trained, save_trained, trainable_fraction
+from autopeft.peft.base import MergeableLayer
 from autopeft.peft.lora_layers import LoraFusedQKV
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
@@ -118,7 +119,7 @@ def _cases() -> list[Case]:
                 if backbone == "unetr" and kind == "cnn" and method in ("bitfit", "layernorm"):
                     error = "finds nothing to train"  # MONAI's decoder: bias-free convs, non-affine norms
                 cases.append(Case(backbone, kind, method, options, error))
-            cases.append(Case(backbone, kind, "vpt", {"tokens": 3, "skip_first": 1}, None if kind == "vit" else "cannot sit on"))
+        cases.append(Case(backbone, "vit", "vpt", {"tokens": 3, "skip_first": 1}))
         cases.append(Case(backbone, "vit", "lora", {"targets": ["qkv", "out_proj", "mlp"], "rank": 2}))
         cases.append(Case(backbone, "vit", "lora", {"targets": ["conv"] if backbone == "cvtgan" else ["v"], "rank": 2}))
     return cases
@@ -201,15 +202,11 @@ def test_method_on_site_kind(case: Case, envs, tmp_path) -> None:
     base_total = sum(p.numel() for p in env.base.net.parameters())
     assert trainable_fraction(model) == pytest.approx(count_trainable(model) / base_total)
 
-    # Shape unchanged; identity at injection where promised.
+    # Shape unchanged.
     model.eval()
     with torch.no_grad():
         out = model(env.x)
     assert out.shape == env.x.shape
-    if get_method(case.method).identity_at_init:
-        torch.testing.assert_close(out, env.base_out, rtol=0, atol=1e-6)
-    else:
-        assert not torch.allclose(out, env.base_out)
 
     # Gradients reach exactly the trainable parameters; after one step both LoRA factors and both
     # adapter projections learn (B / up start at zero).
@@ -237,14 +234,3 @@ def test_method_on_site_kind(case: Case, envs, tmp_path) -> None:
     loaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(env.x), tuned, rtol=0, atol=1e-6)
-
-    # Merging folds linear methods into plain layers and keeps the outputs.
-    merge_plan(model)
-    with torch.no_grad():
-        torch.testing.assert_close(model(env.x), tuned, rtol=1e-4, atol=2e-5)
-    leftovers = [type(m).__name__ for m in model.modules() if isinstance(m, PeftLayer)]
-    if get_method(case.method).mergeable:
-        assert leftovers == []
-        assert not any(".parametrizations." in n for n, _ in model.named_parameters())
-    else:
-        assert leftovers

@@ -102,11 +102,34 @@ def test_confirmation_scores_the_best_plans_the_best_baseline_and_references_on_
     html = write_report(run_dir).read_text()  # as `autopeft search` draws it after run_search
     assert "Confirmed on test subjects" in html and "Validation PSNR against test PSNR" in html
     assert "best Table-1 row, lr tuned" in html
+    _check_gpu_check_report(run_dir, tmp_path)
 
     # Resuming redoes nothing that the confirmation kept.
     kept = {p: p.stat().st_mtime_ns for p in (run_dir / "confirmation").glob("*.json")}
     run_search(resume_dir=run_dir, outputs=SearchOutputs())
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "confirmation").glob("*.json")} == kept
+
+
+def _check_gpu_check_report(run_dir, tmp_path) -> None:
+    """scripts/gpu-check.sh's summary, read from this confirmed run (it needs no GPU to read one)."""
+    from gpu_check_report import main, summarise
+
+    from autopeft._io import cache_root
+    from autopeft.report._results import confirmed_rows
+
+    memory_log = tmp_path / "gpu-memory.csv"
+    memory_log.write_text("1200\n3400\n2100\n")  # nvidia-smi's memory.used samples, MiB
+    result = summarise(run_dir, memory_log=memory_log, cache=cache_root(), wall_seconds=12.0)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    pair_seconds = [p["seconds"] for r in records(run_dir) for p in r["pairs"]]  # 1 epoch per pair
+    assert result["finetune_seconds_per_epoch"]["pairs"] == len(pair_seconds) > 0
+    assert result["finetune_seconds_per_epoch"]["max"] == pytest.approx(max(pair_seconds))
+    assert result["pretrain_seconds_per_epoch"] > 0 and result["peak_gpu_memory_mib"] == 3400
+    assert result["slots"] and 0 < result["slots"][0]["busy_share"] <= 1
+    assert result["table1"] == confirmed_rows(summary["confirmation"]) and result["amp"] is False
+    written = tmp_path / "gpu-check.json"
+    assert main([str(run_dir), "--memory-log", str(memory_log), "--json", str(written)]) == 0
+    assert json.loads(written.read_text())["table1"] == result["table1"]
 
 
 def test_nothing_reads_a_test_subject_before_the_confirmation(ray_session, tmp_path):

@@ -220,37 +220,20 @@ def test_count_and_early_signals_need_no_data(cvtgan):
     assert prior_for("early", None, template, counter, space).score(plan) == EarlyPrior(template, counter).score(plan)
 
 
-def test_switched_off_candidates_give_back_the_pretrained_output(cvtgan):
+def test_every_method_of_the_space_is_probed_on_the_sites_it_scores(cvtgan):
+    # That switching a candidate off gives the pre-trained output back is every method's contract,
+    # checked in tests/test_conformance.py.
     from autopeft.search._probes import candidate_plans, inject
 
     template, space, counter = cvtgan
-    torch.manual_seed(0)
-    probe_input = torch.rand(1, 1, *template.preset.crop_size)
-    template.eval()
-    with torch.no_grad():
-        reference = template(probe_input)
     probes = candidate_plans(space, counter, template)
     assert {p.method for p in probes} >= {"lora", "adapter", "ssf", "layernorm", "bitfit", "vpt", "shpeft"}
     for probe in probes:
-        method = get_method(probe.method)
         model = copy.deepcopy(template)
         importance = {n: torch.rand(p.shape) for n, p in model.named_parameters()} if probe.plan.needs_importance else None
         candidates = inject(model, probe, importance)
         assert candidates and set(candidates) <= set(probe.sites)
-        if not method.switchable:
-            continue
-        initial = {site: [p.detach().clone() for p in params] for site, params in candidates.items()}
-        with torch.no_grad():  # as if trained: every candidate moved
-            for params in candidates.values():
-                for p in params:
-                    p.add_(0.05 * torch.randn_like(p))
-        model.eval()
-        with torch.no_grad():
-            assert (model(probe_input) - reference).abs().max() > 1e-4
-        for site, params in candidates.items():
-            method.switch_off(params, initial[site])
-        with torch.no_grad():
-            assert torch.allclose(model(probe_input), reference, atol=1e-6, rtol=0)
+        assert all(p.requires_grad for params in candidates.values() for p in params)
 
 
 def test_a_method_that_is_not_the_identity_at_injection_must_say_whether_it_switches_off():
