@@ -2,9 +2,9 @@
 
 One *scenario* is (backbone, scanners, data seed): built-in simulated data with that seed, every
 ordered pair of the scanners, fold 0, the preset's source models. The scenarios are declared in
-``SCENARIOS`` below, before any formula or default was changed on them: ``unetr-1-5`` is the one
-the prior's formula was tuned on, the others differ in backbone, scanners and data seed and were
-never tuned on. Per scenario and space (``grouped``: ``search_spaces/<backbone>.yaml``, one method
+``bench/scenarios.yaml``, with their roles: ``tuning`` ones (earlier defaults, the prior's formula
+among them, were chosen on them), ``lab`` ones (bench/table.py, bench/replay.py) and ``confirm``
+ones, run here only once the lab has fixed the defaults (the held-out check). Per scenario and space (``grouped``: ``search_spaces/<backbone>.yaml``, one method
 per group of blocks; ``blocks``: ``<backbone>-blocks.yaml``, one per encoder/decoder block):
 
 1. PETITE's grid (``search_spaces/petite-grid.yaml``): every plan within the budget on every pair,
@@ -62,17 +62,19 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `backbones` is a top-level package of the repository
-sys.path.insert(0, str(ROOT / "bench"))  # its helpers (_grid.py)
+sys.path.insert(0, str(ROOT / "bench"))  # its helpers (_grid.py, _lab.py)
+
+from _lab import load_declared  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "results" / "rediscovery"
-# Written down before any formula or default was changed on them (issue 12): the first is the
-# scenario the prior's formula was tuned on; the others were never looked at while tuning.
+# The scenarios and their roles are bench/scenarios.yaml's (declared before use): tuning scenarios
+# (earlier defaults were chosen on them), lab ones (the lab's tables) and confirm ones (the held-out
+# check of the lab's defaults).
 SCENARIOS: dict[str, dict[str, Any]] = {
-    "unetr-1-5": {"backbone": "unetr", "scanners": "1,5", "data_seed": 0, "role": "tuning (the prior was tuned here)"},
-    "cvtgan-2-4-d1": {"backbone": "cvtgan", "scanners": "2,4", "data_seed": 1, "role": "held out"},
-    "unetr-3-4-d2": {"backbone": "unetr", "scanners": "3,4", "data_seed": 2, "role": "held out"},
+    name: {"backbone": spec["backbone"], "scanners": ",".join(str(s) for s in spec["scanners"]),
+           "data_seed": int(spec["data_seed"]), "role": spec["role"]}
+    for name, spec in load_declared()["scenarios"].items()
 }
 # Every variant names its fidelity: their cached runs keep their meaning when the default changes.
 VARIANTS: dict[str, dict[str, Any]] = {
