@@ -95,7 +95,8 @@ def _strategy(group: ArgumentGroup) -> None:
                              "(block, method) module at injection; audit: each candidate's validation-PSNR drop when "
                              "switched off after a brief fine-tuning (costs about one ASHA rung per method and pair); "
                              f"count, early: baselines (bigger plans; early blocks first). on: the default, {DEFAULT_PRIOR_SIGNAL}; "
-                             "off: the sampler alone")
+                             "off: the sampler alone. Not yet shown to help: on the tuning scenarios priors on and off differed by less than "
+                             "the noise (5 runs each); the lab measures it (docs/lab.md)")
     group.add_argument("--prior-candidates", type=int, default=PRIOR_CANDIDATES,
                         help="sampler draws per trial among which the prior picks (1: the prior only warm-starts). "
                              "Default: %(default)s")
