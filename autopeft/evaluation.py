@@ -3,6 +3,8 @@
 Every figure autopeft reports comes from here: the model sees each held-out short scan whole
 (through MONAI's sliding-window inferer, windows of the preset's crop size) and is scored against
 the long scan with ``autopeft.metrics`` (PSNR with peak 1 on [0, 1] data, 3D SSIM, NRMSE).
+With mixed precision (``precision``, :mod:`autopeft.precision`) the network runs under autocast;
+its prediction is cast to float32 before it is scored.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from autopeft import metrics
+from autopeft.precision import autocast
 
 __all__ = ["evaluate", "evaluate_identity", "evaluate_subjects", "mean_scores", "predict_volume"]
 
@@ -31,6 +34,7 @@ def predict_volume(
     roi_size: Sequence[int],
     overlap: float = 0.25,
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Predict a whole volume.
 
@@ -40,21 +44,23 @@ def predict_volume(
         roi_size: window size, the preset's crop size.
         overlap: window overlap fraction. Defaults to 0.25.
         device: where the model runs. Defaults to ``cpu``.
+        precision: ``fp32``, or ``bf16`` / ``fp16`` to run the network under autocast. Defaults to ``fp32``.
 
     Returns:
-        The prediction, same shape as ``short``, on the CPU.
+        The prediction, same shape as ``short``, in float32 on the CPU.
     """
     batched = short if short.ndim == 5 else short.unsqueeze(0)
-    pred = sliding_window_inference(
-        batched.to(device),
-        roi_size=tuple(roi_size),
-        sw_batch_size=4,
-        predictor=model,
-        overlap=overlap,
-        mode="gaussian",
-        padding_mode="constant",
-    )
-    pred = pred.float().cpu()
+    with autocast(precision, device):
+        pred = sliding_window_inference(
+            batched.to(device),
+            roi_size=tuple(roi_size),
+            sw_batch_size=4,
+            predictor=model,
+            overlap=overlap,
+            mode="gaussian",
+            padding_mode="constant",
+        )
+    pred = pred.float().cpu()  # scored in float32 whatever the network computed in
     return pred if short.ndim == 5 else pred.squeeze(0)
 
 
@@ -75,6 +81,7 @@ def evaluate_subjects(
     *,
     roi_size: Sequence[int],
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> list[dict]:
     """PSNR / SSIM / NRMSE of ``model`` on each whole volume.
 
@@ -84,6 +91,7 @@ def evaluate_subjects(
             ``subject``, when known).
         roi_size: sliding-window size.
         device: where the model runs.
+        precision: as :func:`predict_volume`. Defaults to ``fp32``.
 
     Returns:
         One row per volume, in order: ``{"subject", "psnr", "ssim", "nrmse"}``.
@@ -93,7 +101,8 @@ def evaluate_subjects(
     try:
         return [
             {"subject": str(v.get("subject", index)),
-             **_score_one(predict_volume(model, v["short"], roi_size=roi_size, device=device).clamp(0, 1), v["long"])}
+             **_score_one(predict_volume(model, v["short"], roi_size=roi_size, device=device,
+                                         precision=precision).clamp(0, 1), v["long"])}
             for index, v in enumerate(volumes)
         ]
     finally:
@@ -106,9 +115,10 @@ def evaluate(
     *,
     roi_size: Sequence[int],
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """Mean PSNR / SSIM / NRMSE of ``model`` over whole volumes (:func:`evaluate_subjects`)."""
-    return mean_scores(evaluate_subjects(model, volumes, roi_size=roi_size, device=device))
+    return mean_scores(evaluate_subjects(model, volumes, roi_size=roi_size, device=device, precision=precision))
 
 
 def evaluate_identity(volumes: Sequence[dict]) -> dict[str, float]:

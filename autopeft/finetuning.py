@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from autopeft.data import Protocol, eval_volumes, split_scanner, train_loader
 from autopeft.evaluation import evaluate_identity, evaluate_subjects, mean_scores
+from autopeft.precision import amp_precision
 from autopeft.train import EpochResult, Trainer, TrainSettings
 
 __all__ = [
@@ -132,6 +133,8 @@ class FinetuneSettings:
             of pre-training one (``autopeft.pretraining.imported_model``). Defaults to None.
         pretrain: pre-train the source model when the cache lacks it. Defaults to True; a
             search's trials set False (a missing model is then an error naming it).
+        amp: mixed precision (``autopeft.precision.amp_precision``) in pre-training, fine-tuning
+            and scoring; source models are cached apart from full-precision ones. Defaults to False.
     """
 
     backbone: str
@@ -143,6 +146,7 @@ class FinetuneSettings:
     device: str = "cpu"
     weights: str | None = None
     pretrain: bool = True
+    amp: bool = False
 
     def job(self, source: str, target: str, fold: int = 0, *, train_seed: int | None = None) -> FinetuneJob:
         """The :class:`FinetuneJob` of one (source, target, fold) under these settings: the one place
@@ -202,14 +206,14 @@ def source_model(job: FinetuneJob, *, progress: bool = False):
 
     stamp = content_hash(job.manifest_path) if os.path.isfile(job.manifest_path) else ""
     key = (job.backbone, job.preset, stamp, job.source, job.fold, job.seed, job.protocol,
-           job.pretrain_epochs, job.device, job.weights)
+           job.pretrain_epochs, job.device, job.weights, job.amp)
     if key not in _LOADED:
         if len(_LOADED) >= _LOADED_MAX:
             _LOADED.pop(next(iter(_LOADED)))
         _LOADED[key] = pretrained_model(
             job.backbone, job.source, manifest_path=job.manifest_path, preset=job.preset, fold=job.fold,
             epochs=job.pretrain_epochs, seed=job.seed, protocol=job.protocol, device=job.device, progress=progress,
-            weights=job.weights, train=job.pretrain,
+            weights=job.weights, train=job.pretrain, amp=job.amp,
         )
     model, meta = _LOADED[key]
     return copy.deepcopy(model), dict(meta)
@@ -235,7 +239,7 @@ def _importance_file(job: FinetuneJob, meta: dict[str, Any], *, train: list[dict
     from autopeft.pretraining import SourceSpec
 
     train = _target_train(job) if train is None else train
-    spec = SourceSpec(**{k: meta[k] for k in SourceSpec.__dataclass_fields__})
+    spec = SourceSpec.from_metadata(meta)
     subjects = hashlib.sha256(json.dumps([job.target, [r["subject"] for r in train]]).encode()).hexdigest()[:12]
     key, target = (spec.legacy_key(), job.target) if legacy else (spec.key(), path_component(job.target))
     return f"importance/{key}-tgt{target}-{subjects}-seed{job.fine_tuning_seed}.safetensors"
@@ -305,7 +309,7 @@ def finetune_plan(
         prepare=plan_preparer(plan, importance=importance), epochs=schedule.epochs, lr=schedule.lr,
         protocol=job.protocol, fold=job.fold, seed=job.fine_tuning_seed, split_seed=job.seed,
         device=job.device, progress=progress, on_epoch=on_epoch, crops_per_volume=schedule.crops_per_volume,
-        splits=splits, score_epochs=score_epochs,
+        splits=splits, score_epochs=score_epochs, amp=job.amp,
     )
     return model, result
 
@@ -337,6 +341,7 @@ def finetune(
     split_seed: int | None = None,
     splits: Sequence[str] = ("val",),
     score_epochs: Collection[int] = (),
+    amp: bool = False,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``target`` and score it on the target's held-out subjects.
 
@@ -364,10 +369,12 @@ def finetune(
         score_epochs: epochs (1-based) after which the first split is also scored, before the
             last (a scheduler's rungs inside a pair): ``on_epoch`` gets the means in
             ``EpochResult.metrics``.
+        amp: train and score in mixed precision (``autopeft.precision.amp_precision``). Defaults to False.
     """
     if not splits or any(name not in ("val", "test") for name in splits):
         raise ValueError(f"`splits` must name 'val' and/or 'test', but got {splits!r}.")
     device = torch.device(device)
+    precision = amp_precision(amp, device)
     subjects = split_scanner(manifest, str(target), purpose="finetune", protocol=protocol or Protocol(), fold=fold,
                              seed=seed if split_seed is None else split_seed)
     trainable, total = _prepare(model, prepare, device=device, seed=seed)
@@ -375,7 +382,7 @@ def finetune(
     crop = model.preset.crop_size
 
     def score_first_split() -> dict[str, float]:
-        return mean_scores(evaluate_subjects(model, held_out(splits[0]), roi_size=crop, device=device))
+        return mean_scores(evaluate_subjects(model, held_out(splits[0]), roi_size=crop, device=device, precision=precision))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -385,9 +392,10 @@ def finetune(
         history, seconds_per_epoch = _train(
             model, subjects["train"], label=f"fine-tune {method} on scanner {target}", epochs=epochs, lr=lr, seed=seed,
             crops_per_volume=crops_per_volume, device=device, progress=progress, on_epoch=on_epoch,
-            score_epochs=score_epochs, score=score_first_split,
+            score_epochs=score_epochs, score=score_first_split, precision=precision,
         )
-    scored = {name: evaluate_subjects(model, held_out(name), roi_size=crop, device=device) for name in splits}
+    scored = {name: evaluate_subjects(model, held_out(name), roi_size=crop, device=device, precision=precision)
+              for name in splits}
     return FinetuneResult(
         method=method,
         target=str(target),
@@ -430,6 +438,7 @@ def _train(
     on_epoch: Callable[[EpochResult], None] | None,
     score_epochs: Collection[int],
     score: Callable[[], dict[str, float]],
+    precision: str = "fp32",
 ) -> tuple[list[dict[str, Any]], float]:
     """Fine-tunes ``model`` on the ``train`` subjects' random crops for ``epochs`` (AdamW at ``lr``).
 
@@ -446,13 +455,14 @@ def _train(
         on_epoch: called after each epoch.
         score_epochs: epochs (1-based, before the last) after which ``score`` fills the epoch's ``metrics``.
         score: the means on the first held-out split.
+        precision: ``TrainSettings.precision``. Defaults to ``fp32``.
 
     Returns:
         ``(history, seconds_per_epoch)``: one ``{"epoch", "loss", "seconds", **metrics}`` per epoch.
     """
     loader = train_loader(train, crop_size=model.preset.crop_size, batch_size=model.preset.batch_size, seed=seed,
                           crops_per_volume=crops_per_volume)
-    trainer = Trainer(model, TrainSettings(epochs=epochs, lr=lr), device=device)
+    trainer = Trainer(model, TrainSettings(epochs=epochs, lr=lr, precision=precision), device=device)
     history: list[dict[str, Any]] = []
     with tqdm(total=epochs, desc=label, disable=not progress, unit="epoch") as bar:
 

@@ -123,7 +123,8 @@ def _cached_source_model(setup, source: str, fold: int):
         from autopeft.data import read_manifest
 
         spec = source_spec(setup.backbone, source, manifest=read_manifest(setup.manifest_path), preset=setup.preset,
-                           fold=fold, epochs=setup.pretrain_epochs, seed=setup.seed, protocol=setup.protocol)
+                           fold=fold, epochs=setup.pretrain_epochs, seed=setup.seed, protocol=setup.protocol,
+                           amp=setup.amp)
         if not is_pretrained(spec):
             raise CheckpointError(
                 f"{setup.run_dir}: its source model of scanner {source} ({spec.key()}) is not in the cache "

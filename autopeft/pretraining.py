@@ -2,8 +2,8 @@
 
 ``pretrained_model(...)`` returns the pre-trained source model for a configuration, training it only
 when the cache has none. The cache key holds everything that changes the result: backbone, preset,
-source scanner, fold, epochs, seed and a hash of the data manifest (so a different data set never
-reuses a model). An interrupted pre-training resumes from its last finished epoch: the Trainer
+source scanner, fold, epochs, seed, mixed precision when on (``amp``) and a hash of the data
+manifest (so a different data set never reuses a model). An interrupted pre-training resumes from its last finished epoch: the Trainer
 checkpoints every epoch into the cache entry (:class:`autopeft.train.EpochCheckpoints`).
 
 Layout of one cache entry ``<cache>/pretrained/<key>/`` (names in the key through
@@ -42,6 +42,7 @@ from autopeft.checkpoints import (
 from autopeft.data import Protocol, eval_volumes, read_manifest, split_scanner, train_loader
 from autopeft.data.loading import PIPELINE_VERSION
 from autopeft.errors import CheckpointError, ConfigError
+from autopeft.precision import amp_precision
 from autopeft.train import EpochCheckpoints, EpochResult, Trainer, TrainSettings
 
 __all__ = [
@@ -94,6 +95,13 @@ class SourceSpec:
     protocol: str  # subject counts of the pre-training split, e.g. "8+4"
     crops: int  # random crops per training volume and epoch
     pipeline: int = 0  # autopeft.data.loading.PIPELINE_VERSION the model was trained with
+    amp: bool = False  # mixed precision (autopeft.precision.amp_precision): other arithmetic, another model
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any]) -> SourceSpec:
+        """The spec of a cached model from its checkpoint metadata; fields newer than the model
+        (``amp``) take their defaults, which are what it was trained with."""
+        return cls(**{name: meta[name] for name in cls.__dataclass_fields__ if name in meta})
 
     def key(self) -> str:
         """The cache folder's name: one path component, each name in it through
@@ -104,6 +112,7 @@ class SourceSpec:
         return (
             f"{name(self.backbone)}-{name(self.preset)}-src{name(self.source)}-fold{self.fold}-e{self.epochs}"
             f"-c{self.crops}-lr{self.lr:g}-seed{self.seed}-p{self.protocol}-v{self.pipeline}-{self.data}"
+            + ("-amp" if self.amp else "")  # nothing when off: the keys of full-precision models stay as they were
         )
 
     def legacy_key(self) -> str:
@@ -131,6 +140,7 @@ def source_spec(
     lr: float | None = None,
     seed: int = 0,
     protocol=None,
+    amp: bool = False,
 ) -> SourceSpec:
     """The cache identity of a source model (arguments as :func:`pretrained_model`; ``manifest``
     is the read manifest)."""
@@ -153,6 +163,7 @@ def source_spec(
         protocol=f"{protocol.pretrain_train}+{protocol.pretrain_val}",
         crops=int(schedule.crops_per_volume),
         pipeline=PIPELINE_VERSION,
+        amp=bool(amp),
     )
 
 
@@ -192,6 +203,7 @@ def pretrained_model(
     on_epoch: Callable[[EpochResult], None] | None = None,
     weights: str | os.PathLike | None = None,
     train: bool = True,
+    amp: bool = False,
 ):
     """The pre-trained source model, from the cache or freshly trained (and then cached).
 
@@ -213,6 +225,8 @@ def pretrained_model(
             pre-training; the data arguments are then not used. Defaults to None.
         train: pre-train the model when the cache lacks it. Defaults to True; a search's trials
             pass False (their driver pre-trains every source model before them).
+        amp: pre-train in mixed precision (``autopeft.precision.amp_precision`` on ``device``),
+            validation included; a model of its own in the cache. Defaults to False.
 
     Returns:
         ``(model, metadata)``: the ``Backbone`` in eval mode with the best weights, and the
@@ -227,7 +241,7 @@ def pretrained_model(
     manifest = read_manifest(manifest_path)
     protocol = protocol or Protocol()
     spec = source_spec(backbone, source, manifest=manifest, preset=preset, fold=fold, epochs=epochs, lr=lr, seed=seed,
-                       protocol=protocol)
+                       protocol=protocol, amp=amp)
     entry = _entry(spec, cache_dir)
     torch.manual_seed(seed)
     model = build_backbone(backbone, preset)
@@ -272,9 +286,10 @@ def _pretrain(
                           crops_per_volume=spec.crops)
     val = eval_volumes(splits["val"])
     model.requires_grad_(True)
-    settings = TrainSettings(epochs=spec.epochs, lr=spec.lr, train_discriminator=model.discriminator is not None)
+    settings = TrainSettings(epochs=spec.epochs, lr=spec.lr, train_discriminator=model.discriminator is not None,
+                             precision=amp_precision(spec.amp, device))
     trainer = Trainer(model, settings, device=device)
-    metadata = {**asdict(spec), "train_subjects": [r["subject"] for r in splits["train"]],
+    metadata = {**asdict(spec), "precision": settings.precision, "train_subjects": [r["subject"] for r in splits["train"]],
                 "val_subjects": [r["subject"] for r in splits["val"]]}
     checkpoints = EpochCheckpoints(entry, metadata)
     checkpoints.resume(trainer)  # an interrupted pre-training goes on from its last finished epoch

@@ -15,6 +15,11 @@ A run that must survive an interruption (source pre-training) hands ``Trainer.fi
 :class:`EpochCheckpoints`: after every epoch it writes the weights, the trainer's state, the history
 and the best epoch by validation PSNR into one folder, and ``EpochCheckpoints.resume`` starts the
 trainer again from the last finished epoch.
+
+With ``TrainSettings.precision`` other than ``fp32`` the forward pass and the losses run under
+``torch.autocast`` (:mod:`autopeft.precision`), and so does validation; float16 scales the losses
+with one ``torch.amp.GradScaler`` for the generator's and the discriminator's optimisers, whose state
+is part of the resume state.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch import nn
 
 from autopeft.checkpoints import load_checkpoint, load_state, save_checkpoint, save_state
 from autopeft.evaluation import evaluate
+from autopeft.precision import Precision, autocast, check_precision
 
 __all__ = ["TrainSettings", "EpochResult", "Trainer", "EpochCheckpoints", "NonFiniteLossError"]
 
@@ -50,6 +56,9 @@ class TrainSettings:
         weight_decay: AdamW weight decay. Defaults to 1e-4.
         train_discriminator: update the discriminator (pre-training only). Defaults to False.
         grad_clip: max gradient norm, 0 for none. Defaults to 1.0.
+        precision: ``fp32``, or mixed precision in ``bf16`` or ``fp16`` (CUDA only; with loss
+            scaling). Defaults to ``fp32``. ``autopeft.precision.amp_precision`` gives the one
+            ``--amp`` picks for a device.
     """
 
     epochs: int
@@ -57,12 +66,16 @@ class TrainSettings:
     weight_decay: float = 1e-4
     train_discriminator: bool = False
     grad_clip: float = 1.0
+    # The dtype, not an on/off switch: the Trainer needs it (float16 alone needs a GradScaler, and a
+    # CPU refuses it), and a run records which arithmetic it used.
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
             raise ValueError(f"`epochs` must be >= 0, but got {self.epochs}.")
         if not self.lr > 0:
             raise ValueError(f"`lr` must be > 0, but got {self.lr}.")
+        check_precision(self.precision)  # the name; the Trainer checks it against its device
 
 
 @dataclass
@@ -95,9 +108,13 @@ class Trainer:
         model: a ``autopeft.backbones.Backbone``; what trains is what has ``requires_grad``.
         settings: optimisation settings.
         device: where to train. Defaults to ``cpu``.
+
+    Raises:
+        ConfigError: ``settings.precision`` is ``fp16`` and ``device`` a CPU.
     """
 
     def __init__(self, model: nn.Module, settings: TrainSettings, *, device: torch.device | str = "cpu") -> None:
+        check_precision(settings.precision, device)
         self.model = model.to(device)
         self.settings = settings
         self.device = torch.device(device)
@@ -116,15 +133,18 @@ class Trainer:
             if settings.train_discriminator
             else None
         )
+        # Disabled (every call a pass-through) unless float16: bfloat16 has float32's range.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "fp16")
         self.epoch = 0
 
     # One optimisation step ------------------------------------------------------------------
     def _discriminator_step(self, optimizer: torch.optim.Optimizer, short: torch.Tensor, long: torch.Tensor,
                             fake: torch.Tensor) -> None:
-        loss = self.model.discriminator_loss(short, long, fake.detach())
+        with autocast(self.settings.precision, self.device):
+            loss = self.model.discriminator_loss(short, long, fake.detach())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
 
     def step(self, batch: dict) -> float:
         """One optimisation step on a batch of ``short``/``long`` crops ``B x 1 x D x H x W``."""
@@ -132,20 +152,25 @@ class Trainer:
         _keep_frozen_norm_statistics(self.model)
         short = batch["short"].to(self.device, non_blocking=True)
         long = batch["long"].to(self.device, non_blocking=True)
-        fake = self.model(short)
-        loss = self.model.generator_loss(short, long, fake)
+        with autocast(self.settings.precision, self.device):
+            fake = self.model(short)
+            loss = self.model.generator_loss(short, long, fake)
         if not torch.isfinite(loss):
+            fp16 = " or train without mixed precision (float16 overflows where float32 does not)"
             raise NonFiniteLossError(
                 f"Loss became {loss.item()} (not finite) at epoch {self.epoch + 1}: lower the learning rate "
-                f"({self.settings.lr:g}), or check the inputs for extreme values."
+                f"({self.settings.lr:g}), check the inputs for extreme values"
+                f"{fp16 if self.settings.precision == 'fp16' else ''}."
             )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         if self.settings.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.settings.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped when float16 gradients overflowed
         if self.disc_optimizer is not None:
             self._discriminator_step(self.disc_optimizer, short, long, fake)
+        self.scaler.update()  # once per step, after every optimiser (PyTorch's AMP recipe)
         return float(loss.detach())
 
     # Epochs ---------------------------------------------------------------------------------
@@ -185,7 +210,8 @@ class Trainer:
             result = EpochResult(epoch=self.epoch, loss=loss)
             last = self.epoch == self.settings.epochs
             if val_volumes and (self.epoch % eval_every == 0 or last):
-                result.metrics = evaluate(self.model, val_volumes, roi_size=roi_size, device=self.device)
+                result.metrics = evaluate(self.model, val_volumes, roi_size=roi_size, device=self.device,
+                                          precision=self.settings.precision)
             result.seconds = time.perf_counter() - started
             history.append(result)
             if checkpoints is not None:
@@ -196,10 +222,13 @@ class Trainer:
 
     # Resume state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Optimizer state and epoch, for resuming (model weights are saved separately)."""
+        """Optimizer state, the float16 loss scaler's and epoch, for resuming (model weights are
+        saved separately)."""
         state = {"epoch": self.epoch, "optimizer": self.optimizer.state_dict()}
         if self.disc_optimizer is not None:
             state["disc_optimizer"] = self.disc_optimizer.state_dict()
+        if self.scaler.is_enabled():
+            state["grad_scaler"] = self.scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -207,6 +236,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.disc_optimizer is not None and "disc_optimizer" in state:
             self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+        if self.scaler.is_enabled() and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
 
 
 class EpochCheckpoints:

@@ -265,7 +265,7 @@ def _source_keys(setup) -> list[str]:
     keys = []
     for source, fold in setup.sources:
         _, meta = source_model(setup, source, fold, progress=True)
-        keys.append(SourceSpec(**{k: meta[k] for k in SourceSpec.__dataclass_fields__}).key())
+        keys.append(SourceSpec.from_metadata(meta).key())
     return keys
 
 

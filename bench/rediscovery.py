@@ -323,7 +323,7 @@ def _source_keys(setup, *, progress: bool = False) -> list[str]:
     for fold in setup.folds:
         for source in sorted({s for s, _ in setup.pairs}):
             _, meta = source_model(setup, source, fold, progress=progress)
-            keys.append(SourceSpec(**{k: meta[k] for k in SourceSpec.__dataclass_fields__}).key())
+            keys.append(SourceSpec.from_metadata(meta).key())
     return keys
 
 

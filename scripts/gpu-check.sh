@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper preset end to end on one GPU with the real CLI, sized to take under 8 minutes:
-# simulated data of scanners 1 and 5, a 4-trial `autopeft search` on their 2 pairs (source models
+# simulated data of scanners 1 and 5, a 4-trial `autopeft search --amp` on their 2 pairs (source models
 # pre-trained first), the references and a confirmation with 1 fold x 1 seed; then prints seconds
 # per epoch, peak GPU memory, slot use and the Table 1, and writes them as JSON.
 #
@@ -14,7 +14,9 @@
 #   --json            default bench/results/gpu-check.json (scripts/gpu_check_report.py writes it)
 #   --dry-run         print the autopeft commands and exit (no GPU needed; tests/test_gpu_check.py)
 #
-# Mixed precision: autopeft has no setting for it (no autocast, no GradScaler); every run is float32.
+# Mixed precision: on, as the paper preset ran ("AMP on"): --amp trains, validates and scores under
+# torch.autocast in bfloat16 on GPUs that have it (Ampere and later), else float16 with a GradScaler;
+# weights stay float32, scores are computed in float32.
 # Short schedules (20 fine-tuning and 20 pre-training epochs instead of the paper's 200 and 1000)
 # make the scores meaningless: this checks that the paper path runs and what it costs, not results.
 # The simulated data (2 scanners x 16 subjects at size 64, a minute or two of CPU) is kept in
@@ -37,7 +39,7 @@ while [ $# -gt 0 ]; do
     --out) out="$2"; shift 2 ;;
     --json) json="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu-check.sh: unknown option '$1' (valid: --backbone, --gpus-per-trial, --out, --json, --dry-run, --help)" >&2; exit 2 ;;
   esac
 done
@@ -55,7 +57,7 @@ simulate=("$cli" simulate --out "$data" --scanners 1,5 --subjects 16 --size 64 -
 search=("$cli" search --backbone "$backbone" --preset paper --budget 1% --data "$data/manifest.csv" --scanners 1,5
         --trials 4 --epochs 20 --pretrain-epochs 20 --time-budget 4m --no-portfolio
         --confirm 1 --confirm-folds 1 --confirm-seeds 1
-        --device cuda --gpus-per-trial "$gpus_per_trial" --quiet --out "$out/run")
+        --device cuda --amp --gpus-per-trial "$gpus_per_trial" --quiet --out "$out/run")
 if [ "$dry_run" = 1 ]; then
   printf '%q ' "${simulate[@]}"; echo
   printf '%q ' "${search[@]}"; echo

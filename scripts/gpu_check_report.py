@@ -14,7 +14,8 @@ Everything comes from what the run left behind, nothing is re-run:
   ``nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms ...`` sampled while the
   run went on (every process on the device; autopeft's records hold no memory figure);
 - slot use: ``slots.json`` (trial seconds over slots x wall time of the trial phase);
-- Table 1: the confirmation's rows on test subjects (``summary.json``), as the search prints them.
+- Table 1: the confirmation's rows on test subjects (``summary.json``), as the search prints them;
+- mixed precision: the run's ``amp`` setting (``run.json``, ``--amp``).
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ def summarise(run_dir: str | Path, *, memory_log: str | Path | None = None, cach
         "backbone": config.get("backbone"), "preset": config.get("preset"), "device": config.get("device"),
         "gpus_per_trial": config.get("gpus_per_trial"), "concurrency": config.get("concurrency"),
         "scanners": config.get("scanners"), "epochs": epochs, "pretrain_epochs": config.get("pretrain_epochs"),
-        # autopeft has no mixed-precision setting: every run trains and infers in float32.
-        "amp": False,
+        # --amp: mixed precision (autopeft.precision.amp_precision: bfloat16 on GPUs that have it, else float16).
+        "amp": bool(config.get("amp", False)),
         "versions": meta.get("versions"),
         "wall_seconds": wall_seconds,
         "trials": states,
@@ -104,10 +105,13 @@ def summarise(run_dir: str | Path, *, memory_log: str | Path | None = None, cach
     }
 
 
+_AMP = {True: "on (--amp: bfloat16 where the GPU has it, else float16 with loss scaling)", False: "off (float32)"}
+
+
 def _print(result: dict[str, Any]) -> None:
     finetune = result["finetune_seconds_per_epoch"]
     print(f"\ngpu-check: {result['backbone']}/{result['preset']} on {result['device']}, {result['gpus_per_trial']} GPU(s) "
-          f"per trial, mixed precision: none (autopeft has no such setting; float32)")
+          f"per trial, mixed precision: {_AMP[result['amp']]}")
     print("trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(result["trials"].items())))
     if finetune:
         print(f"fine-tuning: {finetune['median']:.2f} s/epoch (median over {finetune['pairs']} trained pairs, max "

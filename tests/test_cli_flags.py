@@ -43,3 +43,23 @@ def test_the_commands_name_flags(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "`" not in err, err
+
+
+def test_amp_is_a_flag_of_search_pretrain_and_finetune_and_reaches_the_trials():
+    from dataclasses import asdict
+
+    from autopeft.cli import build_parser
+    from autopeft.cli.search import _config
+    from autopeft.runner.trial import setup_from_config
+
+    parse = build_parser().parse_args
+    search = ["search", "--backbone", "unetr", "--budget", "1%"]
+    assert parse(search).amp is False and parse(["pretrain", "--backbone", "unetr", "--source", "1"]).amp is False
+    assert parse(["pretrain", "--backbone", "unetr", "--source", "1", "--amp"]).amp is True
+    finetune = ["finetune", "--backbone", "unetr", "--source", "1", "--target", "5"]
+    # None: a plan from a search takes the run's setting (run.json), else off.
+    assert [parse(finetune + extra).amp for extra in ([], ["--amp"], ["--no-amp"])] == [None, True, False]
+    config = _config(parse([*search, "--amp", "--preset", "tiny", "--scanners", "1,5", "--epochs", "2"]), None)
+    assert config.amp is True
+    setup = setup_from_config(asdict(config), manifest_path="m.csv")
+    assert setup.amp and setup.job("1", "5").amp

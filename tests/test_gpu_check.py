@@ -55,3 +55,4 @@ def test_the_search_it_runs_is_the_paper_preset_with_4_trials_on_2_pairs_and_1_c
     assert (config.confirm, config.confirm_folds, config.confirm_seeds) == (1, 1, 1)
     assert config.epochs == 20 and config.pretrain_epochs == 20 and config.time_budget_s == 240
     assert config.out == str(tmp_path / "check" / "run")
+    assert config.amp is True  # the paper preset's "AMP on"

@@ -114,3 +114,26 @@ def test_the_presets_schedules_keep_the_cache_keys_of_before(manifest, backbone)
     paper = source_spec(backbone, "1", manifest=frame, preset="paper").key()
     assert tiny == f"{backbone}-tiny-src1-fold0-e120-c4-lr0.002-seed0-p8+4-v{PIPELINE_VERSION}-{digest}"
     assert paper == f"{backbone}-paper-src1-fold0-e1000-c1-lr0.0001-seed0-p8+4-v{PIPELINE_VERSION}-{digest}"
+
+
+def test_mixed_precision_keys_a_model_of_its_own_and_older_metadata_reads_as_full_precision(manifest):
+    from dataclasses import asdict
+
+    from autopeft.pretraining import SourceSpec, source_spec
+
+    frame = read_manifest(manifest)
+    full = source_spec("unetr", "1", manifest=frame)
+    mixed = source_spec("unetr", "1", manifest=frame, amp=True)
+    assert mixed.key() == full.key() + "-amp" and "amp" not in full.key()
+    older = {key: value for key, value in asdict(full).items() if key != "amp"}  # a model cached before the setting
+    assert SourceSpec.from_metadata({**older, "best": None}) == full
+
+
+@pytest.mark.slow  # trains
+def test_mixed_precision_pretraining_trains_in_bfloat16_on_a_cpu(manifest, tmp_path):
+    model, meta = pretrained_model("unetr", "1", manifest_path=manifest, epochs=1, protocol=SMALL, cache_dir=tmp_path,
+                                   progress=False, amp=True)
+    assert meta["amp"] is True and meta["precision"] == "bf16" and meta["best"]["epoch"] == 1
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert [p.name for p in (tmp_path / "pretrained").iterdir()] == [
+        f"unetr-tiny-src1-fold0-e1-c4-lr0.002-seed0-p2+1-v{meta['pipeline']}-{meta['data']}-amp"]

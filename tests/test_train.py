@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from autopeft.errors import ConfigError
+from autopeft.evaluation import predict_volume
+from autopeft.precision import amp_precision
 from autopeft.train import EpochCheckpoints, EpochResult, NonFiniteLossError, Trainer, TrainSettings
 from autopeft.backbones import build_backbone
 
@@ -95,11 +100,11 @@ def test_bad_settings(bad):
         TrainSettings(**bad)
 
 
-def _unetr_trainer(epochs):
+def _unetr_trainer(epochs, precision="fp32"):
     torch.manual_seed(0)
     model = build_backbone("unetr", "tiny")
     model.requires_grad_(True)
-    return Trainer(model, TrainSettings(epochs=epochs, lr=1e-3))
+    return Trainer(model, TrainSettings(epochs=epochs, lr=1e-3, precision=precision))
 
 
 def test_checkpoints_let_an_interrupted_fit_go_on_from_its_last_epoch(tmp_path):
@@ -141,3 +146,75 @@ def test_checkpoints_keep_the_best_epoch_by_psnr_and_remove_their_files(tmp_path
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="no epoch was validated"):
         EpochCheckpoints(tmp_path, {}).load_best(fresh)
+
+
+# Mixed precision --------------------------------------------------------------------------------
+
+def test_mixed_precision_on_a_cpu_trains_in_bfloat16():
+    assert (amp_precision(False, "cpu"), amp_precision(True, "cpu")) == ("fp32", "bf16")
+    trainer = _unetr_trainer(epochs=1, precision=amp_precision(True, "cpu"))
+    computed_in = set()
+    for module in trainer.model.net.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.register_forward_hook(lambda _module, _inputs, output: computed_in.add(output.dtype))
+    before = {name: p.detach().clone() for name, p in trainer.model.net.named_parameters()}
+    batch = _fixed_batch(trainer.model)
+    losses = [trainer.step(batch) for _ in range(2)]
+    assert computed_in == {torch.bfloat16}  # every convolution ran under autocast
+    assert all(math.isfinite(loss) for loss in losses) and losses[1] < losses[0]
+    moved = [name for name, p in trainer.model.net.named_parameters() if not torch.equal(p, before[name])]
+    assert len(moved) > len(before) // 2
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # the weights stay float32
+    assert "grad_scaler" not in trainer.state_dict()  # bfloat16 scales no loss
+
+
+def test_float16_is_refused_on_a_cpu_and_unknown_precisions_anywhere():
+    model = build_backbone("unetr", "tiny").requires_grad_(True)
+    with pytest.raises(ConfigError, match=r"`precision` 'fp16' is for CUDA GPUs, not a CPU: use 'bf16'"):
+        Trainer(model, TrainSettings(epochs=1, lr=1e-3, precision="fp16"))
+    with pytest.raises(ConfigError, match=r"'fp16' is for CUDA GPUs, not a CPU"):
+        predict_volume(torch.nn.Identity(), torch.rand(1, 8, 8, 8), roi_size=(8, 8, 8), precision="fp16")
+    with pytest.raises(ConfigError, match=r"`precision` must be one of fp32, bf16, fp16, but got 'fp8'"):
+        TrainSettings(epochs=1, lr=1e-3, precision="fp8")
+
+
+def test_evaluation_under_mixed_precision_is_scored_in_float32():
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 1, 3, padding=1)
+    volume = torch.rand(1, 12, 12, 12)
+    full = predict_volume(net, volume, roi_size=(8, 8, 8))
+    mixed = predict_volume(net, volume, roi_size=(8, 8, 8), precision="bf16")
+    assert mixed.dtype == torch.float32 and mixed.shape == full.shape
+    assert not torch.equal(mixed, full)  # the network ran in bfloat16,
+    assert torch.allclose(mixed, full, atol=2e-2)  # close to float32
+
+
+def test_the_resume_state_keeps_the_loss_scale(tmp_path):
+    trainer = _unetr_trainer(epochs=1, precision="bf16")
+    # A float16 trainer's scaler (CUDA only): torch's CPU GradScaler keeps the same state, here after
+    # backing off from its initial scale as an overflow makes it.
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    trainer.epoch = 1
+    checkpoints = EpochCheckpoints(tmp_path, {"run": "test"})
+    checkpoints.save(trainer, EpochResult(epoch=1, loss=0.5))
+    again = _unetr_trainer(epochs=2, precision="bf16")
+    again.scaler = torch.amp.GradScaler("cpu")
+    assert EpochCheckpoints(tmp_path, {"run": "test"}).resume(again)
+    assert again.epoch == 1 and again.scaler.get_scale() == 1024.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 mixed precision is for CUDA GPUs")
+def test_float16_on_a_gpu_scales_the_losses_of_both_networks_and_resumes_the_scale(tmp_path):
+    torch.manual_seed(0)
+    model = build_backbone("cvtgan", "tiny").requires_grad_(True)
+    trainer = Trainer(model, TrainSettings(epochs=2, lr=1e-3, train_discriminator=True, precision="fp16"), device="cuda")
+    before = {name: p.detach().clone() for name, p in model.discriminator.named_parameters()}
+    losses = [trainer.step(_fixed_batch(model)) for _ in range(3)]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert any(not torch.equal(p, before[name]) for name, p in model.discriminator.named_parameters())
+    checkpoints = EpochCheckpoints(tmp_path, {"run": "test"})
+    checkpoints.save(trainer, EpochResult(epoch=1, loss=losses[-1]))
+    again = Trainer(build_backbone("cvtgan", "tiny").requires_grad_(True),
+                    TrainSettings(epochs=2, lr=1e-3, train_discriminator=True, precision="fp16"), device="cuda")
+    assert EpochCheckpoints(tmp_path, {"run": "test"}).resume(again)
+    assert again.scaler.state_dict() == trainer.scaler.state_dict()

@@ -38,6 +38,26 @@ def add_weights_argument(parser: ArgumentGroup) -> None:
     )
 
 
+def add_amp_argument(parser: ArgumentGroup, *, what: str, from_run: bool = False) -> None:
+    """``--amp``: mixed precision (``autopeft.precision``) in ``what`` the command trains or scores.
+
+    Args:
+        parser: the command's parser or argument group.
+        what: the command's work that runs in mixed precision, for the help.
+        from_run: ``--amp/--no-amp`` with None as the default, for a command that otherwise takes the
+            setting from a search's run.json. Defaults to False (``--amp``, default off).
+    """
+    default = "the search's setting for a plan from its run, else off" if from_run else "off"
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction if from_run else "store_true",
+        default=None if from_run else False,
+        help=f"automatic mixed precision (torch.autocast) in {what}: bfloat16 where the device has it, else float16 "
+        "with loss scaling; faster and leaner on GPUs, while bfloat16 on most CPUs is slower than float32. Source "
+        f"models pre-trained with it are cached apart from full-precision ones (default: {default})",
+    )
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", required=True, help="registered backbone (see 'autopeft backbones')")
     parser.add_argument("--preset", default="tiny", help="backbone preset: tiny (CPU) or paper (GPU)")

@@ -22,7 +22,8 @@ PEFT, 1e-4 Full-FT; tiny: CPU-scaled). SH-PEFT plans use the plan's train.shpeft
 
 A plan from a search (RUN_DIR/best_plan.yaml, RUN_DIR/pareto/*.yaml) brings the run's settings
 with it: its data, preset, subject counts and source-model epochs are read from RUN_DIR/run.json.
-With the run's --fold and --seed it reproduces the trial's validation scores.
+With the run's --fold and --seed it reproduces the trial's validation scores; its mixed precision (--amp)
+comes from run.json too unless --amp or --no-amp is given.
 
 examples:
   autopeft finetune --backbone unetr --source 1 --target 5 --method none,full
@@ -40,6 +41,7 @@ import json
 from pathlib import Path
 
 from autopeft.cli._common import (
+    add_amp_argument,
     add_data_argument,
     add_model_arguments,
     add_weights_argument,
@@ -69,6 +71,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", choices=("val", "test"),
                         help="held-out subjects to score: val (those plans are compared and chosen on), or test "
                              "(only for a plan already chosen) (default: val)")
+    add_amp_argument(parser, what="fine-tuning, scoring and a missing source model's pre-training", from_run=True)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     from autopeft.cli._common import add_network_arguments
 
@@ -128,17 +131,19 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"Plan {plan.name or '?'} is for backbone {plan.backbone!r}, not {args.backbone!r}.")
     found = _run_settings(names)
     if found and not args.quiet:
-        print(f"settings of the search in {found['run_dir']} (run.json): data, preset, subject counts, source-model epochs")
+        print(f"settings of the search in {found['run_dir']} (run.json): data, preset, subject counts, source-model epochs, "
+              "mixed precision")
     preset = args.preset or found.get("preset") or "tiny"
     data = args.data if args.data is not None else found.get("data")
     pretrain_epochs = args.pretrain_epochs if args.pretrain_epochs is not None else found.get("pretrain_epochs")
     protocol = Protocol.from_settings(found.get("protocol"))
+    amp = args.amp if args.amp is not None else bool(found.get("amp", False))
     device = resolve_device(args.device)
     manifest_path = resolve_manifest(data, progress=not args.quiet)
     job = FinetuneJob(
         backbone=args.backbone, preset=preset, manifest_path=str(manifest_path), source=str(args.source),
         target=str(args.target), fold=args.fold, seed=args.seed, protocol=protocol,
-        pretrain_epochs=pretrain_epochs, device=device, weights=args.weights,
+        pretrain_epochs=pretrain_epochs, device=device, weights=args.weights, amp=amp,
     )
     source = source_model(job, progress=not args.quiet)
     rows, identity = [], None

@@ -7,8 +7,8 @@ the epoch with the best validation PSNR is kept. UNETR trains with an L1 loss; C
 adversarially (G: BCE + 100 x L1; D sees short scan + target or fake as two channels).
 
 The result is cached under $AUTOPEFT_CACHE (default ~/.cache/autopeft)/pretrained/, keyed by
-backbone, preset, source, fold, epochs, learning rate, seed and a hash of the data manifest. An
-interrupted run (Ctrl-C, a killed process) resumes from its last finished epoch when run again.
+backbone, preset, source, fold, epochs, learning rate, seed, --amp (when given) and a hash of the data
+manifest. An interrupted run (Ctrl-C, a killed process) resumes from its last finished epoch when run again.
 
 With --weights FILE_OR_DIR your own pre-trained model is imported instead: checked against the
 backbone and preset (a mismatch lists the missing and unexpected names and what the file fits) and
@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 
-from autopeft.cli._common import add_data_argument, add_model_arguments, add_weights_argument, resolve_device, resolve_manifest
+from autopeft.cli._common import (
+    add_amp_argument, add_data_argument, add_model_arguments, add_weights_argument, resolve_device, resolve_manifest,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the preset's)")
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's)")
     parser.add_argument("--out", default=None, help="also copy the checkpoint (safetensors) to this directory")
+    add_amp_argument(parser, what="pre-training and its validation")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     from autopeft.cli._common import add_network_arguments
 
@@ -62,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         device=resolve_device(args.device),
         progress=not args.quiet,
         weights=args.weights,
+        amp=args.amp,
     )
     best = meta["best"]
     if best is None:  # imported, not trained here

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import argparse
 
-from autopeft.cli._common import ArgumentGroup, add_network_arguments, add_weights_argument
+from autopeft.cli._common import ArgumentGroup, add_amp_argument, add_network_arguments, add_weights_argument
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -147,6 +147,7 @@ def _execution(group: ArgumentGroup) -> None:
     group.add_argument("--max-failures", type=int, default=2,
                         help="retries of a trial whose worker process or node dies (it goes on from its last pair)")
     group.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_amp_argument(group, what="pre-training, trials, references and confirmation (kept on --resume)")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
     group.add_argument("--dashboard", action="store_true",
                         help="start Ray's dashboard on 127.0.0.1 and print its URL (sign in with the token in ~/.ray/auth_token)")
@@ -222,7 +223,7 @@ def _config(args: argparse.Namespace, time_budget: float | None):
         concurrency=args.concurrency, address=args.address, storage_path=args.storage_path,
         trial_resources=_resources(args.trial_resources), max_failures=args.max_failures, data=args.data, pretrain_epochs=args.pretrain_epochs,
         references=not args.no_references, portfolio=not args.no_portfolio, asha=not args.no_asha, fidelity=args.fidelity, device=args.device,
-        progress=not args.quiet,
+        amp=args.amp, progress=not args.quiet,
         dashboard=args.dashboard, confirm=args.confirm, confirm_folds=args.confirm_folds, confirm_seeds=args.confirm_seeds,
     )
 

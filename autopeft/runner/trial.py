@@ -34,7 +34,7 @@ __all__ = ["TrialSetup", "setup_from_config", "PairScore", "run_plan", "progress
 class TrialSetup(FinetuneSettings):
     """Everything a trial needs besides its plan (picklable: it travels to Ray workers): the
     fine-tuning settings every pair shares (``autopeft.finetuning.FinetuneSettings``: backbone,
-    preset, manifest_path, seed, protocol, pretrain_epochs, device, weights, pretrain), and:
+    preset, manifest_path, seed, protocol, pretrain_epochs, device, weights, pretrain, amp), and:
 
     Args:
         pairs: (source, target) scanner pairs.
@@ -82,7 +82,8 @@ class TrialSetup(FinetuneSettings):
             return {}
         manifest = read_manifest(self.manifest_path)
         return {(source, fold): source_spec(self.backbone, source, manifest=manifest, preset=self.preset, fold=fold,
-                                            epochs=self.pretrain_epochs, seed=self.seed, protocol=self.protocol)
+                                            epochs=self.pretrain_epochs, seed=self.seed, protocol=self.protocol,
+                                            amp=self.amp)
                 for source, fold in self.sources}
 
     def source_files(self) -> dict[tuple[str, int], str]:
@@ -161,7 +162,7 @@ def setup_from_config(
         protocol=Protocol.from_settings(config.get("protocol")), pretrain_epochs=config.get("pretrain_epochs"),
         device=device or config.get("device") or "cpu",
         threads=threads if threads is not None else max(1, int(config.get("cpus_per_trial", 1))),
-        run_dir=str(run_dir), weights=config.get("weights"),
+        run_dir=str(run_dir), weights=config.get("weights"), amp=bool(config.get("amp", False)),
     )
 
 

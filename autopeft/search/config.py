@@ -72,6 +72,7 @@ class SearchConfig:
     asha: bool = True
     fidelity: str = DEFAULT_FIDELITY
     device: str | None = None
+    amp: bool = False  # mixed precision in pre-training, trials and confirmation (autopeft.precision.amp_precision)
     progress: bool = True
     dashboard: bool = False
     confirm: int = 3

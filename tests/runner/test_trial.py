@@ -50,6 +50,20 @@ def test_a_pairs_job_carries_every_shared_setting_and_travels_as_the_setup_does(
     assert json.loads(json.dumps(asdict(setup)))["protocol"] == asdict(Protocol(folds=2))
 
 
+def test_mixed_precision_reaches_every_pairs_job_and_keys_its_source_models_apart(tmp_path):
+    from _fakes import make_dataset
+
+    setup = setup_from_config(_settings(amp=True), manifest_path=make_dataset(tmp_path, {"1": 2, "2": 2, "3": 2}))
+    assert setup.amp and setup.job("1", "2", 1).amp
+    full = setup_from_config(_settings(), manifest_path=setup.manifest_path)
+    older = {key: value for key, value in _settings().items() if key != "amp"}  # a run.json from before the setting
+    assert not full.amp and not setup_from_config(older, manifest_path="m.csv").amp
+    full_keys = {unit: spec.key() for unit, spec in full.source_specs().items()}
+    assert {unit: spec.key() for unit, spec in setup.source_specs().items()} == {
+        unit: key + "-amp" for unit, key in full_keys.items()}
+    assert all("amp" not in key for key in full_keys.values())
+
+
 def test_a_runs_protocol_setting_names_only_the_fields_it_changes():
     """run.json stores the search's protocol as the fields given (``{"folds": 2}``), the rest at defaults."""
     assert Protocol.from_settings({"folds": 2}) == Protocol(folds=2)
