@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
+
+from autopeft.backbones import registered_backbones
+from autopeft.data import Protocol, default_scanners, resolve_manifest
 from autopeft.errors import ConfigError
 from autopeft.search.options import (
     DEFAULT_FIDELITY, DEFAULT_PRIOR_SIGNAL, FIDELITIES, PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS, default_prior_beta,
@@ -120,18 +124,11 @@ def resolve_defaults(config: SearchConfig, *, cluster_gpus: float | None = None)
         config: the settings as given.
         cluster_gpus: GPUs of the Ray cluster the trials run on. Defaults to this machine's.
     """
-    import torch
-
-    from autopeft.data import Protocol
-    from autopeft.backbones import registered_backbones
-
     gpus = torch.cuda.device_count() if cluster_gpus is None else cluster_gpus
     cuda = gpus > 0 if config.device is None else config.device.startswith("cuda")
     defaults = GPU_DEFAULTS if cuda else CPU_DEFAULTS
     preset = config.preset or ("paper" if cuda else "tiny")
     if config.scanners is None and config.data is not None:  # the data's own scanners
-        from autopeft.data import default_scanners, resolve_manifest
-
         scanners, why = default_scanners(resolve_manifest(config.data), gpu=cuda, include=config.source)
         print(why, flush=True)
         config = replace(config, scanners=scanners)
