@@ -345,7 +345,7 @@ def prior_score(count: PlanCount, weights: Mapping[str, float], site_sizes: Mapp
     """The module docstring's formula for one counted plan; ``covered`` gives ``m_s`` per site
     (missing sites: 0)."""
     covered = covered or {}
-    norm = math.log1p(1.0 / SATURATION)
+    full_site = math.log1p(1.0 / SATURATION)  # a site trained whole scores its weight
     score = 0.0
     for site, weight in weights.items():
         if site == OUTSIDE:
@@ -356,7 +356,7 @@ def prior_score(count: PlanCount, weights: Mapping[str, float], site_sizes: Mapp
             trained = count.per_site.get(site, 0)
         part = max(min(trained / size, 1.0) if size > 0 else 0.0, covered.get(site, 0.0))
         if part > 0:
-            score += weight * math.log1p(part / SATURATION) / norm
+            score += weight * math.log1p(part / SATURATION) / full_site
     return score
 
 
