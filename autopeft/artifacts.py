@@ -20,9 +20,18 @@ marks it complete.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import uuid
 from pathlib import Path
+
+from pyarrow import fs
+
+from autopeft._io import atomic_write_text, cache_root, path_inside
+from autopeft.data import read_manifest
+from autopeft.data.simulator import MANIFEST_COLUMNS
+from autopeft.errors import DataError
+from autopeft.pretraining import manifest_digest
 
 __all__ = ["ArtifactStore", "is_uri"]
 
@@ -48,8 +57,6 @@ class ArtifactStore:
     """
 
     def __init__(self, root: str, *, cache: str | os.PathLike | None = None) -> None:
-        from pyarrow import fs
-
         self.root = str(root).rstrip("/")
         if is_uri(self.root):
             self._fs, self._base = fs.FileSystem.from_uri(self.root)
@@ -60,8 +67,6 @@ class ArtifactStore:
 
     @property
     def cache(self) -> Path:
-        from autopeft.pretraining import cache_root
-
         return self._cache or cache_root()
 
     def _remote(self, key: str) -> str:
@@ -69,21 +74,15 @@ class ArtifactStore:
         # Keys are made by autopeft (names through path_component); a store or manifest edited by
         # someone else must still not reach outside the store.
         if str(key).startswith("/") or any(part in ("", ".", "..") for part in parts):
-            from autopeft.errors import DataError
-
             raise DataError(f"artifact `key` must be a relative path without empty, '.' or '..' parts, but got {key!r}.")
         return f"{self._base}/{key}"
 
     def _local(self, relative: str, folder: Path | None = None) -> Path:
         """``folder / relative`` (``folder``: the cache), checked to lie inside ``folder``."""
-        from autopeft._io import path_inside
-
         folder = self.cache if folder is None else folder
         return path_inside(folder, folder / relative, what="an artifact's local copy")
 
     def has(self, key: str) -> bool:
-        from pyarrow import fs
-
         return self._fs.get_file_info(self._remote(key)).type == fs.FileType.File
 
     def put(self, source: str | os.PathLike, key: str) -> None:
@@ -125,9 +124,6 @@ class ArtifactStore:
 
     def put_data(self, manifest_path: str | os.PathLike) -> str:
         """Ship a data set (its manifest, scans and ``scanners.json``) into the store; returns its key."""
-        from autopeft.data import read_manifest
-        from autopeft.pretraining import manifest_digest
-
         manifest = read_manifest(manifest_path)
         key = f"data/{manifest_digest(manifest)}"
         if self.has(f"{key}/manifest.csv"):
@@ -167,11 +163,6 @@ class ArtifactStore:
 
 
 def _write_manifest(path: Path, rows: list[list[str]]) -> None:
-    import io
-
-    from autopeft.checkpoints import atomic_write_text
-    from autopeft.data.simulator import MANIFEST_COLUMNS
-
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(MANIFEST_COLUMNS)

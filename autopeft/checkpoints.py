@@ -9,8 +9,11 @@ containers is refused before any of it runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from autopeft._io import atomic_write, atomic_write_bytes, atomic_write_text
+from autopeft.backbones import build_backbone, registered_backbones
 from autopeft.errors import CheckpointError
 
 __all__ = [
@@ -150,8 +154,6 @@ def weights_file(path: str | os.PathLike) -> Path:
 
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes (read in 1 MiB chunks)."""
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -177,8 +179,6 @@ def read_user_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointError: unreadable, a pickle payload that is not a plain state dict, or no tensors.
     """
-    import pickle
-
     file = weights_file(path)
     with open(file, "rb") as handle:
         head = handle.read(8)
@@ -195,8 +195,6 @@ def read_user_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             tensors = torch.load(file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            import re
-
             found = re.search(r"GLOBAL [\w.]+", str(err))
             what = f"it would call {found.group(0).split()[1]}" if found else "not a plain state dict"
             raise CheckpointError(
@@ -281,8 +279,6 @@ def fit_user_weights(tensors: dict[str, torch.Tensor], model: nn.Module, source:
 
 def _closest_fit(tensors: dict[str, torch.Tensor]) -> str:
     """Which registered backbone and preset a set of tensors fits (built on the meta device: free)."""
-    from autopeft.backbones import build_backbone, registered_backbones
-
     scored = []
     for name, presets in registered_backbones().items():
         for preset in presets:

@@ -18,8 +18,11 @@ splits (``val`` for a search, ``test`` to confirm): no epoch is picked by lookin
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
+import json
+import os
 import resource
 import sys
 import time
@@ -31,9 +34,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from autopeft._io import adopt_legacy, cache_root, path_component, path_inside
 from autopeft.data import Protocol, eval_volumes, split_scanner, train_loader
 from autopeft.evaluation import evaluate_identity, evaluate_subjects, mean_scores
+from autopeft.importance import importance_at, importance_pair_on_scans
+from autopeft.peft import apply_plan, count_trainable
 from autopeft.precision import amp_precision
+from autopeft.pretraining import SourceSpec, content_hash, pretrained_model
 from autopeft.train import EpochResult, Trainer, TrainSettings
 
 __all__ = [
@@ -80,8 +87,6 @@ def plan_preparer(plan, *, importance=None) -> Callable[[nn.Module], tuple[int, 
     """
 
     def prepare(model: nn.Module) -> tuple[int, int]:
-        from autopeft.peft import apply_plan, count_trainable
-
         total = sum(p.numel() for p in model.net.parameters())
         apply_plan(model, plan, importance=importance)
         return count_trainable(model), total
@@ -199,11 +204,6 @@ def source_model(job: FinetuneJob, *, progress: bool = False):
 
     Returns a fresh copy each call: callers may change it.
     """
-    import copy
-    import os
-
-    from autopeft.pretraining import content_hash, pretrained_model
-
     stamp = content_hash(job.manifest_path) if os.path.isfile(job.manifest_path) else ""
     key = (job.backbone, job.preset, stamp, job.source, job.fold, job.seed, job.protocol,
            job.pretrain_epochs, job.device, job.weights, job.amp)
@@ -233,11 +233,6 @@ def importance_file(job: FinetuneJob, meta: dict[str, Any], *, train: list[dict[
 
 def _importance_file(job: FinetuneJob, meta: dict[str, Any], *, train: list[dict[str, Any]] | None, legacy: bool) -> str:
     """:func:`importance_file`, or with ``legacy`` the name an earlier autopeft gave it (names as they were)."""
-    import json
-
-    from autopeft._io import path_component
-    from autopeft.pretraining import SourceSpec
-
     train = _target_train(job) if train is None else train
     spec = SourceSpec.from_metadata(meta)
     subjects = hashlib.sha256(json.dumps([job.target, [r["subject"] for r in train]]).encode()).hexdigest()[:12]
@@ -249,12 +244,6 @@ def target_importance(job: FinetuneJob, model: nn.Module | None = None, meta: di
     """(I at lambda 0, I at lambda 1) of the job's source model on the target's training crops
     (``autopeft.importance.importance_pair_on_scans``), cached beside the source models
     (:func:`importance_file`)."""
-    import copy
-
-    from autopeft._io import adopt_legacy, path_inside
-    from autopeft.importance import importance_pair_on_scans
-    from autopeft.pretraining import cache_root
-
     if model is None or meta is None:
         model, meta = source_model(job)
     train = _target_train(job)
@@ -293,10 +282,6 @@ def finetune_plan(
     Returns:
         ``(model, result)``: the fine-tuned ``Backbone`` and its scores.
     """
-    import copy
-
-    from autopeft.importance import importance_at
-
     pretrained, meta = source if source is not None else source_model(job, progress=progress)
     importance = None
     if plan.needs_importance:

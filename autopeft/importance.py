@@ -27,9 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from autopeft._io import atomic_write
+from autopeft.data import train_loader
 
 __all__ = [
     "compute_importance",
@@ -180,8 +183,6 @@ def importance_pair_on_scans(
     Returns:
         ``(I at lambda 0, I at lambda 1)``, on the CPU.
     """
-    from safetensors.torch import load_file, save_file
-
     path = Path(cache_file) if cache_file is not None else None
     if path is not None and path.is_file():
         tensors = load_file(str(path))
@@ -233,8 +234,6 @@ def importance_on_scans(
 
 def _crops(model: nn.Module, records: list[Mapping[str, Any]], *, seed: int, device: torch.device):
     """One epoch of the preset's training crops from ``records``, on ``device``."""
-    from autopeft.data import train_loader
-
     loader = train_loader(records, crop_size=model.preset.crop_size, batch_size=model.preset.batch_size, seed=seed)
     for batch in loader:
         yield {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -243,6 +242,4 @@ def _crops(model: nn.Module, records: list[Mapping[str, Any]], *, seed: int, dev
 def _l1(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     # L1 for every backbone: a weight's effect on reconstructing the target scans (an adversarial
     # term would score the frozen discriminator's opinion instead).
-    import torch.nn.functional as F
-
     return F.l1_loss(model(batch["short"]), batch["long"])

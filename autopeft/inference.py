@@ -23,11 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from autopeft._io import atomic_write, path_component, path_inside
+from autopeft.data import read_manifest
+from autopeft.data.loading import load_volume, scale_by_tissue_mean, tissue_scale
 from autopeft.errors import ConfigError, DataError
+from autopeft.evaluation import METRICS, predict_volume
 from autopeft.model_loading import LoadedModel, load_bundle
 
 __all__ = ["ScanInput", "scan_inputs", "predict_scans", "predict_with_bundle"]
@@ -54,8 +59,6 @@ def scan_inputs(path: str | os.PathLike, *, target: str | None = None) -> list[S
     candidate = Path(path).expanduser()
     manifest = candidate / "manifest.csv" if candidate.is_dir() else candidate
     if manifest.suffix == ".csv" and manifest.is_file():
-        from autopeft.data import read_manifest
-
         frame = read_manifest(manifest)
         if target is not None:
             mine = frame[frame["scanner"] == str(target)]
@@ -76,17 +79,11 @@ def scan_inputs(path: str | os.PathLike, *, target: str | None = None) -> list[S
 
 
 def _read(path: str):
-    import nibabel as nib
-
-    from autopeft.data.loading import load_volume
-
     voxels, _ = load_volume(path)  # checks: exists, readable, 3D (a single-frame 4D is squeezed)
     return voxels, nib.load(path)
 
 
 def _write(path: Path, volume: np.ndarray, like) -> None:
-    import nibabel as nib
-
     header = like.header.copy()
     header.set_data_dtype(np.float32)
     image = nib.Nifti1Image(volume.astype(np.float32), like.affine, header=header)
@@ -127,11 +124,6 @@ def predict_scans(
 
 def _predict_into(loaded: LoadedModel, scans: Sequence[ScanInput], out: Path, *, device: str | torch.device,
                   overlap: float, progress: bool) -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
-
-    from autopeft.data.loading import scale_by_tissue_mean, tissue_scale
-    from autopeft.evaluation import METRICS, predict_volume
-
     # A name may be a manifest's subject: a path component, checked to stay in --out.
     targets = [path_inside(out, out / f"{path_component(scan.name)}.nii.gz", what="a prediction") for scan in scans]
     inputs = {Path(p).resolve() for scan in scans for p in (scan.short, scan.long) if p}

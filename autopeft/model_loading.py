@@ -23,9 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monai.bundle import ConfigParser
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
+from autopeft.backbones.network import load_run_network
+from autopeft.data import read_manifest, resolve_manifest
 from autopeft.errors import CheckpointError, ConfigError
+from autopeft.peft import Plan, load_trained
+from autopeft.peft.checkpoint import META_FILE, PLAN_FILE, TRAINED_FILE
+from autopeft.pretraining import cache_root, imported_model, is_pretrained, source_spec
+from autopeft.runner.trial import setup_from_config, source_model
+from autopeft.runs import find_pair
 
 __all__ = ["LoadedModel", "load_model", "load_bundle", "recommended_weights", "run_setup", "run_pairs", "BUNDLE_WEIGHTS"]
 
@@ -62,23 +72,17 @@ class LoadedModel:
 
 
 def _is_trained_dir(path: Path) -> bool:
-    from autopeft.peft.checkpoint import META_FILE, PLAN_FILE, TRAINED_FILE
-
     return all((path / name).is_file() for name in (TRAINED_FILE, PLAN_FILE, META_FILE))
 
 
 def run_setup(run_dir: str | os.PathLike):
     """The search's :class:`~autopeft.runner.trial.TrialSetup`, rebuilt from ``run.json`` as the
     engine built it (source models are then found in the cache by the same key)."""
-    from autopeft.data import resolve_manifest
-    from autopeft.runner.trial import setup_from_config
-
     run_dir = Path(run_dir)
     meta_path = run_dir / "run.json"
     if not meta_path.is_file():
         raise ConfigError(f"{run_dir}: no run.json; give the folder a search wrote (its --out).")
     config = json.loads(meta_path.read_text(encoding="utf-8"))["config"]
-    from autopeft.backbones.network import load_run_network
 
     load_run_network(run_dir)  # a user's network by reference (network.json): registered first
     return setup_from_config(config, manifest_path=resolve_manifest(config.get("data"), progress=False), run_dir=run_dir,
@@ -106,8 +110,6 @@ def recommended_weights(run_dir: str | os.PathLike) -> tuple[Path, int | None]:
 def run_pairs(run_dir: str | os.PathLike, setup=None) -> list[tuple[str, str, int, Path]]:
     """``(source, target, fold, folder)`` of every trained part of the recommended plan
     (:func:`recommended_weights`; folders named by ``autopeft.runs.pair_folder``)."""
-    from autopeft.runs import find_pair
-
     setup = setup or run_setup(run_dir)
     weights, _ = recommended_weights(run_dir)
     found = [(s, t, f, find_pair(weights, s, t, f)) for f in setup.folds for s, t in setup.pairs]
@@ -116,12 +118,7 @@ def run_pairs(run_dir: str | os.PathLike, setup=None) -> list[tuple[str, str, in
 
 def _cached_source_model(setup, source: str, fold: int):
     """The run's source model from the cache; an error (never a silent re-training) when it is gone."""
-    from autopeft.pretraining import cache_root, is_pretrained, source_spec
-    from autopeft.runner.trial import source_model
-
     if setup.weights is None:
-        from autopeft.data import read_manifest
-
         spec = source_spec(setup.backbone, source, manifest=read_manifest(setup.manifest_path), preset=setup.preset,
                            fold=fold, epochs=setup.pretrain_epochs, seed=setup.seed, protocol=setup.protocol,
                            amp=setup.amp)
@@ -154,11 +151,8 @@ def load_model(
         ConfigError: the path is none of the three, or the target or source is ambiguous or absent.
         CheckpointError: the files do not match (other pre-trained weights, corrupt files).
     """
-    from autopeft.peft import load_trained
-
     folder = Path(path).expanduser().resolve()
     if (folder / "configs" / "inference.json").is_file():
-
         loaded = load_bundle(folder)
         if target is not None and loaded.target is not None and str(target) != loaded.target:
             raise ConfigError(f"--model {path}: the bundle was fine-tuned for target {loaded.target!r}, not {target!r}.")
@@ -180,8 +174,6 @@ def load_model(
         s, t, f, trained = chosen[0]
         base = _cached_source_model(setup, s, f)
         model = load_trained(base, trained).eval()
-        from autopeft.peft.plan import Plan
-
         number = recommended_weights(folder)[1]
         return LoadedModel(model, tuple(base.preset.crop_size), setup.backbone, setup.preset, s, t, f,
                            Plan.from_yaml(trained / "plan.yaml").to_dict(),
@@ -198,11 +190,9 @@ def load_model(
         if weights is None:
             raise ConfigError(f"--model {path} is a trained-plan folder outside a search run; pass the pre-trained "
                               "model it was fine-tuned from with --weights FILE_OR_DIR.")
-        from autopeft.pretraining import imported_model
 
         base, _ = imported_model(weights, meta["backbone"], meta["preset"])
         model = load_trained(base, folder).eval()
-        from autopeft.peft.plan import Plan
 
         return LoadedModel(model, tuple(base.preset.crop_size), meta["backbone"], meta["preset"], source, target,
                            None, Plan.from_yaml(folder / "plan.yaml").to_dict(), str(folder))
@@ -215,10 +205,6 @@ def load_model(
 def load_bundle(folder: str | os.PathLike):
     """The network of a bundle written by :func:`export_run`, through ``monai.bundle.ConfigParser``
     with ``models/model.safetensors`` loaded strictly, as an :class:`LoadedModel`."""
-    from monai.bundle import ConfigParser
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = Path(folder).expanduser().resolve()
     configs = folder / "configs"
     parser = ConfigParser()

@@ -29,8 +29,11 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from autopeft._io import atomic_write_json, path_component, path_inside
 
 __all__ = [
     "RUNNING", "FINISHED", "STOPPED", "FAILED", "INFEASIBLE", "INTERRUPTED", "TERMINAL", "trial_state", "ranked_finished",
@@ -89,8 +92,6 @@ def weights_dir(run_dir: str | os.PathLike, number: int) -> Path:
 def pair_folder(source: str, target: str, fold: int) -> str:
     """The folder name of a pair's trained parts: ``<source>-<target>-fold<k>``, each scanner name
     through :func:`autopeft._io.path_component` (kept as it is when it is a plain name)."""
-    from autopeft._io import path_component
-
     return f"{path_component(source)}-{path_component(target)}-fold{int(fold)}"
 
 
@@ -98,8 +99,6 @@ def find_pair(weights: str | os.PathLike, source: str, target: str, fold: int) -
     """A pair's trained-parts folder in ``weights`` (a ``weights/NNNN/`` or ``best_weights/``):
     :func:`pair_folder`, or the raw-name folder an earlier autopeft wrote, when only that exists and
     lies inside ``weights``. The path may not exist."""
-    from autopeft._io import path_inside
-
     weights = Path(weights)
     current = weights / pair_folder(source, target, fold)
     legacy = weights / f"{source}-{target}-fold{fold}"
@@ -114,8 +113,6 @@ def find_pair(weights: str | os.PathLike, source: str, target: str, fold: int) -
 
 def write_record(run_dir: str | os.PathLike, number: int, record: Mapping[str, Any]) -> None:
     """Write a trial record atomically (temporary file + ``os.replace``)."""
-    from autopeft._io import atomic_write_json
-
     path = record_path(run_dir, number)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, dict(record), default=str)
@@ -141,15 +138,11 @@ def read_meta(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def write_meta(run_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:
-    from autopeft._io import atomic_write_json
-
     atomic_write_json(Path(run_dir) / "run.json", dict(meta))
 
 
 def versions() -> dict[str, str]:
     """Installed versions of the packages a search depends on (kept in ``run.json``)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     found = {}
     for name in VERSIONED_PACKAGES:
         try:

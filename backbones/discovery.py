@@ -38,24 +38,19 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from monai.networks.blocks.crossattention import CrossAttentionBlock
+from monai.networks.blocks.selfattention import SABlock
+from monai.networks.nets.swin_unetr import WindowAttention
 from torch import nn
 
+from autopeft.backbones.blocks.cvt import ConvProjectionAttention
 from autopeft.errors import ConfigError, _did_you_mean
 
 __all__ = ["FoundSite", "ATTENTION_TYPES", "discover_sites", "apply_overrides", "OVERRIDE_KEYS"]
 
 
-def _attention_types() -> tuple[type[nn.Module], ...]:
-    from monai.networks.blocks.crossattention import CrossAttentionBlock
-    from monai.networks.blocks.selfattention import SABlock
-    from monai.networks.nets.swin_unetr import WindowAttention
-
-    from autopeft.backbones.blocks.cvt import ConvProjectionAttention
-
-    return (SABlock, CrossAttentionBlock, WindowAttention, nn.MultiheadAttention, ConvProjectionAttention)
-
-
-ATTENTION_TYPES: tuple[type[nn.Module], ...] = _attention_types()
+ATTENTION_TYPES: tuple[type[nn.Module], ...] = (SABlock, CrossAttentionBlock, WindowAttention, nn.MultiheadAttention,
+                                                 ConvProjectionAttention)
 """Module types that make a block a ``vit`` site: MONAI's ``SABlock`` and ``CrossAttentionBlock``,
 Swin's ``WindowAttention``, ``nn.MultiheadAttention``, and CVT-GAN's conv-projection attention."""
 

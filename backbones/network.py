@@ -47,11 +47,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import monai.networks.nets as monai_nets
 import torch
+import yaml
+from monai.bundle import ConfigParser
 from torch import nn
 
-from autopeft.errors import ConfigError, _did_you_mean
+from autopeft._io import atomic_write_text
+from autopeft.backbones import base
 from autopeft.backbones.base import Backbone, FinetuneSchedule, Preset, PretrainSchedule, Site
+from autopeft.backbones.discovery import FoundSite, apply_overrides, discover_sites
+from autopeft.errors import ConfigError, _did_you_mean
 
 __all__ = ["NetworkRef", "NetworkBackbone", "is_network_spec", "register_network", "load_networks", "NETWORKS_ENV",
            "parse_net_args", "network_ref", "save_run_network", "load_run_network", "registered_ref", "RUN_FILE"]
@@ -145,13 +151,12 @@ class NetworkRef:
         if kind == "bundle":
             return None
         if kind == "monai":
-            import monai.networks.nets as nets
-
-            names = [n for n in dir(nets) if isinstance(getattr(nets, n), type) and issubclass(getattr(nets, n), nn.Module)]
+            names = [n for n in dir(monai_nets)
+                     if isinstance(getattr(monai_nets, n), type) and issubclass(getattr(monai_nets, n), nn.Module)]
             if rest not in names:
                 raise ConfigError(f"--backbone {self.spec}: monai.networks.nets has no network {rest!r}{_did_you_mean(rest, names)}; "
                                   f"e.g. {', '.join(n for n in ('BasicUNet', 'UNet', 'SegResNet', 'DynUNet', 'UNETR', 'SwinUNETR') if n in names)}.")
-            return getattr(nets, rest)
+            return getattr(monai_nets, rest)
         if not rest or not kind:
             raise ConfigError(f"--backbone {self.spec}: write monai:NAME, bundle:DIR or module.path:Class.")
         try:
@@ -201,8 +206,6 @@ class NetworkRef:
 
     def _construct(self):
         if self.bundle_config is not None:
-            from monai.bundle import ConfigParser
-
             parser = ConfigParser(dict(self.bundle_config))
             try:
                 network = parser.get_parsed_content("network_def", instantiate=True)
@@ -235,8 +238,6 @@ def parse_net_args(text: str | None) -> dict[str, Any]:
     path = Path(raw).expanduser()
     where = "--net-args"
     if not raw.lstrip().startswith("{") and path.is_file():
-        import yaml
-
         where = f"--net-args {path}"
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -256,8 +257,6 @@ def parse_net_args(text: str | None) -> dict[str, Any]:
 def _bundle(folder: str) -> tuple[Path, dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(absolute folder, its config with ``network_def``, its metadata, its training config) of a
     MONAI bundle; the last two empty where the bundle has none."""
-    from monai.bundle import ConfigParser
-
     root = Path(folder).expanduser().resolve()
     configs = root / "configs"
     if not root.is_dir():
@@ -382,8 +381,6 @@ class NetworkBackbone(Backbone):
 
     def found_sites(self):
         """The :class:`autopeft.backbones.discovery.FoundSite` list (traced once per configuration)."""
-        from autopeft.backbones.discovery import FoundSite, apply_overrides, discover_sites
-
         key = self.preset.name
         if key not in _SITES:
             found = discover_sites(self.network, self.preset.crop_size, self.ref.in_channels)
@@ -430,8 +427,6 @@ class NetworkBackbone(Backbone):
 
 def registered_ref(backbone: str, preset: str) -> NetworkRef | None:
     """The reference registered as ``backbone``/``preset``, or None for a registered backbone."""
-    from autopeft.backbones import base
-
     base._load_builtin()
     entry = base._REGISTRY.get(backbone)
     refs = getattr(entry[0], "refs", None) if entry else None
@@ -449,8 +444,6 @@ def register_network(ref: NetworkRef) -> tuple[str, str]:
 
 
 def _register(ref: NetworkRef) -> None:
-    from autopeft.backbones import base
-
     entry = base._REGISTRY.get(ref.name)
     if entry is None:
         refs: dict[str, NetworkRef] = {}
@@ -484,8 +477,6 @@ def load_networks() -> None:
     """Register every reference ``$AUTOPEFT_NETWORKS`` holds (every process, before a look-up)."""
     for text in _env_refs():
         ref = NetworkRef.from_json(text)
-        from autopeft.backbones import base
-
         entry = base._REGISTRY.get(ref.name)
         if entry is None or ref.preset_name not in entry[1]:
             _register(ref)
@@ -498,8 +489,6 @@ def save_run_network(run_dir: str | os.PathLike, backbone: str, preset: str) -> 
     ref = registered_ref(backbone, preset)
     if ref is None:
         return
-    from autopeft._io import atomic_write_text
-
     run_dir = Path(run_dir)
     atomic_write_text(run_dir / RUN_FILE, json.dumps(json.loads(ref.to_json()), indent=2) + "\n", inside=run_dir)
 

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from autopeft import __version__
 from autopeft._io import atomic_write, atomic_write_json, atomic_write_text
 from autopeft.errors import CheckpointError, PlanError
 from autopeft.peft.apply import _net, apply_plan, plan_state
@@ -102,7 +103,6 @@ def save_trained(model: nn.Module, plan: Plan, directory: str | os.PathLike, *,
     atomic_write(folder / TRAINED_FILE, lambda tmp: save_file(tensors, str(tmp)))
     atomic_write_text(folder / PLAN_FILE, plan.to_yaml())
     preset = getattr(getattr(model, "preset", None), "name", None)
-    from autopeft import __version__
 
     meta: dict[str, Any] = {
         "format": _FORMAT,

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from autopeft._io import atomic_write_text
 from autopeft.errors import PlanError, _did_you_mean
 from autopeft.peft.base import MethodConfig, build_config, get_method
 
@@ -164,8 +165,6 @@ class Plan:
         """The plan as YAML; also written to ``path`` when given."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
         if path is not None:
-            from autopeft._io import atomic_write_text
-
             atomic_write_text(path, text)
         return text
 

@@ -22,10 +22,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from autopeft._io import atomic_write_text
-from autopeft.report._results import SearchOutputs, plan_summary
+from autopeft.report._figures import history_figure, importance_figure, pair_heatmap, pareto_figure, selection_figure
+from autopeft.report._results import (
+    CONFIRMED_COLUMNS, VALIDATION_COLUMNS, SearchOutputs, confirmed_rows, plan_summary, validation_rows,
+    versus_baseline_text,
+)
 from autopeft.report._run import STATE_STYLE, RunData, load_run
+from autopeft.report._slices import slices_figure
 from autopeft.runs import VERSIONED_PACKAGES, versions
+from autopeft.stats import format_ci
 
 __all__ = ["write_report", "load_run", "RunData", "SearchOutputs", "plan_summary"]
 
@@ -55,16 +63,12 @@ def _figure_html(item, first: list[bool]) -> str:
 
 
 def _rows_html(rows: list[dict[str, str]], columns: dict[str, str]) -> str:
-    import pandas as pd
-
     return pd.DataFrame(rows, columns=list(columns)).rename(columns=columns).to_html(index=False, escape=True, border=0)
 
 
 def _table1(run: RunData) -> str:
     """PETITE's Table 1 layout: on test subjects with CIs when the run was confirmed, else on
     validation subjects (in-sample). One row builder serves this and the console."""
-    from autopeft.report._results import CONFIRMED_COLUMNS, VALIDATION_COLUMNS, confirmed_rows, validation_rows
-
     if run.confirmation and run.confirmation.get("plans"):
         columns = {k: v for k, v in CONFIRMED_COLUMNS.items() if k not in ("vs_full", "vs_petite", "vs_baseline")}
         return _rows_html(confirmed_rows(run.confirmation), columns)
@@ -77,8 +81,6 @@ def _table1(run: RunData) -> str:
 def _confirmed(run: RunData) -> str:
     """The confirmation: test mean [95% CI] and paired differences against Full-FT, PETITE and the
     best Table-1 row with its learning rate tuned (the baseline portfolio's best)."""
-    from autopeft.report._results import CONFIRMED_COLUMNS, confirmed_rows, versus_baseline_text
-
     confirmation = run.confirmation
     if not confirmation or not confirmation.get("plans"):
         return ('<p class="note">This run has no confirmation on test subjects (searched with --confirm 0, or it was '
@@ -99,8 +101,6 @@ def _confirmed(run: RunData) -> str:
 
 
 def _trials_table(run: RunData) -> str:
-    import pandas as pd
-
     if not run.records:
         return '<p class="note">No trial records (trials/) yet.</p>'
     rows = [{
@@ -153,14 +153,6 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
     Raises:
         ConfigError: ``run_dir`` is not a search's output.
     """
-    from autopeft.report._figures import (
-        history_figure,
-        importance_figure,
-        pair_heatmap,
-        pareto_figure,
-        selection_figure,
-    )
-
     run = load_run(run_dir)
     target = Path(out) if out is not None else run.run_dir / "report.html"
     config = run.config
@@ -190,8 +182,6 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
     sections.append(("pairs", "PSNR per scanner pair", _figure_html(pair_heatmap(run), first)
                      + "<p class='caption'>Split: validation.</p>"))
     if slices:
-        from autopeft.report._slices import slices_figure
-
         result = slices_figure(run)
         body = _figure_html(result, first) if isinstance(result, str) else (
             _figure_html(result[0], first) + f"<p class='caption'>{_esc(result[1])}</p>")
@@ -204,8 +194,6 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
     best = run.best
     recommended = (run.confirmation or {}).get("recommended")
     if recommended:
-        from autopeft.stats import format_ci
-
         gain = recommended["val"].get("gain")
         gain_text = f", gain over No-FT {gain:+.3f} dB: the study's objective value" if gain is not None else ""
         best_text = (f"Recommended plan: trial #{recommended['number']}, test PSNR {format_ci(recommended['test']['psnr'])} dB "

@@ -6,28 +6,34 @@ source model itself) predict one held-out subject of the target, a test subject 
 confirmation has read them, else a validation one. The axial middle planes of the short scan, the
 long scan and both predictions are kept in ``<run>/examples/slices.safetensors`` with
 ``slices.json`` (subject, pair, split, PSNR over the whole volume): the report draws them and runs
-no model.
+no model. Their format and reader are :mod:`autopeft.report._slices`'s: the report reads them
+without this module's models.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_examples", "read_examples", "EXAMPLES_DIR"]
+from safetensors.torch import save_file
 
-EXAMPLES_DIR = "examples"
-_TENSORS, _META = "slices.safetensors", "slices.json"
+from autopeft import metrics
+from autopeft._io import atomic_write, atomic_write_json
+from autopeft.data import eval_volumes, split_scanner
+from autopeft.evaluation import predict_volume
+from autopeft.peft import load_trained
+from autopeft.peft.checkpoint import META_FILE
+from autopeft.report._slices import EXAMPLES_DIR, SLICES_FILE, SLICES_META
+from autopeft.runner.trial import source_model
+from autopeft.runs import find_pair
+
+__all__ = ["write_examples"]
 
 
 def _pick_pair(run_dir: Path, setup) -> tuple[Path, str, str, int] | None:
     """The first pair of the run (in the set-up's order) with trained parts in ``best_weights/``:
     found by the names the writer used (``autopeft.runs.find_pair``), never parsed back out of a
     folder name (scanner names may hold '-')."""
-    from autopeft.peft.checkpoint import META_FILE
-    from autopeft.runs import find_pair
-
     weights = run_dir / "best_weights"
     if not weights.is_dir():
         return None
@@ -44,15 +50,6 @@ def write_examples(run_dir: Path, setup, best: dict[str, Any] | None, *, split: 
     Returns:
         False (and writes nothing) when the run has no best plan with saved weights.
     """
-    from safetensors.torch import save_file
-
-    from autopeft import metrics
-    from autopeft._io import atomic_write, atomic_write_json
-    from autopeft.data import eval_volumes, split_scanner
-    from autopeft.evaluation import predict_volume
-    from autopeft.peft import load_trained
-    from autopeft.runner.trial import source_model
-
     picked = _pick_pair(run_dir, setup)
     if best is None or picked is None:
         return False
@@ -74,17 +71,6 @@ def write_examples(run_dir: Path, setup, best: dict[str, Any] | None, *, split: 
             "psnr": {name: float(metrics.psnr(pred.unsqueeze(0), long.unsqueeze(0)))
                      for name, pred in (("no_ft", no_ft), ("best", best_pred))}}
     out = run_dir / EXAMPLES_DIR
-    atomic_write(out / _TENSORS, lambda tmp: save_file(planes, str(tmp)))
-    atomic_write_json(out / _META, meta)
+    atomic_write(out / SLICES_FILE, lambda tmp: save_file(planes, str(tmp)))
+    atomic_write_json(out / SLICES_META, meta)
     return True
-
-
-def read_examples(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(planes as arrays, metadata) of the run's example slices, or None when it has none."""
-    from safetensors.torch import load_file
-
-    folder = Path(run_dir) / EXAMPLES_DIR
-    if not (folder / _TENSORS).is_file() or not (folder / _META).is_file():
-        return None
-    planes = {name: t.numpy() for name, t in load_file(str(folder / _TENSORS)).items()}
-    return planes, json.loads((folder / _META).read_text(encoding="utf-8"))

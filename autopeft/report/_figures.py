@@ -9,6 +9,10 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import optuna
+import plotly.graph_objects as go
+
+from autopeft.report._results import pareto_front, plan_summary
 from autopeft.report._run import STATE_STYLE, RunData
 
 # Legend under the plot: above it, it collides with the title.
@@ -19,10 +23,6 @@ _LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=40), hei
 def _state_traces(rows: list[dict[str, Any]], x_of, y_of, floor: float | None):
     """One scatter trace per trial state (so the legend names each state); trials without a
     score (failed, over budget) are drawn at ``floor`` so they stay visible."""
-    import plotly.graph_objects as go
-
-    from autopeft.report._results import plan_summary
-
     traces = []
     for state, (label, colour, symbol) in STATE_STYLE.items():
         group = [r for r in rows if r.get("state") == state]
@@ -52,8 +52,6 @@ def history_figure(run: RunData):
     """The objective of every trial by trial number, by state, with the best finished so far: the
     validation gain over No-FT (what the study optimises; a mean over some pairs estimates the mean
     over all, since trials start at different pairs), or PSNR for runs that recorded no gain."""
-    import plotly.graph_objects as go
-
     if not run.records:
         return "No trial has run yet."
     scored = [r for r in run.records if r.get("psnr") is not None]
@@ -81,10 +79,6 @@ def pareto_figure(run: RunData):
     """PSNR against % trainable parameters (log axis): every trial by state, the front of the
     finished trials, PETITE's plan as a star, No-FT and Full-FT as horizontal lines (No-FT trains
     nothing, so it has no place on a log axis)."""
-    import plotly.graph_objects as go
-
-    from autopeft.report._results import pareto_front
-
     pct = lambda r: max(100 * float(r.get("fraction") or 0.0), 1e-6)  # noqa: E731  (log axis: no zeros)
     scored = [r for r in run.records if r.get("psnr") is not None and r.get("fraction")]
     if not scored and not run.references:
@@ -116,9 +110,6 @@ def pareto_figure(run: RunData):
 def importance_figure(run: RunData, *, min_trials: int = 4):
     """Optuna's parameter importances over the *finished* trials (an early-stopped trial's value is
     a mean over fewer pairs, so it would blur what a parameter does)."""
-    import optuna
-    import plotly.graph_objects as go
-
     study = run.study()
     if study is None:
         return "No Optuna study (study.db) in the run directory."
@@ -158,8 +149,6 @@ GROUP_ABOVE = 16  # more parameters than this (per-block spaces): one bar per bl
 def _grouped_importances(importances: dict[str, float], title: str):
     """One bar per block of the space (its method choice and its methods' hyperparameters, stacked
     by method), and one for the global choices (lr, BitFit, SH-PEFT lambda)."""
-    import plotly.graph_objects as go
-
     parts: dict[str, dict[str, float]] = {}  # block -> segment -> importance
     for name, value in importances.items():
         if name.endswith(".method"):
@@ -182,8 +171,6 @@ def _grouped_importances(importances: dict[str, float], title: str):
 
 def pair_heatmap(run: RunData, *, top: int = 5):
     """PSNR per (source -> target, fold) for the references and the best finished plans."""
-    import plotly.graph_objects as go
-
     rows: list[tuple[str, list[dict[str, Any]]]] = [(ref["label"], ref.get("pairs") or []) for ref in run.references]
     for record in run.finished[:top]:
         rows.append((f"trial #{record['number']}", record.get("pairs") or []))
@@ -206,8 +193,6 @@ def pair_heatmap(run: RunData, *, top: int = 5):
 def selection_figure(run: RunData):
     """Validation PSNR (what the search chose on) against confirmed test PSNR with its 95% CI, one
     point per confirmed plan and reference, and the diagonal: selection bias made visible."""
-    import plotly.graph_objects as go
-
     plans = [p for p in ((run.confirmation or {}).get("plans") or []) if p.get("val")]
     if not plans:
         return "No confirmed plan with a validation score: the run has no confirmation on test subjects (--confirm 0)."

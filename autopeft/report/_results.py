@@ -18,18 +18,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from autopeft._io import atomic_write, atomic_write_json
-from autopeft.tables import print_table
+from autopeft.peft import Plan, registered_methods
 from autopeft.runs import ranked_finished, records, weights_dir
 from autopeft.stats import format_ci
+from autopeft.tables import print_table
 
 __all__ = ["plan_summary", "finish_run", "pareto_front", "record_confirmation", "SearchOutputs"]
 
 
 def plan_summary(plan: Mapping[str, Any]) -> str:
     """A short text for a plan: ``encoder.vit.*=lora(rank=4,targets=q+k) decoder.*=ssf +bitfit``."""
-    from autopeft.peft import registered_methods
-
     methods = registered_methods()
     parts = []
     for pattern, entry in (plan.get("sites") or {}).items():
@@ -72,10 +73,6 @@ def finish_run(run_dir: Path, setup, config, space, priors: bool) -> dict[str, A
     (``config.confirm == 0``) the validation table is printed, marked in-sample; otherwise
     :func:`record_confirmation` prints the test table after the confirmation.
     """
-    import pandas as pd
-
-    from autopeft.peft import Plan
-
     trial_rows = records(run_dir)
     table = []
     for r in trial_rows:
@@ -143,8 +140,6 @@ def versus_baseline(finished: Sequence[Mapping[str, Any]]) -> dict[str, Any] | N
 
 def _write_best_plan(run_dir: Path, setup, best: Mapping[str, Any], why: str,
                      baseline: Mapping[str, Any] | None = None) -> None:
-    from autopeft.peft import Plan
-
     versus = f"; {baseline['text']}" if baseline else "; no Table-1 baseline of the portfolio finished."
     plan = dict(best["plan"], name=f"best-{setup.backbone}",
                 description=f"autopeft search {run_dir.name}: recommended trial #{best['number']}, chosen for {why}; "
@@ -290,6 +285,8 @@ class SearchOutputs:
 
     def examples(self, run_dir: Path, setup, best: Mapping[str, Any] | None, *, split: str) -> bool:
         """:func:`~autopeft.report._examples.write_examples`: the report's example slices."""
+        # Lazy: drawing the slices loads the training stack (runner.trial, MONAI); write_report,
+        # which reads a run directory only, goes without it.
         from autopeft.report._examples import write_examples
 
         return write_examples(run_dir, setup, best, split=split)

@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
+
 from autopeft.errors import ConfigError
-from autopeft.runs import ranked_finished
+from autopeft.runs import ranked_finished, records
 
 # Order, colour and marker of each trial state in every figure and table of the report.
 STATE_STYLE: dict[str, tuple[str, str, str]] = {
@@ -62,8 +64,6 @@ class RunData:
 
     def study(self):
         """The run's Optuna study, or None when ``study.db`` is missing."""
-        import optuna
-
         db = self.run_dir / "study.db"
         name = self.meta.get("study_name")
         if not db.is_file() or not name:
@@ -78,8 +78,6 @@ def load_run(run_dir: str | Path) -> RunData:
     Raises:
         ConfigError: the folder has no ``run.json`` (it is not a search's output).
     """
-    from autopeft.runs import records
-
     folder = Path(run_dir).expanduser().resolve()
     meta_path = folder / "run.json"
     if not meta_path.is_file():

@@ -1,13 +1,36 @@
 """Example slices (PETITE's Fig. 4): short scan, long scan, predictions and error maps.
 
-Drawn from what the search kept in ``<run>/examples/`` (:mod:`autopeft.report._examples`): the
-report runs no model. The comparison is against No-FT (the pre-trained source model itself): the
+Drawn from what the search kept in ``<run>/examples/`` (:mod:`autopeft.report._examples` writes
+them; their format and :func:`read_examples` are here): the report runs no model. The comparison is against No-FT (the pre-trained source model itself): the
 search does not keep Full-FT weights (a whole model per pair).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+from safetensors.torch import load_file
+
 from autopeft.report._run import RunData
+
+__all__ = ["slices_figure", "read_examples", "EXAMPLES_DIR", "SLICES_FILE", "SLICES_META"]
+
+EXAMPLES_DIR = "examples"  # <run>/examples/: the planes (safetensors) and what they show (JSON)
+SLICES_FILE, SLICES_META = "slices.safetensors", "slices.json"
+
+
+def read_examples(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(planes as arrays, metadata) of the run's example slices, or None when it has none."""
+    folder = Path(run_dir) / EXAMPLES_DIR
+    if not (folder / SLICES_FILE).is_file() or not (folder / SLICES_META).is_file():
+        return None
+    planes = {name: t.numpy() for name, t in load_file(str(folder / SLICES_FILE)).items()}
+    return planes, json.loads((folder / SLICES_META).read_text(encoding="utf-8"))
 
 
 def slices_figure(run: RunData):
@@ -18,12 +41,6 @@ def slices_figure(run: RunData):
     Returns:
         ``(figure, caption)``, or a note (str) when the run holds no example slices.
     """
-    import numpy as np
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    from autopeft.report._examples import read_examples
-
     found = read_examples(run.run_dir)
     if found is None:
         return ("No example slices: the run holds none (examples/). The search draws them at its end from the best "

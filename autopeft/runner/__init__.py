@@ -16,15 +16,15 @@ Example:
 
 from __future__ import annotations
 
+import importlib
+
 __all__ = ["run_search", "RunOutputs", "SearchInterrupted"]
 
-# Loaded on first use: the engine imports torch, which the CLI's --help does not need.
+# Loaded on first use: the engine imports torch and Ray, which the CLI's --help does not need.
 _LAZY = {"run_search": "engine", "RunOutputs": "engine", "SearchInterrupted": "engine"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f"autopeft.runner.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'autopeft.runner' has no attribute {name!r}")

@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from autopeft._plugins import PLUGINS_ENV
+from autopeft.artifacts import is_uri
+from autopeft.backbones.network import NETWORKS_ENV
+from autopeft.data import read_manifest
 from autopeft.errors import ConfigError, DataError
 
 __all__ = ["Cluster", "start_ray", "trial_resources", "tune_resources", "task_options", "check_nodes"]
@@ -28,8 +36,6 @@ class Cluster:
 
     @classmethod
     def read(cls) -> Cluster:
-        import ray
-
         nodes = tuple(n for n in ray.nodes() if n.get("Alive"))
         return cls(nodes=nodes, resources=dict(ray.cluster_resources()))
 
@@ -77,17 +83,11 @@ def task_options(config) -> dict[str, Any]:
 def start_ray(config) -> None:
     """A local Ray (or the cluster at ``config.address``); with ``config.dashboard`` Ray's
     dashboard on loopback, its URL and how to sign in printed (token auth stays on)."""
-    import ray
-
     if ray.is_initialized():
         return
     options: dict[str, Any] = {"include_dashboard": config.dashboard}
     if config.dashboard:
         options["dashboard_host"] = "127.0.0.1"  # this machine only; forward the port with ssh -L
-    from autopeft._plugins import PLUGINS_ENV
-
-    from autopeft.backbones.network import NETWORKS_ENV
-
     forwarded = {name: os.environ[name] for name in (PLUGINS_ENV, NETWORKS_ENV) if os.environ.get(name)}
     if forwarded:  # workers on other nodes do not inherit the driver's environment
         options["runtime_env"] = {"env_vars": forwarded}
@@ -109,8 +109,6 @@ def start_ray(config) -> None:
 
 def _probe(storage_probe: str | None, files: list[tuple[str, int]]) -> dict[str, Any]:
     """Ray task: what this node cannot read (the storage probe file, the scans at their sizes)."""
-    import socket
-
     unreadable = [path for path, size in files if not (os.path.isfile(path) and os.path.getsize(path) == size)]
     return {"host": socket.gethostname(), "storage": storage_probe is None or os.path.isfile(storage_probe),
             "unreadable": unreadable}
@@ -128,12 +126,6 @@ def check_nodes(cluster: Cluster, config, *, storage: str, default_storage: bool
             ``--weights``.
         DataError: a node cannot read the scans and no ``--storage-path`` was given.
     """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from autopeft.artifacts import is_uri
-    from autopeft.data import read_manifest
-
     nodes = cluster.trial_nodes(trial_resources(config))
     if not nodes:
         raise ConfigError(f"no node of the Ray cluster ({cluster.describe()}) has the resources of one trial "

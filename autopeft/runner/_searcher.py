@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import optuna
 from ray.tune.search import Searcher
 
 from autopeft.runs import FINISHED, STOPPED, trial_state
@@ -98,8 +99,6 @@ class StudySearcher(Searcher):
             self._reported[trial_id].add(step)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        import optuna
-
         if trial_id not in self._open:
             return
         self._report(trial_id, result)

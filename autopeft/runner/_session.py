@@ -14,9 +14,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
+from optuna.trial import TrialState
+
 from autopeft._io import path_component
 from autopeft.errors import ConfigError
-from autopeft.runs import FAILED, FINISHED, INFEASIBLE, INTERRUPTED, STOPPED, read_meta, read_record, write_meta, write_record
+from autopeft.runs import (
+    FAILED, FINISHED, INFEASIBLE, INTERRUPTED, STOPPED, read_meta, read_record, versions, write_meta, write_record,
+)
 from autopeft.search.config import SearchConfig
 from autopeft.search.portfolio import PORTFOLIO_ATTRS
 from autopeft.search.sampler import make_sampler, search_seed
@@ -39,8 +44,6 @@ class Session:
 
     def save(self) -> None:
         """``run.json`` with the settings and the versions of this session (the driver's)."""
-        from autopeft.runs import versions
-
         self.meta["config"] = asdict(self.config)
         self.meta["versions"] = versions()  # of the latest session; the report shows them beside the report's own
         write_meta(self.run_dir, self.meta)
@@ -74,8 +77,6 @@ def open_session(config: SearchConfig | None, resume_dir: str | os.PathLike | No
 
 def open_study(session: Session):
     """The run's study in ``study.db`` (SQLite), with a sampler seeded anew for this session."""
-    import optuna
-
     config = session.config
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(f"sqlite:///{session.run_dir / 'study.db'}")
@@ -90,8 +91,6 @@ def requeue_interrupted(run_dir: Path, study) -> None:
     """Study trials a killed or interrupted session left RUNNING: tell the study what their
     records say (through ``study.tell``), mark the rest FAIL (record INTERRUPTED) and enqueue
     their plans again."""
-    from optuna.trial import TrialState
-
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         record = read_record(run_dir, trial.number)
         state = record.get("state") if record is not None else None

@@ -14,6 +14,13 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from autopeft._io import cache_root
+from autopeft.artifacts import ArtifactStore
+from autopeft.pretraining import is_pretrained, model_file
 from autopeft.runner.trial import TrialSetup, source_model
 
 __all__ = ["prepare_sources", "publish_importance"]
@@ -21,10 +28,6 @@ __all__ = ["prepare_sources", "publish_importance"]
 
 def _pretrain_task(setup: TrialSetup, source: str, fold: int) -> dict[str, Any]:
     """Ray task: pre-train one source model into this node's cache (and the artifact store)."""
-    import torch
-
-    from autopeft.artifacts import ArtifactStore
-
     torch.set_num_threads(max(1, setup.threads))
     setup = replace(setup.on_node(), pretrain=True)
     _, meta = source_model(setup, source, fold)
@@ -43,9 +46,6 @@ def prepare_sources(config, setup: TrialSetup, *, options: dict[str, Any], progr
         options: ``ray.remote`` options of one pre-training task (a trial's resources).
         progress: progress bar and one line per model.
     """
-    from autopeft.artifacts import ArtifactStore
-    from autopeft.pretraining import is_pretrained, model_file
-
     store = ArtifactStore(setup.artifacts) if setup.artifacts else None
     specs = setup.source_specs()
     files = {unit: model_file(spec) for unit, spec in specs.items()}
@@ -55,10 +55,7 @@ def prepare_sources(config, setup: TrialSetup, *, options: dict[str, Any], progr
     # In Ray tasks when the store exists (the nodes with the trial's resources may be other machines)
     # or when several can train side by side; a single one on one machine trains here, with its bar.
     if missing and (store is not None or (len(missing) > 1 and (config.concurrency or 1) > 1)):
-        _pretrain_remotely(setup, missing, options, concurrency=config.concurrency or 1, progress=progress)
-        for unit in missing:
-            if store is not None:
-                store.fetch(files[unit])
+        _pretrain_remotely(setup, missing, options, store=store, files=files, progress=progress)
     local = replace(setup, pretrain=True)
     for source, fold in setup.sources:
         source_model(local, source, fold, progress=progress)
@@ -67,35 +64,34 @@ def prepare_sources(config, setup: TrialSetup, *, options: dict[str, Any], progr
 
 
 def _pretrain_remotely(setup: TrialSetup, missing: list[tuple[str, int]], options: dict[str, Any], *,
-                       concurrency: int, progress: bool) -> None:
-    import ray
-    from tqdm.auto import tqdm
-
+                       store: ArtifactStore | None, files: dict[tuple[str, int], str], progress: bool) -> None:
+    """Pre-train the ``missing`` source models as Ray tasks, each asking for ``options``; with a
+    ``store``, each model is fetched from it into this process's cache as soon as its task is done."""
     task = ray.remote(**options)(_pretrain_task)
     names = ", ".join(f"scanner {s} (fold {f})" for s, f in missing)
-    print(f"pre-training {len(missing)} source models side by side (Ray tasks, at most {concurrency} at once): {names}",
-          flush=True)
+    print(f"pre-training {len(missing)} source models side by side (Ray tasks, as many at once as a trial's resources "
+          f"fit): {names}", flush=True)
     started = time.time()
-    pending = {task.remote(setup, source, fold): (source, fold) for source, fold in missing}
+    # Every task submitted now: Ray runs as many at once as the cluster's resources fit (each asks
+    # for a trial's ``options``) and queues the rest. Each model is taken as it arrives.
+    running = {task.remote(setup, source, fold): (source, fold) for source, fold in missing}
     with tqdm(total=len(missing), desc="pre-train source models", unit="model", disable=not progress) as bar:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
+        while running:
+            done, _ = ray.wait(list(running), num_returns=1, timeout=5.0)
             bar.refresh()  # the elapsed time moves while the tasks train
-            if not done:
-                continue
-            source, fold = pending.pop(done[0])
-            best = ray.get(done[0]).get("best") or {}
-            bar.update(1)
-            bar.write(f"  source model of scanner {source} (fold {fold}) ready after {(time.time() - started) / 60:.1f} min: "
-                      f"validation PSNR {best.get('psnr', float('nan')):.3f} dB")
+            for ref in done:
+                source, fold = running.pop(ref)
+                best = ray.get(ref).get("best") or {}
+                if store is not None:
+                    store.fetch(files[(source, fold)])
+                bar.update(1)
+                bar.write(f"  source model of scanner {source} (fold {fold}) ready after "
+                          f"{(time.time() - started) / 60:.1f} min: validation PSNR {best.get('psnr', float('nan')):.3f} dB")
 
 
 def publish_importance(setup: TrialSetup) -> None:
     """Put the importance maps this process computed (the warm start's priors) in the artifact
     store, so that trials of SH-PEFT plans on other nodes read them instead of computing them."""
-    from autopeft.artifacts import ArtifactStore
-    from autopeft.pretraining import cache_root
-
     if not setup.artifacts:
         return
     store = ArtifactStore(setup.artifacts)

@@ -21,19 +21,26 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
-from autopeft.runner.trial import TrialSetup
+from autopeft._io import atomic_write_json
+from autopeft.peft import Plan
+from autopeft.runner._searcher import StudySearcher
+from autopeft.runner.trial import TrialSetup, progress_metrics, run_plan, scores_from_json
 from autopeft.runs import (
     FAILED, FINISHED, INFEASIBLE, RUNNING, STOPPED, new_record, ranked_finished, read_record, records, trial_state,
     weights_dir, write_record,
 )
+from autopeft.search.sampler import make_sampler, search_seed
 
 __all__ = ["TuneRun", "run_trials", "scheduler_for", "RecordKeeper", "TrialLimiter", "MAX_INFEASIBLE_DRAWS_PER_TRIAL"]
 
@@ -47,12 +54,6 @@ _REPORTED = ("psnr", "ssim", "nrmse", "gain", "pairs_done", "epochs_done", "pair
 
 def _trainable(config: dict[str, Any], setup: TrialSetup) -> None:
     """Ray Tune function trainable: one trial (runs in a Ray worker, on any node)."""
-    import ray
-    import torch
-
-    from autopeft.peft import Plan
-    from autopeft.runner.trial import progress_metrics, run_plan, scores_from_json
-
     torch.set_num_threads(max(1, setup.threads))  # oversubscribing 2 cores makes tiny steps 5-10x slower
     node = ray.get_runtime_context().get_node_id()
     setup = setup.on_node()
@@ -251,10 +252,6 @@ def scheduler_for(config, setup: TrialSetup):
     the rungs inside a pair. Without ASHA (``--no-asha``, a multi-objective study, a single
     pair under ``pairs``): FIFO, every trial runs to the end.
     """
-    from dataclasses import replace
-
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     units, epochs = len(setup.units), int(setup.epochs)
     if config.fidelity == "epochs":
         max_t, grace, time_attr = units * epochs, max(1, epochs // 4), "epochs_done"
@@ -276,9 +273,6 @@ def scheduler_for(config, setup: TrialSetup):
 
 def run_trials(run: TuneRun) -> None:
     """Ray Tune over the remaining trials (nothing when none remain)."""
-    from autopeft.runner._searcher import StudySearcher
-    from autopeft.search.sampler import make_sampler, search_seed
-
     if run.remaining <= 0:
         return
     config = run.config
@@ -343,8 +337,6 @@ def _quiet_tune():
 
 def _record_slots(run_dir: Path, config, phase_started: float, phase_ended: float) -> None:
     """Slot utilisation of this session's trial phase: trial seconds over slots x wall time."""
-    from autopeft._io import atomic_write_json
-
     busy = 0.0
     for record in records(run_dir):
         begin, seconds = float(record.get("started") or 0.0), float(record.get("seconds") or 0.0)

@@ -27,9 +27,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
 from autopeft._io import atomic_write, atomic_write_json, path_component, path_inside
+from autopeft.backbones import build_backbone
+from autopeft.peft import Plan
+from autopeft.runner.references import reference_plans
 from autopeft.runner.trial import TrialSetup, run_plan, scores_to_json
-from autopeft.runs import ranked_finished, records
+from autopeft.runs import ranked_finished, read_record, records
+from autopeft.search.budget import PlanCounter
+from autopeft.stats import GRID_CI_METHOD, TEST_METHOD, grid_mean_ci, paired_grid_difference
 
 __all__ = ["confirmation_candidates", "confirmation_seeds", "run_confirmation", "confirmation_rows", "replay_check"]
 
@@ -46,11 +55,6 @@ def confirmation_candidates(run_dir: Path, k: int, setup: TrialSetup) -> list[di
     "baseline"}`` (``val``: the validation means the search saw, None for references it did not
     measure; ``baseline``: the best Table-1 row with its learning rate tuned, the portfolio's best).
     """
-    from autopeft.peft import Plan
-    from autopeft.search.budget import PlanCounter
-    from autopeft.runner.references import reference_plans
-    from autopeft.backbones import build_backbone
-
     ranked = ranked_finished(records(run_dir))
     baseline = next((r for r in ranked if r.get("portfolio")), None)
     chosen = ranked[:k] + ([baseline] if baseline is not None and baseline not in ranked[:k] else [])
@@ -86,9 +90,6 @@ def replay_check(run_dir: Path, setup: TrialSetup, number: int) -> dict[str, Any
     """Re-run trial ``number`` exactly as the search ran it (its seed, fold 0, validation
     subjects) and compare with its record: a reproducibility check, kept out of every reported
     figure. None when the record has no fold-0 pair."""
-    from autopeft.peft import Plan
-    from autopeft.runs import read_record
-
     record = read_record(run_dir, number)
     recorded = {(p["source"], p["target"]): p["psnr"] for p in (record or {}).get("pairs") or [] if int(p.get("fold", 0)) == 0}
     if not recorded:
@@ -110,10 +111,6 @@ def _job_path(run_dir: Path, label: str, fold: int, seed: int) -> Path:
 
 def _confirm_job(setup: TrialSetup, plan_dict: Mapping[str, Any], fold: int, seed: int) -> list[dict[str, Any]]:
     """One plan on every pair of one fold with one fine-tuning seed, scored on test subjects."""
-    import torch
-
-    from autopeft.peft import Plan
-
     torch.set_num_threads(max(1, setup.threads))
     scores = run_plan(replace(setup, folds=(fold,)).on_node(), Plan.from_dict(plan_dict), split="test", train_seed=seed)
     return scores_to_json(scores)
@@ -140,8 +137,6 @@ def run_confirmation(run_dir: Path, setup: TrialSetup, *, k: int, folds: Sequenc
     Returns:
         The ``confirmation`` summary (also in ``summary.json``).
     """
-    from tqdm.auto import tqdm
-
     candidates = confirmation_candidates(run_dir, k, setup)
     # The best baseline counts among the k best only when it is one of them.
     baseline = next((c["label"] for c in candidates if c["baseline"] and c not in candidates[:k]), None)
@@ -171,7 +166,9 @@ def run_confirmation(run_dir: Path, setup: TrialSetup, *, k: int, folds: Sequenc
 
     with tqdm(total=len(missing), desc="confirm on test subjects", unit="run", disable=not progress) as bar:
         if parallel and len(missing) > 1:
-            import ray  # only this path needs Ray, slow to import
+            # Lazy: only this path needs Ray; the in-process one (--concurrency 1) and the module's
+            # other users (confirmation_seeds in bench/) run without loading it.
+            import ray
 
             task = ray.remote(**dict(task_options or {"num_cpus": 1}))(_confirm_job)
             # Every job submitted now: Ray runs as many at once as the cluster's resources fit (each
@@ -187,7 +184,6 @@ def run_confirmation(run_dir: Path, setup: TrialSetup, *, k: int, folds: Sequenc
                 keep(job, _confirm_job(setup, job[0]["plan"], job[1], job[2]), bar)
 
     rows = confirmation_rows(run_dir)
-    import pandas as pd
 
     frame = pd.DataFrame(rows, columns=["label", "number", "split", "source", "target", "fold", "seed", "subject", *METRICS])
     atomic_write(run_dir / "confirmation.csv", lambda tmp: frame.to_csv(tmp, index=False))
@@ -218,8 +214,6 @@ def summarise(frame, candidates: Sequence[Mapping[str, Any]], *, k: int, folds: 
     CIs resample folds, then units (:func:`autopeft.stats.grid_mean_ci`), so that they carry the
     fold-to-fold variance as well as the subject-to-subject one.
     """
-    from autopeft.stats import GRID_CI_METHOD, TEST_METHOD, grid_mean_ci, paired_grid_difference
-
     cells = frame.groupby(["label", "fold", "target", "subject"], sort=True)[list(METRICS)].mean()
     grids = {label: {m: cells.xs(label, level="label")[m].unstack(["target", "subject"]) for m in METRICS}
              for label in cells.index.get_level_values("label").unique()}

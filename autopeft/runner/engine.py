@@ -42,11 +42,33 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+from ray.tune.schedulers import ASHAScheduler
+
+from autopeft.artifacts import ArtifactStore, is_uri
+from autopeft.backbones import build_backbone
+from autopeft.backbones.network import load_run_network, registered_ref, save_run_network
+from autopeft.data import resolve_manifest
 from autopeft.errors import ConfigError
-from autopeft.runner.trial import TrialSetup
+from autopeft.peft import named_plans
+from autopeft.runner._cluster import Cluster, check_nodes, start_ray, task_options, trial_resources, tune_resources
+from autopeft.runner._session import open_session, open_study, requeue_interrupted
+from autopeft.runner._sources import prepare_sources, publish_importance
+from autopeft.runner._tune import TuneRun, run_trials, scheduler_for
+from autopeft.runner.confirm import confirmation_seeds, replay_check, run_confirmation
+from autopeft.runner.references import run_references
+from autopeft.runner.trial import TrialSetup, setup_from_config
 from autopeft.runs import INFEASIBLE, TERMINAL, records
-from autopeft.search.budget import Budget
+from autopeft.search._plans import plan_definer, warm_start
+from autopeft.search.auto_space import AUTO_SPACES
+from autopeft.search.budget import Budget, PlanCounter
 from autopeft.search.config import SearchConfig, resolve_defaults
+from autopeft.search.options import default_prior_beta
+from autopeft.search.portfolio import enqueue_portfolio, portfolio, table1_plans
+from autopeft.search.priors import PriorGuide
+from autopeft.search.sampler import make_sampler, search_seed
+from autopeft.search.signals import prior_for
+from autopeft.search.space import load_space
 
 __all__ = ["RunOutputs", "SearchInterrupted", "run_search"]
 
@@ -83,11 +105,6 @@ def run_search(config: SearchConfig | None = None, *, outputs: RunOutputs, resum
         trials: when resuming, a new total number of trials. Defaults to the recorded one.
         time_budget_s: when resuming, a new limit on launching trials. Defaults to the recorded one.
     """
-    from autopeft.data import resolve_manifest
-    from autopeft.runner._cluster import Cluster, start_ray, trial_resources
-    from autopeft.runner._session import open_session
-    from autopeft.backbones.network import load_run_network, save_run_network
-
     started = time.time()
 
     def resolve(new: SearchConfig) -> SearchConfig:
@@ -131,10 +148,6 @@ class _PlanSpace:
 
     @classmethod
     def load(cls, config: SearchConfig) -> _PlanSpace:
-        from autopeft.search.budget import PlanCounter
-        from autopeft.search.space import load_space
-        from autopeft.backbones import build_backbone
-
         template = build_backbone(config.backbone, config.preset)
         space = load_space(config.space, template.sites(), model=template)
         if space.backbone != config.backbone:
@@ -143,16 +156,10 @@ class _PlanSpace:
 
 
 def _storage(path: str) -> str:
-    from autopeft.artifacts import is_uri
-
     return path.rstrip("/") if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 def _trial_setup(config: SearchConfig, manifest_path: str, run_dir: Path, *, artifacts: str | None) -> TrialSetup:
-
-    from autopeft.runner.trial import setup_from_config
-    from autopeft.backbones.network import registered_ref
-
     ref = registered_ref(config.backbone, config.preset)
     # Trials never pre-train: the driver has put every source model in the store before they start.
     return replace(setup_from_config(asdict(config), manifest_path=manifest_path, run_dir=run_dir),
@@ -161,9 +168,6 @@ def _trial_setup(config: SearchConfig, manifest_path: str, run_dir: Path, *, art
 
 def _reach_nodes(config: SearchConfig, cluster, setup: TrialSetup, storage: str, default_storage: bool) -> TrialSetup:
     """The nodes that can run a trial read the storage and the scans, or the scans are shipped."""
-    from autopeft.artifacts import ArtifactStore
-    from autopeft.runner._cluster import check_nodes
-
     if not check_nodes(cluster, config, storage=storage, default_storage=default_storage, manifest_path=setup.manifest_path):
         return setup
     key = ArtifactStore(setup.artifacts).put_data(setup.manifest_path)
@@ -174,17 +178,6 @@ def _reach_nodes(config: SearchConfig, cluster, setup: TrialSetup, storage: str,
 def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, storage: str, started: float,
             outputs: RunOutputs) -> Path:
     """Steps 3 to 7 of the module docstring."""
-    from autopeft.runner._cluster import task_options, tune_resources
-    from autopeft.search._plans import plan_definer, warm_start
-    from autopeft.search.portfolio import enqueue_portfolio, portfolio, table1_plans
-    from autopeft.runner._session import open_study, requeue_interrupted
-    from autopeft.runner._sources import prepare_sources, publish_importance
-    from autopeft.search.options import default_prior_beta
-    from autopeft.search.priors import PriorGuide
-    from autopeft.search.sampler import make_sampler, search_seed
-    from autopeft.runner.references import run_references
-    from autopeft.search.signals import prior_for
-
     config, run_dir = session.config, session.run_dir
     template, space, counter = plans.template, plans.space, plans.counter
     protocol = setup.protocol
@@ -240,8 +233,6 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
     define = plan_definer(space, counter, budget, prior_model, train=train_extra, portfolio=baselines)
     name = f"tune-{session.number}" if config.storage_path is None else f"{session.meta['study_name']}-{session.number}"
     try:
-        from autopeft.runner._tune import TuneRun, run_trials
-
         run_trials(TuneRun(config=config, run_dir=run_dir, storage=storage, name=name, setup=setup, study=study,
                            define=define, remaining=max(config.trials - done, 0), deadline=deadline, started=started,
                            resources=tune_resources(config), guide=guide))
@@ -281,9 +272,6 @@ def _confirm_folds(config: SearchConfig) -> tuple[int, ...]:
 def _confirm(config: SearchConfig, setup: TrialSetup, run_dir: Path, summary: dict[str, Any], outputs: RunOutputs) -> None:
     """The confirmation stage: the best plans, the best baseline and the references re-run on test
     subjects (their source models were pre-trained before the trials); recorded and printed."""
-    from autopeft.runner._cluster import task_options
-    from autopeft.runner.confirm import confirmation_seeds, replay_check, run_confirmation
-
     seeds = confirmation_seeds(config.seed, int(config.confirm_seeds or 1))
     # --concurrency 1 keeps it in this process; else Ray runs what a trial's resources let fit.
     confirmation = run_confirmation(run_dir, setup, k=config.confirm, folds=_confirm_folds(config), seeds=seeds,
@@ -302,22 +290,13 @@ def _confirm(config: SearchConfig, setup: TrialSetup, run_dir: Path, summary: di
 def _examples(run_dir: Path, setup: TrialSetup, summary: dict[str, Any], outputs: RunOutputs, *, confirmed: bool) -> None:
     """The report's example slices: a test subject once the confirmation has read them, else a
     validation one (nothing before the confirmation reads test subjects)."""
-    import torch
-
     torch.set_num_threads(max(1, torch.get_num_threads()))
     outputs.examples(run_dir, setup, summary.get("best"), split="test" if confirmed else "val")
 
 
 def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, total: int, run_dir: Path, resumed: bool,
                     cluster, storage: str, space: Any = None) -> None:
-    from ray.tune.schedulers import ASHAScheduler
-
-    from autopeft.runner._tune import scheduler_for
-    from autopeft.runner.confirm import confirmation_seeds
-
     print(("resuming" if resumed else "search") + f" in {run_dir}")
-    from autopeft.search.auto_space import AUTO_SPACES
-
     generated = f" ({space.source})" if space is not None and space.source.startswith(AUTO_SPACES) else ""
     print(f"  backbone {config.backbone}/{config.preset} on {config.device}; space {config.space}{generated}; budget {budget.describe(total)}")
     print(f"  scanners {', '.join(config.scanners)}: {len(setup.pairs)} source->target pairs x {config.folds} fold(s), "
@@ -336,9 +315,6 @@ def _print_settings(config: SearchConfig, setup: TrialSetup, budget: Budget, tot
     print(f"  subjects per target: {protocol.finetune_train} fine-tune, {protocol.finetune_val} validation (trials and every "
           f"choice), {protocol.finetune_test} test (read only by the confirmation)")
     if config.confirm:
-        from autopeft.peft import named_plans
-        from autopeft.search.portfolio import table1_plans
-
         baseline = " + the best Table-1 row (lr tuned)" if config.portfolio and table1_plans(config.backbone) else ""
         petite = ", PETITE (as published)" if f"petite-{config.backbone}" in named_plans() else ""
         seeds = ", ".join(map(str, confirmation_seeds(config.seed, int(config.confirm_seeds or 1))))

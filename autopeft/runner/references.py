@@ -9,8 +9,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from autopeft._io import atomic_write_json
+from autopeft.backbones import build_backbone
+from autopeft.peft import Plan, load_plan, named_plans
 from autopeft.runner.trial import run_plan, running_means, scores_from_json, scores_to_json
+from autopeft.search.budget import PlanCounter
+from autopeft.search.portfolio import full_ft_ladder
 
 __all__ = ["reference_plans", "run_references"]
 
@@ -20,10 +26,6 @@ def reference_plans(backbone: str, preset: str, epochs: int) -> list[tuple[str, 
     its learning-rate ladder (:func:`~autopeft.search.portfolio.full_ft_ladder`; labelled
     ``Full-FT lr=...``, the best by validation becomes ``Full-FT``, see :func:`run_references`);
     PETITE's plan for the backbone (where one ships) as published, at the preset's PEFT rate."""
-    from autopeft.peft import Plan, load_plan, named_plans
-    from autopeft.search.portfolio import full_ft_ladder
-    from autopeft.backbones import build_backbone
-
     schedule = build_backbone(backbone, preset).preset.finetune
     plans = [("No-FT", Plan.from_dict({"backbone": backbone, "name": "No-FT"}))]
     for lr in full_ft_ladder(schedule.lr_full):
@@ -37,10 +39,6 @@ def reference_plans(backbone: str, preset: str, epochs: int) -> list[tuple[str, 
 
 def _reference_job(setup, plan_dict: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One reference on every pair, scored on validation subjects (a Ray task: one trial's CPUs)."""
-    import torch
-
-    from autopeft.peft import Plan
-
     torch.set_num_threads(max(1, setup.threads))
     return scores_to_json(run_plan(setup.on_node(), Plan.from_dict(plan_dict)))
 
@@ -53,10 +51,9 @@ def run_references(setup, config, run_dir: Path, *, task_options: Mapping[str, A
     Full-FT is tuned as the search is: of its ladder, the rung with the best validation PSNR is
     the ``Full-FT`` reference (``chosen``), the others stay in the file as ``Full-FT lr=...``.
     """
+    # Lazy: Ray is for the tasks below only; reference_plans (the confirmation's, bench/'s) and the
+    # in-process path run without loading it.
     import ray
-
-    from autopeft.search.budget import PlanCounter
-    from autopeft.backbones import build_backbone
 
     counter = PlanCounter(build_backbone(setup.backbone, setup.preset))
     rows = []

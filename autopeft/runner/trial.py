@@ -18,13 +18,21 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from autopeft._io import path_inside
+from autopeft.artifacts import ArtifactStore
+from autopeft.backbones.network import NetworkRef, register_network
 from autopeft.data import Protocol, read_manifest
 from autopeft.finetuning import FinetuneSettings, finetune_plan, importance_file
 from autopeft.finetuning import source_model as job_source_model
+from autopeft.peft import save_trained
+from autopeft.pretraining import model_file, source_spec
+from autopeft.runs import pair_folder
 
 __all__ = ["TrialSetup", "setup_from_config", "PairScore", "run_plan", "progress_metrics", "source_model", "running_means",
            "scores_to_json", "scores_from_json"]
@@ -76,8 +84,6 @@ class TrialSetup(FinetuneSettings):
 
     def source_specs(self) -> dict:
         """Each source model's ``autopeft.pretraining.SourceSpec`` by (source, fold); none with ``weights``."""
-        from autopeft.pretraining import source_spec
-
         if self.weights:
             return {}
         manifest = read_manifest(self.manifest_path)
@@ -88,8 +94,6 @@ class TrialSetup(FinetuneSettings):
 
     def source_files(self) -> dict[tuple[str, int], str]:
         """Each source model's file by (source, fold), relative to the cache."""
-        from autopeft.pretraining import model_file
-
         return {unit: model_file(spec) for unit, spec in self.source_specs().items()}
 
     def importance_files(self) -> list[str]:
@@ -102,15 +106,9 @@ class TrialSetup(FinetuneSettings):
         shipped), source models and importance maps are brought into the node's cache first. A
         user's network (``network``) is registered in this process first."""
         if self.network is not None:
-            from autopeft.backbones.network import NetworkRef, register_network
-
             register_network(NetworkRef.from_json(self.network))
         if self.artifacts is None:
             return self
-        from dataclasses import replace
-
-        from autopeft.artifacts import ArtifactStore
-
         store = ArtifactStore(self.artifacts)
         setup = replace(self, manifest_path=str(store.data(self.data_key))) if self.data_key else self
         for relative in [*setup.source_files().values(), *setup.importance_files()]:
@@ -223,12 +221,6 @@ def run_plan(
     Raises:
         FloatingPointError: a pair scored NaN (the trial fails with that reason).
     """
-    import torch
-
-    from autopeft._io import path_inside
-    from autopeft.peft import save_trained
-    from autopeft.runs import pair_folder
-
     scores = list(previous)
     units = setup.units
     epochs_done = skip * setup.epochs

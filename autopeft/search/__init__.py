@@ -7,6 +7,8 @@ execution on Ray Tune is :mod:`autopeft.runner`.
 0.01
 """
 
+import importlib
+
 from autopeft.search.options import PRIOR_CANDIDATES, PRIOR_SIGNALS, SAMPLERS
 
 __all__ = ["Budget", "PlanCount", "PlanCounter", "SearchSpace", "load_space", "space_files", "SearchConfig",
@@ -19,7 +21,5 @@ _LAZY = {"Budget": "budget", "PlanCount": "budget", "PlanCounter": "budget", "Se
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f"autopeft.search.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'autopeft.search' has no attribute {name!r}")

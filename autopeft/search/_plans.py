@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from autopeft.search.priors import top_plans
+from autopeft.search.sampler import search_seed
+
 __all__ = ["warm_start", "plan_definer"]
 
 
 def warm_start(study, space, prior_model, budget, config, *, preset_lr: float, train: dict[str, Any]) -> int:
     """Enqueue the plans with the best importance prior (``config.warm_start`` of them, or trials/4
     between 2 and 8); returns how many."""
-    from autopeft.search.sampler import search_seed
-    from autopeft.search.priors import top_plans
-
     k = config.warm_start if config.warm_start is not None else max(2, min(8, config.trials // 4))
     # Warm-start plans learn at the preset's PEFT rate (that of `autopeft finetune` and the
     # references) unless the space sets its own default: the middle of a wide log range can be

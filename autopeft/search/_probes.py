@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autopeft.evaluation import evaluate
 from autopeft.peft import Plan, apply_plan, get_method
 from autopeft.search.priors import BITFIT, NETWORK
 
@@ -147,8 +148,6 @@ def audit_drops(model: nn.Module, method: str, candidates: Mapping[str, Sequence
                 device: str | torch.device) -> tuple[dict[str, float], list[str]]:
     """Per candidate, the mean validation PSNR of ``model`` (trained) minus that with the candidate
     switched off; each is switched back on before the next."""
-    from autopeft.evaluation import evaluate
-
     peft = get_method(method)
     if not peft.switchable:
         return {}, [f"{method}: cannot be switched off (switchable is False); its candidates are unscored"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import optuna
+
 __all__ = ["ask", "ask_feasible", "gp_view", "tell_infeasible"]
 
 
@@ -29,8 +31,6 @@ def ask(study, define: Callable[[Any], dict[str, Any]], *, make_sampler: Callabl
     study (:func:`gp_view`, a sampler of its own from ``make_sampler(seed * 100003 + trials)``)
     and enqueued in the study, whose over-budget draws stay PRUNED, with no value.
     """
-    import optuna
-
     view = None
     if make_sampler is not None and isinstance(study.sampler, optuna.samplers.GPSampler) \
             and not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
@@ -45,8 +45,6 @@ def ask(study, define: Callable[[Any], dict[str, Any]], *, make_sampler: Callabl
 def tell_infeasible(study, trial) -> None:
     """Tell ``study`` that ``trial`` drew a plan over the budget: PRUNED with no value, its user
     attribute ``state`` INFEASIBLE (its constraint and reason were set by the define step)."""
-    import optuna
-
     trial.set_user_attr("state", "INFEASIBLE")
     study.tell(trial, state=optuna.trial.TrialState.PRUNED)
 
@@ -96,8 +94,6 @@ def gp_view(study, sampler):
     in this copy only; without a COMPLETE trial there is none to take (GPSampler is still
     drawing at random then).
     """
-    import optuna
-
     TrialState = optuna.trial.TrialState
     history = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
     complete = [t for t in history if t.state == TrialState.COMPLETE]

@@ -31,8 +31,10 @@ from typing import Any
 
 import torch
 
+from autopeft.backbones import build_backbone
 from autopeft.errors import AutopeftError
-from autopeft.peft import registered_methods
+from autopeft.peft import Plan, apply_plan, registered_methods
+from autopeft.peft.base import _BUILTIN_MODULES
 
 __all__ = ["AUTO_SPACES", "METHOD_OPTIONS", "auto_space"]
 
@@ -67,8 +69,6 @@ _CACHE: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
 def _options_for(kind: str, per_block: bool) -> dict[str, dict[str, Any]]:
     """Method -> options for a site kind: the shipped spaces' methods for that kind, and every
     plug-in method that fits it (with its defaults)."""
-    from autopeft.peft.base import _BUILTIN_MODULES
-
     table = METHOD_OPTIONS.get(kind, {})
     out: dict[str, dict[str, Any]] = {}
     for name, method in registered_methods().items():
@@ -107,11 +107,7 @@ _ERRORS = (AutopeftError, ValueError, TypeError, RuntimeError)
 
 
 def _apply(model, entries: Mapping[str, dict[str, Any]]):
-    from autopeft.peft import Plan, apply_plan
-
     try:  # a fresh build is much faster than a deep copy; weights do not matter here
-        from autopeft.backbones import build_backbone
-
         trial = build_backbone(model.name, model.preset.name)
     except AutopeftError:
         trial = copy.deepcopy(model)

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
+import torch
 
+from autopeft.backbones import registered_backbones
 from autopeft.data import Protocol, resolve_manifest
 from autopeft.data.manifest import natural_key, read_manifest
 from autopeft.errors import ConfigError, DataError
@@ -163,10 +165,6 @@ def resolve_defaults(config: SearchConfig, *, cluster_gpus: float | None = None)
         config: the settings as given.
         cluster_gpus: GPUs of the Ray cluster the trials run on. Defaults to this machine's.
     """
-    import torch
-
-    from autopeft.backbones import registered_backbones
-
     gpus = torch.cuda.device_count() if cluster_gpus is None else cluster_gpus
     cuda = gpus > 0 if config.device is None else config.device.startswith("cuda")
     defaults = GPU_DEFAULTS if cuda else CPU_DEFAULTS

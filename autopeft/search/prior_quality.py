@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import spearmanr
 
 from autopeft.stats import bootstrap_ci
 
@@ -72,8 +73,6 @@ def ndcg_at_k(prior: Sequence[float], truth: Sequence[float], k: int) -> float:
 
 def spearman(prior: Sequence[float], truth: Sequence[float]) -> float:
     """Spearman's rank correlation (NaN when either is constant)."""
-    from scipy.stats import spearmanr
-
     prior_a, truth_a = _arrays(prior, truth)
     if np.ptp(prior_a) == 0 or np.ptp(truth_a) == 0:
         return float("nan")

@@ -66,9 +66,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
+import optuna
 import torch
+from scipy.stats import norm, rankdata
 
 from autopeft.errors import ConfigError
+from autopeft.finetuning import target_importance
 from autopeft.peft import Plan, get_method
 from autopeft.peft.apply import match_sites
 from autopeft.peft.shpeft import top_k_masks
@@ -98,8 +101,6 @@ def pair_importance(setup, source: str, target: str, fold: int) -> tuple[dict[st
     """(I at lambda 0, I at lambda 1) of the pre-trained ``source`` model on ``target``'s
     fine-tuning batches: the maps SH-PEFT plans of this search train with
     (``autopeft.finetuning.target_importance``, cached on disk)."""
-    from autopeft.finetuning import target_importance
-
     return target_importance(setup.job(source, target, fold))
 
 
@@ -344,7 +345,7 @@ def prior_score(count: PlanCount, weights: Mapping[str, float], site_sizes: Mapp
     """The module docstring's formula for one counted plan; ``covered`` gives ``m_s`` per site
     (missing sites: 0)."""
     covered = covered or {}
-    norm = math.log1p(1.0 / SATURATION)
+    full_site = math.log1p(1.0 / SATURATION)  # a site trained whole scores its weight
     score = 0.0
     for site, weight in weights.items():
         if site == OUTSIDE:
@@ -355,7 +356,7 @@ def prior_score(count: PlanCount, weights: Mapping[str, float], site_sizes: Mapp
             trained = count.per_site.get(site, 0)
         part = max(min(trained / size, 1.0) if size > 0 else 0.0, covered.get(site, 0.0))
         if part > 0:
-            score += weight * math.log1p(part / SATURATION) / norm
+            score += weight * math.log1p(part / SATURATION) / full_site
     return score
 
 
@@ -379,8 +380,6 @@ def top_plans(
         ``(prior, optuna params, plan)`` by decreasing prior; every plan uses the learning rate
         ``lr`` (default: the space's).
     """
-    import optuna
-
     sampler = optuna.samplers.RandomSampler(seed=seed)
     study = optuna.create_study(sampler=sampler, direction="maximize")
     best: dict[tuple, tuple[float, dict[str, Any], Any]] = {}
@@ -431,8 +430,6 @@ def fading_weights(scores: Sequence[float], beta: float, finished: int) -> np.nd
     >>> fading_weights([1.0, 3.0, 2.0], math.inf, 5).tolist()
     [0.0, 1.0, 0.0]
     """
-    from scipy.stats import norm, rankdata
-
     if not len(scores):
         raise ValueError("`scores` must hold at least one score, but got none.")
     if math.isnan(beta) or beta < 0:
@@ -453,8 +450,6 @@ def finished_trials(study) -> int:
     """The evidence ``n`` of the fading: COMPLETE trials plus PRUNED ones with a value (stopped by
     the scheduler after reporting). Over-budget draws (PRUNED, no value), failures and running
     trials say nothing about how well a plan fine-tunes, so they do not fade the prior."""
-    import optuna
-
     TrialState = optuna.trial.TrialState
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     return sum(t.state == TrialState.COMPLETE or t.values is not None for t in trials)
@@ -499,8 +494,6 @@ class PriorGuide:
     def draws(self, study) -> list[tuple[float, dict[str, Any]]]:
         """``(prior, params)`` of the feasible plans among ``candidates`` draws of the sampler on
         a copy of ``study`` (the study itself is left as it was)."""
-        import optuna
-
         TrialState = optuna.trial.TrialState
         history = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
         shadow = optuna.create_study(directions=study.directions,
@@ -521,8 +514,6 @@ class PriorGuide:
     def __call__(self, study) -> dict[str, Any] | None:
         """Enqueue the next plan in ``study``; returns its ``{"params", "prior", "drawn", "feasible",
         "beta", "finished", "probability"}`` or ``None`` when it left the study as it was."""
-        import optuna
-
         if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
             return None
         feasible = self.draws(study)

@@ -3,6 +3,8 @@ engine's and a benchmark replay's)."""
 
 from __future__ import annotations
 
+import optuna
+
 from autopeft.search.config import SearchConfig
 
 __all__ = ["make_sampler", "search_seed"]
@@ -14,8 +16,6 @@ def search_seed(config: SearchConfig) -> int:
 
 def make_sampler(config: SearchConfig, seed: int):
     """The Optuna sampler ``config.sampler`` names (``autopeft.search.options.SAMPLERS``)."""
-    import optuna
-
     if config.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     startup = min(10, max(2, (config.trials or 16) // 4))

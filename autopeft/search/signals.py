@@ -39,8 +39,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
+from autopeft._io import atomic_write_json, cache_root, path_component, path_inside
+from autopeft.data import eval_volumes, split_scanner
 from autopeft.errors import ConfigError, _did_you_mean
-from autopeft.search.priors import CandidatePrior, CountPrior, EarlyPrior, PlanPrior, Prior
+from autopeft.finetuning import _target_train, finetune, importance_file, source_model
+from autopeft.importance import _crops, _l1, importance_at
+from autopeft.peft import count_trainable, get_method
+from autopeft.search._probes import audit_drops, candidate_plans, gradient_energy, inject
+from autopeft.search.priors import CandidatePrior, CountPrior, EarlyPrior, PlanPrior, Prior, pair_importance
 
 __all__ = ["PriorSignal", "register_signal", "registered_signals", "get_signal", "prior_for", "standardise",
            "candidate_scores", "AUDIT_RUNG_DIVISOR"]
@@ -186,8 +194,6 @@ def standardise(raw: Mapping[tuple[str, str], float]) -> tuple[dict[tuple[str, s
 def candidate_scores(signal: str, setup, template, counter, space) -> CandidatePrior:
     """The per-candidate prior of ``signal`` (``gradient`` or ``audit``): each (source, target,
     fold) measured (or read from the cache), standardised within method, averaged over them."""
-    from autopeft.search._probes import candidate_plans
-
     probes = candidate_plans(space, counter, template)
     totals: dict[tuple[str, str], list[float]] = {}
     notes: list[str] = []
@@ -206,9 +212,6 @@ def candidate_scores(signal: str, setup, template, counter, space) -> CandidateP
 
 def _unit_payload(signal: str, setup, space, probes, source: str, target: str, fold: int) -> dict[str, Any]:
     """One (source, target, fold)'s raw scores, notes and cost, cached."""
-    from autopeft._io import atomic_write_json, cache_root, path_component, path_inside
-    from autopeft.finetuning import _target_train, importance_file, source_model
-
     job = setup.job(source, target, fold)
     model, meta = source_model(job)
     train = _target_train(job)
@@ -241,19 +244,12 @@ def _importance(setup, job, probe):
     """The importance maps a probe's SH-PEFT plan selects with (lambda 1), else None."""
     if not probe.plan.needs_importance:
         return None
-    from autopeft.importance import importance_at
-    from autopeft.search.priors import pair_importance
 
     task, hybrid = pair_importance(setup, job.source, job.target, job.fold)
     return importance_at(task, hybrid, 1.0)
 
 
 def _gradient_unit(setup, job, pretrained, train, probes, settings) -> tuple[dict, list[str], float]:
-    import torch
-
-    from autopeft.importance import _crops, _l1
-    from autopeft.search._probes import gradient_energy, inject
-
     device = torch.device(job.device)
     batches = list(_crops(pretrained, train, seed=job.fine_tuning_seed, device=device))
     scores: dict[tuple[str, str], float] = {}
@@ -268,11 +264,6 @@ def _gradient_unit(setup, job, pretrained, train, probes, settings) -> tuple[dic
 
 
 def _audit_unit(setup, job, pretrained, train, probes, settings) -> tuple[dict, list[str], float]:
-    from autopeft.data import eval_volumes, split_scanner
-    from autopeft.finetuning import finetune
-    from autopeft.peft import count_trainable, get_method
-    from autopeft.search._probes import audit_drops, inject
-
     volumes = eval_volumes(split_scanner(job.manifest_path, job.target, purpose="finetune", protocol=job.protocol,
                                          fold=job.fold, seed=job.seed)["val"])
     scores: dict[tuple[str, str], float] = {}

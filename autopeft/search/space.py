@@ -39,10 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import optuna
 import yaml
 
 from autopeft.errors import ConfigError, PlanError, _did_you_mean
 from autopeft.peft import Plan, get_method, registered_methods
+from autopeft.peft.base import build_config
+from autopeft.search.auto_space import AUTO_SPACES, auto_space
 from autopeft.search.portfolio import lr_ladder
 from autopeft.search_spaces import SPACES_DIR
 
@@ -228,8 +231,6 @@ class SearchSpace:
 
     def plan_from_params(self, params: Mapping[str, Any], *, train: Mapping[str, Any] | None = None) -> Plan:
         """The plan that a trial with these Optuna ``params`` sampled."""
-        import optuna
-
         return self.suggest(optuna.trial.FixedTrial(dict(params)), train=train)
 
     def params_for(self, choice: Mapping[str, Any]) -> dict[str, Any]:
@@ -420,8 +421,6 @@ def load_space(name_or_path: str | os.PathLike, sites: Sequence[Any], *, model: 
         ConfigError: an unknown key, method or hyperparameter, a pattern matching no site, a
             method that cannot sit on a group's site kinds, or overlapping groups.
     """
-    from autopeft.search.auto_space import AUTO_SPACES, auto_space
-
     text = str(name_or_path)
     notes: list[str] = []
     generated = text in AUTO_SPACES or (model is not None and text == getattr(model, "name", None)
@@ -509,8 +508,6 @@ def space_from_data(data: Mapping[str, Any], sites: Sequence[Any], *, source: st
 
 def _check_choices(space: SearchSpace, source: str) -> None:
     """Every method/hyperparameter value must make a valid plan entry (fail at load, not mid-run)."""
-    from autopeft.peft.base import build_config
-
     for group in space.groups:
         for method, values in space.group_choices(group):
             if get_method(method).trains_nothing:
