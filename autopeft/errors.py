@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["AutopeftError", "DataError", "CheckpointError", "PlanError", "ConfigError"]
+__all__ = ["AutopeftError", "DataError", "CheckpointError", "PlanError", "ConfigError", "did_you_mean"]
 
 
 class AutopeftError(Exception):
@@ -32,7 +32,7 @@ class ConfigError(AutopeftError, ValueError):
     """A bad option value (preset, scanner id, budget, ...)."""
 
 
-def _did_you_mean(value: object, valid: Iterable[str]) -> str:
+def did_you_mean(value: object, valid: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the valid name closest to ``value``, else "": the one hint every
     message about a misspelt name ends its first clause with."""
     close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1)

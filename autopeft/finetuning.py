@@ -50,6 +50,7 @@ __all__ = [
     "Schedule",
     "finetune",
     "finetune_plan",
+    "target_train_records",
     "plan_preparer",
     "plan_schedule",
 ]
@@ -219,7 +220,8 @@ def source_model(job: FinetuneJob, *, progress: bool = False):
     return copy.deepcopy(model), dict(meta)
 
 
-def _target_train(job: FinetuneJob) -> list[dict[str, Any]]:
+def target_train_records(job: FinetuneJob) -> list[dict[str, Any]]:
+    """The target's fine-tuning subjects of ``job`` (its split's ``train`` records)."""
     return split_scanner(job.manifest_path, job.target, purpose="finetune", protocol=job.protocol,
                          fold=job.fold, seed=job.seed)["train"]
 
@@ -233,7 +235,7 @@ def importance_file(job: FinetuneJob, meta: dict[str, Any], *, train: list[dict[
 
 def _importance_file(job: FinetuneJob, meta: dict[str, Any], *, train: list[dict[str, Any]] | None, legacy: bool) -> str:
     """:func:`importance_file`, or with ``legacy`` the name an earlier autopeft gave it (names as they were)."""
-    train = _target_train(job) if train is None else train
+    train = target_train_records(job) if train is None else train
     spec = SourceSpec.from_metadata(meta)
     subjects = hashlib.sha256(json.dumps([job.target, [r["subject"] for r in train]]).encode()).hexdigest()[:12]
     key, target = (spec.legacy_key(), job.target) if legacy else (spec.key(), path_component(job.target))
@@ -246,7 +248,7 @@ def target_importance(job: FinetuneJob, model: nn.Module | None = None, meta: di
     (:func:`importance_file`)."""
     if model is None or meta is None:
         model, meta = source_model(job)
-    train = _target_train(job)
+    train = target_train_records(job)
     root = cache_root() / "importance"
     path = path_inside(root, cache_root() / importance_file(job, meta, train=train), what="the importance maps' cache file")
     adopt_legacy(root, cache_root() / _importance_file(job, meta, train=train, legacy=True), path, what="importance maps")

@@ -40,6 +40,8 @@ __all__ = [
     "importance_on_scans",
     "importance_pair_on_scans",
     "site_importance",
+    "training_crops",
+    "reconstruction_l1",
 ]
 
 _VARIANTS = ("l1", "l2")
@@ -190,9 +192,9 @@ def importance_pair_on_scans(
                 {k[len("hybrid."):]: v for k, v in tensors.items() if k.startswith("hybrid.")})
     device = torch.device(device)
     model.to(device).eval()
-    batches = list(_crops(model, records, seed=seed, device=device))  # the same crops for both maps
-    task = {k: v.cpu() for k, v in compute_importance(model, batches, _l1, variant="l2", lam=0.0).items()}
-    hybrid = {k: v.cpu() for k, v in compute_importance(model, batches, _l1, variant="l2", lam=1.0).items()}
+    batches = list(training_crops(model, records, seed=seed, device=device))  # the same crops for both maps
+    task = {k: v.cpu() for k, v in compute_importance(model, batches, reconstruction_l1, variant="l2", lam=0.0).items()}
+    hybrid = {k: v.cpu() for k, v in compute_importance(model, batches, reconstruction_l1, variant="l2", lam=1.0).items()}
     if path is not None:
         tensors = {**{f"task.{k}": v.contiguous() for k, v in task.items()}, **{f"hybrid.{k}": v.contiguous() for k, v in hybrid.items()}}
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))  # two processes writing one map leave one whole file
@@ -229,17 +231,18 @@ def importance_on_scans(
     """
     device = torch.device(device)
     model.to(device)
-    return compute_importance(model, _crops(model, records, seed=seed, device=device), _l1, variant=variant, lam=lam)
+    return compute_importance(model, training_crops(model, records, seed=seed, device=device), reconstruction_l1, variant=variant, lam=lam)
 
 
-def _crops(model: nn.Module, records: list[Mapping[str, Any]], *, seed: int, device: torch.device):
+def training_crops(model: nn.Module, records: list[Mapping[str, Any]], *, seed: int, device: torch.device):
     """One epoch of the preset's training crops from ``records``, on ``device``."""
     loader = train_loader(records, crop_size=model.preset.crop_size, batch_size=model.preset.batch_size, seed=seed)
     for batch in loader:
         yield {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-def _l1(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def reconstruction_l1(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The loss importance is measured with: L1 between the model's output and the long scan."""
     # L1 for every backbone: a weight's effect on reconstructing the target scans (an adversarial
     # term would score the frozen discriminator's opinion instead).
     return F.l1_loss(model(batch["short"]), batch["long"])

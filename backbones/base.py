@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autopeft._plugins import load_registry
-from autopeft.errors import ConfigError, _did_you_mean
+from autopeft.errors import ConfigError, did_you_mean
 
 __all__ = [
     "Site", "PretrainSchedule", "FinetuneSchedule", "Preset", "Backbone", "register_backbone", "build_backbone",
@@ -181,7 +181,7 @@ class Backbone(nn.Module):
             if candidate.name == name:
                 return candidate
         names = [s.name for s in self.sites()]
-        raise ConfigError(f"No site named {name!r}{_did_you_mean(name, names)} in backbone {self.name!r}; sites: {', '.join(names)}.")
+        raise ConfigError(f"No site named {name!r}{did_you_mean(name, names)} in backbone {self.name!r}; sites: {', '.join(names)}.")
 
 
 _REGISTRY: dict[str, tuple[Callable[[Preset], Backbone], dict[str, Preset]]] = {}
@@ -224,11 +224,11 @@ def build_backbone(name: str, preset: str | Preset = "tiny") -> Backbone:
     _load_builtin()
     if name not in _REGISTRY:
         hint = " (a network by reference is registered by the command that names it: --backbone with --net-args)" if ":" in name else ""
-        raise ConfigError(f"Unknown backbone {name!r}{_did_you_mean(name, _REGISTRY)}{hint}; registered: {', '.join(sorted(_REGISTRY))}.")
+        raise ConfigError(f"Unknown backbone {name!r}{did_you_mean(name, _REGISTRY)}{hint}; registered: {', '.join(sorted(_REGISTRY))}.")
     factory, presets = _REGISTRY[name]
     if isinstance(preset, str):
         if preset not in presets:
-            raise ConfigError(f"Backbone {name!r} has no preset {preset!r}{_did_you_mean(preset, presets)}; presets: {', '.join(presets)}.")
+            raise ConfigError(f"Backbone {name!r} has no preset {preset!r}{did_you_mean(preset, presets)}; presets: {', '.join(presets)}.")
         preset = presets[preset]
     model = factory(preset)
     model.name = name

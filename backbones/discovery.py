@@ -44,7 +44,7 @@ from monai.networks.nets.swin_unetr import WindowAttention
 from torch import nn
 
 from autopeft.backbones.blocks.cvt import ConvProjectionAttention
-from autopeft.errors import ConfigError, _did_you_mean
+from autopeft.errors import ConfigError, did_you_mean
 
 __all__ = ["FoundSite", "ATTENTION_TYPES", "discover_sites", "apply_overrides", "OVERRIDE_KEYS"]
 
@@ -299,14 +299,14 @@ def apply_overrides(found: Sequence[FoundSite], overrides: Mapping[str, Any], ne
         raise ConfigError(f"{source}: a sites override must be a mapping with keys {', '.join(OVERRIDE_KEYS)}.")
     for key in overrides:
         if key not in OVERRIDE_KEYS:
-            raise ConfigError(f"{source}: unknown key {key!r}{_did_you_mean(str(key), OVERRIDE_KEYS)}; valid keys: "
+            raise ConfigError(f"{source}: unknown key {key!r}{did_you_mean(str(key), OVERRIDE_KEYS)}; valid keys: "
                               f"{', '.join(OVERRIDE_KEYS)}.")
     sites = list(found)
     names = [s.name for s in sites]
 
     def check(name: Any, where: str) -> str:
         if name not in names:
-            raise ConfigError(f"{source}: {where} names {name!r}{_did_you_mean(str(name), names)}, which is no site; "
+            raise ConfigError(f"{source}: {where} names {name!r}{did_you_mean(str(name), names)}, which is no site; "
                               f"sites: {', '.join(names)}.")
         return str(name)
 

@@ -57,7 +57,7 @@ from autopeft._io import atomic_write_text
 from autopeft.backbones import base
 from autopeft.backbones.base import Backbone, FinetuneSchedule, Preset, PretrainSchedule, Site
 from autopeft.backbones.discovery import FoundSite, apply_overrides, discover_sites
-from autopeft.errors import ConfigError, _did_you_mean
+from autopeft.errors import ConfigError, did_you_mean
 
 __all__ = ["NetworkRef", "NetworkBackbone", "is_network_spec", "register_network", "load_networks", "NETWORKS_ENV",
            "parse_net_args", "network_ref", "save_run_network", "load_run_network", "registered_ref", "RUN_FILE"]
@@ -154,7 +154,7 @@ class NetworkRef:
             names = [n for n in dir(monai_nets)
                      if isinstance(getattr(monai_nets, n), type) and issubclass(getattr(monai_nets, n), nn.Module)]
             if rest not in names:
-                raise ConfigError(f"--backbone {self.spec}: monai.networks.nets has no network {rest!r}{_did_you_mean(rest, names)}; "
+                raise ConfigError(f"--backbone {self.spec}: monai.networks.nets has no network {rest!r}{did_you_mean(rest, names)}; "
                                   f"e.g. {', '.join(n for n in ('BasicUNet', 'UNet', 'SegResNet', 'DynUNet', 'UNETR', 'SwinUNETR') if n in names)}.")
             return getattr(monai_nets, rest)
         if not rest or not kind:

@@ -23,7 +23,8 @@ from autopeft.peft.base import InjectContext, MergeableLayer, get_method, qualif
 from autopeft.peft.bitfit import bias_parameters
 from autopeft.peft.plan import Plan, SiteSpec
 
-__all__ = ["PeftState", "apply_plan", "merge_plan", "count_trainable", "trainable_fraction", "plan_state", "match_sites"]
+__all__ = ["PeftState", "apply_plan", "merge_plan", "count_trainable", "trainable_fraction", "plan_state", "match_sites",
+           "network_of"]
 
 _STATE_ATTR = "_autopeft_peft"
 
@@ -52,7 +53,8 @@ def plan_state(model: nn.Module) -> PeftState | None:
     return getattr(model, _STATE_ATTR, None)
 
 
-def _net(model: nn.Module) -> nn.Module:
+def network_of(model: nn.Module) -> nn.Module:
+    """The network a plan adapts: a backbone's ``net`` (its discriminator apart), else the model itself."""
     net = getattr(model, "net", None)
     return net if isinstance(net, nn.Module) else model
 
@@ -101,7 +103,7 @@ def _unused_parameters(model: nn.Module) -> set[int]:
     A model without ``preset.crop_size`` is not probed.
     """
     crop = getattr(getattr(model, "preset", None), "crop_size", None)
-    params = [p for p in _net(model).parameters() if p.is_floating_point()]
+    params = [p for p in network_of(model).parameters() if p.is_floating_point()]
     if crop is None or not params:
         return set()
     # Reachability depends on the architecture, not on the weights: probe once per architecture.
@@ -169,7 +171,7 @@ def apply_plan(
     model_name = getattr(model, "name", "")
     if model_name and plan.backbone != model_name:
         raise PlanError(f"The plan is written for backbone {plan.backbone!r}, but the model is {model_name!r}.")
-    net = _net(model)
+    net = network_of(model)
     base_param_count = sum(p.numel() for p in net.parameters())
     groups = match_sites(plan, list(model.sites()))
 
@@ -217,13 +219,13 @@ def apply_plan(
 
 def count_trainable(model: nn.Module) -> int:
     """Trainable parameters of ``model.net`` (the discriminator is never counted)."""
-    return sum(p.numel() for p in _net(model).parameters() if p.requires_grad)
+    return sum(p.numel() for p in network_of(model).parameters() if p.requires_grad)
 
 
 def trainable_fraction(model: nn.Module) -> float:
     """:func:`count_trainable` over the parameters of ``model.net`` before any injection."""
     state = plan_state(model)
-    base = state.base_param_count if state is not None else sum(p.numel() for p in _net(model).parameters())
+    base = state.base_param_count if state is not None else sum(p.numel() for p in network_of(model).parameters())
     return count_trainable(model) / base if base else 0.0
 
 

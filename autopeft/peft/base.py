@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from autopeft._plugins import load_registry
-from autopeft.errors import PlanError, _did_you_mean
+from autopeft.errors import PlanError, did_you_mean
 
 __all__ = [
     "MethodConfig",
@@ -29,6 +29,7 @@ __all__ = [
     "MergeableLayer",
     "InjectContext",
     "register_method",
+    "BUILTIN_MODULES",
     "get_method",
     "registered_methods",
 ]
@@ -175,7 +176,7 @@ class PeftMethod:
 _REGISTRY: dict[str, PeftMethod] = {}
 
 # One line per built-in method: importing the module runs its @register_method.
-_BUILTIN_MODULES: tuple[str, ...] = (
+BUILTIN_MODULES: tuple[str, ...] = (
     "autopeft.peft.frozen",
     "autopeft.peft.full",
     "autopeft.peft.bitfit",
@@ -213,7 +214,7 @@ def register_method(cls: type[PeftMethod]) -> type[PeftMethod]:
 
 
 def _load_builtin() -> None:
-    load_registry(_BUILTIN_MODULES)  # and third-party methods ($AUTOPEFT_PLUGINS), also in Ray workers
+    load_registry(BUILTIN_MODULES)  # and third-party methods ($AUTOPEFT_PLUGINS), also in Ray workers
 
 
 def registered_methods() -> dict[str, PeftMethod]:
@@ -222,7 +223,7 @@ def registered_methods() -> dict[str, PeftMethod]:
 
     def order(item: tuple[str, PeftMethod]) -> int:
         module = type(item[1]).__module__
-        return _BUILTIN_MODULES.index(module) if module in _BUILTIN_MODULES else len(_BUILTIN_MODULES)
+        return BUILTIN_MODULES.index(module) if module in BUILTIN_MODULES else len(BUILTIN_MODULES)
 
     return dict(sorted(_REGISTRY.items(), key=order))
 
@@ -231,7 +232,7 @@ def get_method(name: str) -> PeftMethod:
     """The registered method called ``name``; a PlanError lists the valid names otherwise."""
     methods = registered_methods()
     if name not in methods:
-        raise PlanError(f"Unknown PEFT method {name!r}{_did_you_mean(name, methods)}; methods: {', '.join(methods)}.")
+        raise PlanError(f"Unknown PEFT method {name!r}{did_you_mean(name, methods)}; methods: {', '.join(methods)}.")
     return methods[name]
 
 
@@ -249,7 +250,7 @@ def build_config(method: PeftMethod, hyperparameters: Mapping[str, Any], where: 
             listing = ", ".join(valid) if valid else "none"
             raise PlanError(
                 f"{where}: unknown hyperparameter {key!r} for method {method.name!r}"
-                f"{_did_you_mean(str(key), valid)}; valid ones: {listing}."
+                f"{did_you_mean(str(key), valid)}; valid ones: {listing}."
             )
     try:
         return method.config_class(**hyperparameters)

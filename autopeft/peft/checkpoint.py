@@ -30,7 +30,7 @@ from torch import nn
 from autopeft import __version__
 from autopeft._io import atomic_write, atomic_write_json, atomic_write_text
 from autopeft.errors import CheckpointError, PlanError
-from autopeft.peft.apply import _net, apply_plan, plan_state
+from autopeft.peft.apply import apply_plan, network_of, plan_state
 from autopeft.peft.plan import Plan
 from autopeft.peft.shpeft import sparse_selection_from_state
 
@@ -53,7 +53,7 @@ def _sha256(path: Path) -> str:
 def _frozen_fingerprint(model: nn.Module, trained: set[str]) -> str:
     """Hash of every frozen parameter of the network (names, shapes, dtypes, bytes)."""
     digest = hashlib.blake2b(digest_size=16)
-    net_ids = {id(p) for p in _net(model).parameters()}
+    net_ids = {id(p) for p in network_of(model).parameters()}
     for name, p in model.named_parameters():
         if name in trained or id(p) not in net_ids:
             continue
@@ -66,7 +66,7 @@ def _frozen_fingerprint(model: nn.Module, trained: set[str]) -> str:
 def _trained_tensors(model: nn.Module, trainable_names: list[str]) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters())
     tensors = {name: params[name] for name in trainable_names}
-    net_buffer_ids = {id(b) for b in _net(model).buffers()}
+    net_buffer_ids = {id(b) for b in network_of(model).buffers()}
     for module_name, module in model.named_modules():
         for buffer_name, buffer in module.named_buffers(recurse=False):
             persistent = buffer_name not in module._non_persistent_buffers_set
@@ -190,7 +190,7 @@ def load_trained(base_model: nn.Module, directory: str | os.PathLike) -> nn.Modu
 def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], trainable_names: list[str], folder: Path) -> None:
     params = dict(model.named_parameters())
     targets: dict[str, torch.Tensor] = {name: params[name] for name in trainable_names}
-    net_buffer_ids = {id(b) for b in _net(model).buffers()}
+    net_buffer_ids = {id(b) for b in network_of(model).buffers()}
     targets.update({name: b for name, b in model.named_buffers() if id(b) in net_buffer_ids})
     absent = [name for name in trainable_names if name not in tensors]
     if absent:

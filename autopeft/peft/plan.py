@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from autopeft._io import atomic_write_text
-from autopeft.errors import PlanError, _did_you_mean
+from autopeft.errors import PlanError, did_you_mean
 from autopeft.peft.base import MethodConfig, build_config, get_method
 
 __all__ = ["Plan", "SiteSpec", "load_plan", "named_plans"]
@@ -81,7 +81,7 @@ class Plan:
             raise PlanError(f"{source}: a plan must be a mapping with keys {list(_TOP_LEVEL)}, but got {type(data).__name__}.")
         for key in data:
             if key not in _TOP_LEVEL:
-                raise PlanError(f"{source}: unknown field {key!r}{_did_you_mean(key, _TOP_LEVEL)}; valid fields: {', '.join(_TOP_LEVEL)}.")
+                raise PlanError(f"{source}: unknown field {key!r}{did_you_mean(key, _TOP_LEVEL)}; valid fields: {', '.join(_TOP_LEVEL)}.")
         backbone = data.get("backbone")
         if not isinstance(backbone, str) or not backbone:
             raise PlanError(f"{source}: `backbone` must name a registered backbone, but got {backbone!r}.")
@@ -186,6 +186,6 @@ def load_plan(name_or_path: str | os.PathLike) -> Plan:
         return Plan.from_yaml(Path(text))
     plans = named_plans()
     if text not in plans:
-        raise PlanError(f"No plan named {text!r}{_did_you_mean(text, plans)}; named plans: {', '.join(plans)}; "
+        raise PlanError(f"No plan named {text!r}{did_you_mean(text, plans)}; named plans: {', '.join(plans)}; "
                         "or give a path to a YAML file.")
     return Plan.from_yaml(plans[text])

@@ -26,7 +26,6 @@ from ray.tune.search import Searcher
 
 from autopeft.runs import FINISHED, STOPPED, trial_state
 from autopeft.search.asking import ask_feasible
-from autopeft.search.asking import gp_view as _gp_view  # noqa: F401 - its former home, still imported by tests
 
 __all__ = ["StudySearcher"]
 

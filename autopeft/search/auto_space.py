@@ -34,7 +34,7 @@ import torch
 from autopeft.backbones import build_backbone
 from autopeft.errors import AutopeftError
 from autopeft.peft import Plan, apply_plan, registered_methods
-from autopeft.peft.base import _BUILTIN_MODULES
+from autopeft.peft.base import BUILTIN_MODULES
 
 __all__ = ["AUTO_SPACES", "METHOD_OPTIONS", "auto_space"]
 
@@ -76,7 +76,7 @@ def _options_for(kind: str, per_block: bool) -> dict[str, dict[str, Any]]:
             continue
         if name in table:
             options = dict(table[name])
-        elif type(method).__module__ not in _BUILTIN_MODULES:
+        elif type(method).__module__ not in BUILTIN_MODULES:
             options = {}
         else:
             continue

@@ -43,9 +43,9 @@ import torch
 
 from autopeft._io import atomic_write_json, cache_root, path_component, path_inside
 from autopeft.data import eval_volumes, split_scanner
-from autopeft.errors import ConfigError, _did_you_mean
-from autopeft.finetuning import _target_train, finetune, importance_file, source_model
-from autopeft.importance import _crops, _l1, importance_at
+from autopeft.errors import ConfigError, did_you_mean
+from autopeft.finetuning import finetune, importance_file, source_model, target_train_records
+from autopeft.importance import importance_at, reconstruction_l1, training_crops
 from autopeft.peft import count_trainable, get_method
 from autopeft.search._probes import audit_drops, candidate_plans, gradient_energy, inject
 from autopeft.search.priors import CandidatePrior, CountPrior, EarlyPrior, PlanPrior, Prior, pair_importance
@@ -101,7 +101,7 @@ def get_signal(name: str) -> PriorSignal:
     """The registered signal called ``name``; a ConfigError lists the valid names otherwise."""
     if name not in _REGISTRY:
         raise ConfigError(f"`prior_signal` must be one of {', '.join(_REGISTRY)}, but got {name!r}"
-                          f"{_did_you_mean(name, _REGISTRY)}.")
+                          f"{did_you_mean(name, _REGISTRY)}.")
     return _REGISTRY[name]
 
 
@@ -214,7 +214,7 @@ def _unit_payload(signal: str, setup, space, probes, source: str, target: str, f
     """One (source, target, fold)'s raw scores, notes and cost, cached."""
     job = setup.job(source, target, fold)
     model, meta = source_model(job)
-    train = _target_train(job)
+    train = target_train_records(job)
     settings = _settings(signal, setup, space)
     digest = hashlib.sha256(json.dumps({"version": _CACHE_VERSION, "settings": settings,
                                         "probes": [[p.method, p.plan.to_yaml(), list(p.sites)] for p in probes]},
@@ -251,13 +251,13 @@ def _importance(setup, job, probe):
 
 def _gradient_unit(setup, job, pretrained, train, probes, settings) -> tuple[dict, list[str], float]:
     device = torch.device(job.device)
-    batches = list(_crops(pretrained, train, seed=job.fine_tuning_seed, device=device))
+    batches = list(training_crops(pretrained, train, seed=job.fine_tuning_seed, device=device))
     scores: dict[tuple[str, str], float] = {}
     notes: list[str] = []
     for probe in probes:
         model = copy.deepcopy(pretrained).to(device)
         candidates = inject(model, probe, _importance(setup, job, probe))
-        energies, why = gradient_energy(model, candidates, batches, _l1)
+        energies, why = gradient_energy(model, candidates, batches, reconstruction_l1)
         scores.update(((site, probe.method), value) for site, value in energies.items())
         notes += [f"{probe.method} at {note}" for note in why]
     return scores, notes, float(len(probes))

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import optuna
 import yaml
 
-from autopeft.errors import ConfigError, PlanError, _did_you_mean
+from autopeft.errors import ConfigError, PlanError, did_you_mean
 from autopeft.peft import Plan, get_method, registered_methods
 from autopeft.peft.base import build_config
 from autopeft.search.auto_space import AUTO_SPACES, auto_space
@@ -394,7 +394,7 @@ def _read(name_or_path: str | os.PathLike) -> tuple[dict[str, Any], str]:
     if not path.is_file():
         shipped = space_files()
         if text not in shipped:
-            raise ConfigError(f"No search space {text!r}{_did_you_mean(text, shipped)}; shipped spaces: {', '.join(shipped)}; "
+            raise ConfigError(f"No search space {text!r}{did_you_mean(text, shipped)}; shipped spaces: {', '.join(shipped)}; "
                               "or give a YAML file.")
         path = shipped[text]
     try:
@@ -443,7 +443,7 @@ def space_from_data(data: Mapping[str, Any], sites: Sequence[Any], *, source: st
     data = dict(data)
     for key in data:
         if key not in _TOP_LEVEL:
-            raise ConfigError(f"{source}: unknown key {key!r}{_did_you_mean(key, _TOP_LEVEL)}; valid keys: {', '.join(_TOP_LEVEL)}.")
+            raise ConfigError(f"{source}: unknown key {key!r}{did_you_mean(key, _TOP_LEVEL)}; valid keys: {', '.join(_TOP_LEVEL)}.")
     backbone = data.get("backbone")
     if not isinstance(backbone, str):
         raise ConfigError(f"{source}: `backbone` must name a backbone, but got {backbone!r}.")
@@ -476,7 +476,7 @@ def space_from_data(data: Mapping[str, Any], sites: Sequence[Any], *, source: st
         options = []
         for method_name, raw_params in raw_methods.items():
             if method_name not in methods:
-                raise ConfigError(f"{where}: unknown method {method_name!r}{_did_you_mean(method_name, methods)}; "
+                raise ConfigError(f"{where}: unknown method {method_name!r}{did_you_mean(method_name, methods)}; "
                                   f"methods: {', '.join(methods)}.")
             method = methods[method_name]
             if not kinds <= set(method.site_kinds):
@@ -489,7 +489,7 @@ def space_from_data(data: Mapping[str, Any], sites: Sequence[Any], *, source: st
             for param_name, raw_param in (raw_params or {}).items():
                 if param_name not in valid:
                     raise ConfigError(f"{where}.{method_name}: unknown hyperparameter {param_name!r}"
-                                      f"{_did_you_mean(param_name, valid)}; valid: {', '.join(valid) or 'none'}.")
+                                      f"{did_you_mean(param_name, valid)}; valid: {', '.join(valid) or 'none'}.")
                 params.append(_param(str(param_name), raw_param, f"{where}.{method_name}.{param_name}"))
             options.append(_Option(str(method_name), tuple(params)))
         infos = tuple(_SiteInfo(s.name, s.role, s.kind, s.stage) for s in matched)

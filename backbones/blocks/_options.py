@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from autopeft.errors import ConfigError, _did_you_mean
+from autopeft.errors import ConfigError, did_you_mean
 
 
 def checked_options(owner: str, options: Mapping[str, Any], allowed: Iterable[str]) -> dict[str, Any]:
@@ -22,5 +22,5 @@ def checked_options(owner: str, options: Mapping[str, Any], allowed: Iterable[st
     allowed = sorted(allowed)
     for key in options:
         if key not in allowed:
-            raise ConfigError(f"Unknown option {key!r}{_did_you_mean(key, allowed)} for {owner}; accepted: {', '.join(allowed)}.")
+            raise ConfigError(f"Unknown option {key!r}{did_you_mean(key, allowed)} for {owner}; accepted: {', '.join(allowed)}.")
     return dict(options)

@@ -9,7 +9,8 @@ import pytest
 
 from autopeft.search import Budget, PlanCounter, load_space
 from autopeft.search._plans import plan_definer
-from autopeft.runner._searcher import StudySearcher, _gp_view
+from autopeft.runner._searcher import StudySearcher
+from autopeft.search.asking import gp_view
 from autopeft.search.sampler import make_sampler
 from autopeft.search.config import SearchConfig
 from autopeft.backbones import build_backbone
@@ -92,10 +93,10 @@ def test_the_gp_view_stands_in_the_worst_values_and_leaves_the_study_as_it_was()
                                                   constraints={"budget": -5.0}))
     study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, params={"x": 0.9}, distributions=space,
                                               constraints={"budget": 7.0}))
-    view = _gp_view(study, optuna.samplers.GPSampler(seed=0))
+    view = gp_view(study, optuna.samplers.GPSampler(seed=0))
     stand_in = view.trials[-1]
     assert stand_in.state == TrialState.COMPLETE and stand_in.values == [1.0, 0.2]  # worst gain, worst fraction
     assert stand_in.params == {"x": 0.9} and stand_in.constraints == {"budget": 7.0}
     assert study.trials[-1].state == TrialState.PRUNED and study.trials[-1].values is None
     # Nothing to stand in for, or no value to stand in with: no view.
-    assert _gp_view(optuna.create_study(), optuna.samplers.GPSampler(seed=0)) is None
+    assert gp_view(optuna.create_study(), optuna.samplers.GPSampler(seed=0)) is None
