@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from autopeft.errors import DataError
+
 __all__ = [
     "PARTIAL_PREFIX", "MAX_COMPONENT", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
     "cache_root", "path_component", "path_inside", "adopt_legacy",
@@ -100,7 +102,6 @@ def path_inside(root: str | os.PathLike, path: str | os.PathLike, *, what: str =
     Raises:
         DataError: the path leaves ``root``.
     """
-    from autopeft.errors import DataError
 
     path = Path(path).expanduser()
     base = Path(root).expanduser()
