@@ -295,74 +295,155 @@ def apply_overrides(found: Sequence[FoundSite], overrides: Mapping[str, Any], ne
         ConfigError: an unknown key or site name (with the closest one), or a merge whose parent
             holds other sites; the message names ``source``.
     """
+    _check_override_keys(overrides, source)
+    sites = list(found)
+    drop = _excluded_names(overrides, sites, source)
+    for new_name, members in _override_mapping(overrides, "merge", source).items():
+        sites = _merge_sites(sites, new_name, members, net, source)
+    sites = [s for s in sites if s.name not in drop]
+    sites = _set_site_fields(sites, overrides, source)
+    sites = _rename_sites(sites, overrides, source)
+    if not sites:
+        raise ConfigError(f"{source}: the override leaves no site.")
+    return sites
+
+
+def _check_override_keys(overrides: Any, source: str) -> None:
+    """Fail on an override that is no mapping or has a key outside ``OVERRIDE_KEYS``.
+
+    Args:
+        overrides: the override as read from YAML.
+        source: where it came from, for the message.
+    """
     if not isinstance(overrides, Mapping):
         raise ConfigError(f"{source}: a sites override must be a mapping with keys {', '.join(OVERRIDE_KEYS)}.")
     for key in overrides:
         if key not in OVERRIDE_KEYS:
             raise ConfigError(f"{source}: unknown key {key!r}{did_you_mean(str(key), OVERRIDE_KEYS)}; valid keys: "
                               f"{', '.join(OVERRIDE_KEYS)}.")
-    sites = list(found)
+
+
+def _site_name(name: Any, sites: Sequence[FoundSite], where: str, source: str) -> str:
+    """``name`` if it names one of ``sites``; else fail with the closest name.
+
+    Args:
+        name: the name the override gives.
+        sites: the sites as they stand at this step of the override.
+        where: the override's entry, for the message (``exclude``, ``merge['x']``, ...).
+        source: where the override came from, for the message.
+    """
     names = [s.name for s in sites]
+    if name not in names:
+        raise ConfigError(f"{source}: {where} names {name!r}{did_you_mean(str(name), names)}, which is no site; "
+                          f"sites: {', '.join(names)}.")
+    return str(name)
 
-    def check(name: Any, where: str) -> str:
-        if name not in names:
-            raise ConfigError(f"{source}: {where} names {name!r}{did_you_mean(str(name), names)}, which is no site; "
-                              f"sites: {', '.join(names)}.")
-        return str(name)
 
-    def mapping(key: str) -> Mapping[str, Any]:
-        value = overrides.get(key) or {}
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{source}: `{key}` must map site names to values, but got {value!r}.")
-        return value
+def _override_mapping(overrides: Mapping[str, Any], key: str, source: str) -> Mapping[str, Any]:
+    """The override's ``key`` entry (empty when absent), which must map site names to values.
 
+    Args:
+        overrides: the override as read from YAML.
+        key: one of ``merge``, ``rename``, ``roles``, ``kinds``, ``stages``.
+        source: where the override came from, for the message.
+    """
+    value = overrides.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: `{key}` must map site names to values, but got {value!r}.")
+    return value
+
+
+def _excluded_names(overrides: Mapping[str, Any], sites: Sequence[FoundSite], source: str) -> set[str]:
+    """The ``exclude`` phase: the names to leave out, checked against the sites as discovered.
+
+    Args:
+        overrides: the override as read from YAML.
+        sites: the sites as discovered.
+        source: where the override came from, for the message.
+    """
     excluded = overrides.get("exclude") or []
     if not isinstance(excluded, list):
         raise ConfigError(f"{source}: `exclude` must be a list of site names, but got {excluded!r}.")
-    drop = {check(name, "exclude") for name in excluded}
-    for new_name, members in mapping("merge").items():
-        if not isinstance(members, list) or len(members) < 2:
-            raise ConfigError(f"{source}: merge[{new_name!r}] must list two or more sites, but got {members!r}.")
-        chosen = [next(s for s in sites if s.name == check(m, f"merge[{new_name!r}]")) for m in members]
-        parts = [s.path.split(".") for s in chosen]
-        common = []
-        for pieces in zip(*parts):
-            if len(set(pieces)) != 1:
-                break
-            common.append(pieces[0])
-        parent = ".".join(common)
-        if not parent:
-            raise ConfigError(f"{source}: merge[{new_name!r}]: {', '.join(members)} have no common parent below the "
-                              "network itself; merge sites that share a parent module.")
-        inside = [s.name for s in sites if (s.path + ".").startswith(parent + ".") and s.name not in members]
-        if inside:
-            raise ConfigError(f"{source}: merge[{new_name!r}]: their common parent {parent!r} also holds {', '.join(inside)}; "
-                              "list those too or merge other sites.")
-        module = net.get_submodule(parent)
-        kind = "vit" if any(isinstance(m, ATTENTION_TYPES) for m in module.modules()) else "cnn"
-        merged = FoundSite(str(new_name), parent, chosen[0].role, kind, chosen[-1].stage, chosen[0].input_shape,
-                           chosen[-1].output_shape)
-        first = sites.index(chosen[0])
-        sites = [s for s in sites if s not in chosen]
-        sites.insert(min(first, len(sites)), merged)
-        names = [s.name for s in sites]
-    sites = [s for s in sites if s.name not in drop]
-    names = [s.name for s in sites]
+    return {_site_name(name, sites, "exclude", source) for name in excluded}
+
+
+def _merge_sites(sites: list[FoundSite], new_name: Any, members: Any, net: nn.Module, source: str) -> list[FoundSite]:
+    """One ``merge`` entry: ``members`` become one site, their nearest common parent, where the first stood.
+
+    Args:
+        sites: the sites before this merge.
+        new_name: the merged site's name.
+        members: the names of the sites to merge (two or more).
+        net: the network, to read the parent module's kind.
+        source: where the override came from, for the message.
+
+    Returns:
+        The sites after this merge.
+    """
+    if not isinstance(members, list) or len(members) < 2:
+        raise ConfigError(f"{source}: merge[{new_name!r}] must list two or more sites, but got {members!r}.")
+    chosen = [next(s for s in sites if s.name == _site_name(m, sites, f"merge[{new_name!r}]", source)) for m in members]
+    parts = [s.path.split(".") for s in chosen]
+    common = []
+    for pieces in zip(*parts):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    parent = ".".join(common)
+    if not parent:
+        raise ConfigError(f"{source}: merge[{new_name!r}]: {', '.join(members)} have no common parent below the "
+                          "network itself; merge sites that share a parent module.")
+    inside = [s.name for s in sites if (s.path + ".").startswith(parent + ".") and s.name not in members]
+    if inside:
+        raise ConfigError(f"{source}: merge[{new_name!r}]: their common parent {parent!r} also holds {', '.join(inside)}; "
+                          "list those too or merge other sites.")
+    module = net.get_submodule(parent)
+    kind = "vit" if any(isinstance(m, ATTENTION_TYPES) for m in module.modules()) else "cnn"
+    merged = FoundSite(str(new_name), parent, chosen[0].role, kind, chosen[-1].stage, chosen[0].input_shape,
+                       chosen[-1].output_shape)
+    first = sites.index(chosen[0])
+    sites = [s for s in sites if s not in chosen]
+    sites.insert(min(first, len(sites)), merged)
+    return sites
+
+
+def _set_site_fields(sites: list[FoundSite], overrides: Mapping[str, Any], source: str) -> list[FoundSite]:
+    """The ``roles``, ``kinds`` and ``stages`` phase: new values for the named sites.
+
+    Args:
+        sites: the sites after merging and excluding.
+        overrides: the override as read from YAML.
+        source: where the override came from, for the message.
+
+    Returns:
+        The sites with their new roles, kinds and stages.
+    """
     for key, field_name, valid in (("roles", "role", ("encoder", "bottleneck", "decoder")), ("kinds", "kind", ("vit", "cnn")),
                                    ("stages", "stage", None)):
-        for name, value in mapping(key).items():
-            check(name, key)
+        for name, value in _override_mapping(overrides, key, source).items():
+            _site_name(name, sites, key, source)
             if valid is not None and value not in valid:
                 raise ConfigError(f"{source}: {key}[{name!r}] must be one of {', '.join(valid)}, but got {value!r}.")
             if valid is None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ConfigError(f"{source}: {key}[{name!r}] must be a non-negative integer, but got {value!r}.")
             sites = [replace(s, **{field_name: value}) if s.name == name else s for s in sites]
-    for old, new in mapping("rename").items():
-        check(old, "rename")
-        if not isinstance(new, str) or not new or new in names:
+    return sites
+
+
+def _rename_sites(sites: list[FoundSite], overrides: Mapping[str, Any], source: str) -> list[FoundSite]:
+    """The ``rename`` phase, in the override's order; a new name must be unused at its step.
+
+    Args:
+        sites: the sites after the other phases.
+        overrides: the override as read from YAML.
+        source: where the override came from, for the message.
+
+    Returns:
+        The renamed sites.
+    """
+    for old, new in _override_mapping(overrides, "rename", source).items():
+        _site_name(old, sites, "rename", source)
+        if not isinstance(new, str) or not new or new in [s.name for s in sites]:
             raise ConfigError(f"{source}: rename[{old!r}] must be a new, unused site name, but got {new!r}.")
         sites = [replace(s, name=new) if s.name == old else s for s in sites]
-        names = [s.name for s in sites]
-    if not sites:
-        raise ConfigError(f"{source}: the override leaves no site.")
     return sites

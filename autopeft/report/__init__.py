@@ -155,8 +155,21 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
     """
     run = load_run(run_dir)
     target = Path(out) if out is not None else run.run_dir / "report.html"
-    config = run.config
-    counts = run.state_counts()
+    page = _page(run, _sections(run, slices=slices), _headline(run))
+    atomic_write_text(target, page)  # a report being rewritten at the end of a search is never half there
+    return target
+
+
+def _sections(run: RunData, *, slices: bool) -> list[tuple[str, str, str]]:
+    """The report's sections, in page order.
+
+    Args:
+        run: the run to report.
+        slices: include the example slices.
+
+    Returns:
+        (anchor, title, html) of each section.
+    """
     first = [True]
     sections: list[tuple[str, str, str]] = []  # (anchor, title, html)
     confirmed = bool(run.confirmation and run.confirmation.get("plans"))
@@ -188,35 +201,57 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
         sections.append(("slices", "Example slices", body))
     sections.append(("trials", "All trials", _trials_table(run)))
     sections.append(("settings", "Search settings and versions", _settings(run)))
+    return sections
 
-    states = " ".join(f"<span style='color:{STATE_STYLE.get(s, ('', '#222'))[1]}'><b>{n}</b> {s.lower()}</span>"
-                      for s, n in sorted(counts.items()))
+
+def _headline(run: RunData) -> str:
+    """The one-line verdict under the title: the confirmed recommendation, else the best validation plan.
+
+    Args:
+        run: the run to report.
+
+    Returns:
+        Plain text (escaped by the caller).
+    """
     best = run.best
     recommended = (run.confirmation or {}).get("recommended")
     if recommended:
         gain = recommended["val"].get("gain")
         gain_text = f", gain over No-FT {gain:+.3f} dB: the study's objective value" if gain is not None else ""
-        best_text = (f"Recommended plan: trial #{recommended['number']}, test PSNR {format_ci(recommended['test']['psnr'])} dB "
-                     f"(mean [95% CI]; validation {recommended['val']['psnr']:.3f} dB{gain_text}) with "
-                     f"{100 * recommended['fraction']:.3f}% of the parameters trainable.")
-    elif best:
+        return (f"Recommended plan: trial #{recommended['number']}, test PSNR {format_ci(recommended['test']['psnr'])} dB "
+                f"(mean [95% CI]; validation {recommended['val']['psnr']:.3f} dB{gain_text}) with "
+                f"{100 * recommended['fraction']:.3f}% of the parameters trainable.")
+    if best:
         gain_text = f", gain over No-FT {best['gain']:+.3f} dB" if best.get("gain") is not None else ""
-        best_text = (f"Best finished plan: trial #{best['number']}, validation PSNR {best['psnr']:.3f} dB{gain_text} (in-sample, "
-                     f"not confirmed on test subjects) with {100 * best['fraction']:.3f}% of the parameters trainable.")
-    else:
-        best_text = "No trial has finished every pair yet."
-    page = (
+        return (f"Best finished plan: trial #{best['number']}, validation PSNR {best['psnr']:.3f} dB{gain_text} (in-sample, "
+                f"not confirmed on test subjects) with {100 * best['fraction']:.3f}% of the parameters trainable.")
+    return "No trial has finished every pair yet."
+
+
+def _page(run: RunData, sections: list[tuple[str, str, str]], headline: str) -> str:
+    """The whole HTML page: header, trial counts, headline, navigation, then the sections.
+
+    Args:
+        run: the run to report.
+        sections: (anchor, title, html) of each section, in page order.
+        headline: the verdict line from `_headline`.
+
+    Returns:
+        The page's HTML.
+    """
+    config = run.config
+    states = " ".join(f"<span style='color:{STATE_STYLE.get(s, ('', '#222'))[1]}'><b>{n}</b> {s.lower()}</span>"
+                      for s, n in sorted(run.state_counts().items()))
+    return (
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>autopeft report: {_esc(run.run_dir.name)}</title>"
         f"<style>{_CSS}</style></head><body>"
         f"<h1>autopeft search report</h1><p class='sub'>{_esc(run.run_dir)} · {_esc(config.get('backbone'))}/"
         f"{_esc(config.get('preset'))} · budget {_esc(config.get('budget'))} · written {time.strftime('%Y-%m-%d %H:%M')}</p>"
-        f"<p class='states'>Trials: {states or 'none yet'}</p><p><b>{_esc(best_text)}</b></p>"
+        f"<p class='states'>Trials: {states or 'none yet'}</p><p><b>{_esc(headline)}</b></p>"
         "<nav>" + "".join(f"<a href='#{a}'>{_esc(t)}</a>" for a, t, _ in sections) + "</nav>"
         + "".join(f"<section id='{a}'><h2>{_esc(t)}</h2>{body}</section>" for a, t, body in sections)
         + "</body></html>"
     )
-    atomic_write_text(target, page)  # a report being rewritten at the end of a search is never half there
-    return target
 
 
 def _pairs_text(run: RunData) -> str:

@@ -52,7 +52,7 @@ from autopeft.data import resolve_manifest
 from autopeft.errors import ConfigError
 from autopeft.peft import named_plans
 from autopeft.runner._cluster import Cluster, check_nodes, start_ray, task_options, trial_resources, tune_resources
-from autopeft.runner._session import open_session, open_study, requeue_interrupted
+from autopeft.runner._session import Session, open_session, open_study, requeue_interrupted
 from autopeft.runner._sources import prepare_sources, publish_importance
 from autopeft.runner._tune import TuneRun, run_trials, scheduler_for
 from autopeft.runner.confirm import confirmation_seeds, replay_check, run_confirmation
@@ -175,55 +175,18 @@ def _reach_nodes(config: SearchConfig, cluster, setup: TrialSetup, storage: str,
     return replace(setup, data_key=key)
 
 
-def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, storage: str, started: float,
+def _search(session: Session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, storage: str, started: float,
             outputs: RunOutputs) -> Path:
     """Steps 3 to 7 of the module docstring."""
     config, run_dir = session.config, session.run_dir
-    template, space, counter = plans.template, plans.space, plans.counter
-    protocol = setup.protocol
-    if config.confirm > 0 and (config.confirm_folds or 1) > protocol.folds:
-        raise ConfigError(f"`confirm_folds` ({config.confirm_folds}) must be at most the protocol's {protocol.folds} folds.")
-
-    # The confirmation's folds too, now: their pre-training then counts against the time budget
-    # (which bounds the whole wait) instead of coming on top of it at the end.
-    folds = tuple(sorted(set(setup.folds) | set(_confirm_folds(config) if config.confirm > 0 else ())))
-    prepare_sources(config, replace(setup, folds=folds), options=task_options(config), progress=config.progress)
+    _prepare_sources(config, setup)
     study = open_study(session)
     train_extra = {"epochs": int(config.epochs)}
-    prior_model = prior_for(config.prior_signal, setup, template, counter, space) if config.priors else None
-    if prior_model is not None and config.progress and getattr(prior_model, "cost", 0):
-        print(f"prior {config.prior_signal}: {prior_model.cost:g} pair-epochs spent scoring (cached for later searches)",
-              flush=True)
-    guide = None
-    if prior_model is not None and config.prior_candidates > 1:  # the prior picks among the sampler's draws
-        # A run.json written before the fading has no prior_beta: the declared default then.
-        beta = config.prior_beta if config.prior_beta is not None else default_prior_beta(config.trials)
-        guide = PriorGuide(space, prior_model, budget, make_sampler=lambda seed: make_sampler(config, seed), beta=beta,
-                           candidates=config.prior_candidates, seed=search_seed(config) + session.number, train=train_extra)
+    prior_model, guide = _prior_and_guide(session, setup, plans, budget, train_extra)
     publish_importance(setup)
-    baselines = portfolio(space, counter, budget, train=train_extra) if config.portfolio else []
-    if not session.resumed:
-        enqueue_portfolio(study, baselines)  # first: every later plan is judged against them
-        if config.progress and baselines:
-            print(f"baseline portfolio: {len(baselines)} trials first, PETITE's Table-1 rows within the budget at "
-                  f"learning rates {', '.join(f'{lr:.2g}' for lr in sorted({e.lr for e in baselines}))}: "
-                  f"{', '.join(sorted({e.label for e in baselines}))}", flush=True)
-        elif config.progress and config.portfolio and not table1_plans(config.backbone):
-            print(f"baseline portfolio: skipped, PETITE's Table-1 rows are plans named for unetr and cvtgan, and "
-                  f"{config.backbone} has none (the references No-FT and Full-FT still run)", flush=True)
-    if not session.resumed and config.priors:
-        warm_start(study, space, prior_model, budget, config, preset_lr=template.preset.finetune.lr_peft, train=train_extra)
-    if session.resumed:
-        requeue_interrupted(run_dir, study)
-
-    # No-FT always runs (it only evaluates): its per-pair validation PSNR is the baseline of the
-    # objective, the gain over No-FT. Full-FT and PETITE's plan run with references on.
-    references_file = run_dir / "references.json"
-    if references_file.is_file():  # a resumed search reuses its references
-        references = json.loads(references_file.read_text(encoding="utf-8"))
-    else:
-        references = run_references(setup, config, run_dir, task_options=task_options(config))
-    setup = replace(setup, baseline=_baseline(references))
+    baselines = _seed_study(session, study, plans, budget, prior_model, train_extra)
+    setup = replace(setup, baseline=_baseline(_references(config, setup, run_dir)))
+    space, counter = plans.space, plans.counter
 
     # --trials counts plans that train: over-budget draws are recorded but cost nothing.
     done = sum(r.get("state") in TERMINAL and r.get("state") != INFEASIBLE for r in records(run_dir))
@@ -248,6 +211,99 @@ def _search(session, setup: TrialSetup, plans: _PlanSpace, budget: Budget, stora
     if config.progress:
         print(f"search done in {(time.time() - started) / 60:.1f} min", flush=True)
     return run_dir
+
+
+def _prepare_sources(config: SearchConfig, setup: TrialSetup) -> None:
+    """Step 3: every source model the search and its confirmation need, before any trial.
+
+    Args:
+        config: the search's settings.
+        setup: the trials' settings.
+    """
+    protocol = setup.protocol
+    if config.confirm > 0 and (config.confirm_folds or 1) > protocol.folds:
+        raise ConfigError(f"`confirm_folds` ({config.confirm_folds}) must be at most the protocol's {protocol.folds} folds.")
+    # The confirmation's folds too, now: their pre-training then counts against the time budget
+    # (which bounds the whole wait) instead of coming on top of it at the end.
+    folds = tuple(sorted(set(setup.folds) | set(_confirm_folds(config) if config.confirm > 0 else ())))
+    prepare_sources(config, replace(setup, folds=folds), options=task_options(config), progress=config.progress)
+
+
+def _prior_and_guide(session: Session, setup: TrialSetup, plans: _PlanSpace, budget: Budget,
+                     train_extra: dict[str, Any]) -> tuple[Any, PriorGuide | None]:
+    """Step 4, the prior: the prior signal's model (None without priors), and the guide that lets it
+    pick among the sampler's draws (None unless ``prior_candidates`` > 1).
+
+    Args:
+        session: the search's session.
+        setup: the trials' settings.
+        plans: the backbone, space and counter.
+        budget: the trainable-parameter budget.
+        train_extra: training settings every plan carries (epochs).
+    """
+    config = session.config
+    prior_model = prior_for(config.prior_signal, setup, plans.template, plans.counter, plans.space) if config.priors else None
+    if prior_model is not None and config.progress and getattr(prior_model, "cost", 0):
+        print(f"prior {config.prior_signal}: {prior_model.cost:g} pair-epochs spent scoring (cached for later searches)",
+              flush=True)
+    if prior_model is None or config.prior_candidates <= 1:
+        return prior_model, None
+    # A run.json written before the fading has no prior_beta: the declared default then.
+    beta = config.prior_beta if config.prior_beta is not None else default_prior_beta(config.trials)
+    guide = PriorGuide(plans.space, prior_model, budget, make_sampler=lambda seed: make_sampler(config, seed), beta=beta,
+                       candidates=config.prior_candidates, seed=search_seed(config) + session.number, train=train_extra)
+    return prior_model, guide
+
+
+def _seed_study(session: Session, study: Any, plans: _PlanSpace, budget: Budget, prior_model: Any,
+                train_extra: dict[str, Any]) -> list[Any]:
+    """Step 4, the study's first trials: on a first session the baseline portfolio, then the prior's
+    warm start; on a resumed one, the interrupted trials again.
+
+    Args:
+        session: the search's session.
+        study: its Optuna study.
+        plans: the backbone, space and counter.
+        budget: the trainable-parameter budget.
+        prior_model: the prior signal's model, or None.
+        train_extra: training settings every plan carries (epochs).
+
+    Returns:
+        The baseline portfolio (empty without ``portfolio``), which the plan definer also needs.
+    """
+    config = session.config
+    baselines = portfolio(plans.space, plans.counter, budget, train=train_extra) if config.portfolio else []
+    if not session.resumed:
+        enqueue_portfolio(study, baselines)  # first: every later plan is judged against them
+        if config.progress and baselines:
+            print(f"baseline portfolio: {len(baselines)} trials first, PETITE's Table-1 rows within the budget at "
+                  f"learning rates {', '.join(f'{lr:.2g}' for lr in sorted({e.lr for e in baselines}))}: "
+                  f"{', '.join(sorted({e.label for e in baselines}))}", flush=True)
+        elif config.progress and config.portfolio and not table1_plans(config.backbone):
+            print(f"baseline portfolio: skipped, PETITE's Table-1 rows are plans named for unetr and cvtgan, and "
+                  f"{config.backbone} has none (the references No-FT and Full-FT still run)", flush=True)
+    if not session.resumed and config.priors:
+        warm_start(study, plans.space, prior_model, budget, config, preset_lr=plans.template.preset.finetune.lr_peft,
+                   train=train_extra)
+    if session.resumed:
+        requeue_interrupted(session.run_dir, study)
+    return baselines
+
+
+def _references(config: SearchConfig, setup: TrialSetup, run_dir: Path) -> list[dict[str, Any]]:
+    """Step 5: the reference plans' rows. No-FT always runs (it only evaluates): its per-pair
+    validation PSNR is the baseline of the objective, the gain over No-FT. Full-FT and PETITE's plan
+    run with references on.
+
+    Args:
+        config: the search's settings.
+        setup: the trials' settings.
+        run_dir: the run's folder.
+    """
+    references_file = run_dir / "references.json"
+    if references_file.is_file():  # a resumed search reuses its references
+        return json.loads(references_file.read_text(encoding="utf-8"))
+    return run_references(setup, config, run_dir, task_options=task_options(config))
 
 
 class SearchInterrupted(KeyboardInterrupt):

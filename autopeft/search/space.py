@@ -44,7 +44,7 @@ import yaml
 
 from autopeft.errors import ConfigError, PlanError, did_you_mean
 from autopeft.peft import Plan, get_method, registered_methods
-from autopeft.peft.base import build_config
+from autopeft.peft.base import PeftMethod, build_config
 from autopeft.search.auto_space import AUTO_SPACES, auto_space
 from autopeft.search.portfolio import lr_ladder
 from autopeft.search_spaces import SPACES_DIR
@@ -441,59 +441,12 @@ def load_space(name_or_path: str | os.PathLike, sites: Sequence[Any], *, model: 
 def space_from_data(data: Mapping[str, Any], sites: Sequence[Any], *, source: str) -> SearchSpace:
     """Validate space data (what a space YAML holds) against a backbone's sites (:func:`load_space`)."""
     data = dict(data)
-    for key in data:
-        if key not in _TOP_LEVEL:
-            raise ConfigError(f"{source}: unknown key {key!r}{did_you_mean(key, _TOP_LEVEL)}; valid keys: {', '.join(_TOP_LEVEL)}.")
-    backbone = data.get("backbone")
-    if not isinstance(backbone, str):
-        raise ConfigError(f"{source}: `backbone` must name a backbone, but got {backbone!r}.")
-    raw_groups = data.get("groups")
-    if not isinstance(raw_groups, Mapping) or not raw_groups:
-        raise ConfigError(f"{source}: `groups` must map group names to {{sites: ..., methods: ...}}.")
+    backbone, raw_groups = _check_top_level(data, source)
     methods = registered_methods()
     site_list = list(sites)
-    claimed: dict[str, str] = {}
-    groups: list[_Group] = []
-    for group_name, raw in raw_groups.items():
-        where = f"{source}: groups[{group_name!r}]"
-        if not isinstance(raw, Mapping) or "sites" not in raw or "methods" not in raw:
-            raise ConfigError(f"{where} must be a mapping with `sites` (patterns) and `methods`.")
-        patterns = (raw["sites"],) if isinstance(raw["sites"], str) else tuple(raw["sites"])
-        matched = []
-        for pattern in patterns:
-            hits = [s for s in site_list if fnmatch.fnmatchcase(s.name, pattern)]
-            if not hits:
-                raise ConfigError(f"{where}: pattern {pattern!r} matches no site of {backbone}; sites: {', '.join(s.name for s in site_list)}.")
-            matched.extend(h for h in hits if h not in matched)
-        for site in matched:
-            if site.name in claimed:
-                raise ConfigError(f"{where}: site {site.name!r} is also in group {claimed[site.name]!r}; groups must not overlap.")
-            claimed[site.name] = str(group_name)
-        kinds = {s.kind for s in matched}
-        raw_methods = raw["methods"]
-        if not isinstance(raw_methods, Mapping) or not raw_methods:
-            raise ConfigError(f"{where}: `methods` must map method names to their hyperparameter choices.")
-        options = []
-        for method_name, raw_params in raw_methods.items():
-            if method_name not in methods:
-                raise ConfigError(f"{where}: unknown method {method_name!r}{did_you_mean(method_name, methods)}; "
-                                  f"methods: {', '.join(methods)}.")
-            method = methods[method_name]
-            if not kinds <= set(method.site_kinds):
-                raise ConfigError(
-                    f"{where}: method {method_name!r} fits {list(method.site_kinds)} sites, but the group has "
-                    f"{sorted(kinds)} sites; split the group or drop the method."
-                )
-            valid = method.config_class.field_names() + method.space_params
-            params = []
-            for param_name, raw_param in (raw_params or {}).items():
-                if param_name not in valid:
-                    raise ConfigError(f"{where}.{method_name}: unknown hyperparameter {param_name!r}"
-                                      f"{did_you_mean(param_name, valid)}; valid: {', '.join(valid) or 'none'}.")
-                params.append(_param(str(param_name), raw_param, f"{where}.{method_name}.{param_name}"))
-            options.append(_Option(str(method_name), tuple(params)))
-        infos = tuple(_SiteInfo(s.name, s.role, s.kind, s.stage) for s in matched)
-        groups.append(_Group(str(group_name), patterns, tuple(options), infos))
+    claimed: dict[str, str] = {}  # site name -> the group that holds it, so that groups do not overlap
+    groups = [_group_from_data(group_name, raw, site_list, backbone, claimed, methods, source=source)
+              for group_name, raw in raw_groups.items()]
     space = SearchSpace(
         backbone=backbone,
         groups=groups,
@@ -504,6 +457,106 @@ def space_from_data(data: Mapping[str, Any], sites: Sequence[Any], *, source: st
     )
     _check_choices(space, source)
     return space
+
+
+def _check_top_level(data: Mapping[str, Any], source: str) -> tuple[str, Mapping[Any, Any]]:
+    """The space's top-level keys: only known ones, a backbone name and a non-empty ``groups`` mapping.
+
+    Args:
+        data: the space data.
+        source: where it came from, for the message.
+
+    Returns:
+        The backbone's name and the raw ``groups`` mapping.
+    """
+    for key in data:
+        if key not in _TOP_LEVEL:
+            raise ConfigError(f"{source}: unknown key {key!r}{did_you_mean(key, _TOP_LEVEL)}; valid keys: {', '.join(_TOP_LEVEL)}.")
+    backbone = data.get("backbone")
+    if not isinstance(backbone, str):
+        raise ConfigError(f"{source}: `backbone` must name a backbone, but got {backbone!r}.")
+    raw_groups = data.get("groups")
+    if not isinstance(raw_groups, Mapping) or not raw_groups:
+        raise ConfigError(f"{source}: `groups` must map group names to {{sites: ..., methods: ...}}.")
+    return backbone, raw_groups
+
+
+def _group_from_data(group_name: Any, raw: Any, site_list: list[Any], backbone: str, claimed: dict[str, str],
+                     methods: Mapping[str, PeftMethod], *, source: str) -> _Group:
+    """One entry of ``groups``: its sites, then its methods' options.
+
+    Args:
+        group_name: the group's name as the YAML gives it.
+        raw: its data, ``{sites: ..., methods: ...}``.
+        site_list: the backbone's sites.
+        backbone: the backbone's name, for the message.
+        claimed: site name -> group of the groups read so far; this group's sites are added.
+        methods: the registered PEFT methods by name.
+        source: where the space came from, for the message.
+    """
+    where = f"{source}: groups[{group_name!r}]"
+    if not isinstance(raw, Mapping) or "sites" not in raw or "methods" not in raw:
+        raise ConfigError(f"{where} must be a mapping with `sites` (patterns) and `methods`.")
+    patterns = (raw["sites"],) if isinstance(raw["sites"], str) else tuple(raw["sites"])
+    matched = _group_sites(where, patterns, site_list, backbone)
+    for site in matched:
+        if site.name in claimed:
+            raise ConfigError(f"{where}: site {site.name!r} is also in group {claimed[site.name]!r}; groups must not overlap.")
+        claimed[site.name] = str(group_name)
+    options = _group_options(where, raw["methods"], {s.kind for s in matched}, methods)
+    infos = tuple(_SiteInfo(s.name, s.role, s.kind, s.stage) for s in matched)
+    return _Group(str(group_name), patterns, options, infos)
+
+
+def _group_sites(where: str, patterns: tuple[str, ...], site_list: list[Any], backbone: str) -> list[Any]:
+    """The sites a group's patterns match, in pattern then site order, each once; a pattern must match.
+
+    Args:
+        where: the group, for the message.
+        patterns: fnmatch patterns of site names.
+        site_list: the backbone's sites.
+        backbone: the backbone's name, for the message.
+    """
+    matched: list[Any] = []
+    for pattern in patterns:
+        hits = [s for s in site_list if fnmatch.fnmatchcase(s.name, pattern)]
+        if not hits:
+            raise ConfigError(f"{where}: pattern {pattern!r} matches no site of {backbone}; sites: {', '.join(s.name for s in site_list)}.")
+        matched.extend(h for h in hits if h not in matched)
+    return matched
+
+
+def _group_options(where: str, raw_methods: Any, kinds: set[str], methods: Mapping[str, PeftMethod]) -> tuple[_Option, ...]:
+    """A group's ``methods``: each a registered method that fits the group's site kinds, with known hyperparameters.
+
+    Args:
+        where: the group, for the message.
+        raw_methods: method name -> hyperparameter name -> choices.
+        kinds: the kinds (vit, cnn) of the group's sites.
+        methods: the registered PEFT methods by name.
+    """
+    if not isinstance(raw_methods, Mapping) or not raw_methods:
+        raise ConfigError(f"{where}: `methods` must map method names to their hyperparameter choices.")
+    options = []
+    for method_name, raw_params in raw_methods.items():
+        if method_name not in methods:
+            raise ConfigError(f"{where}: unknown method {method_name!r}{did_you_mean(method_name, methods)}; "
+                              f"methods: {', '.join(methods)}.")
+        method = methods[method_name]
+        if not kinds <= set(method.site_kinds):
+            raise ConfigError(
+                f"{where}: method {method_name!r} fits {list(method.site_kinds)} sites, but the group has "
+                f"{sorted(kinds)} sites; split the group or drop the method."
+            )
+        valid = method.config_class.field_names() + method.space_params
+        params = []
+        for param_name, raw_param in (raw_params or {}).items():
+            if param_name not in valid:
+                raise ConfigError(f"{where}.{method_name}: unknown hyperparameter {param_name!r}"
+                                  f"{did_you_mean(param_name, valid)}; valid: {', '.join(valid) or 'none'}.")
+            params.append(_param(str(param_name), raw_param, f"{where}.{method_name}.{param_name}"))
+        options.append(_Option(str(method_name), tuple(params)))
+    return tuple(options)
 
 
 def _check_choices(space: SearchSpace, source: str) -> None:
