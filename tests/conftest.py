@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # Data fixtures (tiny NIfTI scans and manifests) live in tests/data/_fakes.py.
 sys.path.insert(0, str(Path(__file__).parent / "data"))
@@ -70,3 +71,14 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of many small forward passes: on a 2-core machine shared with
+    other jobs, torch's intra-op threads oversubscribe the cores (the PEFT matrix ran 5x slower,
+    measured). The previous count is restored for the rest of the suite."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -72,14 +72,7 @@ ATTENTION_TYPES = (SABlock, ConvProjectionAttention, nn.MultiheadAttention)
 CONV_TYPES = (nn.Conv3d, nn.ConvTranspose3d)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Many small forward passes: on 2 cores shared with other jobs torch's intra-op threads
-    # oversubscribe them (tests/peft/conftest.py measured the matrix 5x slower). Restored after.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many small forward passes (tests/conftest.py)
 
 
 # Methods --------------------------------------------------------------------------------------------

@@ -19,14 +19,9 @@ from autopeft.importance import compute_importance
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # These tests run many small forward passes; on a 2-core machine shared with other jobs, torch's
-    # intra-op threads oversubscribe the cores and ran the matrix 5x slower (measured). One thread
-    # per test process is restored afterwards for the rest of the suite.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_torch_thread(one_torch_thread):
+    # Every PEFT test module runs many small forward passes (tests/conftest.py's one_torch_thread).
     yield
-    torch.set_num_threads(previous)
 
 
 @dataclass
