@@ -154,6 +154,11 @@ class FinetuneSettings:
     pretrain: bool = True
     amp: bool = False
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.protocol, Protocol):
+            raise TypeError(f"`protocol` must be a Protocol (Protocol.from_settings reads a mapping of its fields), "
+                            f"but got {type(self.protocol).__name__}.")
+
     def job(self, source: str, target: str, fold: int = 0, *, train_seed: int | None = None) -> FinetuneJob:
         """The :class:`FinetuneJob` of one (source, target, fold) under these settings: the one place
         a subclass's settings (a search's ``TrialSetup``) become a job.

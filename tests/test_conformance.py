@@ -40,6 +40,7 @@ from _fakes import make_dataset
 import autopeft.backbones.base as backbone_base
 from autopeft.backbones import Backbone, build_backbone, registered_backbones
 from autopeft.backbones.blocks.cvt import ConvProjectionAttention
+from autopeft.data import Protocol
 from autopeft.errors import ConfigError, PlanError
 from autopeft.peft import Plan, apply_plan, count_trainable, merge_plan, registered_methods, trainable_fraction
 from autopeft.peft.base import PeftLayer, PeftMethod
@@ -405,8 +406,7 @@ SIGNAL_SPACE = {  # every method the signals treat apart: LoRA, an adapter, SSF,
     "bitfit": [True, False],
     "lr": 2e-3,
 }
-SIGNAL_PROTOCOL = {"pretrain_train": 2, "pretrain_val": 1, "finetune_train": 1, "finetune_val": 1, "finetune_test": 1,
-                   "folds": 1}
+SIGNAL_PROTOCOL = Protocol(pretrain_train=2, pretrain_val=1, finetune_train=1, finetune_val=1, finetune_test=1, folds=1)
 
 
 def _every_plan(space) -> list[Plan]:

@@ -10,7 +10,7 @@ from dataclasses import asdict, fields
 from autopeft.data import Protocol
 from autopeft.errors import ConfigError
 from autopeft.search.config import SearchConfig
-from autopeft.runner.trial import setup_from_config
+from autopeft.runner.trial import TrialSetup, setup_from_config
 
 
 def _settings(**overrides) -> dict:
@@ -70,6 +70,15 @@ def test_a_runs_protocol_setting_names_only_the_fields_it_changes():
     assert Protocol.from_settings(None) == Protocol.from_settings({}) == Protocol()
     with pytest.raises(ConfigError, match="finetune_tests.*finetune_test"):
         Protocol.from_settings({"finetune_tests": 3})
+
+
+def test_settings_refuse_a_protocol_given_as_a_mapping():
+    from autopeft.finetuning import FinetuneSettings
+
+    with pytest.raises(TypeError, match="`protocol` must be a Protocol .*Protocol.from_settings.*but got dict"):
+        FinetuneSettings(backbone="unetr", preset="tiny", manifest_path="m.csv", protocol={"folds": 2})
+    with pytest.raises(TypeError, match="but got dict"):
+        TrialSetup(backbone="unetr", preset="tiny", manifest_path="m.csv", pairs=(("1", "2"),), protocol={"folds": 2})
 
 
 def test_scheduler_for_sets_the_rungs_and_the_mid_pair_scores():
