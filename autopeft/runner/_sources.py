@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from autopeft._io import cache_root
 from autopeft.artifacts import ArtifactStore
 from autopeft.pretraining import is_pretrained, model_file
+from autopeft.runner._tasks import as_they_finish
 from autopeft.runner.trial import TrialSetup, source_model
 
 __all__ = ["prepare_sources", "publish_importance"]
@@ -72,21 +73,15 @@ def _pretrain_remotely(setup: TrialSetup, missing: list[tuple[str, int]], option
     print(f"pre-training {len(missing)} source models side by side (Ray tasks, as many at once as a trial's resources "
           f"fit): {names}", flush=True)
     started = time.time()
-    # Every task submitted now: Ray runs as many at once as the cluster's resources fit (each asks
-    # for a trial's ``options``) and queues the rest. Each model is taken as it arrives.
     running = {task.remote(setup, source, fold): (source, fold) for source, fold in missing}
     with tqdm(total=len(missing), desc="pre-train source models", unit="model", disable=not progress) as bar:
-        while running:
-            done, _ = ray.wait(list(running), num_returns=1, timeout=5.0)
-            bar.refresh()  # the elapsed time moves while the tasks train
-            for ref in done:
-                source, fold = running.pop(ref)
-                best = ray.get(ref).get("best") or {}
-                if store is not None:
-                    store.fetch(files[(source, fold)])
-                bar.update(1)
-                bar.write(f"  source model of scanner {source} (fold {fold}) ready after "
-                          f"{(time.time() - started) / 60:.1f} min: validation PSNR {best.get('psnr', float('nan')):.3f} dB")
+        for (source, fold), result in as_they_finish(running, bar):
+            best = result.get("best") or {}
+            if store is not None:
+                store.fetch(files[(source, fold)])
+            bar.update(1)
+            bar.write(f"  source model of scanner {source} (fold {fold}) ready after "
+                      f"{(time.time() - started) / 60:.1f} min: validation PSNR {best.get('psnr', float('nan')):.3f} dB")
 
 
 def publish_importance(setup: TrialSetup) -> None:

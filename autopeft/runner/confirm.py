@@ -170,15 +170,12 @@ def run_confirmation(run_dir: Path, setup: TrialSetup, *, k: int, folds: Sequenc
             # other users (confirmation_seeds in bench/) run without loading it.
             import ray
 
+            from autopeft.runner._tasks import as_they_finish
+
             task = ray.remote(**dict(task_options or {"num_cpus": 1}))(_confirm_job)
-            # Every job submitted now: Ray runs as many at once as the cluster's resources fit (each
-            # asks for ``task_options``) and queues the rest. Each result is kept as it arrives.
             running = {task.remote(setup, job[0]["plan"], job[1], job[2]): job for job in missing}
-            while running:
-                done, _ = ray.wait(list(running), num_returns=1, timeout=5.0)
-                bar.refresh()  # the elapsed time moves while a long job runs
-                for ref in done:
-                    keep(running.pop(ref), ray.get(ref), bar)
+            for job, result in as_they_finish(running, bar):  # each result kept as it arrives
+                keep(job, result, bar)
         else:
             for job in missing:
                 keep(job, _confirm_job(setup, job[0]["plan"], job[1], job[2]), bar)
