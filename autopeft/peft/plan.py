@@ -18,6 +18,7 @@ hyperparameter names and values) happens here; matching sites happens in
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -160,6 +161,12 @@ class Plan:
         if self.train:
             out["train"] = dict(self.train)
         return out
+
+    def key(self) -> str:
+        """A string equal for equal plans and different otherwise (:meth:`to_dict` as JSON, in its
+        own key order, which matters: site patterns match in order). For caches: far cheaper than
+        :meth:`to_yaml`, and the budget checks count thousands of draws in a search."""
+        return json.dumps(self.to_dict(), separators=(",", ":"))
 
     def to_yaml(self, path: str | os.PathLike | None = None) -> str:
         """The plan as YAML; also written to ``path`` when given."""

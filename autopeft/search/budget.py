@@ -192,7 +192,7 @@ class PlanCounter:
 
     def count(self, plan: Plan) -> PlanCount:
         """What ``plan`` trains: overall and per site (cached by plan)."""
-        key = plan.to_yaml()
+        key = plan.key()
         if key in self._cache:
             return self._cache[key]
         if plan.full_ft:

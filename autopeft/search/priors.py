@@ -392,7 +392,7 @@ def top_plans(
         if "lr" in params:
             params["lr"] = space.default_lr(lr)
         plan = space.plan_from_params(params, train=train)
-        key = plan.to_yaml()
+        key = plan.key()
         if key in seen:
             continue
         seen.add(key)
@@ -497,7 +497,7 @@ class PriorGuide:
         TrialState = optuna.trial.TrialState
         history = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
         shadow = optuna.create_study(directions=study.directions,
-                                     sampler=self._make_sampler(self._seed * 100_003 + len(study.trials)))
+                                     sampler=self._make_sampler(self._seed * 100_003 + len(study.get_trials(deepcopy=False))))
         shadow.add_trials(history)
         feasible: list[tuple[float, dict[str, Any]]] = []
         for _ in range(self._candidates):
@@ -521,7 +521,7 @@ class PriorGuide:
             return None
         finished = finished_trials(study)
         weights = fading_weights([score for score, _ in feasible], self.beta, finished)
-        pick = int(np.random.default_rng((self._seed, len(study.trials))).choice(len(feasible), p=weights))
+        pick = int(np.random.default_rng((self._seed, len(study.get_trials(deepcopy=False)))).choice(len(feasible), p=weights))
         score, params = feasible[pick]
         chosen = {"params": params, "prior": score, "drawn": self._candidates, "feasible": len(feasible),
                   "beta": self.beta, "finished": finished, "probability": float(weights[pick])}

@@ -26,6 +26,16 @@ def test_yaml_round_trip_keeps_the_plan() -> None:
     assert Plan.from_yaml(plan.to_yaml()) == plan
 
 
+def test_key_tells_plans_apart_as_to_dict_does() -> None:
+    a = Plan.from_dict({"backbone": "unetr", "sites": {"encoder.*": {"method": "lora", "rank": 4}, "decoder.*": {"method": "ssf"}}})
+    same = Plan.from_dict(a.to_dict())
+    other_rank = Plan.from_dict({**a.to_dict(), "sites": {"encoder.*": {"method": "lora", "rank": 8}, "decoder.*": {"method": "ssf"}}})
+    # Patterns match in order (the first wins), so the order is part of the plan.
+    swapped = Plan.from_dict({**a.to_dict(), "sites": dict(reversed(list(a.to_dict()["sites"].items())))})
+    assert a.key() == same.key()
+    assert len({a.key(), other_rank.key(), swapped.key(), Plan.from_dict({**a.to_dict(), "train": {"lr": 0.01}}).key()}) == 4
+
+
 def test_yaml_file_round_trip(tmp_path) -> None:
     plan = Plan.from_yaml(PETITE_UNETR)
     path = tmp_path / "plan.yaml"
