@@ -346,6 +346,7 @@ class Surrogate:
         self.X = np.stack([features(Plan.from_dict(table.plans[pid]["plan"])) for pid in usable])
         self.Y = np.stack([np.concatenate([table.plans[pid]["val"].ravel(), table.plans[pid]["test"]]) for pid in usable])
         self.model = self._fit(self.X, np.maximum(self.Y, SURROGATE_FLOOR_DB))
+        self._predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _fit(self, X, Y):
         from sklearn.ensemble import RandomForestRegressor
@@ -359,7 +360,12 @@ class Surrogate:
         return y[: pairs * epochs].reshape(pairs, epochs), y[pairs * epochs:]
 
     def predict(self, plan) -> tuple[np.ndarray, np.ndarray]:
-        return self.split(self.model.predict(self.features(plan)[None, :])[0])
+        """(validation curves pairs x E, test gains) of ``plan``; kept per plan, as the forest is
+        fixed and a replayed search proposes some plans again."""
+        key = plan.key()
+        if key not in self._predictions:
+            self._predictions[key] = self.split(self.model.predict(self.features(plan)[None, :])[0])
+        return self._predictions[key]
 
     def cross_validate(self, k: int = KFOLDS) -> dict[str, Any]:
         """Held-out R2 and Spearman on a K-fold split of the table's plans (as YAHPO reports its

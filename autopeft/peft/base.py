@@ -230,10 +230,12 @@ def registered_methods() -> dict[str, PeftMethod]:
 
 def get_method(name: str) -> PeftMethod:
     """The registered method called ``name``; a PlanError lists the valid names otherwise."""
-    methods = registered_methods()
-    if name not in methods:
+    _load_builtin()
+    method = _REGISTRY.get(name)  # not registered_methods(): it sorts, and plans look methods up often
+    if method is None:
+        methods = registered_methods()
         raise PlanError(f"Unknown PEFT method {name!r}{did_you_mean(name, methods)}; methods: {', '.join(methods)}.")
-    return methods[name]
+    return method
 
 
 def build_config(method: PeftMethod, hyperparameters: Mapping[str, Any], where: str) -> MethodConfig:
