@@ -37,7 +37,7 @@ from autopeft._io import atomic_write_json, path_component, path_inside
 
 __all__ = [
     "RUNNING", "FINISHED", "STOPPED", "FAILED", "INFEASIBLE", "INTERRUPTED", "TERMINAL", "trial_state", "ranked_finished",
-    "new_record", "record_path", "weights_dir", "pair_folder", "find_pair", "write_record", "read_record", "records",
+    "new_record", "study_path", "study_storage_url", "record_path", "weights_dir", "pair_folder", "find_pair", "write_record", "read_record", "records",
     "read_meta", "write_meta", "versions", "VERSIONED_PACKAGES",
 ]
 
@@ -78,6 +78,18 @@ def new_record(config: Mapping[str, Any], pairs_total: int, *, state: str, reaso
         "fidelity": 0.0, "psnr": None, "ssim": None, "nrmse": None, "gain": None, "pairs": [], "reason": reason,
         "started": time.time(), "seconds": 0.0,
     }
+
+
+def study_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "study.db"
+
+
+def study_storage_url(run_dir: str | os.PathLike) -> str:
+    """The SQLAlchemy URL of the run's study, its path escaped: a folder named with ``%``, ``#``
+    or ``?`` must not be read as URL syntax (``f"sqlite:///{path}"`` decodes ``%2F`` to ``/``)."""
+    from sqlalchemy.engine import URL  # optuna's own dependency; loaded only when a study is opened
+
+    return URL.create("sqlite", database=str(study_path(run_dir))).render_as_string(hide_password=False)
 
 
 def record_path(run_dir: str | os.PathLike, number: int) -> Path:

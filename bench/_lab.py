@@ -1,4 +1,5 @@
-"""What bench/table.py and bench/replay.py share: the declared scenarios, plan ids, the table's files.
+"""What the lab's benches share (bench/table.py, replay.py, and rediscovery.py's ``--lab``): the
+declared scenarios, plan ids, the table's files, the variants and their fading strengths.
 
 Kept torch-free at import time so that ``--help`` and the tests of the pure parts stay fast.
 """
@@ -9,9 +10,11 @@ import hashlib
 import json
 import math
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +22,7 @@ SCENARIOS_FILE = ROOT / "bench" / "scenarios.yaml"
 RESULTS = ROOT / "bench" / "results"
 TABLES = RESULTS / "tables"
 ROLES = ("tuning", "lab", "confirm")
+BASELINE = "no-priors"  # the variant every other is paired against: TPE, the portfolio first, no prior
 
 
 def load_declared(path: Path = SCENARIOS_FILE) -> dict[str, Any]:
@@ -80,3 +84,46 @@ def curve_columns(epochs: int) -> list[str]:
 
 def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def declared_betas(horizon_trials: int) -> dict[str, float]:
+    """The declared fading strengths (decisions.prior_default): name suffix -> beta."""
+    h = horizon_trials
+    return {"-bh/10": h / 10, "-bh/3": h / 3, "-bh": float(h)}
+
+
+def variant_list(signals: Sequence[str], betas: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Every variant: name -> {sampler, prior (None, signal name, oracle, inverted/permuted), beta}.
+    The controls run at the middle beta."""
+    out: dict[str, dict[str, Any]] = {BASELINE: {"sampler": "tpe", "prior": None, "beta": None},
+                                      "random": {"sampler": "random", "prior": None, "beta": None}}
+    for signal in signals:
+        for label, beta in betas.items():
+            out[f"{signal}{label}"] = {"sampler": "tpe", "prior": signal, "beta": beta}
+    for label, beta in betas.items():
+        out[f"oracle{label}"] = {"sampler": "tpe", "prior": "oracle", "beta": beta}
+    middle = list(betas.items())[len(betas) // 2]
+    for signal in signals:
+        out[f"inverted-{signal}"] = {"sampler": "tpe", "prior": f"inverted:{signal}", "beta": middle[1]}
+        out[f"permuted-{signal}"] = {"sampler": "tpe", "prior": f"permuted:{signal}", "beta": middle[1]}
+    return out
+
+
+def paired(differences: Sequence[float], *, seed: int = 0) -> dict[str, Any]:
+    """Mean of paired differences with its t 95% interval and a BCa bootstrap 95% interval."""
+    from scipy import stats
+
+    d = np.asarray(differences, dtype=float)
+    n = len(d)
+    mean = float(d.mean())
+    sem = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    if n > 1 and sem > 0:
+        low, high = stats.t.interval(0.95, n - 1, loc=mean, scale=sem)
+    else:
+        low = high = mean if n > 1 else float("nan")
+    bca = [float("nan"), float("nan")]
+    if n > 2 and np.ptp(d) > 0:
+        boot = stats.bootstrap((d,), np.mean, confidence_level=0.95, method="BCa", n_resamples=2000,
+                               rng=np.random.default_rng(seed))
+        bca = [float(boot.confidence_interval.low), float(boot.confidence_interval.high)]
+    return {"mean": mean, "t_ci": [float(low), float(high)], "bca_ci": bca, "n": n}

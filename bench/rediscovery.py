@@ -41,6 +41,11 @@ Results go to ``bench/results/rediscovery-<scenario>-<space>.json``.
 
     python bench/rediscovery.py --quick --scenario cvtgan-2-4-d1 --space grouped --repeats 5
     python bench/rediscovery.py --preset paper --scenario unetr-1-5 --trials 64 --repeats 5   # GPU
+    python bench/rediscovery.py --lab --scenario unetr-1-3-d6 --repeats 10 --variants <chosen>,no-priors
+
+``--lab`` is the lab's check on the real engine (docs/lab.md): the replays' settings, the lr-tuned
+Table-1 rows (the engine's portfolio, trained in full) in place of the grid, and the regret read up
+to the declared horizon with a prior's own cost charged at the start.
 
 PSNR: peak 1 on [0, 1]-scaled volumes; comparable only within one scenario.
 Interrupted? Run the same command again: finished grid pairs, trials and confirmations are kept.
@@ -64,7 +69,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))  # its helpers (_grid.py, _lab.py)
 
-from _lab import load_declared  # noqa: E402
+from _lab import BASELINE, TABLES, declared_betas, load_declared, paired, variant_list  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "results" / "rediscovery"
@@ -87,7 +92,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # sensitivity with ASHA judging on pair-epochs (mid-pair scores) instead of pairs.
     "epoch-rung": {"sampler": "tpe", "priors": True, "prior_signal": "sensitivity", "fidelity": "epochs"},
 }
-PAIRED_AGAINST = "no-priors"
+PAIRED_AGAINST = BASELINE
+# Variants a real engine cannot run: the lab's controls need the table (oracle) or wrap a prior
+# the engine never builds (inverted, permuted).
+_LAB_CONTROLS = ("oracle", "inverted-", "permuted-")
 QUICK = {"scanners": "1,5", "epochs": 4, "trials": 8}
 
 
@@ -110,7 +118,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seeds the evaluation (splits, crops, initialisation). Default: 0.")
     parser.add_argument("--repeats", type=int, default=1, help="engine runs per variant, with sampler seeds seed, seed+1, ... Default: 1.")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"engine variants to run, from {', '.join(VARIANTS)}. Default: all.")
-    parser.add_argument("--paired-against", default=PAIRED_AGAINST, choices=list(VARIANTS),
+    parser.add_argument("--paired-against", default=PAIRED_AGAINST,
                         help=f"the variant every other is compared with, paired by sampler seed. Default: {PAIRED_AGAINST}.")
     parser.add_argument("--concurrency", type=int, default=1, help="engine trials at once. 1 keeps the cost order exact "
                         "(with more, trials are ordered by when they end). Default: 1.")
@@ -122,6 +130,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--confirm-seeds", type=int, default=3, help="fine-tuning seeds of each confirmation on test subjects "
                         "(also the noise estimate). Default: 3.")
     parser.add_argument("--goal", type=float, default=0.1, help="the target share of the grid's cost. Default: 0.1.")
+    parser.add_argument("--lab", action="store_true", help=(
+        "the lab's check on the real engine (docs/lab.md): the lab's epochs (tables/pilot.json) and horizon "
+        "(replay.horizon_trials x pairs x epochs pair-epochs of bench/scenarios.yaml, a prior's own cost charged), "
+        "the portfolio first and ASHA on pair-epochs as the replays ran, variants named as bench/replay.py names "
+        "them (no-priors, random, <signal>-bh/10 ...), and as the reference PETITE's Table-1 rows within the budget "
+        "at the portfolio's learning-rate ladder (the best by validation: the best lr-tuned Table-1 row)."))
     parser.add_argument("--quick", action="store_true", help=f"a small configuration for a CPU: {QUICK} unless given.")
     parser.add_argument("--work", type=Path, default=WORK, help=f"cache of the grid and the engine runs. Default: {WORK}.")
     parser.add_argument("--out", type=Path, default=None, help=f"JSON output. Default: {RESULTS}/rediscovery-<scenario>-<space>.json.")
@@ -145,11 +159,58 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--repeats must be at least 1, but got {args.repeats}.")
     if args.tolerance < 0 or not 0 < args.goal <= 1:
         parser.error("--tolerance must be >= 0 and --goal in (0, 1].")
+    if args.lab:
+        _lab_arguments(parser, args)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    known = args.lab_variants if args.lab else VARIANTS
+    unknown = [v for v in args.variants if v not in known]
     if unknown:
-        parser.error(f"--variants must be among {', '.join(VARIANTS)}, but got {', '.join(unknown)}.")
+        controls = [v for v in unknown if v.startswith(_LAB_CONTROLS)]
+        hint = (f" ({', '.join(controls)}: lab controls, which only a replay can run)" if controls else "")
+        parser.error(f"--variants must be among {', '.join(known)}, but got {', '.join(unknown)}{hint}.")
+    if args.paired_against not in known:
+        parser.error(f"--paired-against must be among {', '.join(known)}, but got {args.paired_against!r}.")
     return args
+
+
+def _lab_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--lab``: the settings the replays ran with, from bench/scenarios.yaml and the pilot."""
+    from autopeft.search.options import PRIOR_SIGNALS
+
+    if args.quick:
+        parser.error("--lab runs the lab's own settings; drop --quick.")
+    if args.scenario is None:
+        parser.error("--lab needs --scenario (a declared one; the lab's checks run on the `confirm` scenarios).")
+    declared = load_declared()
+    pilot = TABLES / "pilot.json"
+    if not pilot.is_file():
+        parser.error(f"--lab reads the lab's epochs from {pilot}, which is missing: run `python bench/table.py --pilot`.")
+    lab_epochs = int(json.loads(pilot.read_text(encoding="utf-8"))["epochs"])
+    if args.epochs not in (None, lab_epochs):
+        parser.error(f"--lab runs the lab's {lab_epochs} epochs ({pilot}); drop --epochs {args.epochs}.")
+    args.epochs = lab_epochs
+    args.horizon_trials = int(declared["replay"]["horizon_trials"])
+    # Trials enough to pass the horizon (a replayed run needs ~1.7 x horizon_trials, ASHA stopping
+    # many); the regret is read up to the horizon only, and a run that ends short is flagged.
+    args.trials = args.trials or 2 * args.horizon_trials
+    args.lab_variants = {name: settings for name, settings in variant_list(PRIOR_SIGNALS, declared_betas(args.horizon_trials)).items()
+                         if not name.startswith(_LAB_CONTROLS)}
+    if args.variants == ",".join(VARIANTS):  # the default of the engine variants: the lab's pair
+        args.variants = f"{BASELINE}"
+    if args.out is None or args.out == RESULTS / f"rediscovery-{args.scenario_name}-{args.space}.json":
+        args.out = RESULTS / f"rediscovery-lab-{args.scenario_name}-{args.space}.json"
+
+
+def variant_settings(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+    """The SearchConfig fields of ``variant``: an engine variant of ``VARIANTS``, or with ``--lab``
+    a lab variant as bench/replay.py runs it (the portfolio first, ASHA on pair-epochs)."""
+    if not getattr(args, "lab", False):
+        return dict(VARIANTS[variant])
+    lab = args.lab_variants[variant]
+    out = {"sampler": lab["sampler"], "priors": lab["prior"] is not None, "fidelity": "epochs", "portfolio": True}
+    if lab["prior"] is not None:
+        out.update(prior_signal=lab["prior"], prior_beta=float(lab["beta"]))
+    return out
 
 
 # The grid ----------------------------------------------------------------------------------------
@@ -210,10 +271,10 @@ def _engine_run(args: argparse.Namespace, settings: dict[str, Any], variant: str
         backbone=args.backbone, budget=settings["budget"], preset=settings["preset"], scanners=settings["scanners"],
         space=settings["space"], trials=args.trials, epochs=settings["epochs"], folds=args.folds, seed=args.seed,
         sampler_seed=sampler_seed, out=str(run_dir), data=settings["manifest"], pretrain_epochs=args.pretrain_epochs,
-        # No baseline portfolio: the variants compare search strategies from an empty study, as
-        # the committed results were measured.
-        references=False, portfolio=False, confirm=0, asha=not args.no_asha, device=settings["device"], cpus_per_trial=1.0,
-        concurrency=args.concurrency, progress=False, **VARIANTS[variant],
+        # No baseline portfolio (but with --lab): the variants compare search strategies from an
+        # empty study, as the committed results were measured.
+        references=False, confirm=0, asha=not args.no_asha, device=settings["device"], cpus_per_trial=1.0,
+        concurrency=args.concurrency, progress=False, **{"portfolio": False, **variant_settings(args, variant)},
     )
     print(f"engine {variant} (sampler seed {sampler_seed}): {args.trials} trials in {run_dir}", flush=True)
     return run_search(config, outputs=SearchOutputs())
@@ -256,12 +317,16 @@ def _confirmed(setup, plan: dict[str, Any], seeds: list[int], folder: Path) -> d
     return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "seeds": values}
 
 
-def _best_so_far(rows: list[dict[str, Any]], confirm, no_ft_test: float) -> list[dict[str, Any]]:
+def _best_so_far(rows: list[dict[str, Any]], confirm, no_ft_test: float, *, start: float = 0,
+                 horizon: float | None = None) -> list[dict[str, Any]]:
     """The steps of a run's best-so-far curve: after each trial that ended, the pair-epochs spent
-    and the test gain of the best FINISHED plan by validation so far (0: No-FT, before any). A step
-    where the best changes also holds that plan, its test PSNR and its share of parameters."""
-    steps, cost, best = [{"cost": 0, "trial": None, "val_gain": None, "test_gain": 0.0}], 0, None
+    (from ``start``: a prior's own cost) and the test gain of the best FINISHED plan by validation
+    so far (0: No-FT, before any). A step where the best changes also holds that plan, its test
+    PSNR and its share of parameters. Trials ending after ``horizon`` are left out (never confirmed)."""
+    steps, cost, best = [{"cost": 0, "trial": None, "val_gain": None, "test_gain": 0.0}], start, None
     for r in rows:
+        if horizon is not None and cost + r["cost"] > horizon:
+            break
         cost += r["cost"]
         if r["state"] == "FINISHED" and r.get("gain") is not None and (best is None or r["gain"] > best["gain"]):
             best = r
@@ -302,6 +367,33 @@ def _spread(values: list[float | None]) -> dict[str, Any]:
             "max": max(known) if known else None, "n": len(known), "of": len(values)}
 
 
+# The lab's check ---------------------------------------------------------------------------------
+def _lab_reference_plans(args: argparse.Namespace, settings: dict[str, Any], template, counter) -> list:
+    """The lr-tuned Table-1 rows: the engine's own portfolio (every Table-1 row within the budget
+    at the space's learning-rate ladder), each named by its row and rate."""
+    from autopeft.peft import Plan
+    from autopeft.search.budget import Budget
+    from autopeft.search.portfolio import portfolio
+    from autopeft.search.space import load_space
+
+    space = load_space(settings["space"], template.sites())
+    entries = portfolio(space, counter, Budget.parse(args.budget), train={"epochs": settings["epochs"]})
+    return [Plan.from_dict({**entry.plan.to_dict(), "name": entry.name.replace(" ", "_")}) for entry in entries]
+
+
+def _prior_cost(args: argparse.Namespace, variant: str, setup, template, counter, settings: dict[str, Any]) -> float:
+    """Pair-epochs a variant's prior cost to make (charged at the start of its runs with ``--lab``;
+    0 without a prior or without ``--lab``). Read from the prior itself (``.cost``), whose scores
+    the engine run has just cached."""
+    signal = variant_settings(args, variant).get("prior_signal") if args.lab else None
+    if signal is None:
+        return 0.0
+    from autopeft.search.signals import prior_for
+    from autopeft.search.space import load_space
+
+    return float(prior_for(signal, setup, template, counter, load_space(settings["space"], template.sites())).cost)
+
+
 # The whole bench ---------------------------------------------------------------------------------
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     from autopeft.search.config import SearchConfig, resolve_defaults
@@ -339,7 +431,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from autopeft.runner.confirm import confirmation_seeds
     from autopeft.search.options import PRIOR_SIGNALS
     from autopeft.search.prior_quality import spearman
-    from autopeft.search.priors import PlanPrior
+    from autopeft.search.priors import SITE_MASS_SIGNALS
+    from autopeft.search.signals import prior_for
+    from autopeft.search.space import load_space
     from autopeft.runner.trial import setup_from_config
     from autopeft.stats import paired_difference
     from autopeft.backbones import build_backbone
@@ -358,7 +452,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lr = build_backbone(args.backbone, settings["preset"]).preset.finetune.lr_peft
     template = build_backbone(args.backbone, settings["preset"])
     counter = PlanCounter(template)
-    all_plans = grid_plans(args.backbone, train={"lr": lr, "epochs": settings["epochs"]})
+    all_plans = (_lab_reference_plans(args, settings, template, counter) if args.lab
+                 else grid_plans(args.backbone, train={"lr": lr, "epochs": settings["epochs"]}))
     if args.budget == "grid":
         settings["budget"] = str(max(counter.count(p).trainable for p in all_plans))
     else:
@@ -389,7 +484,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 1. the grid (cached per plan and pair), No-FT on validation and test
     phase = time.time()
-    grid = _run_grid(setup, plans, counter, work / "grid")
+    grid = _run_grid(setup, plans, counter, work / ("lr-tuned-table1" if args.lab else "grid"))
     grid_seconds = time.time() - phase
     grid_cost = sum(r["cost"] for r in grid)
     no_ft_plan = {"name": "no-ft", "backbone": args.backbone, "train": {"lr": lr, "epochs": 0}}
@@ -406,19 +501,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 2. the engine runs, and every best-so-far plan confirmed on test
     runs: dict[str, list[dict[str, Any]]] = {}
+    prior_costs: dict[str, float] = {}
+    lab_horizon = args.horizon_trials * len(setup.units) * settings["epochs"] if args.lab else None
     for variant in args.variants:
         for repeat in range(args.repeats):
             sampler_seed = args.seed + repeat
-            run_dir = work / (f"engine-{settings['space']}-{variant}-b{settings['budget']}-t{args.trials}-s{sampler_seed}"
-                              + ("-noasha" if args.no_asha else ""))
+            run_dir = work / (f"engine-{'lab-' if args.lab else ''}{settings['space']}-{variant.replace('/', '_')}"
+                              f"-b{settings['budget']}-t{args.trials}-s{sampler_seed}" + ("-noasha" if args.no_asha else ""))
             phase = time.time()
             _engine_run(args, settings, variant, sampler_seed, run_dir)
             rows = _trial_rows(run_dir, args.trials, settings["epochs"])
+            start = prior_costs.setdefault(variant, _prior_cost(args, variant, setup, template, counter, settings))
             summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
             slots = summary.get("slots") or []
             runs.setdefault(variant, []).append({
                 "sampler_seed": sampler_seed, "run_dir": str(run_dir), "seconds": time.time() - phase, "rows": rows,
-                "steps": _best_so_far(rows, confirm, no_ft_test),
+                "steps": _best_so_far(rows, confirm, no_ft_test, start=start, horizon=lab_horizon),
+                "short_of_horizon": lab_horizon is not None and start + sum(r["cost"] for r in rows) < lab_horizon,
                 "slot_busy_share": slots[-1]["busy_share"] if slots else None,
                 "trial_phase_seconds": sum(s["phase_seconds"] for s in slots) if slots else None,
                 "states": {s: sum(r["state"] == s for r in rows) for s in sorted({r["state"] for r in rows})},
@@ -433,7 +532,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 3. regret against the best known plan on test (in-sample over this bench's runs)
     best_known = max([grid_best_gain] + [s["test_gain"] for vr in runs.values() for run in vr for s in run["steps"]])
-    horizon = max([run["steps"][-1]["cost"] for vr in runs.values() for run in vr] or [grid_cost])
+    horizon = lab_horizon or max([run["steps"][-1]["cost"] for vr in runs.values() for run in vr] or [grid_cost])
     for variant_runs in runs.values():
         for run in variant_runs:
             steps = run["steps"]
@@ -452,8 +551,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (r["plan"], r["gain"]) for vr in runs.values() for run in vr for r in run["rows"]
         if r["state"] == "FINISHED" and r.get("gain") is not None]
     correlation = {}
-    for signal in PRIOR_SIGNALS:
-        prior = PlanPrior.for_setup(setup, template, counter, signal=signal)
+    # The site-mass signals (cheap: one gradient pass per pair) and those the variants ran with
+    # (cached by their runs); the per-candidate ones would train probes just for this figure.
+    run_signals = [variant_settings(args, v).get("prior_signal") for v in args.variants]
+    space = load_space(settings["space"], template.sites())
+    for signal in [s for s in PRIOR_SIGNALS if s in SITE_MASS_SIGNALS or s in run_signals]:
+        prior = prior_for(signal, setup, template, counter, space)
         scores = [prior.score(Plan.from_dict(plan)) for plan, _ in trained]
         grid_scores = scores[: len(grid)]
         correlation[signal] = {"all": spearman(scores, [g for _, g in trained]), "n_all": len(trained),
@@ -463,10 +566,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     against = args.paired_against
     reference = {run["sampler_seed"]: run for run in runs.get(against, [])}
     for variant, variant_runs in runs.items():
-        paired = [(run["regret_area_db"], reference[run["sampler_seed"]]["regret_area_db"])
-                  for run in variant_runs if run["sampler_seed"] in reference]
+        paired_areas = [(run["regret_area_db"], reference[run["sampler_seed"]]["regret_area_db"])
+                        for run in variant_runs if run["sampler_seed"] in reference]
+        paired_final = [(run["best_test_gain"], reference[run["sampler_seed"]]["best_test_gain"])
+                        for run in variant_runs if run["sampler_seed"] in reference]
         variants_out[variant] = {
-            "settings": VARIANTS[variant],
+            "settings": variant_settings(args, variant), "prior_cost_pair_epochs": prior_costs.get(variant, 0.0),
+            "runs_short_of_horizon": sum(bool(r.get("short_of_horizon")) for r in variant_runs),
             "regret_area_db": _spread([r["regret_area_db"] for r in variant_runs]),
             "share_to_grid_best": _spread([r["share_to_grid_best"] for r in variant_runs]),
             "share_to_best_known": _spread([r["share_to_best_known"] for r in variant_runs]),
@@ -477,8 +583,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "trial_phase_seconds": _spread([r["trial_phase_seconds"] for r in variant_runs]),
             "beats_grid": f"{sum(r['best_vs_grid_db'] > 0 for r in variant_runs)}/{len(variant_runs)}",
             "within_goal": f"{sum(r['share_to_grid_best'] is not None and r['share_to_grid_best'] <= args.goal for r in variant_runs)}/{len(variant_runs)}",
-            "regret_area_minus_paired": (paired_difference([a for a, _ in paired], [b for _, b in paired])
-                                         if variant != against and len(paired) >= 2 else None),
+            "regret_area_minus_paired": (paired_difference([a for a, _ in paired_areas], [b for _, b in paired_areas])
+                                         if variant != against and len(paired_areas) >= 2 else None),
+            "final_test_gain_minus_paired": (paired_difference([a for a, _ in paired_final], [b for _, b in paired_final])
+                                             if variant != against and len(paired_final) >= 2 else None),
+            # The declared intervals of the lab (bench/scenarios.yaml replay.intervals): t and BCa.
+            "paired_t_and_bca": ({"regret_area": paired([a - b for a, b in paired_areas]),
+                                  "final_test_gain": paired([a - b for a, b in paired_final])}
+                                 if variant != against and len(paired_final) >= 2 else None),
             "runs": [{k: v for k, v in run.items() if k != "rows"} for run in variant_runs],
         }
     result = {
@@ -489,6 +601,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "torch_threads_per_trial": 1, "device": settings["device"]},
         "command": "python bench/rediscovery.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "evaluation": evaluation, "evaluation_changed_during_run": changed, "budget": settings["budget"],
+        "lab": bool(args.lab),
+        "reference_plans": ("PETITE's Table-1 rows within the budget at the portfolio's learning-rate ladder "
+                            "(autopeft.search.portfolio.portfolio); 'grid' below holds them, its best by validation "
+                            "is the best lr-tuned Table-1 row" if args.lab else "PETITE's grid (search_spaces/petite-grid.yaml)"),
         "trials_per_run": args.trials, "repeats": args.repeats, "concurrency": args.concurrency, "asha": not args.no_asha,
         "tolerance_db": tolerance, "tolerance_floor_db": args.tolerance, "noise_sd_db": grid_best_test["sd"],
         "confirm_seeds": seeds, "goal_share": args.goal, "horizon_pair_epochs": horizon, "paired_against": against,
@@ -545,13 +661,16 @@ def _print(result: dict[str, Any]) -> None:
           f"{'best test gain dB':<26} {'beats grid':>10} {'slots busy %':<20} {'pair-epochs':<18} {'trial phase s':<20} "
           f"{'area vs ' + result['paired_against']}")
     for variant, data in result["engine"].items():
-        paired = data["regret_area_minus_paired"]
-        paired_text = "-" if paired is None else (f"{paired['mean']:+.3f} [{_fmt(paired['ci'][0], '+.3f')}, "
-                                                  f"{_fmt(paired['ci'][1], '+.3f')}] p={_fmt(paired['p'], '.2f')}")
+        diff = data["regret_area_minus_paired"]
+        paired_text = "-" if diff is None else (f"{diff['mean']:+.3f} [{_fmt(diff['ci'][0], '+.3f')}, "
+                                                f"{_fmt(diff['ci'][1], '+.3f')}] p={_fmt(diff['p'], '.2f')}")
         print(f"{variant:<12} {_span(data['regret_area_db'], '.3f'):<24} {_span(data['share_to_grid_best'], '.0f', 100):<26} "
               f"{_span(data['share_to_best_known'], '.0f', 100):<26} {_span(data['best_test_gain_db'], '+.3f'):<26} "
               f"{data['beats_grid']:>10} {_span(data['slot_busy_share'], '.0f', 100):<20} "
               f"{_span(data['total_pair_epochs'], '.0f'):<18} {_span(data['trial_phase_seconds'], '.0f'):<20} {paired_text}")
+    if result.get("lab"):
+        print("(--lab: 'grid' is the lr-tuned Table-1 rows within the budget; 'best test gain' is read at the horizon, "
+              "a prior's own cost charged; its margin over the best lr-tuned row is in best_vs_grid_db)")
     print(f"(no run can reach a plan for less than {100 * result['least_possible_share']:.0f}% of the grid: its first "
           "trial trains in full)")
     print(f"(priors also cost {result['prior_overhead_pair_epochs']} pair-epochs of gradient passes, once per evaluation)")

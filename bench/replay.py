@@ -70,10 +70,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _lab import RESULTS, TABLES, code_version, curve_columns, load_declared, machine, plan_id  # noqa: E402
+from _lab import BASELINE, RESULTS, TABLES, code_version, curve_columns, declared_betas, load_declared, machine, plan_id  # noqa: E402
+from _lab import paired, variant_list  # noqa: E402
 from _lab import scenario as declared_scenario  # noqa: E402
 
-BASELINE = "no-priors"
 KFOLDS = 5
 QUALITY_TOP = 10  # decisions.signal_quality: top-10 recall and NDCG@10
 
@@ -133,26 +133,6 @@ def regret_area(steps: Sequence[tuple[float, float]], horizon: float) -> float:
         area += (cost - previous_cost) * previous
         previous_cost, previous = cost, regret
     return (area + (horizon - previous_cost) * previous) / horizon
-
-
-def paired(differences: Sequence[float], *, seed: int = 0) -> dict[str, Any]:
-    """Mean of paired differences with its t 95% interval and a BCa bootstrap 95% interval."""
-    from scipy import stats
-
-    d = np.asarray(differences, dtype=float)
-    n = len(d)
-    mean = float(d.mean())
-    sem = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    if n > 1 and sem > 0:
-        low, high = stats.t.interval(0.95, n - 1, loc=mean, scale=sem)
-    else:
-        low = high = mean if n > 1 else float("nan")
-    bca = [float("nan"), float("nan")]
-    if n > 2 and np.ptp(d) > 0:
-        boot = stats.bootstrap((d,), np.mean, confidence_level=0.95, method="BCa", n_resamples=2000,
-                               rng=np.random.default_rng(seed))
-        bca = [float(boot.confidence_interval.low), float(boot.confidence_interval.high)]
-    return {"mean": mean, "t_ci": [float(low), float(high)], "bca_ci": bca, "n": n}
 
 
 def decide(per_scenario: dict[str, dict[str, list[float]]], candidates: Sequence[str], *, baseline: str = BASELINE,
@@ -416,29 +396,6 @@ class OracleSignal:
 
 
 # One replay run ----------------------------------------------------------------------------------
-def declared_betas(horizon_trials: int) -> dict[str, float]:
-    """The declared fading strengths (decisions.prior_default): name suffix -> beta."""
-    h = horizon_trials
-    return {"-bh/10": h / 10, "-bh/3": h / 3, "-bh": float(h)}
-
-
-def variant_list(signals: Sequence[str], betas: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """Every variant: name -> {sampler, prior (None, signal name, oracle, inverted/permuted), beta}.
-    The controls run at the middle beta."""
-    out: dict[str, dict[str, Any]] = {BASELINE: {"sampler": "tpe", "prior": None, "beta": None},
-                                      "random": {"sampler": "random", "prior": None, "beta": None}}
-    for signal in signals:
-        for label, beta in betas.items():
-            out[f"{signal}{label}"] = {"sampler": "tpe", "prior": signal, "beta": beta}
-    for label, beta in betas.items():
-        out[f"oracle{label}"] = {"sampler": "tpe", "prior": "oracle", "beta": beta}
-    middle = list(betas.items())[len(betas) // 2]
-    for signal in signals:
-        out[f"inverted-{signal}"] = {"sampler": "tpe", "prior": f"inverted:{signal}", "beta": middle[1]}
-        out[f"permuted-{signal}"] = {"sampler": "tpe", "prior": f"permuted:{signal}", "beta": middle[1]}
-    return out
-
-
 class Context:
     """Everything a worker needs to replay runs on one table (built once per process)."""
 

@@ -389,3 +389,17 @@ def _manifest_rows(folder):
 
     with open(folder / "manifest.csv", newline="", encoding="utf-8") as handle:
         return [row for row in csv.reader(handle)][1:]
+
+
+@pytest.mark.parametrize("folder", ["run%2Fsub", "run #1", "what?now", "50% off"])
+def test_a_run_folder_named_like_url_syntax_keeps_its_study_inside(tmp_path, folder):
+    import optuna
+
+    from autopeft.runs import study_path, study_storage_url
+
+    run_dir = tmp_path / folder
+    run_dir.mkdir()
+    optuna.create_study(storage=study_storage_url(run_dir), study_name="s")
+    assert study_path(run_dir).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder]  # nothing written beside it
+    assert optuna.load_study(study_name="s", storage=study_storage_url(run_dir)).study_name == "s"

@@ -31,16 +31,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from autopeft.errors import ConfigError
     from autopeft.report import load_run
+    from autopeft.runs import study_path, study_storage_url
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, but got {args.port}.")
     run_dir = load_run(args.run_dir).run_dir
-    db = run_dir / "study.db"
-    if not db.is_file():
+    if not study_path(run_dir).is_file():
         raise ConfigError(f"{run_dir} has no study.db yet: the search has not opened its study (wait until pre-training ends).")
     from optuna_dashboard import run_server
 
     host_text = f"[{args.host}]" if ":" in args.host else args.host
     print(f"optuna-dashboard for {run_dir.name}: http://{host_text}:{args.port}/  (Ctrl-C to stop)", flush=True)
-    run_server(f"sqlite:///{db}", host=args.host, port=args.port)
+    run_server(study_storage_url(run_dir), host=args.host, port=args.port)
     return 0

@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 
 from autopeft.errors import ConfigError
-from autopeft.runs import ranked_finished, records
+from autopeft.runs import ranked_finished, records, study_path, study_storage_url
 
 # Order, colour and marker of each trial state in every figure and table of the report.
 STATE_STYLE: dict[str, tuple[str, str, str]] = {
@@ -64,12 +64,11 @@ class RunData:
 
     def study(self):
         """The run's Optuna study, or None when ``study.db`` is missing."""
-        db = self.run_dir / "study.db"
         name = self.meta.get("study_name")
-        if not db.is_file() or not name:
+        if not study_path(self.run_dir).is_file() or not name:
             return None
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        return optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+        return optuna.load_study(study_name=name, storage=study_storage_url(self.run_dir))
 
 
 def load_run(run_dir: str | Path) -> RunData:

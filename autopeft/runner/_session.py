@@ -20,7 +20,8 @@ from optuna.trial import TrialState
 from autopeft._io import path_component
 from autopeft.errors import ConfigError
 from autopeft.runs import (
-    FAILED, FINISHED, INFEASIBLE, INTERRUPTED, STOPPED, read_meta, read_record, versions, write_meta, write_record,
+    FAILED, FINISHED, INFEASIBLE, INTERRUPTED, STOPPED, read_meta, read_record, study_storage_url, versions, write_meta,
+    write_record,
 )
 from autopeft.search.config import SearchConfig
 from autopeft.search.portfolio import PORTFOLIO_ATTRS
@@ -79,7 +80,7 @@ def open_study(session: Session):
     """The run's study in ``study.db`` (SQLite), with a sampler seeded anew for this session."""
     config = session.config
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{session.run_dir / 'study.db'}")
+    storage = optuna.storages.RDBStorage(study_storage_url(session.run_dir))
     seed = search_seed(config) + session.number  # the same seed would replay the first session's random draws
     sampler = make_sampler(config, seed)
     directions = ["maximize", "minimize"] if config.objective == "multi" else ["maximize"]
