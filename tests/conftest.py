@@ -68,6 +68,8 @@ def ray_session():
     import ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only: no token file for a throwaway local cluster
+    if ray.is_initialized():  # a CLI test's in-process search leaves its Ray up; this module wants its own
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()

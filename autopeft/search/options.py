@@ -14,8 +14,8 @@ PRIOR_SIGNALS = ("sensitivity", "shpeft", "gradient", "audit", "count", "early")
 # Squared gradients ranked the trained plans better than SH-PEFT's hybrid map (Spearman against the
 # validation gain) on the scenario the prior was tuned on and on the first held-out one; chosen
 # then, on validation scores. Later held-out runs agree in 3 of 4 (scenario, space) runs: see
-# bench/results/rediscovery-*.json. Whether this default stays (or priors go off by default) is
-# decided by the lab's replays on the scenarios of bench/scenarios.yaml, not here.
+# bench/results/rediscovery-*.json. It is the signal of `--priors on`; priors themselves are off by
+# default (SearchConfig.priors), as the lab's replays decided (docs/lab.md).
 DEFAULT_PRIOR_SIGNAL = "sensitivity"
 # Sampler draws per proposal among which the prior picks (priors.PriorGuide). Raised from 4 to 16
 # when the pick became a fading weighting (issue 21), so that the weights have something to choose

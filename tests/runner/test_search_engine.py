@@ -39,7 +39,7 @@ def _study(run_dir):
 
 
 def test_search_warm_starts_with_top_prior_plans_and_writes_outputs(ray_session, data, tmp_path):
-    run_dir = run_search(_config(data, tmp_path / "run", warm_start=2, budget="3%"), outputs=SearchOutputs())
+    run_dir = run_search(_config(data, tmp_path / "run", priors=True, warm_start=2, budget="3%"), outputs=SearchOutputs())
     rows = {r["number"]: r for r in records(run_dir)}
     # --trials counts plans that train; plans drawn over the budget are recorded besides.
     assert all(r["state"] in TERMINAL for r in rows.values())

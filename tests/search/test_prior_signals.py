@@ -86,7 +86,7 @@ def test_a_short_search_steered_by_the_gradient_prior_records_its_fading_picks(r
     config = SearchConfig(backbone="cvtgan", budget="5%", preset="tiny", scanners=["1", "2"], trials=3, epochs=1,
                           data=str(data), out=str(tmp_path / "run"), pretrain_epochs=1, protocol=PROTOCOL,
                           cpus_per_trial=1, concurrency=1, device="cpu", references=False, portfolio=False,
-                          progress=False, confirm=0, prior_signal="gradient", prior_beta=2.0, warm_start=1,
+                          progress=False, confirm=0, priors=True, prior_signal="gradient", prior_beta=2.0, warm_start=1,
                           prior_candidates=4)
     run_dir = run_search(config, outputs=SearchOutputs())
     meta = json.loads((run_dir / "run.json").read_text())
