@@ -17,6 +17,7 @@ import optuna
 import pytest
 
 from autopeft.errors import ConfigError
+from autopeft.runs import study_storage_url
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,7 +43,7 @@ def _other_address() -> str | None:
 def study_run(tmp_path) -> Path:
     """A run directory holding only what the dashboard reads: run.json and study.db."""
     (tmp_path / "run.json").write_text(json.dumps({"study_name": "dash", "sessions": 1, "config": {}}))
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="dash", direction="maximize")
+    study = optuna.create_study(storage=study_storage_url(tmp_path), study_name="dash", direction="maximize")
     study.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-2, log=True), n_trials=3)
     return tmp_path
 

@@ -20,7 +20,7 @@ from autopeft.data import Protocol
 from autopeft.errors import ConfigError
 from autopeft.report import load_run, write_report
 from autopeft.report._figures import importance_figure
-from autopeft.runs import FAILED, FINISHED, INFEASIBLE, STOPPED, new_record, write_record
+from autopeft.runs import FAILED, FINISHED, INFEASIBLE, STOPPED, new_record, study_storage_url, write_record
 
 pytestmark = pytest.mark.slow  # the micro run trains source models and fine-tunes; Chromium
 
@@ -58,7 +58,7 @@ def build_micro_run(root: Path) -> Path:
     source_model(setup, "1", 0)
     template = build_backbone("cvtgan", "tiny")
     space, counter = load_space("cvtgan", template.sites()), PlanCounter(template)
-    study = optuna.create_study(storage=f"sqlite:///{run_dir / 'study.db'}", study_name="micro", direction="maximize",
+    study = optuna.create_study(storage=study_storage_url(run_dir), study_name="micro", direction="maximize",
                                 sampler=optuna.samplers.RandomSampler(seed=3))
     for number, outcome in enumerate((FINISHED, STOPPED, FAILED, INFEASIBLE)):
         trial = study.ask()
@@ -153,7 +153,7 @@ def test_importances_drawn_with_enough_finished_trials(micro_run, tmp_path):
     # Copy the run and add finished trials (params drawn from the same distributions) to reach the minimum.
     run_dir = tmp_path / "run"
     shutil.copytree(micro_run, run_dir, ignore=shutil.ignore_patterns("weights", "best_weights", "report.html"))
-    study = optuna.load_study(study_name="micro", storage=f"sqlite:///{run_dir / 'study.db'}")
+    study = optuna.load_study(study_name="micro", storage=study_storage_url(run_dir))
     template = next(t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
     run = load_run(run_dir)
     base = run.finished[0]

@@ -13,7 +13,7 @@ import yaml
 from _fakes import make_dataset
 from autopeft.data import read_manifest, split_scanner
 from autopeft.report import write_report
-from autopeft.runs import FAILED, FINISHED, INFEASIBLE, records
+from autopeft.runs import FAILED, FINISHED, INFEASIBLE, records, study_storage_url
 from autopeft.report import SearchOutputs
 from autopeft.runner import run_search
 from autopeft.search.config import SearchConfig
@@ -51,7 +51,7 @@ def test_confirmation_scores_the_best_plans_the_best_baseline_and_references_on_
     ladder = load_space("cvtgan", build_backbone("cvtgan", "tiny").sites()).lr_values(3)
     assert [rows[n]["portfolio"] for n in range(3)] == [f"LayerNorm lr={lr:.2g}" for lr in ladder]
     meta = json.loads((run_dir / "run.json").read_text())
-    study = optuna.load_study(study_name=meta["study_name"], storage=f"sqlite:///{run_dir / 'study.db'}")
+    study = optuna.load_study(study_name=meta["study_name"], storage=study_storage_url(run_dir))
     assert [t.user_attrs.get("portfolio_name") for t in study.trials[:3]] == [rows[n]["portfolio"] for n in range(3)]
 
     ranked = sorted((r for r in rows.values() if r["state"] == FINISHED), key=lambda r: (-r["psnr"], r["number"]))

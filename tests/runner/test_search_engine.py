@@ -12,7 +12,7 @@ from _fakes import make_dataset
 from autopeft.report import SearchOutputs
 from autopeft.runner import run_search
 from autopeft.search.config import SearchConfig
-from autopeft.runs import FAILED, FINISHED, INFEASIBLE, INTERRUPTED, STOPPED, TERMINAL, records, write_record
+from autopeft.runs import FAILED, FINISHED, INFEASIBLE, INTERRUPTED, STOPPED, TERMINAL, records, study_storage_url, write_record
 
 pytestmark = pytest.mark.slow  # Ray Tune searches
 
@@ -35,7 +35,7 @@ def _config(data, out, **overrides) -> SearchConfig:
 
 def _study(run_dir):
     meta = json.loads((run_dir / "run.json").read_text())
-    return optuna.load_study(study_name=meta["study_name"], storage=f"sqlite:///{run_dir / 'study.db'}")
+    return optuna.load_study(study_name=meta["study_name"], storage=study_storage_url(run_dir))
 
 
 def test_search_warm_starts_with_top_prior_plans_and_writes_outputs(ray_session, data, tmp_path):

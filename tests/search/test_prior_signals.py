@@ -10,6 +10,7 @@ import pytest
 
 from _fakes import make_dataset
 from autopeft.data import Protocol
+from autopeft.runs import study_storage_url
 from autopeft.search import PlanCounter, load_space
 from autopeft.search.priors import NETWORK
 from autopeft.runner.trial import TrialSetup
@@ -91,7 +92,7 @@ def test_a_short_search_steered_by_the_gradient_prior_records_its_fading_picks(r
     run_dir = run_search(config, outputs=SearchOutputs())
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["config"]["prior_beta"] == 2.0 and meta["config"]["prior_signal"] == "gradient"
-    study = optuna.load_study(study_name=meta["study_name"], storage=f"sqlite:///{run_dir / 'study.db'}")
+    study = optuna.load_study(study_name=meta["study_name"], storage=study_storage_url(run_dir))
     assert study.trials[0].user_attrs.get("warm_start")
     guided = [t for t in study.trials if "prior_beta" in t.user_attrs]
     assert guided and all(t.user_attrs["prior_beta"] == 2.0 and t.user_attrs["prior_guided"] == 4 for t in guided)
