@@ -381,17 +381,15 @@ def _lab_reference_plans(args: argparse.Namespace, settings: dict[str, Any], tem
     return [Plan.from_dict({**entry.plan.to_dict(), "name": entry.name.replace(" ", "_")}) for entry in entries]
 
 
-def _prior_cost(args: argparse.Namespace, variant: str, setup, template, counter, settings: dict[str, Any]) -> float:
-    """Pair-epochs a variant's prior cost to make (charged at the start of its runs with ``--lab``;
-    0 without a prior or without ``--lab``). Read from the prior itself (``.cost``), whose scores
-    the engine run has just cached."""
-    signal = variant_settings(args, variant).get("prior_signal") if args.lab else None
-    if signal is None:
+def _prior_cost(args: argparse.Namespace, variant: str, run_dir: Path, summary: dict[str, Any]) -> float:
+    """Pair-epochs a variant's prior cost to make, as its engine run recorded it in summary.json
+    (charged at the start of its runs with ``--lab``; 0 without a prior or without ``--lab``)."""
+    if not args.lab or variant_settings(args, variant).get("prior_signal") is None:
         return 0.0
-    from autopeft.search.signals import prior_for
-    from autopeft.search.space import load_space
-
-    return float(prior_for(signal, setup, template, counter, load_space(settings["space"], template.sites())).cost)
+    if "prior" not in summary:
+        raise SystemExit(f"{run_dir / 'summary.json'} has no 'prior' (written before the engine recorded the prior's cost): "
+                         f"delete {run_dir} and run again.")
+    return float(summary["prior"]["pair_epochs"])
 
 
 # The whole bench ---------------------------------------------------------------------------------
@@ -501,7 +499,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 2. the engine runs, and every best-so-far plan confirmed on test
     runs: dict[str, list[dict[str, Any]]] = {}
-    prior_costs: dict[str, float] = {}
     lab_horizon = args.horizon_trials * len(setup.units) * settings["epochs"] if args.lab else None
     for variant in args.variants:
         for repeat in range(args.repeats):
@@ -511,11 +508,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             phase = time.time()
             _engine_run(args, settings, variant, sampler_seed, run_dir)
             rows = _trial_rows(run_dir, args.trials, settings["epochs"])
-            start = prior_costs.setdefault(variant, _prior_cost(args, variant, setup, template, counter, settings))
             summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+            start = _prior_cost(args, variant, run_dir, summary)
             slots = summary.get("slots") or []
             runs.setdefault(variant, []).append({
                 "sampler_seed": sampler_seed, "run_dir": str(run_dir), "seconds": time.time() - phase, "rows": rows,
+                "prior_cost_pair_epochs": start,
                 "steps": _best_so_far(rows, confirm, no_ft_test, start=start, horizon=lab_horizon),
                 "short_of_horizon": lab_horizon is not None and start + sum(r["cost"] for r in rows) < lab_horizon,
                 "slot_busy_share": slots[-1]["busy_share"] if slots else None,
@@ -571,7 +569,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         paired_final = [(run["best_test_gain"], reference[run["sampler_seed"]]["best_test_gain"])
                         for run in variant_runs if run["sampler_seed"] in reference]
         variants_out[variant] = {
-            "settings": variant_settings(args, variant), "prior_cost_pair_epochs": prior_costs.get(variant, 0.0),
+            "settings": variant_settings(args, variant),
+            "prior_cost_pair_epochs": max((r["prior_cost_pair_epochs"] for r in variant_runs), default=0.0),
             "runs_short_of_horizon": sum(bool(r.get("short_of_horizon")) for r in variant_runs),
             "regret_area_db": _spread([r["regret_area_db"] for r in variant_runs]),
             "share_to_grid_best": _spread([r["share_to_grid_best"] for r in variant_runs]),

@@ -66,8 +66,11 @@ def pareto_front(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return sorted(front, key=lambda r: r["fraction"])
 
 
-def finish_run(run_dir: Path, setup, config, space, priors: bool) -> dict[str, Any]:
+def finish_run(run_dir: Path, setup, config, prior: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write results.csv, best_plan.yaml, pareto/*.yaml, best_weights/ and summary.json.
+
+    ``prior`` (the prior signal and the pair-epochs it cost to make, None without priors) goes
+    into summary.json, so that a comparison of searches can charge it.
 
     Everything here is chosen on validation scores. When the search confirms nothing
     (``config.confirm == 0``) the validation table is printed, marked in-sample; otherwise
@@ -90,7 +93,8 @@ def finish_run(run_dir: Path, setup, config, space, priors: bool) -> dict[str, A
                                          "seconds", "reason"])
     atomic_write(run_dir / "results.csv", lambda tmp: frame.to_csv(tmp, index=False))
     finished = ranked_finished(trial_rows)
-    summary: dict[str, Any] = {"finished": len(finished), "trials": len(trial_rows), "split": "val", "best": None, "pareto": []}
+    summary: dict[str, Any] = {"finished": len(finished), "trials": len(trial_rows), "split": "val", "best": None, "pareto": [],
+                               "prior": dict(prior) if prior else None}
     slots = run_dir / "slots.json"
     if slots.is_file():  # per session: trial seconds over slots x wall time of the trial phase
         summary["slots"] = json.loads(slots.read_text(encoding="utf-8"))
@@ -275,9 +279,9 @@ class SearchOutputs:
         >>> run_search(config, outputs=SearchOutputs())  # doctest: +SKIP
     """
 
-    def finish(self, run_dir: Path, setup, config, space, priors: bool) -> dict[str, Any]:
+    def finish(self, run_dir: Path, setup, config, prior: Mapping[str, Any] | None) -> dict[str, Any]:
         """:func:`finish_run`: results.csv, best_plan.yaml, pareto/, best_weights/, summary.json."""
-        return finish_run(run_dir, setup, config, space, priors)
+        return finish_run(run_dir, setup, config, prior)
 
     def confirmed(self, run_dir: Path, setup, summary: dict[str, Any], confirmation: Mapping[str, Any]) -> None:
         """:func:`record_confirmation`: the confirmation in summary.json and best_plan.yaml, the test table."""

@@ -80,9 +80,10 @@ class RunOutputs(Protocol):
     layer above (:class:`autopeft.report.SearchOutputs`): the runner trains and records, and never
     imports the report."""
 
-    def finish(self, run_dir: Path, setup: TrialSetup, config: SearchConfig, space: Any, priors: bool) -> dict[str, Any]:
+    def finish(self, run_dir: Path, setup: TrialSetup, config: SearchConfig, prior: Mapping[str, Any] | None) -> dict[str, Any]:
         """Results chosen on validation (results.csv, best_plan.yaml, pareto/, best_weights/,
-        summary.json); returns the summary."""
+        summary.json, which records ``prior``: the prior signal and its own cost, None without
+        priors); returns the summary."""
         ...
 
     def confirmed(self, run_dir: Path, setup: TrialSetup, summary: dict[str, Any], confirmation: Mapping[str, Any]) -> None:
@@ -194,19 +195,22 @@ def _search(session: Session, setup: TrialSetup, plans: _PlanSpace, budget: Budg
     # so that it bounds what a user waits for; the limiter still launches one wave of trials.
     deadline = started + config.time_budget_s if config.time_budget_s else None
     define = plan_definer(space, counter, budget, prior_model, train=train_extra, portfolio=baselines)
+    # What the prior cost to make counts with the trials' cost when searches are compared.
+    prior = None if prior_model is None else {"signal": config.prior_signal,
+                                              "pair_epochs": float(getattr(prior_model, "cost", 0.0))}
     name = f"tune-{session.number}" if config.storage_path is None else f"{session.meta['study_name']}-{session.number}"
     try:
         run_trials(TuneRun(config=config, run_dir=run_dir, storage=storage, name=name, setup=setup, study=study,
                            define=define, remaining=max(config.trials - done, 0), deadline=deadline, started=started,
                            resources=tune_resources(config), guide=guide))
-        summary = outputs.finish(run_dir, setup, config, space, prior_model is not None)
+        summary = outputs.finish(run_dir, setup, config, prior)
         if config.confirm > 0:
             _confirm(config, setup, run_dir, summary, outputs)
         _examples(run_dir, setup, summary, outputs, confirmed=config.confirm > 0)
     except KeyboardInterrupt as interrupt:
         # Ctrl-C that Ray Tune did not absorb: keep what finished (results, best plan), then stop,
         # saying where the run is so that the caller can draw its report.
-        outputs.finish(run_dir, setup, config, space, prior_model is not None)
+        outputs.finish(run_dir, setup, config, prior)
         raise SearchInterrupted(run_dir) from interrupt
     if config.progress:
         print(f"search done in {(time.time() - started) / 60:.1f} min", flush=True)

@@ -53,3 +53,16 @@ def test_best_so_far_charges_the_prior_and_stops_at_the_horizon():
     assert [s["cost"] for s in steps] == [0, 14, 20]  # the third trial would end at 32 > 24
     assert [s["test_gain"] for s in steps] == [0.0, 1.0, 1.0]
     assert confirmed == [{"a": 1}]  # nothing past the horizon is confirmed
+
+
+def test_the_prior_cost_charged_is_the_one_the_engine_run_recorded(tmp_path):
+    lab = rediscovery._parse(["--lab", "--scenario", "unetr-1-3-d6", "--variants", "audit-bh/3,no-priors"])
+    recorded = {"prior": {"signal": "audit", "pair_epochs": 18.0}}
+    assert rediscovery._prior_cost(lab, "audit-bh/3", tmp_path, recorded) == 18.0
+    assert rediscovery._prior_cost(lab, "no-priors", tmp_path, {"prior": None}) == 0.0
+    # Without --lab nothing is charged (the committed rediscovery figures were made so).
+    plain = rediscovery._parse(["--scenario", "cvtgan-1-5", "--variants", "no-priors"])
+    assert rediscovery._prior_cost(plain, "no-priors", tmp_path, recorded) == 0.0
+    # A summary written before the engine recorded the cost is refused, not charged 0.
+    with pytest.raises(SystemExit, match="delete .* and run again"):
+        rediscovery._prior_cost(lab, "audit-bh/3", tmp_path, {})

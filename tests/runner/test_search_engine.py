@@ -72,6 +72,10 @@ def test_search_warm_starts_with_top_prior_plans_and_writes_outputs(ray_session,
     assert text.count("\n") == len(rows) + 1 and "fidelity" in text.splitlines()[0]
     assert any(r["state"] == FINISHED for r in rows.values())
     assert (run_dir / "best_plan.yaml").is_file() and list((run_dir / "pareto").glob("*.yaml"))
+    # The prior's own cost is recorded, for comparisons that charge it.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["prior"]["signal"] == _config(data, tmp_path / "x", priors=True).prior_signal
+    assert summary["prior"]["pair_epochs"] > 0
 
 
 def test_the_study_holds_the_truth_pruned_stopped_trials_and_the_recommended_best(ray_session, data, tmp_path):
@@ -80,6 +84,7 @@ def test_the_study_holds_the_truth_pruned_stopped_trials_and_the_recommended_bes
     study = _study(run_dir)
     states = {t.number: t for t in study.trials}
     assert any(r["state"] == STOPPED for r in rows.values()), "ASHA stops some of 6 trials on 2 pairs"
+    assert json.loads((run_dir / "summary.json").read_text())["prior"] is None
     for number, record in rows.items():
         trial = states[number]
         if record["state"] == STOPPED:
