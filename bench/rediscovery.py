@@ -69,7 +69,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))  # its helpers (_grid.py, _lab.py)
 
-from _lab import BASELINE, TABLES, declared_betas, load_declared, paired, variant_list  # noqa: E402
+from _lab import BASELINE, TABLES, declared_betas, load_declared, paired, plan_id, variant_list  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "results" / "rediscovery"
@@ -306,8 +306,7 @@ def _confirmed(setup, plan: dict[str, Any], seeds: list[int], folder: Path) -> d
     from autopeft.peft import Plan
     from autopeft.runner.trial import run_plan, running_means
 
-    key = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
-    path = folder / f"{key}.json"
+    path = folder / f"{plan_id(plan)}.json"
     done = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"plan": plan, "seeds": {}}
     for seed in seeds:
         if str(seed) not in done["seeds"]:
