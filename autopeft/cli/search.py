@@ -19,7 +19,7 @@ budget never train (recorded as infeasible). An importance prior (--priors on: s
 of the source model on the target's training scans) picks the first plans and, for every later
 trial, one of --prior-candidates draws of the sampler, favouring the best-scored the more strongly
 the fewer trials have finished (--prior-beta). Priors are off by default: the lab measured no help
-from any signal (docs/lab.md). Without flags beyond --backbone and --budget it uses the built-in
+from any signal's content (docs/lab.md). Without flags beyond --backbone and --budget it uses the built-in
 simulated data and, on a CPU, the tiny preset with a run sized to end within about 20 minutes on
 2 cores; on a GPU the paper preset. It prints what it chose.
 
@@ -97,9 +97,10 @@ def _strategy(group: ArgumentGroup) -> None:
                              "switched off after a brief fine-tuning (costs about one ASHA rung per method and pair); "
                              f"count, early: baselines (bigger plans; early blocks first). on: {DEFAULT_PRIOR_SIGNAL}. "
                              "off (the default): the sampler alone, the Table-1 portfolio first. Off because the lab measured "
-                             "no help: replayed 100 times on a fresh lab scenario (cvtgan-3-5-d3, validation), every signal at "
-                             "every fading strength lengthened the regret against priors off (the former default, sensitivity, "
-                             "by 4%%, 95%% CI 2 to 6%%), as did their inverted and shuffled controls; see docs/lab.md")
+                             "no help: replayed 100 times on two fresh lab scenarios (validation), on cvtgan-3-5-d3 every signal "
+                             "at every fading strength lengthened the regret against priors off (the former default, "
+                             "sensitivity, by 4%%, 95%% CI 2 to 6%%); on cvtgan-1-4-d5 some shortened it by 2 to 4%%, and so did "
+                             "a shuffled prior: the signals' content had no measurable effect; see docs/lab.md")
     group.add_argument("--prior-candidates", type=int, default=PRIOR_CANDIDATES,
                         help="sampler draws per trial among which the prior picks (1: the prior only warm-starts). "
                              "Default: %(default)s")
