@@ -93,7 +93,7 @@ def build_micro_run(root: Path) -> Path:
         write_record(run_dir, number, record)
     # The reference rows on the first pair only: three more fine-tunes per pair would double the fixture.
     run_references(replace(setup, pairs=setup.pairs[:1]), config, run_dir)
-    summary = finish_run(run_dir, setup, config, space, False)
+    summary = finish_run(run_dir, setup, config)
     assert write_examples(run_dir, setup, summary["best"], split="val")  # as the search does at its end
     return run_dir
 
