@@ -395,6 +395,15 @@ class OracleSignal:
         return value + float(noise)
 
 
+def _shown(path: Path) -> str:
+    """A path as the result file records it: relative to the repository when inside it, so the
+    committed JSON does not carry this machine's folders."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 # One replay run ----------------------------------------------------------------------------------
 class Context:
     """Everything a worker needs to replay runs on one table (built once per process)."""
@@ -742,7 +751,7 @@ def run_scenario(args: argparse.Namespace, declared: dict[str, Any]) -> dict[str
     result = {
         "benchmark": "replay", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python bench/replay.py " + " ".join(sys.argv[1:]), "code_version": code_version(), "machine": machine(),
-        "scenario": spec, "space": args.space, "table": str(ctx.table.path), "table_code_version": ctx.table.meta.get("code_version"),
+        "scenario": spec, "space": args.space, "table": _shown(ctx.table.path), "table_code_version": ctx.table.meta.get("code_version"),
         "epochs": ctx.table.epochs, "horizon_pair_epochs": ctx.horizon, "horizon_trials": h, "seeds": seeds,
         "concurrency": 1, "betas": declared_betas(h), "skipped_variants": skipped,
         "reference": {"val_gain": ctx.table.reference["val"], "val_plan": ctx.table.best_val,

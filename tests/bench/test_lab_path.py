@@ -59,6 +59,7 @@ def test_table_priors_and_replay_end_to_end(tmp_path, monkeypatch):
     assert set(data["skipped_variants"]) == {"permuted-count"}
     assert set(data["variants"]) == set(variants.split(",")) - {"permuted-count"}
     assert data["horizon_pair_epochs"] == 24 * 2 * 1
+    assert data["table"] == str(tmp_path / "cvtgan-1-5.csv.gz")  # outside the repository: as given
     assert data["variants"]["sensitivity-bh"]["settings"]["beta"] == 24.0
     assert data["variants"]["count-bh/3"]["settings"]["beta"] == 8.0
     for name, runs in result["runs"].items():

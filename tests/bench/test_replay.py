@@ -172,3 +172,8 @@ def test_pooled_decision_reads_the_lab_replays(tmp_path):
 def test_pooled_names_the_missing_replays(tmp_path):
     with pytest.raises(SystemExit, match="bench/replay.py --scenario"):
         replay.main(["--pooled", "--results", str(tmp_path)])
+
+
+def test_a_table_in_the_repository_is_recorded_by_its_relative_path():
+    inside = replay.ROOT / "bench" / "results" / "tables" / "cvtgan-1-5.csv.gz"
+    assert replay._shown(inside) == "bench/results/tables/cvtgan-1-5.csv.gz"
