@@ -69,7 +69,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))  # its helpers (_grid.py, _lab.py)
 
-from _lab import BASELINE, TABLES, declared_betas, load_declared, paired, plan_id, variant_list  # noqa: E402
+from _lab import BASELINE, TABLES, code_version, declared_betas, load_declared, paired, plan_id, variant_list  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "results" / "rediscovery"
@@ -598,6 +598,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads_per_trial": 1, "device": settings["device"]},
         "command": "python bench/rediscovery.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "code": code_version(),
         "evaluation": evaluation, "evaluation_changed_during_run": changed, "budget": settings["budget"],
         "lab": bool(args.lab),
         "reference_plans": ("PETITE's Table-1 rows within the budget at the portfolio's learning-rate ladder "
