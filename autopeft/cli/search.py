@@ -101,7 +101,8 @@ def _strategy(group: ArgumentGroup) -> None:
                              "paired against priors off), the best, sensitivity, shortened the regret area by 1%% pooled "
                              "(95%% CI 0.4 to 2%%; 2.5%% on UNETR) but lengthened it on cvtgan-3-5-d3 (by 2%%); gradient and "
                              "audit lengthened it by about 10%% (mostly their own cost), shpeft, count and early by 0 to 3%%. "
-                             "A noisy oracle prior helps (3%% pooled); see docs/lab.md")
+                             "A noisy oracle prior helps (3%% pooled). Held out, with the real engine (10 paired seeds, test), "
+                             "sensitivity did not help either (area 11%% and 5%% longer, CIs across 0); see docs/lab.md")
     group.add_argument("--prior-candidates", type=int, default=PRIOR_CANDIDATES,
                         help="sampler draws per trial among which the prior picks (1: the prior only warm-starts). "
                              "Default: %(default)s")
