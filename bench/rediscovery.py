@@ -598,7 +598,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads_per_trial": 1, "device": settings["device"]},
         "command": "python bench/rediscovery.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "code": code_version(),
+        "code_version": code_version(),
         "evaluation": evaluation, "evaluation_changed_during_run": changed, "budget": settings["budget"],
         "lab": bool(args.lab),
         "reference_plans": ("PETITE's Table-1 rows within the budget at the portfolio's learning-rate ladder "
